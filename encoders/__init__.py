@@ -1,0 +1,1 @@
+"""Model families: one package each (xval, astroclip, mpp). A family never imports another."""

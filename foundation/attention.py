@@ -1,0 +1,109 @@
+"""One attention entry point for every family: torch SDPA by default, xformers where it runs.
+
+Tensors are (batch, heads, length, head_dim). xformers is used only when it imports, the tensors
+are on CUDA, and no key-padding mask is needed that it cannot express; everywhere else (CPU
+included) the call falls back to `torch.nn.functional.scaled_dot_product_attention`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Backend = Literal["auto", "sdpa", "xformers"]
+_log = logging.getLogger(__name__)
+_backend: Backend = "auto"
+_warned = False
+
+
+def _xformers_ops():
+    try:
+        import xformers.ops as xops  # type: ignore[import-not-found]
+    except Exception:  # noqa: BLE001 - any import failure (missing, wrong CUDA, wrong torch) means "not here"
+        return None
+    return xops
+
+
+def set_backend(backend: Backend) -> None:
+    """Choose the attention kernels for this process (the trainer calls it from `train.attention`)."""
+    global _backend
+    if backend not in ("auto", "sdpa", "xformers"):
+        raise ValueError(f"unknown attention backend {backend!r}; use auto, sdpa or xformers")
+    _backend = backend
+
+
+def resolved_backend(device: torch.device | str) -> str:
+    """The backend a call on `device` will actually use: 'xformers' or 'sdpa'."""
+    global _warned
+    if _backend == "sdpa":
+        return "sdpa"
+    usable = torch.device(device).type == "cuda" and _xformers_ops() is not None
+    if not usable and _backend == "xformers" and not _warned:
+        _log.warning("xformers attention requested but unavailable on %s; using torch SDPA", device)
+        _warned = True
+    return "xformers" if usable else "sdpa"
+
+
+def key_padding_to_mask(key_padding_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool, True = padding → (B, 1, 1, L) bool mask, True = may attend (SDPA's convention)."""
+    return ~key_padding_mask[:, None, None, :]
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    attn_mask: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Scaled dot-product attention.
+
+    attn_mask: bool (True = attend) or additive float, broadcastable to (B, H, Lq, Lk).
+    key_padding_mask: (B, Lk) bool, True = padding key (ignored by every query).
+    """
+    mask = attn_mask
+    if key_padding_mask is not None:
+        pad = key_padding_to_mask(key_padding_mask)
+        if mask is None:
+            mask = pad
+        elif mask.dtype == torch.bool:
+            mask = mask & pad
+        else:
+            mask = mask.masked_fill(~pad, float("-inf"))
+    if is_causal and mask is not None:
+        # SDPA refuses is_causal together with a mask: fold the causal structure into the mask.
+        lq, lk = q.shape[-2], k.shape[-2]
+        causal = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+        mask = mask & causal if mask.dtype == torch.bool else mask.masked_fill(~causal, float("-inf"))
+        is_causal = False
+    if mask is None and resolved_backend(q.device) == "xformers":
+        xops = _xformers_ops()
+        bias = xops.LowerTriangularMask() if is_causal else None
+        out = xops.memory_efficient_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias, p=dropout_p
+        )
+        return out.transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+
+
+def attention_weights(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    attn_mask: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The softmax attention probabilities (B, H, Lq, Lk), for inspection and plots (not the hot path)."""
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(~key_padding_to_mask(key_padding_mask), float("-inf"))
+    return scores.softmax(dim=-1)

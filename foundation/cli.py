@@ -1,0 +1,112 @@
+"""`foundation <verb> [<sub-verb>] ...`: the one command-line entry point.
+
+Each module in `pipelines/` declares its verbs in a module-level `COMMANDS` list of `Command`s;
+this file only assembles them into argparse. Pipeline modules keep their heavy imports (torch,
+h5py, faiss) inside their `run` functions so that `foundation --help` stays fast.
+Errors derived from `FoundationError` are printed as one line, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import pkgutil
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from foundation import __version__
+from foundation.errors import FoundationError
+
+#: One-line descriptions of verbs that only group sub-verbs.
+GROUPS = {
+    "shards": "Inspect and verify shard sets.",
+    "synth": "Write built-in data sets in their native formats.",
+    "prepare": "Convert native data files into shards.",
+    "evaluate": "Evaluate checkpoints and embeddings.",
+    "search": "Build and query vector indexes over exported embeddings.",
+    "runs": "Inspect training runs.",
+    "config": "Show configuration keys and their meaning.",
+}
+
+
+@dataclass(frozen=True)
+class Command:
+    """One CLI verb: `path` is ("pretrain",) or ("synth", "mpp")."""
+
+    path: tuple[str, ...]
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int | None]
+
+
+def discover_commands() -> list[Command]:
+    """Every `COMMANDS` entry of every module in the `pipelines` package."""
+    import pipelines
+
+    commands: list[Command] = []
+    for info in pkgutil.iter_modules(pipelines.__path__):
+        module = importlib.import_module(f"pipelines.{info.name}")
+        commands.extend(getattr(module, "COMMANDS", []))
+    return commands
+
+
+def build_parser(commands: Sequence[Command]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="foundation",
+        description="Pretrain, export and evaluate scientific foundation models (xVal, AstroCLIP, MPP).",
+    )
+    parser.add_argument("--version", action="version", version=f"foundation {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging and full tracebacks.")
+    subparsers = {(): parser.add_subparsers(dest="verb", metavar="VERB")}
+    parsers: dict[tuple[str, ...], argparse.ArgumentParser] = {}
+    for command in sorted(commands, key=lambda c: c.path):
+        for depth in range(1, len(command.path)):
+            prefix = command.path[:depth]
+            if prefix not in parsers:
+                group = subparsers[prefix[:-1]].add_parser(
+                    prefix[-1], help=GROUPS.get(prefix[-1], ""), description=GROUPS.get(prefix[-1])
+                )
+                group.set_defaults(_help_parser=group)
+                parsers[prefix] = group
+                subparsers[prefix] = group.add_subparsers(dest="_".join(prefix), metavar="SUBVERB")
+        if command.path in parsers:
+            raise RuntimeError(f"two pipelines declare the command {' '.join(command.path)!r}")
+        sub = subparsers[command.path[:-1]].add_parser(
+            command.path[-1], help=command.help, description=command.help
+        )
+        command.add_arguments(sub)
+        sub.set_defaults(_run=command.run)
+        parsers[command.path] = sub
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser(discover_commands())
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    run = getattr(args, "_run", None)
+    if run is None:
+        # No verb, or a group verb without its sub-verb: show the relevant help.
+        getattr(args, "_help_parser", parser).print_help(sys.stderr)
+        return 2
+    try:
+        code = run(args)
+    except FoundationError as exc:
+        if args.verbose:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,340 @@
+"""Dataclass configs: YAML files, dotted command-line overrides, validation with clear messages.
+
+Every config is a tree of dataclasses whose fields carry a one-line docstring (`option(...)`).
+`load(cls, path, overrides)` reads YAML, applies `a.b.c=value` overrides, and builds the tree,
+refusing unknown keys (with the closest valid names) and values of the wrong type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+
+from foundation.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def option(default: Any = dataclasses.MISSING, doc: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with a docstring (shown by `describe`). Use `factory` for mutable defaults."""
+    if factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=factory, metadata={"doc": doc})
+    return dataclasses.field(default=default, metadata={"doc": doc})
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from `path`, with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply `dotted.key=value` overrides (values parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(c) for c in get_args(tp))
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """`value` converted to type `tp`, or a ConfigError naming `where`."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option_tp in options:
+            if option_tp is type(None):
+                continue
+            try:
+                return _coerce(value, option_tp, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {tp}")
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a section (mapping), got {value!r}")
+        return from_dict(tp, value, where)
+    if origin in (list, tuple) or tp in (list, tuple):
+        if isinstance(value, str) or not isinstance(value, Iterable):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = get_args(tp)
+        items = list(value)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(items) != len(args):
+                raise ConfigError(f"{where}: expected {len(args)} items, got {len(items)}")
+            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(items, args)))
+        item_tp = args[0] if args else Any
+        out = [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(items)]
+        return tuple(out) if (origin is tuple or tp is tuple) else out
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        args = get_args(tp)
+        val_tp = args[1] if args else Any
+        return {str(k): _coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            number = float(value) if isinstance(value, str) else value
+        except ValueError:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+        if number != int(number):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(number)
+    if tp is float:
+        # YAML 1.1 reads `3e-4` as a string; accept any number-like value.
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if tp is Path:
+        if isinstance(value, str | Path):
+            return Path(value)
+        raise ConfigError(f"{where}: expected a path, got {value!r}")
+    if isinstance(value, tp):
+        return value
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+
+
+def unknown_key_message(key: str, valid: Iterable[str], where: str) -> str:
+    """`unknown key 'x.lr_rate'; did you mean 'x.lr'?` with the closest valid names."""
+    valid = list(valid)
+    full = f"{where}.{key}" if where else key
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return f"unknown config key {full!r}{hint} (valid keys here: {', '.join(valid)})"
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
+    """Build dataclass `cls` from a mapping, validating keys and types recursively."""
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            raise ConfigError(unknown_key_message(str(key), fields, where))
+    kwargs = {}
+    for name in fields:
+        if name in data:
+            path = f"{where}.{name}" if where else name
+            kwargs[name] = _coerce(data[name], hints[name], path)
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        names = ", ".join(repr(f"{where}.{m}" if where else m) for m in missing)
+        raise ConfigError(f"config is missing required key(s) {names}")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:  # raised by a __post_init__ check
+        raise ConfigError(f"{where or cls.__name__}: {exc}") from None
+
+
+def to_dict(obj: Any) -> Any:
+    """A plain (YAML/JSON-safe) copy of a config tree."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list | tuple):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def config_hash(obj: Any) -> str:
+    """A short stable hash of a config tree (recorded in checkpoints)."""
+    blob = json.dumps(to_dict(obj), sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def save(obj: Any, path: str | Path) -> None:
+    """Write a config tree as YAML, atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
+    tmp.replace(path)
+
+
+def load(cls: type[T], path: str | Path | None = None, overrides: Iterable[str] = ()) -> T:
+    """Build `cls` from a YAML file (optional) plus dotted overrides."""
+    data = read_yaml(path) if path is not None else {}
+    apply_overrides(data, overrides)
+    return from_dict(cls, data)
+
+
+def describe(cls: type, prefix: str = "") -> list[str]:
+    """One line per key, `dotted.key (type, default): doc`, for `--help`-style listings."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"{key}: {f.metadata.get('doc', '')}".rstrip(": "))
+            lines.extend(describe(tp, key + "."))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = repr(to_dict(f.default_factory()))
+        else:
+            default = "required"
+        lines.append(f"{key} ({_type_name(tp)}, {default}): {f.metadata.get('doc', '')}")
+    return lines
+
+
+# ----------------------------------------------------------------------------- pretraining config
+
+
+@dataclasses.dataclass
+class RunSection:
+    dir: str = option("runs/default", "Run directory: resolved config, checkpoints, metrics, exports.")
+    seed: int = option(0, "The one seed every random stream (data order, init, dropout) derives from.")
+
+
+@dataclasses.dataclass
+class DataSection:
+    path: str = option(doc="Shard set directory (holds manifest.json).")
+    train_split: str = option("train", "Split to train on.")
+    val_split: str | None = option("valid", "Split for periodic validation; null disables validation.")
+    batch_size: int = option(32, "Micro-batch size per process (global batch = this x world size x grad_accum).")
+    num_workers: int = option(2, "Loader worker processes per training process (0 = load in the main process).")
+    shuffle: bool = option(True, "Shuffle shard order and samples within shards (seeded).")
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclasses.dataclass
+class OptimSection:
+    name: str = option("adamw", "Optimiser, by name in foundation.train.optim's registry.")
+    lr: float = option(3e-4, "Peak learning rate.")
+    weight_decay: float = option(0.05, "Decoupled weight decay (not applied to biases, norms, embeddings).")
+    betas: tuple[float, float] = option((0.9, 0.95), "Adam betas.")
+    eps: float = option(1e-8, "Adam epsilon.")
+    warmup_steps: int = option(100, "Linear warm-up steps from 0 to lr.")
+    schedule: Literal["cosine", "constant"] = option("cosine", "Decay after warm-up.")
+    min_lr_ratio: float = option(0.1, "Final learning rate as a fraction of lr (cosine).")
+
+
+@dataclasses.dataclass
+class TrainSection:
+    steps: int = option(1000, "Optimiser steps to run in total.")
+    grad_accum: int = option(1, "Micro-batches per optimiser step.")
+    grad_clip: float | None = option(1.0, "Clip the global gradient norm to this; null disables clipping.")
+    parallel: Literal["auto", "none", "ddp", "fsdp"] = option(
+        "auto", "Data parallelism: auto = DDP when world size > 1; fsdp = FSDP2 fully_shard."
+    )
+    precision: Literal["auto", "fp32", "bf16"] = option(
+        "auto", "auto = bf16 autocast on CUDA with fp32 master weights, fp32 on CPU."
+    )
+    attention: Literal["auto", "sdpa", "xformers"] = option(
+        "auto", "Attention kernels: xformers where it loads and runs, else torch SDPA."
+    )
+    log_every: int = option(10, "Steps between metrics.jsonl records.")
+    val_every: int = option(500, "Steps between validations (0 disables).")
+    val_batches: int = option(20, "Batches per validation.")
+    ckpt_every: int = option(500, "Steps between checkpoints (0 = only at the end and on preemption).")
+    keep_last: int = option(3, "Checkpoints to keep.")
+    progress: Literal["auto", "on", "off"] = option("auto", "Progress bar on rank 0 (auto = only on a TTY).")
+
+
+@dataclasses.dataclass
+class PretrainConfig:
+    """A pretraining run. `model:` is the chosen family's own config dataclass."""
+
+    family: str = option(doc="Model family (xval, astroclip, mpp, or one registered at run time).")
+    data: DataSection = option(doc="Shards to train on.")
+    model: Any = option(None, "The family's model config (see `foundation config describe FAMILY`).")
+    run: RunSection = option(doc="Where the run lives and its seed.", factory=RunSection)
+    optim: OptimSection = option(doc="Optimiser and learning-rate schedule.", factory=OptimSection)
+    train: TrainSection = option(doc="Loop, parallelism, precision, logging and checkpoints.", factory=TrainSection)
+
+
+def load_pretrain_config(path: str | Path | None, overrides: Iterable[str] = ()) -> PretrainConfig:
+    """Read a pretraining config; the `model:` section is validated against the family's dataclass."""
+    from foundation import registry
+
+    data = read_yaml(path) if path is not None else {}
+    apply_overrides(data, overrides)
+    if "family" not in data:
+        raise ConfigError(f"config is missing 'family' (one of: {', '.join(registry.available())})")
+    family = registry.get(str(data["family"]))
+    model_data = data.pop("model", None) or {}
+    cfg = from_dict(PretrainConfig, data)
+    cfg.model = _coerce(model_data, family.model_config, "model")
+    return cfg
