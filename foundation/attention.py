@@ -103,7 +103,11 @@ def attention_weights(
     """The softmax attention probabilities (B, H, Lq, Lk), for inspection and plots (not the hot path)."""
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
     if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+        scores = (
+            scores.masked_fill(~attn_mask, float("-inf"))
+            if attn_mask.dtype == torch.bool
+            else scores + attn_mask
+        )
     if key_padding_mask is not None:
         scores = scores.masked_fill(~key_padding_to_mask(key_padding_mask), float("-inf"))
     return scores.softmax(dim=-1)

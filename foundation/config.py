@@ -268,8 +268,12 @@ class DataSection:
     path: str = option(doc="Shard set directory (holds manifest.json).")
     train_split: str = option("train", "Split to train on.")
     val_split: str | None = option("valid", "Split for periodic validation; null disables validation.")
-    batch_size: int = option(32, "Micro-batch size per process (global batch = this x world size x grad_accum).")
-    num_workers: int = option(2, "Loader worker processes per training process (0 = load in the main process).")
+    batch_size: int = option(
+        32, "Micro-batch size per process (global batch = this x world size x grad_accum)."
+    )
+    num_workers: int = option(
+        2, "Loader worker processes per training process (0 = load in the main process)."
+    )
     shuffle: bool = option(True, "Shuffle shard order and samples within shards (seeded).")
 
     def __post_init__(self) -> None:
@@ -322,7 +326,9 @@ class PretrainConfig:
     model: Any = option(None, "The family's model config (see `foundation config describe FAMILY`).")
     run: RunSection = option(doc="Where the run lives and its seed.", factory=RunSection)
     optim: OptimSection = option(doc="Optimiser and learning-rate schedule.", factory=OptimSection)
-    train: TrainSection = option(doc="Loop, parallelism, precision, logging and checkpoints.", factory=TrainSection)
+    train: TrainSection = option(
+        doc="Loop, parallelism, precision, logging and checkpoints.", factory=TrainSection
+    )
 
 
 def load_pretrain_config(path: str | Path | None, overrides: Iterable[str] = ()) -> PretrainConfig:

@@ -7,6 +7,7 @@ this with small models). The trainer only ever sees the `Family` interface.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -66,9 +67,23 @@ def available() -> list[str]:
 
 
 def get(name: str) -> Family:
-    """The family called `name`, loading its entry point on first use."""
+    """The family called `name`, loading its entry point on first use.
+
+    `package.module:ATTRIBUTE` names a Family object directly (families outside this
+    distribution, and test families that child processes must be able to import).
+    """
     if name in _REGISTERED:
         return _REGISTERED[name]
+    if ":" in name:
+        module_name, _, attribute = name.partition(":")
+        try:
+            family = getattr(importlib.import_module(module_name), attribute)
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(f"cannot load model family {name!r}: {exc}") from None
+        if not isinstance(family, Family):
+            raise ConfigError(f"{name!r} is a {type(family).__name__}, not a foundation.registry.Family")
+        _REGISTERED[name] = family
+        return family
     matches = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
     if not matches:
         raise ConfigError(

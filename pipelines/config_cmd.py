@@ -27,4 +27,6 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = [Command(("config", "describe"), "List config keys with types, defaults and docs.", _add_arguments, _run)]
+COMMANDS = [
+    Command(("config", "describe"), "List config keys with types, defaults and docs.", _add_arguments, _run)
+]
