@@ -115,7 +115,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(items) != len(args):
                 raise ConfigError(f"{where}: expected {len(args)} items, got {len(items)}")
-            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(items, args)))
+            return tuple(
+                _coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(items, args, strict=True))
+            )
         item_tp = args[0] if args else Any
         out = [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(items)]
         return tuple(out) if (origin is tuple or tp is tuple) else out
