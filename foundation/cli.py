@@ -71,6 +71,8 @@ def build_parser(commands: Sequence[Command]) -> argparse.ArgumentParser:
                 group.set_defaults(_help_parser=group)
                 parsers[prefix] = group
                 subparsers[prefix] = group.add_subparsers(dest="_".join(prefix), metavar="SUBVERB")
+            elif prefix not in subparsers:  # a verb that also has sub-verbs: `export` and `export merge`
+                subparsers[prefix] = parsers[prefix].add_subparsers(dest="_".join(prefix), metavar="SUBVERB")
         if command.path in parsers:
             raise RuntimeError(f"two pipelines declare the command {' '.join(command.path)!r}")
         sub = subparsers[command.path[:-1]].add_parser(

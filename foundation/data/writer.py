@@ -1,0 +1,650 @@
+"""Writing shard sets: samples -> `<split>-<NNNNNN>.tar` + `manifest.json`.
+
+Atomic at the level of the whole set: shards are written under hidden temporary names and only
+renamed into place when the writer closes without error, followed by the manifest. An interrupted
+or failed write leaves the previous state of the directory untouched (minus hidden temporaries).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import hashlib
+import logging
+import os
+import platform
+import sys
+import zlib
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from foundation.data import codec, tario
+from foundation.data.manifest import (
+    MANIFEST_NAME,
+    FileInfo,
+    Manifest,
+    ShardInfo,
+    SplitInfo,
+    check_split_name,
+    shard_name,
+)
+from foundation.data.schema import (
+    FieldSpec,
+    check_field_name,
+    check_key,
+    check_value_against,
+    merge_spec,
+    prepare_value,
+)
+from foundation.errors import DataError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SPLIT_FRACTIONS = {"train": 0.9, "valid": 0.05, "test": 0.05}
+_ANNOTATIONS = ("unit", "description", "optional")
+
+
+def split_for_key(key: str, fractions: Mapping[str, float], salt: str = "") -> str:
+    """The split a key belongs to: sha256(salt + key) as a number in [0, 1), cut at the cumulative
+    fractions in their given order. Depends on nothing but the key, so adding samples never moves
+    an existing one to another split."""
+    digest = hashlib.sha256((salt + key).encode("utf-8")).digest()
+    u = int.from_bytes(digest[:8], "big") / 2.0**64
+    total = 0.0
+    last = None
+    for split, fraction in fractions.items():
+        total += fraction
+        last = split
+        if u < total:
+            return split
+    assert last is not None
+    return last
+
+
+def _check_fractions(fractions: Mapping[str, float]) -> dict[str, float]:
+    if not isinstance(fractions, Mapping) or not fractions:
+        raise DataError(
+            "split_fractions must map split names to fractions, e.g. {'train': 0.9, 'valid': 0.1}"
+        )
+    out = {}
+    for split, fraction in fractions.items():
+        check_split_name(split)
+        if not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+            raise DataError(f"split fraction for {split!r} must be in [0, 1], got {fraction!r}")
+        out[split] = float(fraction)
+    if abs(sum(out.values()) - 1.0) > 1e-6:
+        raise DataError(f"split fractions must add up to 1, got {sum(out.values())} ({out})")
+    return out
+
+
+class RunningStats:
+    """Streaming count/mean/std/min/max of all finite elements (Chan et al. pairwise update)."""
+
+    __slots__ = ("count", "nonfinite", "mean", "m2", "min", "max")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.nonfinite = 0
+        self.mean = 0.0
+        self.m2 = 0.0
+        self.min = float("inf")
+        self.max = float("-inf")
+
+    def update(self, value: Any) -> None:
+        a = np.asarray(value, dtype=np.float64).ravel()
+        finite = np.isfinite(a)
+        if not finite.all():
+            self.nonfinite += int(a.size - finite.sum())
+            a = a[finite]
+        n = a.size
+        if n == 0:
+            return
+        mean = float(a.mean())
+        m2 = float(np.square(a - mean).sum())
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += m2 + delta * delta * self.count * n / total
+        self.count = total
+        self.min = min(self.min, float(a.min()))
+        self.max = max(self.max, float(a.max()))
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.count == 0:
+            return {"count": 0, "nonfinite": self.nonfinite}
+        return {
+            "count": self.count,
+            "nonfinite": self.nonfinite,
+            "mean": self.mean,
+            "std": (self.m2 / self.count) ** 0.5,
+            "min": self.min,
+            "max": self.max,
+        }
+
+
+def _wants_stats(spec: FieldSpec) -> bool:
+    return spec.dtype is not None and np.dtype(spec.dtype).kind in "iuf"
+
+
+class _ShardFile:
+    """One tar being written under a temporary name; hashes as it goes."""
+
+    def __init__(self, directory: Path, name: str, token: str):
+        self.name = name
+        self.tmp = directory / f".{name}.tmp-{token}"
+        self.file = open(self.tmp, "wb")
+        self.sha = hashlib.sha256()
+        self.bytes = 0
+        self.samples = 0
+        self.keys: set[str] = set()
+
+    def _put(self, data: bytes) -> None:
+        self.file.write(data)
+        self.sha.update(data)
+        self.bytes += len(data)
+
+    def add(self, key: str, members: list[tuple[str, bytes]]) -> None:
+        if key in self.keys:
+            raise DataError(f"sample key {key!r} was written twice (shard {self.name}); keys must be unique")
+        self.keys.add(key)
+        for name, payload in members:
+            self._put(tario.member_header(name, len(payload), zlib.crc32(payload)))
+            self._put(payload)
+            self._put(tario.padding(len(payload)))
+        self.samples += 1
+
+    def finish(self) -> ShardInfo:
+        self._put(tario.END_OF_ARCHIVE)
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        self.keys = set()
+        return ShardInfo(self.name, self.samples, self.bytes, self.sha.hexdigest())
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self.file.close()
+        with contextlib.suppress(OSError):
+            self.tmp.unlink()
+
+
+class _SplitState:
+    def __init__(self, name: str):
+        self.name = name
+        self.current: _ShardFile | None = None
+        self.done: list[tuple[ShardInfo, Path]] = []
+        self.stats: dict[str, RunningStats] = {}
+        self.key_hashes: list[np.ndarray] = []
+        self.pending_hashes: list[int] = []
+
+    @property
+    def samples(self) -> int:
+        return sum(info.samples for info, _ in self.done) + (self.current.samples if self.current else 0)
+
+
+class ShardSetWriter:
+    """Write samples into a shard set with train/valid/test splits.
+
+    ``write(sample)`` routes a sample by a hash of its ``__key__`` (see `split_for_key`) unless
+    ``split=`` names one. Samples are dicts of numpy arrays (numeric/bool), bool/int/float, str and
+    JSON-compatible dicts/lists; the schema is inferred from the samples (dimensions that vary
+    become ``null``) or declared with ``schema=``: ``{field: {"kind": "npy", "dtype": "float32",
+    "shape": [None, 3], "unit": ..., "description": ..., "optional": False}}``; an entry with only
+    unit/description/optional annotates an inferred field.
+
+    The set is only visible when `close()` (or leaving the ``with`` block) succeeds. An existing
+    set is never replaced unless ``overwrite=True``.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        split_fractions: Mapping[str, float] | None = None,
+        *,
+        samples_per_shard: int = 1000,
+        family: str | None = None,
+        schema: Mapping[str, Any] | None = None,
+        stats: Mapping[str, Any] | None = None,
+        extra: Mapping[str, Any] | None = None,
+        files: Mapping[str, str | os.PathLike] | Iterable[str | os.PathLike] | None = None,
+        provenance: Mapping[str, Any] | None = None,
+        seed: int | None = None,
+        split_salt: str = "",
+        overwrite: bool = False,
+        field_stats: bool = True,
+    ):
+        if not isinstance(samples_per_shard, int) or samples_per_shard < 1:
+            raise DataError(f"samples_per_shard must be a positive integer, got {samples_per_shard!r}")
+        self.out_dir = Path(out_dir)
+        self.fractions = _check_fractions(
+            split_fractions if split_fractions is not None else DEFAULT_SPLIT_FRACTIONS
+        )
+        self.samples_per_shard = samples_per_shard
+        self.family = family
+        self.stats: dict[str, Any] = dict(stats or {})
+        """Family statistics recorded in the manifest; may be updated until close()."""
+        self.extra: dict[str, Any] = dict(extra or {})
+        self.provenance: dict[str, Any] = dict(provenance or {})
+        self.seed = seed
+        self.split_salt = split_salt
+        self.overwrite = overwrite
+        self.field_stats = field_stats
+        self._files: dict[str, tuple[Path, str | None]] = {}
+        if files is not None:
+            items = files.items() if isinstance(files, Mapping) else ((Path(p).name, p) for p in files)
+            for name, path in items:
+                self.add_file(path, name=name)
+        self._declared: dict[str, FieldSpec] = {}
+        self._annotations: dict[str, dict[str, Any]] = {}
+        for name, spec in (schema or {}).items():
+            check_field_name(name)
+            if isinstance(spec, FieldSpec):
+                self._declared[name] = spec
+            elif isinstance(spec, Mapping) and "kind" in spec:
+                self._declared[name] = FieldSpec.from_dict(spec, f"schema.{name}")
+            elif isinstance(spec, Mapping) and set(spec) <= set(_ANNOTATIONS):
+                self._annotations[name] = dict(spec)
+            else:
+                raise DataError(
+                    f"schema.{name}: give a full field description (with 'kind') or only "
+                    f"{', '.join(_ANNOTATIONS)}; got {spec!r}"
+                )
+        self._schema: dict[str, FieldSpec] = dict(self._declared)
+        self._frozen_fields: set[str] | None = None
+        self._existing: Manifest | None = None
+        self._token = f"{os.getpid()}-{os.urandom(4).hex()}"
+        self._splits: dict[str, _SplitState] = {}
+        self._closed = False
+        self._check_target()
+
+    # ------------------------------------------------------------------ public
+
+    def add_file(
+        self, path: str | os.PathLike, name: str | None = None, description: str | None = None
+    ) -> str:
+        """Copy a file (e.g. a tokenizer) into the set on close; recorded with its sha256."""
+        path = Path(path)
+        name = name or path.name
+        if not path.is_file():
+            raise DataError(f"extra file {str(path)!r} does not exist")
+        if "/" in name or name in (".", "..", MANIFEST_NAME) or name.endswith(".tar"):
+            raise DataError(f"extra file name {name!r} must be a plain name, not a shard or the manifest")
+        self._files[name] = (path, description)
+        return name
+
+    def write(self, sample: Mapping[str, Any], split: str | None = None) -> str:
+        """Add one sample; returns the split it went to."""
+        if self._closed:
+            raise DataError("this writer is closed")
+        if not isinstance(sample, Mapping):
+            raise DataError(f"a sample must be a dict, got {type(sample).__name__}")
+        key = check_key(sample.get("__key__"))
+        if split is None:
+            split = split_for_key(key, self.fractions, self.split_salt)
+        else:
+            check_split_name(split)
+        fields = [name for name in sample if name != "__key__"]
+        self._check_fields(key, fields)
+        members = []
+        values = {}
+        for name in sorted(fields):
+            value = sample[name]
+            spec = self._schema.get(name)
+            if name in self._declared:
+                value = check_value_against(self._declared[name], value, name, key)
+            else:
+                new_spec, value = prepare_value(name, value, key)
+                spec = new_spec if spec is None else merge_spec(spec, new_spec, name, key)
+                self._schema[name] = spec
+            spec = self._schema[name]
+            if spec.kind == "scalar" and spec.dtype == "float64":
+                value = float(value)
+            members.append((f"{key}.{name}.{spec.ext}", codec.encode(spec, value)))
+            values[name] = value
+        state = self._split_state(split)
+        if state.current is None:
+            state.current = _ShardFile(self.out_dir, shard_name(split, len(state.done)), self._token)
+        state.current.add(key, members)
+        state.pending_hashes.append(
+            int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+        )
+        if len(state.pending_hashes) >= 65536:
+            state.key_hashes.append(np.array(state.pending_hashes, dtype=np.uint64))
+            state.pending_hashes = []
+        if self.field_stats:
+            for name, value in values.items():
+                if _wants_stats(self._schema[name]):
+                    state.stats.setdefault(name, RunningStats()).update(value)
+        if state.current.samples >= self.samples_per_shard:
+            state.done.append((state.current.finish(), state.current.tmp))
+            state.current = None
+        return split
+
+    def write_all(self, samples: Iterable[Mapping[str, Any]], split: str | None = None) -> int:
+        n = 0
+        for sample in samples:
+            self.write(sample, split)
+            n += 1
+        return n
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Samples written so far per split."""
+        return {name: state.samples for name, state in self._splits.items()}
+
+    def close(self) -> Manifest:
+        """Finish the shards, move them into place and write the manifest (last)."""
+        if self._closed:
+            raise DataError("this writer is already closed")
+        self._closed = True
+        try:
+            for state in self._splits.values():
+                if state.current is not None:
+                    state.done.append((state.current.finish(), state.current.tmp))
+                    state.current = None
+                self._check_duplicate_keys(state)
+            with self._lock():
+                manifest = self._publish()
+        except BaseException:
+            self._cleanup()
+            raise
+        return manifest
+
+    def abort(self) -> None:
+        """Drop everything written so far; the directory keeps its previous content."""
+        self._closed = True
+        self._cleanup()
+
+    def __enter__(self) -> ShardSetWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    # ------------------------------------------------------------------ internals
+
+    def _target_splits(self) -> set[str] | None:
+        """Splits this writer replaces; None = the whole set."""
+        return None
+
+    def _check_target(self) -> None:
+        manifest_path = self.out_dir / MANIFEST_NAME
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise DataError(f"{str(self.out_dir)!r} exists and is not a directory")
+        existing = None
+        if manifest_path.exists():
+            existing = Manifest.load(self.out_dir)
+        targets = self._target_splits()
+        if existing is not None:
+            clash = set(existing.splits) if targets is None else targets & set(existing.splits)
+            if clash and not self.overwrite:
+                what = "a shard set" if targets is None else f"split(s) {', '.join(sorted(clash))}"
+                raise DataError(
+                    f"{self.out_dir} already holds {what}; refusing to overwrite it: pass "
+                    "overwrite=True (CLI: --overwrite) to replace it, or choose another directory"
+                )
+        listed = {s.name for split in (existing.splits.values() if existing else []) for s in split.shards}
+        stray = [
+            p.name
+            for p in (
+                sorted(self.out_dir.glob("*-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
+                if self.out_dir.exists()
+                else []
+            )
+            if p.name not in listed and (targets is None or p.name.rsplit("-", 1)[0] in targets)
+        ]
+        if stray and not self.overwrite:
+            raise DataError(
+                f"{self.out_dir} contains shards not listed in a manifest ({', '.join(stray[:3])}"
+                f"{', ...' if len(stray) > 3 else ''}; an interrupted write?); pass overwrite=True "
+                "(CLI: --overwrite) to replace them"
+            )
+        if existing is not None and targets is not None:
+            self._adopt_existing(existing)
+        self._existing = existing
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+
+    def _adopt_existing(self, existing: Manifest) -> None:
+        """Adding a split to an existing set: same family, same fields, compatible specs."""
+        if self.family is not None and existing.family not in (None, self.family):
+            raise DataError(
+                f"{self.out_dir} holds shards of family {existing.family!r}, not {self.family!r}; "
+                "use another directory"
+            )
+        self.family = self.family or existing.family
+        others = {n: s for n, s in existing.schema.items()}
+        for name, spec in others.items():
+            if name in self._declared:
+                mine = self._declared[name]
+                if (mine.kind, mine.dtype) != (spec.kind, spec.dtype):
+                    raise DataError(
+                        f"schema.{name}: declared {mine.kind}/{mine.dtype} but the existing shard set "
+                        f"stores {spec.kind}/{spec.dtype}"
+                    )
+            else:
+                self._schema[name] = spec
+        self._frozen_fields = set(others) | set(self._declared)
+
+    def _check_fields(self, key: str, fields: list[str]) -> None:
+        for name in fields:
+            if name.startswith("__"):
+                raise DataError(f"sample {key!r}: reserved field name {name!r} (only __key__ is allowed)")
+            check_field_name(name)
+        if self._frozen_fields is None:
+            self._frozen_fields = set(fields) | set(self._declared) | set(self._annotations)
+        present = set(fields)
+        unknown = present - self._frozen_fields
+        if unknown:
+            raise DataError(
+                f"sample {key!r} has field(s) {sorted(unknown)} that earlier samples (or the existing shard "
+                f"set) do not have ({sorted(self._frozen_fields)}); declare optional fields with "
+                "schema={name: {'optional': True, ...}}"
+            )
+        missing = [name for name in self._frozen_fields - present if not self._is_optional(name)]
+        if missing:
+            raise DataError(
+                f"sample {key!r} lacks field(s) {sorted(missing)} that earlier samples have; declare them "
+                "optional with schema={name: {'optional': True}} if samples may omit them"
+            )
+
+    def _is_optional(self, name: str) -> bool:
+        spec = self._schema.get(name)
+        return bool((spec and spec.optional) or self._annotations.get(name, {}).get("optional"))
+
+    def _split_state(self, split: str) -> _SplitState:
+        state = self._splits.get(split)
+        if state is None:
+            targets = self._target_splits()
+            if targets is not None and split not in targets:
+                raise DataError(f"this writer writes split(s) {sorted(targets)}, not {split!r}")
+            state = self._splits[split] = _SplitState(split)
+        return state
+
+    def _final_schema(self) -> dict[str, FieldSpec]:
+        schema = {}
+        for name in sorted(self._schema):
+            spec = self._schema[name]
+            notes = {k: v for k, v in self._annotations.get(name, {}).items() if v is not None}
+            if notes:
+                spec = replace(spec, **notes)
+            schema[name] = spec
+        unseen = sorted(set(self._annotations) - set(schema))
+        if unseen:
+            log.warning("schema annotations for field(s) %s that no sample had; ignored", unseen)
+        return schema
+
+    def _check_duplicate_keys(self, state: _SplitState) -> None:
+        hashes = state.key_hashes + [np.array(state.pending_hashes, dtype=np.uint64)]
+        all_hashes = np.sort(np.concatenate(hashes))
+        dup = all_hashes[1:][all_hashes[1:] == all_hashes[:-1]]
+        if len(dup):
+            raise DataError(
+                f"split {state.name!r}: {len(dup)} sample key(s) were written more than once (in different "
+                "shards); keys must be unique within a shard set — nothing was written"
+            )
+
+    def _provenance(self) -> dict[str, Any]:
+        from foundation import __version__
+
+        out: dict[str, Any] = {
+            "sources": [],
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "",
+            "package_version": __version__,
+            "seed": self.seed,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+        }
+        out.update(self.provenance)
+        out["sources"] = [str(s) for s in out.get("sources") or []]
+        return out
+
+    def _publish(self) -> Manifest:
+        existing = Manifest.load(self.out_dir) if (self.out_dir / MANIFEST_NAME).exists() else None
+        targets = self._target_splits()
+        if targets is None:
+            for split in self.fractions:
+                self._split_state(split)
+        new_splits = {
+            name: SplitInfo(
+                name,
+                [info for info, _ in state.done],
+                {f: s.to_dict() for f, s in sorted(state.stats.items())} if self.field_stats else {},
+            )
+            for name, state in self._splits.items()
+        }
+        schema = self._final_schema()
+        if not schema:
+            raise DataError(f"no samples were written to {self.out_dir}; nothing to publish")
+        files, file_moves = self._stage_files()
+        if targets is None or existing is None:
+            manifest = Manifest(
+                schema=schema,
+                splits=new_splits,
+                family=self.family,
+                stats=self.stats,
+                extra=self.extra,
+                files=files,
+                provenance=self._provenance(),
+                split_rule=self._split_rule(),
+            )
+            old_shards = {
+                s.name for split in (existing.splits.values() if existing else []) for s in split.shards
+            }
+            old_files = set(existing.files) if existing else set()
+        else:
+            for name, spec in schema.items():
+                if name in existing.schema:
+                    schema[name] = merge_spec(existing.schema[name], spec, name, "(schema merge)")
+            splits = dict(existing.splits)
+            old_shards = {s.name for split in targets if split in splits for s in splits[split].shards}
+            splits.update(new_splits)
+            provenance = dict(existing.provenance)
+            provenance.setdefault("splits", {})
+            provenance["splits"] = {**provenance["splits"], **{s: self._provenance() for s in new_splits}}
+            manifest = Manifest(
+                schema=schema,
+                splits=splits,
+                family=self.family,
+                stats={**existing.stats, **self.stats},
+                extra={**existing.extra, **self.extra},
+                files={**existing.files, **files},
+                provenance=provenance,
+                split_rule=existing.split_rule,
+                member_crc32=existing.member_crc32,  # older shards may lack member CRCs
+            )
+            old_files = set()
+        manifest.to_json()  # fail on unserialisable stats/extra before anything is moved into place
+        for state in self._splits.values():
+            for info, tmp in state.done:
+                os.replace(tmp, self.out_dir / info.name)
+        for tmp, final in file_moves:
+            os.replace(tmp, final)
+        new_shards = {s.name for split in manifest.splits.values() for s in split.shards}
+        manifest.save(self.out_dir)
+        for name in sorted((old_shards - new_shards) | (old_files - set(manifest.files))):
+            with contextlib.suppress(FileNotFoundError):
+                (self.out_dir / name).unlink()
+        if targets is None or self.overwrite:
+            for stray in self.out_dir.glob("*-[0-9][0-9][0-9][0-9][0-9][0-9].tar"):
+                split = stray.name.rsplit("-", 1)[0]
+                if stray.name not in new_shards and (targets is None or split in targets):
+                    stray.unlink()
+        return manifest
+
+    def _split_rule(self) -> dict[str, Any] | None:
+        if self._target_splits() is not None:
+            return None  # one explicitly named split, no hash routing
+        return {
+            "method": "sha256(salt + key), first 8 bytes big-endian / 2**64, cut at cumulative fractions",
+            "salt": self.split_salt,
+            "fractions": [[name, fraction] for name, fraction in self.fractions.items()],
+        }
+
+    def _stage_files(self) -> tuple[dict[str, FileInfo], list[tuple[Path, Path]]]:
+        """Copy extra files under temporary names: ({name: info}, [(temporary, final)])."""
+        out = {}
+        moves = []
+        for name, (source, description) in sorted(self._files.items()):
+            tmp = self.out_dir / f".{name}.tmp-{self._token}"
+            sha = hashlib.sha256()
+            with open(source, "rb") as src, open(tmp, "wb") as dst:
+                for chunk in iter(lambda: src.read(1 << 20), b""):
+                    sha.update(chunk)
+                    dst.write(chunk)
+            out[name] = FileInfo(name, tmp.stat().st_size, sha.hexdigest(), description)
+            moves.append((tmp, self.out_dir / name))
+        return out, moves
+
+    @contextlib.contextmanager
+    def _lock(self):
+        with open(self.out_dir / ".manifest.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _cleanup(self) -> None:
+        for state in self._splits.values():
+            if state.current is not None:
+                state.current.abort()
+                state.current = None
+            for _, tmp in state.done:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+            state.done = []
+        for leftover in self.out_dir.glob(f".*.tmp-{self._token}"):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+
+
+class ShardWriter(ShardSetWriter):
+    """Write one split, into a new shard set or next to the other splits of an existing one.
+
+    ``ShardWriter(out_dir, split="train", samples_per_shard=1000)``: every sample goes to `split`.
+    An existing split of that name is only replaced with ``overwrite=True``; other splits, the
+    family statistics and files of an existing set are kept (``stats``/``extra`` are merged in).
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, split: str = "train", **kwargs: Any):
+        if "split_fractions" in kwargs:
+            raise DataError("ShardWriter writes one split; use ShardSetWriter for split_fractions")
+        self.split = check_split_name(split)
+        super().__init__(out_dir, {split: 1.0}, **kwargs)
+
+    def _target_splits(self) -> set[str] | None:
+        return {self.split}
+
+    def write(self, sample: Mapping[str, Any], split: str | None = None) -> str:
+        if split is not None and split != self.split:
+            raise DataError(f"this ShardWriter writes split {self.split!r}, not {split!r}")
+        return super().write(sample, self.split)

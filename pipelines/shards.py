@@ -1,0 +1,185 @@
+"""`foundation shards info|verify|index DIR`: look inside, check, or adopt a shard set."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from foundation.cli import Command
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for j, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return lines
+
+
+# ----------------------------------------------------------------------------- info
+
+
+def _add_info(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dir", help="Shard-set directory (holding manifest.json).")
+    parser.add_argument("--json", action="store_true", help="Print the manifest as JSON instead.")
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    import json
+
+    from foundation.data import Manifest
+    from foundation.data.schema import describe_shape
+
+    manifest = Manifest.load(args.dir)
+    if args.json:
+        print(json.dumps(manifest.to_dict(), indent=1))
+        return 0
+    prov = manifest.provenance
+    print(f"shard set  {manifest.path}")
+    print(f"family     {manifest.family or '-'}")
+    print(f"format     foundation-shards v{manifest.format_version}")
+    if prov:
+        print(f"created    {prov.get('created', '-')} by foundation {prov.get('package_version', '?')}")
+        if prov.get("command"):
+            print(f"command    {prov['command']}")
+        if prov.get("seed") is not None:
+            print(f"seed       {prov['seed']}")
+        if prov.get("sources"):
+            sources = prov["sources"]
+            more = f" (+{len(sources) - 3} more)" if len(sources) > 3 else ""
+            print(f"sources    {', '.join(sources[:3])}{more}")
+    print()
+    rows = [["split", "shards", "samples", "bytes", "samples/shard"]]
+    for name, split in manifest.splits.items():
+        per = f"{split.samples / len(split.shards):.0f}" if split.shards else "-"
+        rows.append([name, str(len(split.shards)), str(split.samples), _human(split.bytes), per])
+    print("\n".join(_table(rows)))
+    print()
+    rows = [["field", "kind", "dtype", "shape", "unit", "description"]]
+    for name, spec in manifest.schema.items():
+        rows.append(
+            [
+                name + (" (optional)" if spec.optional else ""),
+                spec.kind,
+                spec.dtype or "-",
+                describe_shape(spec),
+                spec.unit or "-",
+                spec.description or "",
+            ]
+        )
+    print("\n".join(_table(rows)))
+    train_stats = manifest.splits["train"].field_stats if "train" in manifest.splits else {}
+    if train_stats:
+        print()
+        rows = [["field (train)", "count", "mean", "std", "min", "max", "non-finite"]]
+        for name, s in train_stats.items():
+            if s.get("count"):
+                rows.append(
+                    [name, str(s["count"])]
+                    + [f"{s[k]:.4g}" for k in ("mean", "std", "min", "max")]
+                    + [str(s["nonfinite"])]
+                )
+        print("\n".join(_table(rows)))
+    if manifest.stats:
+        print(f"\nstats      {', '.join(manifest.stats)}")
+    if manifest.extra:
+        print(f"extra      {', '.join(manifest.extra)}")
+    if manifest.files:
+        print(f"files      {', '.join(f'{f.name} ({_human(f.bytes)})' for f in manifest.files.values())}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- verify
+
+
+def _add_verify(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dir", help="Shard-set directory (holding manifest.json).")
+    parser.add_argument(
+        "--all", action="store_true", help="List every problem instead of stopping at the first."
+    )
+    parser.add_argument("--split", action="append", help="Only this split (repeatable).")
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    from foundation.data.verify import verify_shard_set
+
+    report = verify_shard_set(args.dir, splits=args.split, all_problems=args.all)
+    for problem in report.problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    if report.problems:
+        more = "" if args.all else " (stopped at the first; --all lists every problem)"
+        print(f"FAILED: {len(report.problems)} problem(s) in {args.dir}{more}", file=sys.stderr)
+        return 1
+    print(
+        f"OK: {report.shards} shards, {report.samples} samples, {_human(report.bytes)} verified in {args.dir}"
+    )
+    return 0
+
+
+# ----------------------------------------------------------------------------- index
+
+
+def _add_index(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dir", help="Directory of .tar shards (e.g. written with webdataset).")
+    parser.add_argument("--family", help="Model family the shards are for (recorded in the manifest).")
+    parser.add_argument(
+        "--split",
+        action="append",
+        metavar="NAME=GLOB",
+        help="Shards of a split, e.g. train='shard-*.tar' (repeatable). Default: <split>-*.tar names.",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing manifest.json.")
+
+
+def _run_index(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from foundation.data.index import index_shards
+    from foundation.errors import DataError
+
+    splits = None
+    if args.split:
+        splits = {}
+        for item in args.split:
+            name, sep, pattern = item.partition("=")
+            if not sep:
+                raise DataError(f"--split {item!r} must look like NAME=GLOB, e.g. train='shard-*.tar'")
+            paths = sorted(Path(args.dir).glob(pattern))
+            if not paths:
+                raise DataError(f"--split {item!r}: no files match {pattern!r} in {args.dir}")
+            splits[name] = [p.name for p in paths]
+    manifest = index_shards(args.dir, splits=splits, family=args.family, overwrite=args.overwrite)
+    summary = ", ".join(
+        f"{name} {s.samples} samples in {len(s.shards)} shards" for name, s in manifest.splits.items()
+    )
+    print(f"wrote {manifest.path}/manifest.json: {summary}; fields {', '.join(manifest.schema)}")
+    return 0
+
+
+COMMANDS = [
+    Command(
+        ("shards", "info"), "Show a shard set's splits, sizes, schema and statistics.", _add_info, _run_info
+    ),
+    Command(
+        ("shards", "verify"),
+        "Check checksums, tar structure and every sample against the schema (exit 1 on a problem).",
+        _add_verify,
+        _run_verify,
+    ),
+    Command(
+        ("shards", "index"),
+        "Write a manifest.json for existing tar shards (e.g. written with webdataset).",
+        _add_index,
+        _run_index,
+    ),
+]
