@@ -75,6 +75,8 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
 def _type_name(tp: Any) -> str:
     if get_origin(tp) is Literal:
         return " | ".join(repr(c) for c in get_args(tp))
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        return " | ".join("None" if a is type(None) else _type_name(a) for a in get_args(tp))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -277,24 +279,45 @@ class DataSection:
         2, "Loader worker processes per training process (0 = load in the main process)."
     )
     shuffle: bool = option(True, "Shuffle shard order and samples within shards (seeded).")
+    prefetch: int = option(2, "Batches each loader worker prepares ahead (ignored with num_workers: 0).")
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.prefetch < 1:
+            raise ValueError(f"data.prefetch must be >= 1, got {self.prefetch}")
 
 
 @dataclasses.dataclass
 class OptimSection:
-    name: str = option("adamw", "Optimiser, by name in foundation.train.optim's registry.")
+    name: str = option(
+        "adamw", "Optimiser, by name in foundation.train.optim's registry (adamw, sgd, or registered)."
+    )
     lr: float = option(3e-4, "Peak learning rate.")
-    weight_decay: float = option(0.05, "Decoupled weight decay (not applied to biases, norms, embeddings).")
-    betas: tuple[float, float] = option((0.9, 0.95), "Adam betas.")
+    weight_decay: float = option(
+        0.05, "Decoupled weight decay, on >=2-D weights only (not biases, norms, embeddings)."
+    )
+    betas: tuple[float, float] = option((0.9, 0.95), "Adam betas (sgd: betas[0] is the momentum).")
     eps: float = option(1e-8, "Adam epsilon.")
     warmup_steps: int = option(100, "Linear warm-up steps from 0 to lr.")
-    schedule: Literal["cosine", "constant"] = option("cosine", "Decay after warm-up.")
+    schedule: Literal["cosine", "constant"] = option(
+        "cosine", "Decay after warm-up (cosine over train.steps)."
+    )
     min_lr_ratio: float = option(0.1, "Final learning rate as a fraction of lr (cosine).")
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must lie in [0, 1), got {list(self.betas)}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
 
 
 @dataclasses.dataclass
@@ -316,7 +339,29 @@ class TrainSection:
     val_batches: int = option(20, "Batches per validation.")
     ckpt_every: int = option(500, "Steps between checkpoints (0 = only at the end and on preemption).")
     keep_last: int = option(3, "Checkpoints to keep.")
-    progress: Literal["auto", "on", "off"] = option("auto", "Progress bar on rank 0 (auto = only on a TTY).")
+    progress: bool | Literal["auto"] = option(
+        "auto", "Progress bar on rank 0: true, false, or auto (only when stderr is a TTY)."
+    )
+    device: Literal["auto", "cuda", "cpu"] = option("auto", "auto = CUDA when torch sees a GPU, else CPU.")
+    tensorboard: bool = option(
+        True, "Also write TensorBoard events to <run>/tensorboard when it is installed."
+    )
+    peak_tflops: float | None = option(
+        None, "Peak TFLOP/s of one device for MFU; null = built-in GPU table (no MFU on CPU)."
+    )
+    stop_file: str = option(
+        "STOP", "Creating <run>/<this> stops the run like SIGUSR1 (checkpoint, exit 75); for torchrun."
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "grad_accum", "log_every", "val_batches", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("val_every", "ckpt_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0 (0 disables), got {getattr(self, name)}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"train.grad_clip must be > 0 or null, got {self.grad_clip}")
 
 
 @dataclasses.dataclass

@@ -1,0 +1,191 @@
+"""Process-group set-up for plain `python`, `torchrun` and `srun` launches.
+
+One process per device. The launcher is read from the environment:
+- torchrun (and any launcher that sets them): `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`,
+  `MASTER_PORT`;
+- srun without torchrun: `SLURM_PROCID`, `SLURM_STEP_NUM_TASKS` (or `SLURM_NTASKS`), `SLURM_LOCALID`,
+  with the master taken from the first host of `SLURM_STEP_NODELIST`/`SLURM_JOB_NODELIST` and a port
+  derived from the job id (or `MASTER_ADDR`/`MASTER_PORT` when the batch script exports them);
+- anything else: one process.
+NCCL on CUDA, gloo on CPU. A one-process run still gets a (local, in-memory) process group so that
+DDP/FSDP2 and distributed checkpointing take the same code path as a multi-process run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from foundation.errors import ConfigError
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where this process sits in the job, as read from the launcher's environment."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str | None
+    master_port: int | None
+    launcher: str  # "single", "torchrun" or "slurm"
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """SLURM's compressed host list (`node[01-03,07],gpu5`) as a list of host names."""
+    hosts: list[str] = []
+    for match in re.finditer(r"([^,\[]+)(?:\[([^\]]+)\])?(?:,|$)", nodelist):
+        prefix, ranges = match.group(1), match.group(2)
+        if not prefix and not ranges:
+            continue
+        if ranges is None:
+            hosts.append(prefix)
+            continue
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            if not hi:
+                hosts.append(prefix + lo)
+                continue
+            for number in range(int(lo), int(hi) + 1):
+                hosts.append(prefix + str(number).zfill(len(lo)))
+    return hosts
+
+
+def read_launch(env: Mapping[str, str] | None = None) -> Launch:
+    """This process's rank, world size, local rank and rendezvous address, from `env`."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        port = env.get("MASTER_PORT")
+        return Launch(
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(env.get("LOCAL_RANK", "0")),
+            master_addr=env.get("MASTER_ADDR"),
+            master_port=int(port) if port else None,
+            launcher="torchrun",
+        )
+    # Inside an srun step SLURM_STEP_NUM_TASKS is set; a batch script running plain python is one task.
+    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
+        world = int(env["SLURM_STEP_NUM_TASKS"])
+        if world > 1:
+            nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or ""
+            hosts = expand_nodelist(nodelist)
+            addr = env.get("MASTER_ADDR") or (hosts[0] if hosts else None)
+            if addr is None:
+                raise ConfigError("srun launch: cannot find the master host (SLURM_JOB_NODELIST is empty)")
+            port = env.get("MASTER_PORT")
+            job = int(env.get("SLURM_JOB_ID", "0") or 0)
+            return Launch(
+                rank=int(env["SLURM_PROCID"]),
+                world_size=world,
+                local_rank=int(env.get("SLURM_LOCALID", "0")),
+                master_addr=addr,
+                master_port=int(port) if port else 20000 + job % 20000,
+                launcher="slurm",
+            )
+    return Launch(0, 1, 0, None, None, "single")
+
+
+@dataclass
+class Distributed:
+    """The initialised process group of this run (rank 0 logs and writes shared files)."""
+
+    launch: Launch
+    device: torch.device
+    backend: str
+    owns_group: bool
+    previous_excepthook: object = None
+
+    @property
+    def rank(self) -> int:
+        return self.launch.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.launch.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.launch.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+        if self.previous_excepthook is not None:
+            # init_process_group wraps sys.excepthook with a "[rankN]:" prefix; don't stack them.
+            sys.excepthook = self.previous_excepthook
+
+
+def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> Distributed:
+    """Join (or create) the process group for this launch and pick this process's device."""
+    launch = read_launch()
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device is 'cuda' but torch sees no CUDA device; use 'auto' or 'cpu'")
+        torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
+        torch_device = torch.device("cuda", torch.cuda.current_device())
+        backend = "nccl"
+    elif device == "cpu":
+        torch_device = torch.device("cpu")
+        backend = "gloo"
+    else:
+        raise ConfigError(f"train.device must be auto, cuda or cpu, got {device!r}")
+    if dist.is_initialized():  # an embedding application set it up already
+        if dist.get_world_size() != launch.world_size and launch.launcher != "single":
+            raise ConfigError("a process group exists whose world size differs from the launcher's")
+        launch = Launch(
+            dist.get_rank(), dist.get_world_size(), launch.local_rank, None, None, launch.launcher
+        )
+        return Distributed(launch, torch_device, dist.get_backend(), owns_group=False)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    previous_excepthook = sys.excepthook
+    if launch.world_size == 1:
+        store = dist.HashStore()
+        dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
+    else:
+        if launch.master_addr is None or launch.master_port is None:
+            raise ConfigError(
+                f"{launch.launcher} launch with {launch.world_size} processes but MASTER_ADDR/MASTER_PORT "
+                "are not set"
+            )
+        os.environ.setdefault("MASTER_ADDR", launch.master_addr)
+        os.environ.setdefault("MASTER_PORT", str(launch.master_port))
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+            rank=launch.rank,
+            world_size=launch.world_size,
+            timeout=timeout,
+        )
+    _log.debug(
+        "rank %d/%d on %s (%s, %s)", launch.rank, launch.world_size, torch_device, backend, launch.launcher
+    )
+    return Distributed(
+        launch, torch_device, backend, owns_group=True, previous_excepthook=previous_excepthook
+    )
+
+
+def all_reduce_sum(values: list[float], dist_info: Distributed) -> list[float]:
+    """Element-wise sum over ranks of a few floats (one small collective)."""
+    if dist_info.world_size == 1:
+        return list(values)
+    device = dist_info.device if dist_info.backend == "nccl" else torch.device("cpu")
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()

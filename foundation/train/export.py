@@ -1,0 +1,172 @@
+"""Inference weights: `<run>/model.pt` and `load_pretrained` for every downstream job.
+
+`model.pt` is a plain `torch.save` of a dict readable with `torch.load(weights_only=True)`:
+    format "foundation.model", version 1, family (name), step,
+    config (the resolved pretraining config as a plain dict),
+    dataset ({file name: uint8 tensor}: the shard set's manifest.json and extra files such as a
+             tokenizer, so the model can be rebuilt without the shards; None if there was none),
+    state_dict (plain CPU tensors, parameter names of the unwrapped model).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from foundation.errors import ConfigError
+
+FORMAT = "foundation.model"
+VERSION = 1
+#: Dataset snapshot files (manifest, tokenizer, ...) up to this size travel inside model.pt.
+MAX_EMBEDDED_BYTES = 64 * 2**20
+
+
+def snapshot_dataset(data_path: str | Path, dest: Path) -> None:
+    """Copy the shard set's manifest.json and its extra files (tokenizer, ...) into `dest`, so the
+    model can be rebuilt where the shards are not (export, evaluation on another machine)."""
+    source = Path(data_path)
+    dest.mkdir(parents=True, exist_ok=True)
+    manifest_file = source / "manifest.json"
+    if not manifest_file.is_file():
+        return
+    manifest = json.loads(manifest_file.read_text())
+    for name in [entry["name"] for entry in manifest.get("files", [])] + ["manifest.json"]:
+        tmp = dest / (name + ".tmp")
+        shutil.copyfile(source / name, tmp)
+        os.replace(tmp, dest / name)
+
+
+def _dataset_payload(run_dir: Path) -> dict[str, torch.Tensor] | None:
+    """The run's dataset snapshot as {file name: uint8 tensor}, embedded in model.pt when small."""
+    folder = run_dir / "dataset"
+    if not (folder / "manifest.json").is_file():
+        return None
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.endswith(".tmp"))
+    if sum(p.stat().st_size for p in files) > MAX_EMBEDDED_BYTES:
+        return {
+            "manifest.json": torch.frombuffer(
+                bytearray((folder / "manifest.json").read_bytes()), dtype=torch.uint8
+            )
+        }
+    return {p.name: torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in files}
+
+
+def export_model(path: Path, model: nn.Module, cfg: Any, step: int, dist_info: Any) -> None:
+    """Write the final weights of a (possibly wrapped/sharded) model; collective, rank 0 writes."""
+    from foundation import config
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=options)
+    if not dist_info.is_main:
+        return
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "family": cfg.family,
+        "step": step,
+        "config": config.to_dict(cfg),
+        "dataset": _dataset_payload(path.parent),
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in state.items()},
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def _manifest_from_folder(folder: Path):
+    from foundation.data import Manifest
+
+    return Manifest.load(folder) if (folder / "manifest.json").is_file() else None
+
+
+def _manifest_from_payload(files: dict[str, torch.Tensor] | None):
+    """Materialise an embedded dataset snapshot (kept until the process exits) and load it."""
+    if not files:
+        return None
+    folder = Path(tempfile.mkdtemp(prefix="foundation-dataset-"))
+    atexit.register(shutil.rmtree, folder, True)
+    for name, data in files.items():
+        (folder / name).write_bytes(data.numpy().tobytes())
+    return _manifest_from_folder(folder)
+
+
+def _pretrain_config(cfg_dict: dict[str, Any]):
+    from foundation import config, registry
+
+    data = dict(cfg_dict)
+    family = registry.get(str(data["family"]))
+    model_data = data.pop("model", None) or {}
+    cfg = config.from_dict(config.PretrainConfig, data)
+    cfg.model = config.from_dict(family.model_config, model_data, "model")
+    return cfg, family
+
+
+def load_pretrained(path: str | Path, *, map_location: str | torch.device = "cpu"):
+    """`(model, config, family)` from a run directory, a `step-<N>` checkpoint folder or a `model.pt`.
+
+    model: the family's plain `nn.Module` in eval mode on `map_location`, fp32;
+    config: the run's `PretrainConfig` (its `model` section is the family's dataclass);
+    family: the `foundation.registry.Family`.
+    A run directory gives the newer of `model.pt` and its newest complete checkpoint (the file on
+    a tie). Raises ConfigError when the path holds none of these.
+    """
+    from foundation.train import checkpoint as ckpt
+
+    path = Path(path)
+    if path.is_dir() and (path / ckpt.META).exists() or path.name.startswith("step-"):
+        return _from_checkpoint(path, map_location)
+    if path.is_dir():
+        candidates: list[tuple[int, int, Path]] = []
+        if (path / "model.pt").is_file():
+            step = torch.load(path / "model.pt", map_location="cpu", weights_only=True, mmap=True)["step"]
+            candidates.append((step, 1, path / "model.pt"))
+        latest = ckpt.latest_checkpoint(path)
+        if latest is not None:
+            candidates.append((latest[0], 0, latest[1]))
+        if not candidates:
+            raise ConfigError(
+                f"{str(path)!r} holds neither model.pt nor a complete checkpoints/step-N folder"
+            )
+        _, _, best = max(candidates)
+        return load_pretrained(best, map_location=map_location)
+    if not path.is_file():
+        raise ConfigError(f"{str(path)!r} does not exist (expected a run dir, a step-N folder or a model.pt)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise ConfigError(f"{str(path)!r} is not a foundation model file: {exc}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ConfigError(f"{str(path)!r} is not a foundation model file (format {FORMAT!r} expected)")
+    if payload.get("version", 0) > VERSION:
+        raise ConfigError(
+            f"{str(path)!r} has model format version {payload['version']}; this reads <= {VERSION}"
+        )
+    cfg, family = _pretrain_config(payload["config"])
+    local = path.parent / "dataset"
+    manifest = (
+        _manifest_from_folder(local) if local.is_dir() else _manifest_from_payload(payload.get("dataset"))
+    )
+    model = family.build_model(cfg.model, manifest)
+    model.load_state_dict(payload["state_dict"])
+    return model.to(map_location).eval(), cfg, family
+
+
+def _from_checkpoint(path: Path, map_location):
+    from foundation.train import checkpoint as ckpt
+
+    meta = ckpt.read_meta(path)
+    cfg, family = _pretrain_config(meta["config"])
+    run_dir = path.parent.parent
+    manifest = _manifest_from_folder(run_dir / "dataset") or _manifest_from_folder(Path(cfg.data.path))
+    model = family.build_model(cfg.model, manifest)
+    ckpt.load_model_weights(path, model)
+    return model.to(map_location).eval(), cfg, family

@@ -1,0 +1,617 @@
+"""The family-agnostic training loop.
+
+`train(cfg)` runs one process's share of a pretraining job: it joins the process group, builds
+the family's model and loaders, resumes from the newest checkpoint of `run.dir` if there is one,
+and runs optimiser steps until `train.steps`, a stop request, or a non-finite loss. The model is
+only ever used through `family.loss(model, batch)`.
+
+Run directory (`run.dir`):
+    config.yaml         the resolved config (rewritten at every start)
+    dataset/            the shard set's manifest.json and extra files (tokenizer, ...): the model
+                        can be rebuilt without the shards
+    metrics.jsonl       metric records (see foundation.train.metrics)
+    status.json         {"state": running|done|preempted|diverged|failed, "step": N, ...}
+    checkpoints/step-N/ DCP checkpoints (see foundation.train.checkpoint)
+    model.pt            final weights for inference (see foundation.train.export)
+    tensorboard/        TensorBoard events, when tensorboard is installed
+    STOP                create it to stop the run cleanly (train.stop_file)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import random
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from foundation import attention, config, registry
+from foundation.errors import ConfigError, DataError, FoundationError
+from foundation.train import checkpoint as ckpt
+from foundation.train.data import batch_samples, build_loader, to_device
+from foundation.train.distributed import Distributed, all_reduce_sum, init_distributed
+from foundation.train.export import export_model, snapshot_dataset
+from foundation.train.metrics import MetricsWriter, peak_flops, rss_mb
+from foundation.train.optim import build_optimizer, build_schedule, decay_split
+from foundation.train.preemption import StopRequest
+
+_log = logging.getLogger(__name__)
+
+#: Config keys that may change between a checkpoint and its resumption without `--force`: they
+#: move files, change logging/checkpoint cadence or kernels, but not the optimisation itself.
+#: (`train.steps` is not among them: the cosine schedule spans it.)
+RESUME_SAFE_KEYS = frozenset(
+    {
+        "run.dir",
+        "data.path",
+        "data.val_split",
+        "data.prefetch",
+        "train.log_every",
+        "train.val_every",
+        "train.val_batches",
+        "train.ckpt_every",
+        "train.keep_last",
+        "train.progress",
+        "train.device",
+        "train.attention",
+        "train.tensorboard",
+        "train.peak_tflops",
+        "train.stop_file",
+    }
+)
+
+
+class TrainingDiverged(FoundationError):
+    """The loss or the gradient norm became non-finite; no state after the last checkpoint was kept."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    status: str  # "done" or "preempted"
+    step: int
+    run_dir: Path
+    last_loss: float | None
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def resume_hash(cfg_dict: dict[str, Any]) -> str:
+    """Hash of the config keys that must not change when resuming (all but RESUME_SAFE_KEYS)."""
+    flat = {k: v for k, v in _flatten(cfg_dict).items() if k not in RESUME_SAFE_KEYS}
+    return config.config_hash(flat)
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """`key: old -> new` for every resume-relevant key that differs."""
+    a, b = _flatten(old), _flatten(new)
+    return [
+        f"{key}: {a.get(key)!r} -> {b.get(key)!r}"
+        for key in sorted(set(a) | set(b))
+        if key not in RESUME_SAFE_KEYS and a.get(key) != b.get(key)
+    ]
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """auto = bf16 on CUDA, fp32 elsewhere. bf16 on CPU runs under CPU autocast (slow; for debugging)."""
+    if requested == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if requested == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("train.precision is bf16 but this GPU does not support bf16; use fp32")
+    return requested
+
+
+def resolve_parallel(requested: str, world_size: int) -> str:
+    if requested == "auto":
+        return "ddp" if world_size > 1 else "none"
+    if requested == "none" and world_size > 1:
+        raise ConfigError(
+            f"train.parallel is 'none' but {world_size} processes were launched; use ddp or fsdp"
+        )
+    return requested
+
+
+def shard_model(model: nn.Module, device: torch.device, world_size: int) -> nn.Module:
+    """FSDP2: `fully_shard` every element of every `nn.ModuleList` (the usual home of transformer
+    blocks; deepest first), then the root, which holds whatever is left (embeddings, heads)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world_size,))
+    depth = {module: name.count(".") for name, module in model.named_modules()}
+    blocks = [
+        child
+        for module in model.modules()
+        if isinstance(module, nn.ModuleList)
+        for child in module
+        if any(p.requires_grad for p in child.parameters())
+    ]
+    for block in sorted(blocks, key=lambda m: -depth[m]):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def wrap_model(model: nn.Module, parallel: str, dist_info: Distributed) -> nn.Module:
+    if parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
+    if parallel == "fsdp":
+        return shard_model(model, dist_info.device, dist_info.world_size)
+    return model
+
+
+def grad_sync(model: nn.Module, parallel: str, sync: bool):
+    """No gradient all-reduce on the non-final micro-steps of an accumulated step."""
+    if parallel == "ddp" and not sync:
+        return model.no_sync()
+    if parallel == "fsdp":
+        model.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
+
+
+def global_grad_norm(model: nn.Module, max_norm: float | None) -> torch.Tensor:
+    """Gradient norm over all ranks' shards (before clipping); clips to `max_norm` when given."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(
+        params, max_norm if max_norm is not None else math.inf, foreach=True
+    )
+    if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
+        norm = norm.full_tensor()
+    return norm
+
+
+def _derived_seed(seed: int, *parts: int) -> int:
+    return int(np.random.SeedSequence([seed, *parts]).generate_state(1)[0])
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: config.PretrainConfig,
+        dist_info: Distributed,
+        *,
+        force: bool = False,
+        train_loader: Iterable | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.dist = dist_info
+        self.force = force
+        self.family = registry.get(cfg.family)
+        self.run_dir = Path(cfg.run.dir)
+        self.cfg_dict = config.to_dict(cfg)
+        self._custom_loader = train_loader
+        self._step = 0  # last completed optimiser step (for status.json on a crash)
+        self._window = _Window()
+
+    # ------------------------------------------------------------------ set-up
+
+    def _load_manifest(self):
+        from foundation.data import Manifest
+
+        try:
+            return Manifest.load(self.cfg.data.path)
+        except FoundationError:
+            raise
+        except FileNotFoundError as exc:
+            raise DataError(f"data.path {self.cfg.data.path!r}: no shard set there ({exc})") from None
+
+    def _check_resume(self, latest: tuple[int, Path]) -> dict[str, Any]:
+        step, path = latest
+        meta = ckpt.read_meta(path)
+        if meta["world_size"] != self.dist.world_size:
+            raise ConfigError(
+                f"checkpoint {path} was written by {meta['world_size']} process(es) but this run has "
+                f"{self.dist.world_size}; the data-loader position is per rank, so resume with "
+                f"{meta['world_size']} process(es), or start a new run.dir"
+            )
+        saved_workers = meta["config"]["data"]["num_workers"]
+        if saved_workers != self.cfg.data.num_workers and self._custom_loader is None:
+            raise ConfigError(
+                f"checkpoint {path} was written with data.num_workers={saved_workers}; the loader "
+                f"position it holds is per worker, so resume with data.num_workers={saved_workers} "
+                "(--force cannot change this one), or start a new run.dir"
+            )
+        if meta["resume_hash"] != resume_hash(self.cfg_dict):
+            changes = config_changes(meta["config"], self.cfg_dict)
+            message = (
+                f"the config differs from the one that wrote checkpoint {path} "
+                f"({'; '.join(changes) or 'unknown change'}); pass --force to resume anyway, "
+                "or use a new run.dir"
+            )
+            if not self.force:
+                raise ConfigError(message)
+            if self.dist.is_main:
+                _log.warning("resuming despite config changes (--force): %s", "; ".join(changes))
+        return meta
+
+    def _write_status(self, state: str, step: int, **extra: Any) -> None:
+        if not self.dist.is_main:
+            return
+        record = {"state": state, "step": step, "total_steps": self.cfg.train.steps, "time": time.time()}
+        record.update(extra)
+        tmp = self.run_dir / "status.json.tmp"
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        tmp.replace(self.run_dir / "status.json")
+
+    def _seed(self, *parts: int) -> None:
+        seed = _derived_seed(self.cfg.run.seed, *parts)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self) -> TrainResult:
+        # Installed first: a stop signal during set-up stops the run after its first step instead
+        # of killing the process (SIGUSR1's default action).
+        stop = StopRequest(self.run_dir / self.cfg.train.stop_file, poll_file=self.dist.is_main).install()
+        try:
+            return self._run(stop)
+        finally:
+            stop.close()
+
+    def _run(self, stop: StopRequest) -> TrainResult:
+        cfg, dist_info = self.cfg, self.dist
+        device = dist_info.device
+        manifest = self._load_manifest()
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        meta = self._check_resume(latest) if latest is not None else None
+        if dist_info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_partial(self.run_dir)
+            config.save(cfg, self.run_dir / "config.yaml")
+            snapshot_dataset(cfg.data.path, self.run_dir / "dataset")
+        dist_info.barrier()
+
+        precision = resolve_precision(cfg.train.precision, device)
+        parallel = resolve_parallel(cfg.train.parallel, dist_info.world_size)
+        attention.set_backend(cfg.train.attention)
+
+        # Same initial weights on every rank (FSDP2 shards each rank's copy; DDP checks they agree).
+        self._seed(0)
+        plain = self.family.build_model(cfg.model, manifest).to(device)
+        decay_names = decay_split(plain)
+        model = wrap_model(plain, parallel, dist_info)
+        optimizer = build_optimizer(model, cfg.optim, decay_names)
+        schedule = build_schedule(optimizer, cfg.optim, cfg.train.steps)
+        n_params = sum(p.numel() for p in plain.parameters())
+
+        loader = self._custom_loader
+        if loader is None:
+            loader = build_loader(
+                cfg, self.family, manifest, dist_info, split=cfg.data.train_split, train=True
+            )
+        val_loader = None
+        if cfg.data.val_split and cfg.train.val_every > 0:
+            if cfg.data.val_split not in _splits(manifest):
+                _log.warning("no %r split in %s: validation is off", cfg.data.val_split, cfg.data.path)
+            else:
+                val_loader = build_loader(
+                    cfg, self.family, manifest, dist_info, split=cfg.data.val_split, train=False
+                )
+
+        step = 0
+        if latest is not None:
+            rank_state = ckpt.load_checkpoint(latest[1], model, optimizer, dist_info)
+            schedule.load_state_dict(rank_state["schedule"])
+            if hasattr(loader, "load_state_dict"):
+                loader.load_state_dict(rank_state["loader"])
+            ckpt.set_rng_state(rank_state["rng"])
+            self._window = _Window.from_state(rank_state.get("metrics_window"))
+            step = meta["step"]
+            if dist_info.is_main:
+                _log.info("resumed from %s (step %d)", latest[1], step)
+        else:
+            # Dropout and other in-model randomness: a stream per rank.
+            self._seed(1, dist_info.rank)
+
+        autocast = (
+            torch.autocast(device.type, dtype=torch.bfloat16)
+            if precision == "bf16"
+            else contextlib.nullcontext()
+        )
+        flops = (
+            self.family.flops_per_sample(cfg.model, manifest)
+            if self.family.flops_per_sample is not None
+            else None
+        )
+        peak = peak_flops(device, precision, cfg.train.peak_tflops)
+        writer = MetricsWriter(
+            self.run_dir,
+            enabled=dist_info.is_main,
+            resume_step=step,
+            total_steps=cfg.train.steps,
+            progress=cfg.train.progress,
+            tensorboard=cfg.train.tensorboard,
+        )
+        if dist_info.is_main:
+            _log.info(
+                "training %s (%.3g M parameters) on %d x %s, %s, %s, from step %d to %d",
+                self.family.name,
+                n_params / 1e6,
+                dist_info.world_size,
+                device.type,
+                parallel,
+                precision,
+                step,
+                cfg.train.steps,
+            )
+        self._write_status("running", step)
+        state = _LoopState(model, optimizer, schedule, loader, val_loader, autocast, parallel, flops, peak)
+        self._step = step
+        try:
+            return self._loop(state, step, writer, stop)
+        except TrainingDiverged:
+            raise
+        except BaseException as exc:
+            # A scheduler script must not take a crash for a finished or a preempted run.
+            self._write_status("failed", self._step, error=f"{type(exc).__name__}: {exc}"[:2000])
+            raise
+        finally:
+            writer.close()
+
+    def _loop(self, s: _LoopState, step: int, writer: MetricsWriter, stop: StopRequest) -> TrainResult:
+        cfg, dist_info, family = self.cfg, self.dist, self.family
+        total, accum = cfg.train.steps, cfg.train.grad_accum
+        device = dist_info.device
+        batches = _endless(s.loader)
+        window = self._window
+        last_loss: float | None = None
+        last_saved = step if ckpt.latest_checkpoint(self.run_dir) is not None else -1
+        started = time.perf_counter()
+        status = "done"
+
+        while step < total:
+            self._step = step
+            s.model.train()
+            step_start = time.perf_counter()
+            loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+            metric_sums: dict[str, float] = defaultdict(float)
+            for micro in range(accum):
+                wait_start = time.perf_counter()
+                batch = next(batches)
+                window.data_wait += time.perf_counter() - wait_start
+                window.samples += batch_samples(batch)
+                if family.tokens_per_batch is not None:
+                    window.tokens += int(family.tokens_per_batch(batch))
+                batch = to_device(batch, device)
+                with grad_sync(s.model, s.parallel, micro == accum - 1):
+                    with s.autocast:
+                        loss, metrics = family.loss(s.model, batch)
+                    (loss / accum).backward()
+                loss_sum += loss.detach().to(torch.float64)
+                for key, value in metrics.items():
+                    metric_sums[key] += float(value) / accum
+            grad_norm = float(global_grad_norm(s.model, cfg.train.grad_clip))
+            local_loss = float(loss_sum) / accum
+            summed = all_reduce_sum([local_loss, float(stop.requested())], dist_info)
+            step_loss, stop_votes = summed[0] / dist_info.world_size, summed[1]
+            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+                s.optimizer.zero_grad(set_to_none=True)
+                self._diverged(step + 1, step_loss, grad_norm)
+            lr = s.optimizer.param_groups[0]["lr"]
+            s.optimizer.step()
+            s.schedule.step()
+            s.optimizer.zero_grad(set_to_none=True)
+            step += 1
+            last_loss = step_loss
+            window.add_step(step_loss, grad_norm, lr, metric_sums, time.perf_counter() - step_start)
+
+            if step % cfg.train.log_every == 0 or step == total:
+                writer.write(self._train_record(step, window, s, started))
+                window = self._window = _Window()
+            writer.advance(step, step_loss)
+            if s.val_loader is not None and (step % cfg.train.val_every == 0 or step == total):
+                writer.write(self._validate(step, s))
+            if (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0) or step == total or stop_votes > 0:
+                self._save(step, s)
+                last_saved = step
+            if stop_votes > 0 and step < total:
+                status = "preempted"
+                if dist_info.is_main:
+                    _log.warning(
+                        "stopping at step %d on %s; checkpoint saved, re-run to resume", step, stop.reason()
+                    )
+                break
+
+        if status == "done":
+            if last_saved != step:
+                self._save(step, s)
+            export_model(self.run_dir / "model.pt", s.model, cfg, step, dist_info)
+        stop.consume_stop_file()
+        self._write_status(status, step, last_loss=last_loss)
+        # Ranks leave together: torchrun / `srun --kill-on-bad-exit` kill the others as soon as one
+        # exits with EXIT_PREEMPTED, which must not cut rank 0 off before status.json is written.
+        dist_info.barrier()
+        return TrainResult(status=status, step=step, run_dir=self.run_dir, last_loss=last_loss)
+
+    def _diverged(self, step: int, loss: float, grad_norm: float) -> None:
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        where = f"the last good checkpoint is {latest[1]}" if latest else "no checkpoint was written yet"
+        message = (
+            f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {step} "
+            f"(loss {loss}, grad norm {grad_norm}); this step was not applied and nothing was saved; "
+            f"{where}. Lower optim.lr, raise optim.warmup_steps, set train.grad_clip, or check the data"
+        )
+        self._write_status("diverged", step - 1, message=message)
+        raise TrainingDiverged(message)
+
+    def _save(self, step: int, s: _LoopState) -> None:
+        rank_state = {
+            "schedule": s.schedule.state_dict(),
+            "loader": s.loader.state_dict() if hasattr(s.loader, "state_dict") else None,
+            "rng": ckpt.rng_state(),
+            "metrics_window": self._window.state_dict(),
+        }
+        meta = {
+            "parallel": s.parallel,
+            "family": self.cfg.family,
+            "config_hash": config.config_hash(self.cfg_dict),
+            "resume_hash": resume_hash(self.cfg_dict),
+            "config": self.cfg_dict,
+            "torch": torch.__version__,
+            "time": time.time(),
+        }
+        ckpt.save_checkpoint(
+            self.run_dir, step, s.model, s.optimizer, rank_state, meta, self.dist, self.cfg.train.keep_last
+        )
+
+    def _train_record(self, step: int, window: _Window, s: _LoopState, started: float) -> dict[str, Any]:
+        keys = sorted(window.metrics)
+        local = [window.samples, window.tokens, window.data_wait, window.elapsed] + [
+            window.metrics[k] for k in keys
+        ]
+        summed = all_reduce_sum(local, self.dist)
+        world = self.dist.world_size
+        samples, tokens, wait, elapsed = summed[0], summed[1], summed[2], summed[3] / world
+        record: dict[str, Any] = {
+            "step": step,
+            "loss": window.loss / window.steps,
+            **{k: v / (world * window.steps) for k, v in zip(keys, summed[4:], strict=True)},
+            "lr": window.lr,
+            "grad_norm": window.grad_norm,
+            "samples_per_s": samples / elapsed if elapsed > 0 else None,
+            "data_wait_pct": 100.0 * wait / (world * elapsed) if elapsed > 0 else None,
+            "step_time_s": elapsed / max(window.timed_steps, 1),
+            "rss_mb": round(rss_mb(), 1),
+            "time": round(time.perf_counter() - started, 3),
+        }
+        if self.family.tokens_per_batch is not None and elapsed > 0:
+            record["tokens_per_s"] = tokens / elapsed
+        if self.dist.device.type == "cuda":
+            record["cuda_max_alloc_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        if s.flops is not None and s.peak is not None and elapsed > 0:
+            record["mfu"] = s.flops * samples / elapsed / (s.peak * world)
+        return record
+
+    @torch.no_grad()
+    def _validate(self, step: int, s: _LoopState) -> dict[str, Any]:
+        s.model.eval()
+        loss_total, count, batches = 0.0, 0, 0
+        metric_totals: dict[str, float] = defaultdict(float)
+        for index, batch in enumerate(s.val_loader):
+            if index >= self.cfg.train.val_batches:
+                break
+            n = batch_samples(batch)
+            batch = to_device(batch, self.dist.device)
+            with s.autocast:
+                loss, metrics = self.family.loss(s.model, batch)
+            loss_total += float(loss) * n
+            count += n
+            batches += 1
+            for key, value in metrics.items():
+                metric_totals[key] += float(value) * n
+        keys = sorted(metric_totals)
+        summed = all_reduce_sum([loss_total, count, batches] + [metric_totals[k] for k in keys], self.dist)
+        n = max(summed[1], 1.0)
+        record = {"step": step, "val_loss": summed[0] / n, "val_batches": int(summed[2])}
+        record.update({f"val_{k}": v / n for k, v in zip(keys, summed[3:], strict=True)})
+        s.model.train()
+        return record
+
+
+@dataclasses.dataclass
+class _LoopState:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: Any
+    loader: Any
+    val_loader: Any
+    autocast: Any
+    parallel: str
+    flops: float | None
+    peak: float | None
+
+
+@dataclasses.dataclass
+class _Window:
+    """What the next training record averages: the steps since the last record.
+
+    The loss and metric sums are checkpointed (a run resumed between two records writes the same
+    record as an uninterrupted one); timings restart with the process.
+    """
+
+    steps: int = 0
+    loss: float = 0.0
+    metrics: dict[str, float] = dataclasses.field(default_factory=lambda: defaultdict(float))
+    grad_norm: float = 0.0
+    lr: float = 0.0
+    timed_steps: int = 0
+    samples: int = 0
+    tokens: int = 0
+    data_wait: float = 0.0
+    elapsed: float = 0.0
+
+    def add_step(
+        self, loss: float, grad_norm: float, lr: float, metrics: dict[str, float], seconds: float
+    ) -> None:
+        self.steps += 1
+        self.timed_steps += 1
+        self.loss += loss
+        self.grad_norm = grad_norm
+        self.lr = lr
+        self.elapsed += seconds
+        for key, value in metrics.items():
+            self.metrics[key] += value
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "loss": self.loss, "metrics": dict(self.metrics)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any] | None) -> _Window:
+        window = cls()
+        if state:
+            window.steps, window.loss = state["steps"], state["loss"]
+            window.metrics.update(state["metrics"])
+        return window
+
+
+def _splits(manifest: Any) -> Iterable[str]:
+    splits = getattr(manifest, "splits", None)
+    return splits if splits is not None else ()
+
+
+def _endless(loader: Iterable) -> Iterator[Any]:
+    """Batches forever: a loader that ends (a finite epoch) is started again (the next epoch)."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise DataError("the training split yielded no batches (is it empty, or smaller than one batch?)")
+
+
+def train(
+    cfg: config.PretrainConfig, *, force: bool = False, train_loader: Iterable | None = None
+) -> TrainResult:
+    """Run (or resume) the pretraining job described by `cfg` in this process.
+
+    `train_loader` replaces the shard-set loader (tests, embedding applications): any iterable of
+    batches; with `state_dict`/`load_state_dict` it is checkpointed like the built-in one.
+    Raises `TrainingDiverged` on a non-finite loss, `ConfigError`/`DataError` on bad input.
+    """
+    dist_info = init_distributed(cfg.train.device)
+    try:
+        return Trainer(cfg, dist_info, force=force, train_loader=train_loader).run()
+    finally:
+        dist_info.close()
