@@ -1,0 +1,232 @@
+"""Rollout evaluation: one-step (teacher-forced) and autoregressive K-step errors.
+
+For each window of `history + K` true steps: the one-step prediction of step k uses the true
+history before k; the rollout prediction of step k feeds the model its own earlier predictions.
+Both are scored with The Well's NRMSE and VRMSE per sample and field, then averaged per field,
+per data set, per step and per window of steps. Persistence (repeat the last input) is scored
+alongside as the floor any surrogate must beat.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from encoders.mpp.metrics import nrmse, vrmse
+
+METRICS = {"nrmse": nrmse, "vrmse": vrmse}
+
+
+def parse_windows(spec: str | None, steps: int) -> list[tuple[int, int]]:
+    """ "1,2-5,6-10" → [(1,1), (2,5), (6,10)] (1-based, inclusive); default: 1, 2–5, 6–K, ..."""
+    if not spec:
+        bounds, lo = [], 1
+        for hi in (1, 5, 10, 20, 50, 100):
+            if lo > steps:
+                break
+            bounds.append((lo, min(hi, steps)))
+            lo = min(hi, steps) + 1
+        if lo <= steps:
+            bounds.append((lo, steps))
+        return bounds
+    out = []
+    for part in spec.split(","):
+        lo, _, hi = part.strip().partition("-")
+        a, b = int(lo), int(hi or lo)
+        if not (1 <= a <= b <= steps):
+            raise ValueError(f"time window {part!r} is outside steps 1..{steps}")
+        out.append((a, b))
+    return out
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, batch: dict[str, Any], steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(one-step, rollout) predictions, each (B, K, C, X, Y), for a batch with `future` of K steps."""
+    x, future = batch["x"], batch["future"]
+    ids, mask, bcs = batch["field_ids"], batch["field_mask"], batch["bcs"]
+    history = x.shape[1]
+    truth = torch.cat([x, future], dim=1)
+    one_step, rollout = [], []
+    state = x
+    for k in range(steps):
+        one_step.append(model(truth[:, k : k + history], ids, mask, bcs))
+        nxt = model(state, ids, mask, bcs) if k else one_step[0]
+        rollout.append(nxt)
+        state = torch.cat([state[:, 1:], nxt[:, None]], dim=1)
+    return torch.stack(one_step, 1), torch.stack(rollout, 1)
+
+
+class _Accumulator:
+    """Sums of per-sample metric values keyed by (mode, metric, dataset, field, step)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[tuple, np.ndarray] = defaultdict(lambda: np.zeros(2))
+
+    def add(
+        self, mode: str, pred: torch.Tensor, truth: torch.Tensor, batch: dict[str, Any], names: list[str]
+    ) -> None:
+        mask = batch["field_mask"].cpu().numpy()
+        for metric, fn in METRICS.items():
+            values = fn(pred.float(), truth.float()).cpu().numpy()  # (B, K, C)
+            for i, dataset in enumerate(batch["dataset"]):
+                for j, name in enumerate(names):
+                    if not mask[i, j]:
+                        continue
+                    for k in range(values.shape[1]):
+                        acc = self.sums[(mode, metric, dataset, name, k)]
+                        acc += (values[i, k, j], 1)
+
+    def table(self, steps: int, windows: Sequence[tuple[int, int]]) -> dict[str, Any]:
+        report: dict[str, Any] = {}
+        modes = sorted({key[0] for key in self.sums})
+        for mode in modes:
+            report[mode] = {}
+            for metric in METRICS:
+                keys = [k for k in self.sums if k[0] == mode and k[1] == metric]
+                fields = sorted({k[3] for k in keys})
+                datasets = sorted({k[2] for k in keys})
+
+                def mean(select, keys=keys) -> float:
+                    total = sum((self.sums[k] for k in keys if select(k)), np.zeros(2))
+                    return float(total[0] / total[1]) if total[1] else float("nan")
+
+                per_step_field = {
+                    f: [mean(lambda k, f=f, s=s: k[3] == f and k[4] == s) for s in range(steps)]
+                    for f in fields
+                }
+                per_step = [mean(lambda k, s=s: k[4] == s) for s in range(steps)]
+                per_window = {
+                    f"{a}-{b}" if a != b else str(a): {
+                        "mean": mean(lambda k, a=a, b=b: a - 1 <= k[4] <= b - 1),
+                        **{
+                            f: mean(lambda k, f=f, a=a, b=b: k[3] == f and a - 1 <= k[4] <= b - 1)
+                            for f in fields
+                        },
+                    }
+                    for a, b in windows
+                }
+                per_dataset = {
+                    d: {
+                        "mean": mean(lambda k, d=d: k[2] == d),
+                        "step_1": mean(lambda k, d=d: k[2] == d and k[4] == 0),
+                        "per_field": {
+                            f: mean(lambda k, d=d, f=f: k[2] == d and k[3] == f)
+                            for f in fields
+                            if any(k[2] == d and k[3] == f for k in keys)
+                        },
+                    }
+                    for d in datasets
+                }
+                report[mode][metric] = {
+                    "mean": mean(lambda k: True),
+                    "per_field": {f: mean(lambda k, f=f: k[3] == f) for f in fields},
+                    "per_step": per_step,
+                    "per_step_field": per_step_field,
+                    "windows": per_window,
+                    "per_dataset": per_dataset,
+                }
+        return report
+
+
+def evaluate(
+    model: torch.nn.Module,
+    batches: Iterable[dict[str, Any]],
+    steps: int,
+    windows: Sequence[tuple[int, int]],
+    progress: Any = None,
+    keep_example: bool = True,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Score every batch; returns (report, one example for plotting or None)."""
+    acc = _Accumulator()
+    example = None
+    samples = 0
+    for batch in batches:
+        names = [model.fields[i] for i in batch["field_ids"].tolist()]
+        one_step, rollout = predict(model, batch, steps)
+        truth = batch["future"][:, :steps]
+        persistence = batch["x"][:, -1:].expand_as(truth)
+        acc.add("one_step", one_step, truth, batch, names)
+        acc.add("rollout", rollout, truth, batch, names)
+        acc.add("persistence", persistence, truth, batch, names)
+        if keep_example and example is None:
+            present = [j for j in range(len(names)) if bool(batch["field_mask"][0, j])]
+            example = {
+                "key": batch["__key__"][0],
+                "dataset": batch["dataset"][0],
+                "fields": [names[j] for j in present],
+                "truth": truth[0][:, present].float().cpu().numpy(),
+                "rollout": rollout[0][:, present].float().cpu().numpy(),
+            }
+        samples += len(batch["__key__"])
+        if progress is not None:
+            progress.update(len(batch["__key__"]))
+    report = acc.table(steps, windows)
+    report["samples"] = samples
+    return report, example
+
+
+def plot_frames(example: dict[str, Any], path: str | Path) -> None:
+    """Truth / rollout prediction / error for each field at the first, middle and last step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    truth, pred = example["truth"], example["rollout"]
+    steps = truth.shape[0]
+    chosen = sorted({0, steps // 2, steps - 1})
+    fields = example["fields"]
+    fig, axes = plt.subplots(
+        len(fields), 3 * len(chosen), figsize=(2.0 * 3 * len(chosen), 2.0 * len(fields)), squeeze=False
+    )
+    for i, name in enumerate(fields):
+        lo, hi = float(truth[:, i].min()), float(truth[:, i].max())
+        err_max = float(np.abs(pred[:, i] - truth[:, i]).max()) or 1.0
+        for c, k in enumerate(chosen):
+            panels = (
+                (truth[k, i], f"truth t+{k + 1}", "viridis", lo, hi),
+                (pred[k, i], f"pred t+{k + 1}", "viridis", lo, hi),
+                (pred[k, i] - truth[k, i], f"error t+{k + 1}", "RdBu_r", -err_max, err_max),
+            )
+            for p, (img, title, cmap, vmin, vmax) in enumerate(panels):
+                ax = axes[i, 3 * c + p]
+                ax.imshow(img.T, origin="lower", cmap=cmap, vmin=vmin, vmax=vmax)
+                ax.set_title(f"{name}: {title}", fontsize=7)
+                ax.set_xticks([])
+                ax.set_yticks([])
+    fig.suptitle(f"{example['dataset']} — {example['key']} (autoregressive rollout)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_error_curve(report: dict[str, Any], path: str | Path, metric: str = "vrmse") -> None:
+    """Error vs rollout step per field (solid: model rollout, dotted: one-step, dashed: persistence)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    styles = {"rollout": "-", "one_step": ":", "persistence": "--"}
+    colors: dict[str, Any] = {}
+    for mode, style in styles.items():
+        if mode not in report:
+            continue
+        for name, values in report[mode][metric]["per_step_field"].items():
+            steps = np.arange(1, len(values) + 1)
+            line = ax.plot(steps, values, style, color=colors.get(name), label=f"{name} ({mode})")[0]
+            colors.setdefault(name, line.get_color())
+    ax.set_xlabel("rollout step")
+    ax.set_ylabel(metric.upper())
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

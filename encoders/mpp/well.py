@@ -1,0 +1,410 @@
+"""The Well's HDF5 schema: writer (for `synth mpp`), validating reader, and `stats.yaml`.
+
+Schema (the_well 1.x, `WellDataset`): root attrs `dataset_name`, `grid_type`, `n_spatial_dims`,
+`n_trajectories`, `simulation_parameters` (+ one attr per parameter); group `dimensions` (attr
+`spatial_dims`) with `time` and one dataset per spatial axis, each with `sample_varying` /
+`time_varying`; group `boundary_conditions/<name>` (attrs `bc_type`, `associated_dims`,
+`associated_fields`, `sample_varying`, `time_varying`; datasets `mask`, `values`); group `scalars`
+(attr `field_names`); groups `t0_fields`, `t1_fields`, `t2_fields` (attr `field_names`), each
+field a float32 dataset `[N,] [T,] X, Y [, D [, D]]` with attrs `dim_varying`, `sample_varying`,
+`time_varying`. A data set is laid out as `<name>/data/{train,valid,test}/*.hdf5` plus
+`<name>/stats.yaml` (`mean`, `std`, `rms` and their `*_delta` per field).
+
+The reader flattens tensor fields into named channels the way The Well does
+(`velocity` → `velocity_x`, `velocity_y`; t2 `stress` → `stress_xx`, `stress_xy`, ...), keeps
+time-invariant fields as channels constant in time, and turns boundary masks into per-axis codes
+with WellDataset's convention (WALL=0, OPEN=1, PERIODIC=2; an axis is PERIODIC only if both of its
+ends are). Every schema violation becomes a `DataError` naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import yaml
+
+from encoders.mpp.solvers import Simulation
+from foundation.errors import DataError
+
+WALL, OPEN, PERIODIC = 0, 1, 2
+BC_CODES = {"WALL": WALL, "OPEN": OPEN, "PERIODIC": PERIODIC}
+SPLITS = ("train", "valid", "test")
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _str_array(values: Iterable[str]) -> np.ndarray:
+    return np.array([str(v) for v in values], dtype=h5py.string_dtype())
+
+
+def write_simulation(sim: Simulation, path: str | Path, dataset_name: str | None = None) -> Path:
+    """Write `sim` as one Well HDF5 file at `path` (atomically: temporary name, then rename).
+
+    Per-trajectory PDE parameters are `sample_varying` scalars; the root attribute of each
+    parameter holds the (N,) array of per-trajectory values.
+    """
+    path = Path(path)
+    if path.exists():
+        raise DataError(
+            f"{path} already exists; refusing to overwrite it (remove it or choose another --out)"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fields_t0 = sim.t0_fields
+    fields_t1 = sim.t1_fields
+    n_traj = next(iter({**fields_t0, **fields_t1}.values())).shape[0]
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["dataset_name"] = dataset_name or sim.name
+            f.attrs["grid_type"] = "cartesian"
+            f.attrs["n_spatial_dims"] = 2
+            f.attrs["n_trajectories"] = n_traj
+            f.attrs["simulation_parameters"] = _str_array(sim.parameters)
+            for name, values in sim.parameters.items():
+                f.attrs[name] = np.asarray(values)
+
+            dims = f.create_group("dimensions")
+            dims.attrs["spatial_dims"] = _str_array(["x", "y"])
+            for name, values, time_varying in (
+                ("time", sim.time, True),
+                ("x", sim.x, False),
+                ("y", sim.y, False),
+            ):
+                d = dims.create_dataset(name, data=np.asarray(values, dtype=np.float32))
+                d.attrs["sample_varying"] = False
+                d.attrs["time_varying"] = time_varying
+
+            bcs = f.create_group("boundary_conditions")
+            for axis, coords in (("x", sim.x), ("y", sim.y)):
+                bc_type = sim.boundary[axis].upper()
+                g = bcs.create_group(f"{axis}_{bc_type.lower()}")
+                g.attrs["bc_type"] = bc_type
+                g.attrs["associated_dims"] = _str_array([axis])
+                g.attrs["associated_fields"] = _str_array([])
+                g.attrs["sample_varying"] = False
+                g.attrs["time_varying"] = False
+                mask = np.zeros(len(coords), dtype=bool)
+                mask[[0, -1]] = True
+                g.create_dataset("mask", data=mask)
+                g.create_dataset("values", data=np.zeros(0, dtype=np.float32))
+
+            scalars = f.create_group("scalars")
+            scalars.attrs["field_names"] = _str_array(sim.parameters)
+            for name, values in sim.parameters.items():
+                d = scalars.create_dataset(name, data=np.asarray(values, dtype=np.float32))
+                d.attrs["sample_varying"] = True
+                d.attrs["time_varying"] = False
+
+            for order, group_fields in ((0, fields_t0), (1, fields_t1), (2, {})):
+                g = f.create_group(f"t{order}_fields")
+                g.attrs["field_names"] = _str_array(group_fields)
+                for name, values in group_fields.items():
+                    d = g.create_dataset(name, data=np.asarray(values, dtype=np.float32))
+                    d.attrs["dim_varying"] = np.array([True, True])
+                    d.attrs["sample_varying"] = True
+                    d.attrs["time_varying"] = True
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def compute_stats(files: Sequence[str | Path]) -> dict[str, dict[str, Any]]:
+    """The Well's `stats.yaml` content for these files: per core field, over all samples and times,
+    `mean`/`std`/`rms` and the same of one-step differences (`*_delta`). Vector fields get one
+    value per component, like the published files."""
+    sums: dict[str, dict[str, np.ndarray]] = {}
+    for file in files:
+        with h5py.File(file, "r") as f:
+            for order in range(3):
+                group = f[f"t{order}_fields"]
+                for name in _names(group.attrs["field_names"]):
+                    data = np.asarray(group[name][()], dtype=np.float64)
+                    attrs = group[name].attrs
+                    reduce_axes = tuple(range(data.ndim - order))
+                    acc = sums.setdefault(name, {})
+                    acc["n"] = acc.get("n", 0) + np.prod([data.shape[a] for a in reduce_axes])
+                    acc["s1"] = acc.get("s1", 0) + data.sum(axis=reduce_axes)
+                    acc["s2"] = acc.get("s2", 0) + (data**2).sum(axis=reduce_axes)
+                    if bool(attrs["time_varying"]):
+                        t_axis = 1 if bool(attrs["sample_varying"]) else 0
+                        delta = np.diff(data, axis=t_axis)
+                        acc["dn"] = acc.get("dn", 0) + np.prod([delta.shape[a] for a in reduce_axes])
+                        acc["d1"] = acc.get("d1", 0) + delta.sum(axis=reduce_axes)
+                        acc["d2"] = acc.get("d2", 0) + (delta**2).sum(axis=reduce_axes)
+    stats: dict[str, dict[str, Any]] = {
+        k: {} for k in ("mean", "std", "rms", "mean_delta", "std_delta", "rms_delta")
+    }
+
+    def plain(a: np.ndarray) -> Any:
+        return float(a) if np.ndim(a) == 0 else np.asarray(a, dtype=float).tolist()
+
+    for name, acc in sums.items():
+        mean = acc["s1"] / acc["n"]
+        ms = acc["s2"] / acc["n"]
+        stats["mean"][name] = plain(mean)
+        stats["std"][name] = plain(np.sqrt(np.maximum(ms - mean**2, 0)))
+        stats["rms"][name] = plain(np.sqrt(ms))
+        if "dn" in acc:
+            dmean = acc["d1"] / acc["dn"]
+            dms = acc["d2"] / acc["dn"]
+            stats["mean_delta"][name] = plain(dmean)
+            stats["std_delta"][name] = plain(np.sqrt(np.maximum(dms - dmean**2, 0)))
+            stats["rms_delta"][name] = plain(np.sqrt(dms))
+    return stats
+
+
+def write_stats(stats: dict[str, Any], path: str | Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(stats, sort_keys=False))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _names(raw: Any) -> list[str]:
+    """An HDF5 string-list attribute (bytes, str, a scalar string or an array) as a list of str."""
+    if isinstance(raw, bytes | str):
+        raw = [raw]
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in np.atleast_1d(raw)]
+
+
+def _flag(attrs: h5py.AttributeManager, key: str, where: str, default: bool | None = None) -> bool:
+    if key not in attrs:
+        if default is not None:
+            return default
+        raise DataError(f"{where}: missing attribute {key!r} (required by The Well schema)")
+    return bool(np.asarray(attrs[key]).all())
+
+
+def is_well_file(f: h5py.File) -> bool:
+    """Whether an open file looks like a Well file (it has the schema's field groups)."""
+    return "t0_fields" in f and "dimensions" in f and "n_spatial_dims" in f.attrs
+
+
+@dataclass(frozen=True)
+class _FieldSpec:
+    group: str
+    name: str
+    order: int
+    channels: tuple[str, ...]
+    sample_varying: bool
+    time_varying: bool
+    dim_varying: tuple[bool, ...]
+    singleton_axes: bool = False
+
+
+class WellFile:
+    """One Well HDF5 file, validated on open; hands out windows of trajectories as (T, C, X, Y)."""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        try:
+            f = h5py.File(self.path, "r")
+        except OSError as exc:
+            raise DataError(f"{self.path}: cannot open as HDF5 ({exc})") from None
+        with f:
+            self._read_schema(f)
+
+    def _err(self, what: str) -> DataError:
+        return DataError(f"{self.path}: {what}")
+
+    def _require(self, node: h5py.Group, key: str, what: str = "") -> Any:
+        if key not in node:
+            where = node.name if node.name != "/" else "the root group"
+            hint = f" ({what})" if what else ""
+            raise self._err(f"missing {key!r} in {where}{hint}; not a valid Well file")
+        return node[key]
+
+    def _read_schema(self, f: h5py.File) -> None:
+        for key in ("dataset_name", "n_spatial_dims", "n_trajectories"):
+            if key not in f.attrs:
+                raise self._err(f"missing root attribute {key!r} (required by The Well schema)")
+        self.dataset_name = _names(f.attrs["dataset_name"])[0]
+        self.grid_type = _names(f.attrs.get("grid_type", "cartesian"))[0]
+        n_dims = int(f.attrs["n_spatial_dims"])
+        if n_dims != 2:
+            raise self._err(f"n_spatial_dims is {n_dims}; MPP models 2-D data only")
+        self.n_trajectories = int(f.attrs["n_trajectories"])
+        if self.n_trajectories < 1:
+            raise self._err(f"n_trajectories is {self.n_trajectories}")
+
+        dims = self._require(f, "dimensions")
+        if "spatial_dims" not in dims.attrs:
+            raise self._err("missing attribute 'spatial_dims' on group 'dimensions'")
+        self.spatial_dims = _names(dims.attrs["spatial_dims"])
+        if len(self.spatial_dims) != 2:
+            raise self._err(f"dimensions.spatial_dims is {self.spatial_dims}, expected 2 names")
+        time = self._require(dims, "time", "the time coordinate")
+        self.n_steps = int(time.shape[-1])
+        self._time_sample_varying = _flag(
+            time.attrs, "sample_varying", f"{self.path}: dimensions/time", False
+        )
+        self.shape = tuple(
+            int(self._require(dims, d, "a spatial coordinate").shape[-1]) for d in self.spatial_dims
+        )
+
+        self.fields: list[_FieldSpec] = []
+        for order in range(3):
+            group_name = f"t{order}_fields"
+            group = self._require(f, group_name)
+            if "field_names" not in group.attrs:
+                raise self._err(f"missing attribute 'field_names' on group {group_name!r}")
+            for name in _names(group.attrs["field_names"]):
+                ds = self._require(group, name, f"listed in {group_name}.field_names")
+                where = f"{self.path}: {group_name}/{name}"
+                sample_varying = _flag(ds.attrs, "sample_varying", where)
+                time_varying = _flag(ds.attrs, "time_varying", where)
+                if "dim_varying" not in ds.attrs:
+                    raise DataError(f"{where}: missing attribute 'dim_varying'")
+                dim_varying = tuple(bool(v) for v in np.atleast_1d(ds.attrs["dim_varying"]))
+                if len(dim_varying) != 2:
+                    raise DataError(f"{where}: dim_varying has {len(dim_varying)} entries, expected 2")
+                lead = ([self.n_trajectories] if sample_varying else []) + (
+                    [self.n_steps] if time_varying else []
+                )
+                # An axis a field does not vary along is stored either with size 1 (what
+                # WellDataset's tiling expects) or left out (what the_well's xarray export expects).
+                axes = list(zip(self.shape, dim_varying, strict=True))
+                kept = lead + [s if used else 1 for s, used in axes] + [2] * order
+                dropped = lead + [s for s, used in axes if used] + [2] * order
+                if list(ds.shape) not in (kept, dropped):
+                    raise DataError(
+                        f"{where}: shape {tuple(ds.shape)} does not match the schema's {tuple(kept)} "
+                        f"(sample_varying={sample_varying}, time_varying={time_varying}, "
+                        f"dim_varying={dim_varying})"
+                    )
+                singleton_axes = list(ds.shape) == kept and kept != dropped
+                suffixes = ["".join(p) for p in itertools.product(self.spatial_dims, repeat=order)]
+                channels = tuple(f"{name}_{s}" if s else name for s in suffixes)
+                self.fields.append(
+                    _FieldSpec(
+                        group_name,
+                        name,
+                        order,
+                        channels,
+                        sample_varying,
+                        time_varying,
+                        dim_varying,
+                        singleton_axes,
+                    )
+                )
+        if not self.fields:
+            raise self._err("no fields listed in t0_fields/t1_fields/t2_fields")
+        self.field_names = [c for spec in self.fields for c in spec.channels]
+        self.bc = self._read_bcs(f)
+        self._scalars = self._read_scalars(f)
+
+    def _read_bcs(self, f: h5py.File) -> tuple[int, int]:
+        """Per spatial axis: PERIODIC (2) when both ends are periodic, else WALL (0) when either end
+        is a wall, else OPEN (1) — WellDataset's per-end codes reduced to one code per axis."""
+        ends = {d: [OPEN, OPEN] for d in self.spatial_dims}
+        group = self._require(f, "boundary_conditions")
+        for name in group:
+            bc = group[name]
+            where = f"{self.path}: boundary_conditions/{name}"
+            if "bc_type" not in bc.attrs or "associated_dims" not in bc.attrs:
+                raise DataError(f"{where}: missing attribute 'bc_type' or 'associated_dims'")
+            bc_type = _names(bc.attrs["bc_type"])[0].upper()
+            if bc_type not in BC_CODES:
+                raise DataError(f"{where}: bc_type {bc_type!r} is not one of {', '.join(BC_CODES)}")
+            assoc = _names(bc.attrs["associated_dims"])
+            if "mask" not in bc:
+                raise DataError(f"{where}: missing dataset 'mask'")
+            mask = np.asarray(bc["mask"][()], dtype=bool)
+            if mask.ndim != len(assoc):
+                raise DataError(f"{where}: mask has {mask.ndim} dimensions but associated_dims is {assoc}")
+            aggregate = np.all if bc_type == "WALL" else np.any
+            for i, dim in enumerate(assoc):
+                if dim not in ends:
+                    raise DataError(f"{where}: associated dim {dim!r} is not one of {self.spatial_dims}")
+                first = np.take(mask, 0, axis=i)
+                last = np.take(mask, -1, axis=i)
+                if aggregate(first):
+                    ends[dim][0] = BC_CODES[bc_type]
+                if aggregate(last):
+                    ends[dim][1] = BC_CODES[bc_type]
+        codes = []
+        for d in self.spatial_dims:
+            lo, hi = ends[d]
+            codes.append(PERIODIC if lo == hi == PERIODIC else WALL if WALL in (lo, hi) else OPEN)
+        return codes[0], codes[1]
+
+    def _read_scalars(self, f: h5py.File) -> dict[str, tuple[np.ndarray, bool]]:
+        out: dict[str, tuple[np.ndarray, bool]] = {}
+        if "scalars" not in f:
+            return out
+        group = f["scalars"]
+        for name in _names(group.attrs.get("field_names", [])):
+            ds = self._require(group, name, "listed in scalars.field_names")
+            if _flag(ds.attrs, "time_varying", f"{self.path}: scalars/{name}", False):
+                continue  # time-varying scalars are not model inputs here
+            sample_varying = _flag(ds.attrs, "sample_varying", f"{self.path}: scalars/{name}", False)
+            out[name] = (np.asarray(ds[()], dtype=np.float64), sample_varying)
+        return out
+
+    def parameters(self, trajectory: int) -> dict[str, float]:
+        """Constant scalars (PDE parameters) of one trajectory."""
+        params = {}
+        for name, (values, sample_varying) in self._scalars.items():
+            value = values[trajectory] if sample_varying and values.ndim else values
+            if np.ndim(value) == 0:
+                params[name] = float(value)
+        return params
+
+    def times(self, trajectory: int) -> np.ndarray:
+        with h5py.File(self.path, "r") as f:
+            t = f["dimensions"]["time"]
+            return np.asarray(t[trajectory] if self._time_sample_varying else t[()], dtype=np.float64)
+
+    def window(self, trajectory: int, start: int, length: int) -> np.ndarray:
+        """Steps [start, start+length) of one trajectory as float32 (length, C, X, Y)."""
+        if not (0 <= trajectory < self.n_trajectories) or start < 0 or start + length > self.n_steps:
+            raise IndexError(f"window ({trajectory}, {start}, {length}) outside {self.path}")
+        out = np.empty((length, len(self.field_names), *self.shape), dtype=np.float32)
+        channel = 0
+        with h5py.File(self.path, "r") as f:
+            for spec in self.fields:
+                ds = f[spec.group][spec.name]
+                index: tuple = ()
+                if spec.sample_varying:
+                    index += (trajectory,)
+                if spec.time_varying:
+                    index += (slice(start, start + length),)
+                data = np.asarray(ds[index], dtype=np.float32)
+                if not spec.time_varying:
+                    data = data[None]
+                # Re-insert spatial axes a field does not vary along (unless stored with size 1).
+                for axis, used in enumerate(spec.dim_varying):
+                    if not used and not spec.singleton_axes:
+                        data = np.expand_dims(data, 1 + axis)
+                data = np.broadcast_to(data, (length, *self.shape, *([2] * spec.order)))
+                data = data.reshape(length, *self.shape, -1)  # flatten tensor components (row-major, as Well)
+                n = len(spec.channels)
+                out[:, channel : channel + n] = np.moveaxis(data, -1, 1)
+                channel += n
+        return out
+
+
+def find_split_files(dataset_dir: str | Path) -> dict[str, list[Path]]:
+    """`<dataset>/data/<split>/*.h5|*.hdf5` per split (only splits that exist)."""
+    root = Path(dataset_dir) / "data"
+    out = {}
+    for split in SPLITS:
+        d = root / split
+        if d.is_dir():
+            files = sorted([*d.glob("*.hdf5"), *d.glob("*.h5")])
+            if files:
+                out[split] = files
+    return out

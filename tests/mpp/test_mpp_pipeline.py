@@ -1,0 +1,309 @@
+"""MPP end to end: collate, `foundation pretrain` on 1 and 2 processes, fine-tuning with vocabulary
+expansion, and `foundation evaluate rollout`."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from encoders.mpp.family import FAMILY, MPPCollate, build_model
+from encoders.mpp.model import AViT, MPPConfig
+from encoders.mpp.rollout import evaluate, parse_windows
+from foundation.cli import main
+from foundation.errors import DataError
+
+ROOT = Path(__file__).parents[2]
+TINY = str(ROOT / "configs" / "mpp" / "tiny.yaml")
+FINETUNE = str(ROOT / "configs" / "mpp" / "tiny_finetune.yaml")
+FAST = [
+    "model.patch_size=4",
+    "model.history=2",
+    "train.steps=6",
+    "train.val_every=3",
+    "train.ckpt_every=3",
+    "optim.warmup_steps=2",
+    "data.batch_size=3",
+]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Pretraining shards (NS + SWE) and fine-tuning shards (diffusion–reaction: unseen fields)."""
+    root = tmp_path_factory.mktemp("mpp")
+    well = root / "well"
+    assert (
+        main(
+            [
+                "synth",
+                "mpp",
+                "--out",
+                str(well),
+                "--systems",
+                "navier_stokes,shallow_water,diffusion_reaction",
+                "--resolution",
+                "16",
+                "--steps",
+                "10",
+                "--trajectories",
+                "2,1,1",
+            ]
+        )
+        == 0
+    )
+    pre, ft = root / "pre", root / "ft"
+    common = ["--history", "2", "--window", "6", "--stride", "2"]
+    assert (
+        main(
+            [
+                "prepare",
+                "mpp",
+                str(well / "navier_stokes"),
+                str(well / "shallow_water"),
+                "--out",
+                str(pre),
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert main(["prepare", "mpp", str(well / "diffusion_reaction"), "--out", str(ft), *common]) == 0
+    return pre, ft
+
+
+@pytest.fixture(scope="module")
+def pretrained(shards, tmp_path_factory):
+    """`foundation pretrain configs/mpp/tiny.yaml` on the NS + SWE shards (one process)."""
+    pre, _ = shards
+    run = tmp_path_factory.mktemp("runs") / "pre"
+    assert main(["pretrain", TINY, f"data.path={pre}", f"run.dir={run}", *FAST]) == 0
+    return run
+
+
+def _sample(key, names, steps=5, n=8, bcs=(2, 2), seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "__key__": key,
+        "fields": rng.standard_normal((steps, len(names), n, n)).astype(np.float32),
+        "bcs": np.array(bcs),
+        "meta": {"field_names": names, "dataset": key.split("-")[0]},
+    }
+
+
+def test_collate_pads_to_the_union_of_fields():
+    collate = MPPCollate(["a", "b", "c", "d"], history=2, horizon=1, train=False, patch_size=4)
+    s1, s2 = _sample("x-1", ["c", "a"]), _sample("y-2", ["b"], bcs=(0, 0), seed=1)
+    batch = collate([s1, s2])
+    assert batch["field_ids"].tolist() == [0, 1, 2]  # a, b, c in vocabulary order
+    assert batch["field_mask"].tolist() == [[True, False, True], [False, True, False]]
+    assert batch["x"].shape == (2, 2, 3, 8, 8) and batch["y"].shape == (2, 3, 8, 8)
+    np.testing.assert_array_equal(batch["x"][0, :, 2].numpy(), s1["fields"][:2, 0])  # c
+    np.testing.assert_array_equal(batch["y"][0, 0].numpy(), s1["fields"][2, 1])  # a, step 3
+    assert batch["x"][0, :, 1].abs().sum() == 0  # absent b is zero
+    assert batch["bcs"].tolist() == [[2, 2], [0, 0]] and batch["n_tokens"] == 2 * 2 * 2 * 2
+    # Training draws a window offset from the loader's rng: reproducible for a given rng.
+    train = MPPCollate(["a", "b", "c", "d"], history=2, horizon=1, train=True, patch_size=4)
+    x1 = train([s1, s2], np.random.default_rng(5))["x"]
+    x2 = train([s1, s2], np.random.default_rng(5))["x"]
+    assert torch.equal(x1, x2)
+
+
+def test_collate_errors_are_specific():
+    collate = MPPCollate(["a", "b"], history=2, horizon=3, train=False)
+    with pytest.raises(DataError, match=r"\['zeta'\].*init_from"):
+        collate([_sample("k-1", ["a", "zeta"], steps=6)])
+    with pytest.raises(DataError, match="--window >= 5"):
+        collate([_sample("k-1", ["a"], steps=4)])
+    with pytest.raises(DataError, match="spatial sizes"):
+        collate([_sample("k-1", ["a"], steps=6), _sample("k-2", ["b"], steps=6, n=16)])
+
+
+def test_untrained_model_rollout_equals_persistence():
+    model = AViT(MPPConfig(embed_dim=16, num_heads=2, depth=1, patch_size=4), ["a", "b"]).eval()
+    collate = MPPCollate(["a", "b"], history=2, horizon=3, train=False, patch_size=4)
+    batch = collate([_sample("s-1", ["a", "b"]), _sample("t-2", ["b"], seed=3)])
+    report, example = evaluate(model, [batch], steps=3, windows=parse_windows(None, 3))
+    for metric in ("vrmse", "nrmse"):
+        np.testing.assert_allclose(
+            report["rollout"][metric]["per_step"], report["persistence"][metric]["per_step"], rtol=1e-4
+        )
+    assert report["samples"] == 2 and example["fields"] == ["a", "b"]
+    assert set(report["rollout"]["vrmse"]["per_dataset"]) == {"s", "t"}
+    assert parse_windows(None, 12) == [(1, 1), (2, 5), (6, 10), (11, 12)]
+    assert parse_windows("1,2-3", 3) == [(1, 1), (2, 3)]
+
+
+def test_finetune_optimizer_holds_every_trainable_parameter(shards, pretrained):
+    from foundation.config import OptimSection
+    from foundation.data import Manifest
+    from foundation.train.optim import build_optimizer
+
+    _, ft = shards
+    run = pretrained
+    for preset in ("none", "middle", "processor"):
+        cfg = MPPConfig(init_from=str(run), freeze=preset, history=2)
+        model = build_model(cfg, Manifest.load(ft))
+        assert model.fields[-2:] == ["activator", "inhibitor"] and cfg.fields == model.fields
+        assert cfg.embed_dim == 32 and cfg.patch_size == 4  # architecture from the checkpoint
+        optimizer = build_optimizer(model, OptimSection())
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        trainable = {id(p) for p in model.parameters() if p.requires_grad}
+        assert in_optimizer == trainable
+        assert id(model.embed.weight) in in_optimizer and id(model.destem.out_weight) in in_optimizer
+
+
+def test_pretrain_finetune_and_rollout_evaluation(shards, pretrained, tmp_path):
+    _, ft = shards
+    run = pretrained
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("vrmse" in r for r in records) and any("val_loss" in r for r in records)
+    pretrained = torch.load(run / "model.pt", weights_only=True)
+    assert pretrained["config"]["model"]["fields"] == ["height", "tracer", "velocity_x", "velocity_y"]
+
+    ft_run = tmp_path / "ft"
+    assert (
+        main(
+            [
+                "pretrain",
+                FINETUNE,
+                f"data.path={ft}",
+                f"run.dir={ft_run}",
+                f"model.init_from={run}",
+                "model.freeze=middle",
+                *FAST,
+            ]
+        )
+        == 0
+    )
+    tuned = torch.load(ft_run / "model.pt", weights_only=True)
+    assert tuned["config"]["model"]["fields"] == [
+        "height",
+        "tracer",
+        "velocity_x",
+        "velocity_y",
+        "activator",
+        "inhibitor",
+    ]
+    old, new = pretrained["state_dict"], tuned["state_dict"]
+    for name, value in old.items():
+        if name.startswith("blocks.") or name.startswith("stem."):
+            assert torch.equal(new[name], value), name  # frozen by the preset
+    assert new["destem.out_weight"][4:].abs().sum() > 0  # new fields' head rows were trained
+    assert torch.equal(new["embed.reference_size"], old["embed.reference_size"])
+
+    out = tmp_path / "eval"
+    assert (
+        main(
+            [
+                "evaluate",
+                "rollout",
+                "--checkpoint",
+                str(ft_run),
+                "--data",
+                str(ft),
+                "--steps",
+                "4",
+                "--out",
+                str(out),
+                "--split",
+                "test",
+                "--batch-size",
+                "2",
+            ]
+        )
+        == 0
+    )
+    report = json.loads((out / "rollout.json").read_text())
+    assert report["steps"] == 4 and report["samples"] > 0
+    for mode in ("one_step", "rollout", "persistence"):
+        v = report[mode]["vrmse"]
+        assert set(v["per_field"]) == {"activator", "inhibitor"} and len(v["per_step"]) == 4
+        assert set(v["windows"]) == {"1", "2-4"} and np.isfinite(v["mean"])
+    assert report["one_step"]["vrmse"]["per_step"][0] == report["rollout"]["vrmse"]["per_step"][0]
+    assert (out / "frames.png").stat().st_size > 0 and (out / "error_vs_step.png").stat().st_size > 0
+    # Steps beyond the stored windows get a clear error.
+    assert (
+        main(
+            [
+                "evaluate",
+                "rollout",
+                "--checkpoint",
+                str(ft_run),
+                "--data",
+                str(ft),
+                "--steps",
+                "9",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
+
+
+def test_family_hooks(shards):
+    from foundation.data import Manifest
+
+    pre, _ = shards
+    cfg = MPPConfig(embed_dim=16, num_heads=2, depth=1, patch_size=4, history=2)
+    manifest = Manifest.load(pre)
+    model = FAMILY.build_model(cfg, manifest)
+    collate = FAMILY.make_collate(cfg, manifest, False)
+    samples = [
+        _sample("a-1", ["tracer", "velocity_x", "velocity_y"], n=16),
+        _sample("b-2", ["height", "velocity_x", "velocity_y"], n=16, bcs=(0, 0)),
+    ]
+    batch = collate(samples)
+    loss, metrics = FAMILY.loss(model, batch)
+    assert torch.isfinite(loss) and set(metrics) == {"vrmse", "nrmse"}
+    assert FAMILY.tokens_per_batch(batch) == 2 * 2 * 4 * 4
+    assert FAMILY.flops_per_sample(cfg, manifest) > 0
+    assert FAMILY.embed(model, batch)["fields"].shape == (2, 16)
+    # A saved fine-tuned model records its fields: it rebuilds without the pretrained run.
+    saved = MPPConfig(
+        embed_dim=16, num_heads=2, depth=1, patch_size=4, init_from="/gone/run", fields=["q", "r"]
+    )
+    assert build_model(saved, manifest).fields == ["q", "r"]
+    with pytest.raises(Exception, match="gone"):
+        build_model(MPPConfig(init_from="/gone/run"), manifest)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_pretrain_on_two_processes(shards, tmp_path, parallel):
+    pre, _ = shards
+    run = tmp_path / parallel
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "foundation.cli",
+        "pretrain",
+        TINY,
+        f"data.path={pre}",
+        f"run.dir={run}",
+        f"train.parallel={parallel}",
+        *FAST,
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "done" and status["step"] == 6
+    assert (run / "model.pt").is_file()
