@@ -1,0 +1,336 @@
+"""Native text -> xVal shards: read JSONL / plain text, fit the tokenizer and the normaliser on
+the training split, write the shard set.
+
+Records: a `.jsonl` file holds one JSON object per line, whose `text_field` (default `text`) is
+the text (or, with `whole_record`, the record itself as compact JSON); a `.txt` file holds one
+record per non-empty line. Keys come from `key_field` or from the file name and line number;
+the split from `split_field` or from a hash of the key. Three streaming passes: statistics,
+tokenizer training (train split only), writing — memory does not grow with the corpus.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import tempfile
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from encoders.xval.normalizer import Kind, Normalizer
+from encoders.xval.numbers import ThousandsPolicy, extract_numbers
+from encoders.xval.tokenizer import TOKENIZER_FILE, TextTokenizer
+from foundation.errors import DataError
+
+log = logging.getLogger(__name__)
+
+GRAMMAR_VERSION = 1
+SCHEMA = {
+    "tokens": {
+        "kind": "npy",
+        "dtype": "int32",
+        "shape": [None],
+        "description": "text-token ids (tokenizer.json), [NUM] (id 3) where each number stands",
+    },
+    "values": {
+        "kind": "npy",
+        "dtype": "float64",
+        "shape": [None],
+        "description": "the numbers, raw, in order",
+    },
+    "fields": {
+        "kind": "npy",
+        "dtype": "int16",
+        "shape": [None],
+        "description": "field id of each number (index into stats.normalizer.fields)",
+    },
+    "text": {"kind": "str", "description": "the source text (render_numbers of the above)"},
+}
+_KEY_BAD = re.compile(r"[^A-Za-z0-9_\-]")
+_RESERVOIR = 200_000
+
+
+@dataclass
+class PrepareOptions:
+    text_field: str = "text"
+    whole_record: bool = False
+    key_field: str | None = None
+    split_field: str | None = None
+    thousands: ThousandsPolicy = "auto"
+    vocab_size: int = 4096
+    normalizer: Kind = "affine"
+    per_field: bool = True
+    min_field_count: int = 20
+    clip: float = 5.0
+    split_fractions: dict[str, float] = field(
+        default_factory=lambda: {"train": 0.9, "valid": 0.05, "test": 0.05}
+    )
+    samples_per_shard: int = 1000
+    seed: int = 0
+    vocab_from: str | None = None
+    overwrite: bool = False
+    skip_invalid: bool = False
+    progress: bool | None = None
+
+
+@dataclass
+class Record:
+    key: str
+    split: str | None
+    text: str
+    where: str
+
+
+def _key_stem(path: Path) -> str:
+    return _KEY_BAD.sub("_", path.name.split(".")[0]) or "record"
+
+
+def read_records(paths: Sequence[str | Path], opts: PrepareOptions) -> Iterator[Record]:
+    """Records of JSONL / text files, with clear errors naming file and line."""
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise DataError(f"input file {str(path)!r} does not exist")
+        suffix = "".join(path.suffixes[-1:]).lower()
+        if suffix not in (".jsonl", ".ndjson", ".txt"):
+            raise DataError(
+                f"{path}: unsupported input type {suffix!r}; give JSON Lines (.jsonl: one JSON object per "
+                "line) or plain text (.txt: one record per line)"
+            )
+        stem = _key_stem(path)
+        with path.open(encoding="utf-8", newline="") as handle:
+            for lineno, line in enumerate(_lines(handle, path), start=1):
+                where = f"{path}:{lineno}"
+                if suffix == ".txt":
+                    text = line[:-1] if line.endswith("\n") else line
+                    if text.endswith("\r"):
+                        text = text[:-1]
+                    if text.strip():
+                        yield Record(f"{stem}-{lineno:09d}", None, text, where)
+                    continue
+                if not line.strip():
+                    continue
+                yield _json_record(line, where, f"{stem}-{lineno:09d}", opts)
+
+
+def _lines(handle, path: Path) -> Iterator[str]:
+    try:
+        yield from handle
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc}); convert the file to UTF-8") from None
+
+
+def _json_record(line: str, where: str, default_key: str, opts: PrepareOptions) -> Record:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: a JSONL record must be an object, got {type(record).__name__}")
+    if opts.whole_record:
+        body = {k: v for k, v in record.items() if k not in (opts.key_field, opts.split_field)}
+        text = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+    else:
+        if opts.text_field not in record:
+            raise DataError(
+                f"{where}: no field {opts.text_field!r} (fields: {', '.join(map(str, record)) or 'none'}); "
+                "choose one with --text-field, or use --whole-record to read the whole object as text"
+            )
+        text = record[opts.text_field]
+        if not isinstance(text, str):
+            raise DataError(
+                f"{where}: field {opts.text_field!r} is a {type(text).__name__}, not a string "
+                "(use --whole-record to read structured records as compact JSON text)"
+            )
+    key = default_key
+    if opts.key_field is not None:
+        if opts.key_field not in record:
+            raise DataError(f"{where}: no key field {opts.key_field!r}")
+        key = _KEY_BAD.sub("_", str(record[opts.key_field]))
+    split = None
+    if opts.split_field is not None:
+        if opts.split_field not in record:
+            raise DataError(f"{where}: no split field {opts.split_field!r}")
+        split = str(record[opts.split_field])
+    return Record(key, split, text, where)
+
+
+def _parse(record: Record, opts: PrepareOptions):
+    try:
+        return extract_numbers(record.text, thousands=opts.thousands)
+    except DataError as exc:
+        if opts.skip_invalid:
+            return None
+        raise DataError(f"{record.where}: {exc} (or pass --skip-invalid to leave such records out)") from None
+
+
+class _Reservoir:
+    """A deterministic uniform sample of up to `size` values per field (for the normaliser fit)."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.rng = np.random.default_rng([seed, 7])
+        self.values: dict[str, list[float]] = defaultdict(list)
+        self.seen: dict[str, int] = defaultdict(int)
+
+    def add(self, name: str, value: float) -> None:
+        self.seen[name] += 1
+        bucket = self.values[name]
+        if len(bucket) < self.size:
+            bucket.append(value)
+        else:
+            j = int(self.rng.integers(0, self.seen[name]))
+            if j < self.size:
+                bucket[j] = value
+
+    def arrays(self) -> tuple[np.ndarray, list[str]]:
+        names = [name for name, bucket in self.values.items() for _ in bucket]
+        values = np.asarray([v for bucket in self.values.values() for v in bucket], dtype=np.float64)
+        return values, names
+
+
+def _progress(iterable, opts: PrepareOptions, desc: str):
+    from tqdm import tqdm
+
+    enabled = sys.stderr.isatty() if opts.progress is None else opts.progress
+    return tqdm(iterable, desc=desc, unit=" records", disable=not enabled)
+
+
+def prepare(paths: Sequence[str | Path], out: str | Path, opts: PrepareOptions | None = None) -> Any:
+    """Write the xVal shard set for `paths` into `out`; returns its Manifest."""
+    from foundation.data import Manifest, ShardSetWriter, split_for_key
+
+    opts = opts or PrepareOptions()
+    fractions = dict(opts.split_fractions)
+
+    def split_of(record: Record) -> str:
+        if record.split is not None:
+            return record.split
+        return split_for_key(record.key, fractions, str(opts.seed))
+
+    # Pass 1: normaliser statistics and lengths on the training split.
+    reused = Manifest.load(opts.vocab_from) if opts.vocab_from else None
+    reservoir = _Reservoir(_RESERVOIR, opts.seed)
+    train_records = skipped = 0
+    for record in _progress(read_records(paths, opts), opts, "scanning"):
+        parsed = _parse(record, opts)
+        if parsed is None:
+            skipped += 1
+            continue
+        if split_of(record) != "train":
+            continue
+        train_records += 1
+        for name, value in zip(parsed.fields, parsed.values.tolist(), strict=True):
+            reservoir.add(name, value)
+    if reused is not None:
+        from encoders.xval.family import normalizer_from, tokenizer_from
+
+        normalizer = normalizer_from(reused)
+        tokenizer = tokenizer_from(reused)
+    else:
+        if train_records == 0:
+            raise DataError(
+                "no record fell into the training split; the tokenizer and normaliser are fitted on it "
+                "(check the split fractions / split field, or reuse them with --vocab-from SHARDS)"
+            )
+        values, names = reservoir.arrays()
+        normalizer = Normalizer.fit(
+            values,
+            names,
+            kind=opts.normalizer,
+            per_field=opts.per_field,
+            min_count=opts.min_field_count,
+            clip=opts.clip,
+        )
+
+        # Pass 2: the tokenizer, on the training split's text around numbers.
+        def train_templates() -> Iterator[str]:
+            for record in read_records(paths, opts):
+                if split_of(record) == "train":
+                    parsed = _parse(record, opts)
+                    if parsed is not None:
+                        yield parsed.template
+
+        tokenizer = TextTokenizer.train(train_templates(), vocab_size=opts.vocab_size)
+
+    # Pass 3: write.
+    lengths = {"text_tokens": 0.0, "numbers": 0.0, "max_tokens": 0, "records": 0}
+    clipped = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        tok_path = Path(tmp) / TOKENIZER_FILE
+        tokenizer.save(tok_path)
+        writer = ShardSetWriter(
+            out,
+            fractions,
+            samples_per_shard=opts.samples_per_shard,
+            family="xval",
+            schema=SCHEMA,
+            files={TOKENIZER_FILE: tok_path},
+            provenance={"sources": [str(p) for p in paths], "skipped_invalid": 0},
+            seed=opts.seed,
+            split_salt=str(opts.seed),
+            overwrite=opts.overwrite,
+            field_stats=False,
+        )
+        with writer:
+            for record in _progress(read_records(paths, opts), opts, "writing"):
+                parsed = _parse(record, opts)
+                if parsed is None:
+                    continue
+                field_ids = normalizer.field_ids(parsed.fields)
+                tokens = tokenizer.encode_parsed(parsed)
+                split = writer.write(
+                    {
+                        "__key__": record.key,
+                        "tokens": tokens,
+                        "values": parsed.values,
+                        "fields": field_ids,
+                        "text": record.text,
+                    },
+                    split=record.split,
+                )
+                if split == "train":
+                    lengths["records"] += 1
+                    lengths["text_tokens"] += len(tokens) - len(parsed)
+                    lengths["numbers"] += len(parsed)
+                    lengths["max_tokens"] = max(lengths["max_tokens"], len(tokens))
+                    clipped += normalizer.transform(parsed.values, field_ids)[1]
+            n = max(lengths["records"], 1)
+            writer.stats["normalizer"] = normalizer.to_dict()
+            writer.stats["lengths"] = {
+                "text_tokens": lengths["text_tokens"] / n,
+                "numbers": lengths["numbers"] / n,
+                "max_tokens_xval": lengths["max_tokens"],
+                "train_records": lengths["records"],
+            }
+            writer.stats["clipped_train_values"] = clipped
+            writer.extra["xval"] = {
+                "text_vocab_size": tokenizer.vocab_size,
+                "grammar_version": GRAMMAR_VERSION,
+                "thousands": opts.thousands,
+                "text_field": None if opts.whole_record else opts.text_field,
+                "tokenizer_from": str(opts.vocab_from) if opts.vocab_from else None,
+            }
+            writer.provenance["skipped_invalid"] = skipped
+    if skipped:
+        log.warning("left out %d record(s) that contain the reserved marker [NUM]", skipped)
+    return Manifest.load(out)
+
+
+def write_jsonl(records: Iterator[Mapping[str, Any]], path: str | Path) -> int:
+    """Write records as JSONL atomically; returns the count."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    n = 0
+    with tmp.open("w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
+            n += 1
+    tmp.replace(path)
+    return n

@@ -1,0 +1,267 @@
+"""`foundation synth xval`, `foundation prepare xval`, `foundation evaluate xval`.
+
+synth writes a built-in corpus as JSONL (the native format) and prepares it into shards;
+prepare turns JSONL / text files into an xVal shard set (tokenizer + normaliser fitted on the
+training split); evaluate masks every number field of a held-out split in turn, predicts it
+with a pretrained checkpoint and reports per-field MSE / R² (original units), the share of
+unparseable predictions, and a predicted-vs-true plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from foundation.cli import Command
+from foundation.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+def _fractions(text: str) -> dict[str, float]:
+    out = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise argparse.ArgumentTypeError(
+                f"{item!r} is not NAME=FRACTION (e.g. train=0.9,valid=0.05,test=0.05)"
+            )
+    return out
+
+
+def _add_prepare_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("tokenisation and normalisation")
+    g.add_argument(
+        "--thousands",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="Thousands separators: auto = 1,234 is one number in prose, never in JSON/CSV lists "
+        "(docs/xval.md).",
+    )
+    g.add_argument(
+        "--vocab-size", type=int, default=4096, help="BPE vocabulary size for the text around numbers."
+    )
+    g.add_argument(
+        "--normalizer",
+        choices=("affine", "signlog"),
+        default="affine",
+        help="Per-field map into [-clip, clip]: affine z-score, or sign-log for wide dynamic range.",
+    )
+    g.add_argument(
+        "--global-normalizer", action="store_true", help="One map for all numbers instead of one per field."
+    )
+    g.add_argument(
+        "--min-field-count",
+        type=int,
+        default=20,
+        help="Fields seen fewer times in training share the global map.",
+    )
+    g.add_argument(
+        "--clip", type=float, default=5.0, help="Normalised values are clipped (and counted) to +-this."
+    )
+    g.add_argument(
+        "--vocab-from",
+        metavar="SHARDS",
+        help="Reuse the tokenizer and normaliser of this shard set (evaluation data for a trained model).",
+    )
+    w = parser.add_argument_group("output")
+    w.add_argument(
+        "--splits",
+        type=_fractions,
+        default={"train": 0.9, "valid": 0.05, "test": 0.05},
+        help="Split fractions by key hash (default train=0.9,valid=0.05,test=0.05).",
+    )
+    w.add_argument("--samples-per-shard", type=int, default=1000)
+    w.add_argument("--seed", type=int, default=0, help="Salts the split hash and the normaliser's sampling.")
+    w.add_argument("--overwrite", action="store_true", help="Replace an existing shard set at --out.")
+
+
+def _options(args: argparse.Namespace, **overrides):
+    from encoders.xval.data import PrepareOptions
+
+    values = dict(
+        text_field=getattr(args, "text_field", "text"),
+        whole_record=getattr(args, "whole_record", False),
+        key_field=getattr(args, "key_field", None),
+        split_field=getattr(args, "split_field", None),
+        thousands=args.thousands,
+        vocab_size=args.vocab_size,
+        normalizer=args.normalizer,
+        per_field=not args.global_normalizer,
+        min_field_count=args.min_field_count,
+        clip=args.clip,
+        split_fractions=args.splits,
+        samples_per_shard=args.samples_per_shard,
+        seed=args.seed,
+        vocab_from=args.vocab_from,
+        overwrite=args.overwrite,
+        skip_invalid=getattr(args, "skip_invalid", False),
+    )
+    values.update(overrides)
+    return PrepareOptions(**values)
+
+
+def _summary(manifest) -> str:
+    splits = ", ".join(f"{name} {info.samples}" for name, info in sorted(manifest.splits.items()))
+    norm = manifest.stats["normalizer"]
+    return (
+        f"wrote {manifest.path}: {splits} samples; "
+        f"text vocabulary {manifest.extra['xval']['text_vocab_size']}; {len(norm['fields'])} normaliser "
+        f"field(s); {manifest.stats['clipped_train_values']} training value(s) clipped"
+    )
+
+
+# ----------------------------------------------------------------------------- prepare
+
+
+def _add_prepare(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "inputs", nargs="+", metavar="INPUT", help="JSONL (.jsonl) or text (.txt, one record per line) files."
+    )
+    parser.add_argument("--out", required=True, help="Shard set directory to write.")
+    parser.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text).")
+    parser.add_argument(
+        "--whole-record",
+        action="store_true",
+        help="Use each JSONL object itself, as compact JSON, as the text.",
+    )
+    parser.add_argument(
+        "--key-field", help="JSONL field with a unique record id (default: file name + line)."
+    )
+    parser.add_argument(
+        "--split-field", help="JSONL field naming each record's split (default: hash of the key)."
+    )
+    parser.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="Leave out records that contain the reserved marker [NUM] instead of failing.",
+    )
+    _add_prepare_options(parser)
+
+
+def _run_prepare(args: argparse.Namespace) -> int:
+    from encoders.xval.data import prepare
+
+    manifest = prepare(args.inputs, args.out, _options(args))
+    print(_summary(manifest))
+    return 0
+
+
+# ----------------------------------------------------------------------------- synth
+
+
+def _add_synth(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="Directory: <task>.jsonl and shards/ are written there.")
+    parser.add_argument("--task", choices=("arithmetic", "orbits", "interpolation"), required=True)
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=10000,
+        help="Records (interpolation: gapped train+valid records; the test grid comes on top).",
+    )
+    parser.add_argument(
+        "--train-values",
+        type=lambda s: [float(v) for v in s.split(",")],
+        default=None,
+        help="interpolation: the few values the target takes in training (default 0.2,0.3,0.5,0.8).",
+    )
+    parser.add_argument("--grid", type=int, default=21, help="interpolation: test grid points.")
+    parser.add_argument(
+        "--per-grid", type=int, default=10, help="interpolation: test records per grid point."
+    )
+    parser.add_argument("--no-prepare", action="store_true", help="Only write the JSONL file.")
+    _add_prepare_options(parser)
+    parser.set_defaults(vocab_size=512)
+
+
+def _run_synth(args: argparse.Namespace) -> int:
+    from encoders.xval import corpora
+    from encoders.xval.data import prepare, write_jsonl
+
+    if args.samples < 1:
+        raise ConfigError(f"--samples must be >= 1, got {args.samples}")
+    out = Path(args.out)
+    kwargs = {}
+    if args.task == "interpolation":
+        kwargs = {"grid": args.grid, "per_grid": args.per_grid}
+        if args.train_values:
+            kwargs["train_values"] = args.train_values
+    source = out / f"{args.task}.jsonl"
+    if source.exists() and not args.overwrite:
+        raise DataError(f"{source} exists; pass --overwrite to replace it")
+    n = write_jsonl(corpora.generate(args.task, args.samples, args.seed, **kwargs), source)
+    print(f"wrote {n} records to {source}")
+    if args.no_prepare:
+        return 0
+    overrides = {"key_field": "id"}
+    if args.task == "interpolation":
+        overrides["split_field"] = "split"
+    manifest = prepare([source], out / "shards", _options(args, **overrides))
+    print(_summary(manifest))
+    return 0
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+def _add_evaluate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--checkpoint", required=True, help="Run directory, step-N checkpoint folder or model.pt."
+    )
+    parser.add_argument(
+        "--data", required=True, help="xVal shard set (same tokenizer/normaliser as training)."
+    )
+    parser.add_argument("--out", required=True, help="Directory for report.json, predictions.csv and plots.")
+    parser.add_argument("--split", default="test", help="Split to evaluate (default: test).")
+    parser.add_argument("--fields", help="Comma-separated fields to evaluate (default: every field).")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-batches", type=int, default=None, help="Stop after this many batches.")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda.")
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from encoders.xval.evaluation import evaluate
+
+    fields = [f.strip() for f in args.fields.split(",") if f.strip()] if args.fields else None
+    report = evaluate(
+        args.checkpoint,
+        args.data,
+        args.out,
+        split=args.split,
+        fields=fields,
+        batch_size=args.batch_size,
+        max_batches=args.max_batches,
+        device=args.device,
+    )
+    overall = report["overall"]
+    print(
+        f"{report['n_numbers']} numbers in {report['n_samples']} samples: MSE {overall['mse']:.4g}, "
+        f"unparseable {100 * overall['unparseable_fraction']:.2f}% -> {Path(args.out) / 'report.json'}"
+    )
+    for name, entry in report["fields"].items():
+        print(f"  {name}: n {entry['n']}, MSE {entry['mse']:.4g}, R² {entry['r2']:.4f}")
+    return 0
+
+
+COMMANDS = [
+    Command(
+        ("prepare", "xval"), "Convert JSONL / text with numbers into xVal shards.", _add_prepare, _run_prepare
+    ),
+    Command(
+        ("synth", "xval"),
+        "Write a built-in xVal corpus (arithmetic, orbits, interpolation) and its shards.",
+        _add_synth,
+        _run_synth,
+    ),
+    Command(
+        ("evaluate", "xval"),
+        "Per-field number prediction metrics of an xVal checkpoint.",
+        _add_evaluate,
+        _run_evaluate,
+    ),
+]
