@@ -102,7 +102,7 @@ def bare_loop(cfg, family, steps: int, skip: int) -> tuple[float, float]:
     torch.manual_seed(cfg.run.seed)
     manifest = Manifest.load(cfg.data.path)
     model = family.build_model(cfg.model, manifest)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, foreach=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, fused=True)
     collate = family.make_collate(cfg.model, manifest, True) if family.make_collate else None
     dataset = ShardDataset(
         cfg.data.path,

@@ -7,7 +7,7 @@ batches padded to the longest sample with no attention mask. Ours: bias-free tru
 positions, and training batches packed first-fit into rows of max_len (no padding compute).
 
 Both see the same samples (the built-in arithmetic + orbits corpora, prepared into shards, so
-lengths vary like real text) and the same MLM masks, and the same optimiser (AdamW, foreach,
+lengths vary like real text) and the same MLM masks, and the same optimiser (AdamW, fused,
 as `foundation pretrain` builds it); steps of the two alternate in one process so a shared,
 loaded machine slows both alike. Reported: real (non-padding) tokens per second of wall time and
 of process CPU time, for the whole training step and for forward + backward alone (the
@@ -134,8 +134,8 @@ def main() -> None:
         ref = ReferenceNumformer(
             vocab, args.d_model, args.heads, args.layers, 4 * args.d_model, args.max_len
         ).train()
-        opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4, foreach=True)
-        opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-4, foreach=True)
+        opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True)
+        opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-4, fused=True)
 
         def step_ours(batch):
             loss, _ = xval_loss(ours, batch, "mlm", cfg.mask_prob, 1.0)
