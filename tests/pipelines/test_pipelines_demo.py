@@ -1,0 +1,197 @@
+"""`foundation demo`: stage markers, skipping, re-running what changed, failures, the controls."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from foundation.data import Manifest
+from pipelines.demo import DemoSettings, Stage, StageFailed, plan, run_stages, shuffle_pairs
+from pipelines.raw_inputs import iter_samples
+
+
+def _writer(path: Path, calls: list[str], name: str):
+    def write() -> None:
+        calls.append(name)
+        path.write_text(f"{name} {len(calls)}\n")
+
+    return write
+
+
+def _stages(tmp_path: Path, calls: list[str], embeddings: Path, key_b: str = "b1") -> list[Stage]:
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    return [
+        Stage("a", "first", [a], func=_writer(a, calls, "a"), key="a1"),
+        Stage("b", "second, after a", [b], func=_writer(b, calls, "b"), key=key_b, after=["a"]),
+        Stage(
+            "retrieval",
+            "a real foundation command",
+            [tmp_path / "ret" / "report.json"],
+            argv=["evaluate", "retrieval", "--embeddings", str(embeddings), "--out", str(tmp_path / "ret")],
+            after=["b"],
+        ),
+    ]
+
+
+def test_stages_run_once_then_skip_and_redo_what_changed(tmp_path, make_embeddings):
+    embeddings, _ = make_embeddings(n=60, dim=4)
+    out = tmp_path / "demo"
+    calls: list[str] = []
+    lines: list[str] = []
+    markers = run_stages(_stages(tmp_path, calls, embeddings), out, echo=lines.append)
+    assert calls == ["a", "b"] and (tmp_path / "ret" / "report.json").exists()
+    assert "$ foundation evaluate retrieval" in "\n".join(lines)
+    marker = json.loads((out / ".stages" / "retrieval.json").read_text())
+    assert marker["command"].startswith("foundation evaluate retrieval --embeddings")
+    assert marker["upstream"] == {"b": markers[1]["run_id"]} and marker["cpu_seconds"] >= 0
+    assert "top-1" in (out / "logs" / "retrieval.log").read_text()
+
+    # Everything done: nothing runs again.
+    lines.clear()
+    run_stages(_stages(tmp_path, calls, embeddings), out, echo=lines.append)
+    assert calls == ["a", "b"] and sum("skipped" in line for line in lines) == 3
+
+    # A changed stage runs again, and so does everything after it (but not what came before).
+    lines.clear()
+    run_stages(_stages(tmp_path, calls, embeddings, key_b="b2"), out, echo=lines.append)
+    assert calls == ["a", "b", "b"]
+    assert "[1/3] a: done already" in lines[0] and not any("skipped" in line for line in lines[1:])
+
+    # A lost output is made again; its dependants follow.
+    (tmp_path / "a.txt").unlink()
+    run_stages(_stages(tmp_path, calls, embeddings, key_b="b2"), out, echo=lines.append)
+    assert calls == ["a", "b", "b", "a", "b"]
+
+
+def test_a_failing_stage_stops_with_its_log_and_leaves_no_marker(tmp_path):
+    out = tmp_path / "demo"
+    bad = Stage(
+        "bad",
+        "fails",
+        [tmp_path / "never"],
+        argv=["evaluate", "retrieval", "--embeddings", str(tmp_path / "no.h5")],
+    )
+    with pytest.raises(StageFailed, match="bad.log"):
+        run_stages([bad], out, echo=lambda _: None)
+    assert not (out / ".stages" / "bad.json").exists()
+    assert "does not exist" in (out / "logs" / "bad.log").read_text()
+    silent = Stage("silent", "claims success", [tmp_path / "missing.txt"], func=lambda: None, key="x")
+    with pytest.raises(StageFailed, match="did not produce"):
+        run_stages([silent], out, echo=lambda _: None)
+
+
+def test_plan_wires_controls_into_the_reports(tmp_path):
+    settings = DemoSettings(n=100, spectrum_steps=3, align_steps=4)
+    names = [s.name for s in plan(tmp_path, settings)]
+    assert names[:6] == [
+        "synth",
+        "prepare",
+        "pretrain-spectrum",
+        "pretrain-align",
+        "export",
+        "export-random-init",
+    ]
+    assert "pretrain-align-shuffled" not in names
+    stages = {s.name: s for s in plan(tmp_path, DemoSettings(n=100, controls=True))}
+    assert {"shuffle-pairs", "pretrain-align-shuffled", "export-shuffled"} <= set(stages)
+    zero_shot = stages["zero-shot"].argv
+    assert f"shuffled-pairs={tmp_path / 'embeddings' / 'shuffled.h5'}" in zero_shot
+    assert "--raw-data" in zero_shot and set(stages["zero-shot"].after) >= {"export", "export-shuffled"}
+    # The shuffled model is evaluated on the true pairs, and both alignments start from one tower.
+    assert stages["export-shuffled"].argv[stages["export-shuffled"].argv.index("--data") + 1] == str(
+        tmp_path / "shards"
+    )
+    assert f"model.spectrum_init={tmp_path / 'runs' / 'spectrum'}" in stages["pretrain-align-shuffled"].argv
+
+
+def test_shuffle_pairs_permutes_spectra_of_the_training_split_only(tmp_path, tiny_shards):
+    out = tmp_path / "shuffled"
+    shuffle_pairs(tiny_shards, out, seed=3)
+    before = {key: (split, s) for split, key, s in iter_samples(tiny_shards)}
+    after = {key: (split, s) for split, key, s in iter_samples(out)}
+    assert before.keys() == after.keys()
+    moved = 0
+    train_spectra_before, train_spectra_after = [], []
+    for key, (split, old) in before.items():
+        new_split, new = after[key]
+        assert new_split == split
+        np.testing.assert_array_equal(new["image"], old["image"])
+        assert new["redshift"] == old["redshift"]
+        if split == "train":
+            moved += not np.array_equal(new["spectrum"], old["spectrum"])
+            train_spectra_before.append(old["spectrum"].tobytes())
+            train_spectra_after.append(new["spectrum"].tobytes())
+        else:
+            np.testing.assert_array_equal(new["spectrum"], old["spectrum"])
+    assert sorted(train_spectra_before) == sorted(train_spectra_after)  # a permutation
+    assert moved > 0.8 * len(train_spectra_before)
+    assert Manifest.load(out).extra["shuffled_pairs"]["fields"] == ["spectrum"]
+
+
+@pytest.mark.slow
+def test_tiny_demo_end_to_end_then_everything_is_skipped(tmp_path):
+    """The real pipeline (synth → ... → reports) at toy size, with the shuffled-pair control."""
+    from pipelines.demo import summary
+
+    settings = DemoSettings(
+        n=120,
+        spectrum_steps=2,
+        align_steps=2,
+        controls=True,
+        extra_pretrain=("data.batch_size=16", "data.num_workers=0", "train.val_every=0"),
+    )
+    out = tmp_path / "demo"
+    lines: list[str] = []
+    markers = run_stages(plan(out, settings), out, echo=lines.append, in_process=True)
+    assert len(markers) == len(plan(out, settings))
+    zero_shot = json.loads((out / "reports" / "zero-shot" / "report.json").read_text())
+    sources = {r["source"] for r in zero_shot["results"]}
+    assert sources == {"astroclip", "random-init", "shuffled-pairs", "raw input"}
+    assert {r["target"] for r in zero_shot["results"]} == {"redshift", "stellar_mass"}
+    retrieval = json.loads((out / "reports" / "retrieval" / "report.json").read_text())
+    assert {r["label"] for r in retrieval["results"]} == {"astroclip", "random-init", "shuffled-pairs"}
+    queries = json.loads((out / "search" / "query.json").read_text())
+    assert len(queries) == 3 and all(len(q["neighbours"]) == 5 for q in queries)
+    assert (out / "search" / "query.png").stat().st_size > 10_000
+    text = summary(out, markers)
+    assert "| astroclip | image | k-NN |" in text and "image → spectrum" in text
+    # A second run finds every stage done.
+    lines.clear()
+    run_stages(plan(out, settings), out, echo=lines.append, in_process=True)
+    assert all("skipped" in line for line in lines) and len(lines) == len(markers)
+
+
+def test_edited_inputs_redo_a_stage_after_removing_its_stale_results(tmp_path):
+    out = tmp_path / "demo"
+    config = tmp_path / "config.yaml"
+    config.write_text("steps: 1\n")
+    workdir = tmp_path / "run"
+    calls: list[str] = []
+
+    def train() -> None:
+        calls.append("train")
+        workdir.mkdir(exist_ok=True)
+        (workdir / f"checkpoint-{len(calls)}").write_text("x")
+        (workdir / "model.pt").write_text(config.read_text())
+
+    def stages() -> list[Stage]:
+        return [
+            Stage("train", "t", [workdir / "model.pt"], func=train, key="k", inputs=[config], clean=[workdir])
+        ]
+
+    run_stages(stages(), out, echo=lambda _: None)
+    run_stages(stages(), out, echo=lambda _: None)
+    assert calls == ["train"]
+    # An interrupted stage (no marker) keeps its work directory, to resume from it.
+    (out / ".stages" / "train.json").unlink()
+    run_stages(stages(), out, echo=lambda _: None)
+    assert sorted(p.name for p in workdir.iterdir()) == ["checkpoint-1", "checkpoint-2", "model.pt"]
+    # Editing the config (same path, same command) redoes it from a clean directory.
+    config.write_text("steps: 2\n")
+    lines: list[str] = []
+    run_stages(stages(), out, echo=lines.append)
+    assert calls == ["train"] * 3 and "removed" in "\n".join(lines)
+    assert sorted(p.name for p in workdir.iterdir()) == ["checkpoint-3", "model.pt"]

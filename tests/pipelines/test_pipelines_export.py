@@ -1,0 +1,355 @@
+"""`foundation export` and `foundation export merge` with a tiny two-tower family."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import export_test_family
+import numpy as np
+import pytest
+import torch
+
+from foundation.cli import main
+from foundation.embeddings import open_embeddings, part_path, partial_path
+from foundation.errors import DataError
+from pipelines.export import export_embeddings, load_model
+from pipelines.raw_inputs import fetch_samples
+
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def _expected(model, shards, ids):
+    """What the towers give for these ids, computed directly from the raw samples."""
+    samples = fetch_samples(shards, ids)
+    image = torch.from_numpy(np.stack([samples[i]["image"] for i in ids]))
+    spectrum = torch.from_numpy(np.stack([samples[i]["spectrum"] for i in ids]))
+    with torch.no_grad():
+        out = model(image, spectrum)
+    return {m: v.numpy() for m, v in out.items()}, samples
+
+
+def test_export_cli_writes_every_sample_once(tmp_path, tiny_shards, tiny_checkpoint, capsys):
+    ckpt, model = tiny_checkpoint
+    out = tmp_path / "emb.h5"
+    code = main(
+        [
+            "export",
+            "--checkpoint",
+            str(ckpt),
+            "--data",
+            str(tiny_shards),
+            "--out",
+            str(out),
+            "--num-workers",
+            "0",
+            "--batch-size",
+            "7",
+        ]
+    )
+    assert code == 0
+    assert "exported 120 objects (120 new, image, spectrum)" in capsys.readouterr().out
+    with open_embeddings(out) as emb:
+        ids = emb.ids.tolist()
+        assert sorted(ids) == [f"obj-{i:04d}" for i in range(120)]
+        expected, samples = _expected(model, tiny_shards, ids)
+        np.testing.assert_allclose(emb.vectors("image"), expected["image"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(emb.vectors("spectrum"), expected["spectrum"], rtol=1e-5, atol=1e-6)
+        # Targets: a scalar field and a key of the JSON metadata, named by the manifest.
+        np.testing.assert_allclose(emb.target("redshift"), [samples[i]["redshift"] for i in ids])
+        np.testing.assert_allclose(
+            emb.target("stellar_mass"), [samples[i]["meta"]["stellar_mass"] for i in ids]
+        )
+        assert set(emb.split.tolist()) == {"train", "valid", "test"}
+        attrs = emb.attrs
+        assert attrs["checkpoint"] == str(ckpt.resolve()) and attrs["family"] == "export_test_family:FAMILY"
+        assert attrs["precision"] == "fp32" and attrs["config"]["model"]["dim"] == 8
+        assert not emb.normalized("image")
+    # Re-running finds the finished file and does nothing.
+    assert main(["export", "--checkpoint", str(ckpt), "--data", str(tiny_shards), "--out", str(out)]) == 0
+    assert "complete already" in capsys.readouterr().out
+
+
+def test_interrupted_export_resumes_without_re_embedding(
+    tmp_path, tiny_shards, tiny_checkpoint, monkeypatch, caplog
+):
+    ckpt, _ = tiny_checkpoint
+    out = tmp_path / "emb.h5"
+    loaded = load_model(ckpt)
+    export_test_family.SEEN.clear()
+    monkeypatch.setattr("pipelines.export.REPORT_EVERY_S", 0.0)  # without a TTY: progress as log lines
+    with caplog.at_level("INFO", logger="pipelines.export"):
+        first = export_embeddings(
+            loaded,
+            tiny_shards,
+            out,
+            batch_size=10,
+            num_workers=0,
+            chunk_rows=10,
+            max_batches=3,
+            progress=False,
+        )
+    assert "exported 30 / 120 objects" in caplog.text
+    assert first.path == partial_path(out) and not out.exists()
+    assert first.rows == 30 and len(export_test_family.SEEN) == 30
+    done = list(export_test_family.SEEN)
+    export_test_family.SEEN.clear()
+    # Resume through the CLI, with loader workers this time.
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(ckpt),
+                "--data",
+                str(tiny_shards),
+                "--out",
+                str(out),
+                "--batch-size",
+                "10",
+                "--num-workers",
+                "1",
+            ]
+        )
+        == 0
+    )
+    # Worker processes embed nothing themselves: the model runs in this process, on new rows only.
+    assert len(export_test_family.SEEN) == 90 and not set(done) & set(export_test_family.SEEN)
+    reference = tmp_path / "ref.h5"
+    export_embeddings(load_model(ckpt), tiny_shards, reference, batch_size=10, num_workers=0)
+    with open_embeddings(out) as resumed, open_embeddings(reference) as full:
+        assert resumed.ids.tolist() == full.ids.tolist()
+        np.testing.assert_array_equal(resumed.vectors("spectrum"), full.vectors("spectrum"))
+        np.testing.assert_array_equal(resumed.target("redshift"), full.target("redshift"))
+
+
+def test_resume_with_other_weights_is_refused(tmp_path, tiny_shards, tiny_checkpoint):
+    ckpt, _ = tiny_checkpoint
+    out = tmp_path / "emb.h5"
+    export_embeddings(
+        load_model(ckpt), tiny_shards, out, batch_size=10, num_workers=0, chunk_rows=10, max_batches=1
+    )
+    other = tmp_path / "other" / "model.pt"
+    other.parent.mkdir()
+    export_test_family.write_checkpoint(other, tiny_shards, seed=1)
+    with pytest.raises(DataError, match="cannot resume"):
+        export_embeddings(load_model(other), tiny_shards, out, batch_size=10, num_workers=0)
+    # --overwrite starts again.
+    export_embeddings(load_model(other), tiny_shards, out, batch_size=10, num_workers=0, overwrite=True)
+    with open_embeddings(out) as emb:
+        assert emb.rows == 120
+
+
+def test_family_collate_modalities_normalize_and_random_init(tmp_path, tiny_shards):
+    ckpt = tmp_path / "model.pt"
+    trained = export_test_family.write_checkpoint(ckpt, tiny_shards, collate=True)
+    out = tmp_path / "spec.h5"
+    result = export_embeddings(
+        load_model(ckpt),
+        tiny_shards,
+        out,
+        modalities=["spectrum"],
+        splits=["test"],
+        normalize=True,
+        num_workers=0,
+        targets=["redshift"],
+    )
+    with open_embeddings(out) as emb:
+        assert emb.modalities == ["spectrum"] and emb.target_names == ["redshift"]
+        assert set(emb.split.tolist()) == {"test"} and emb.rows == result.rows
+        assert emb.normalized("spectrum") and emb.attrs["normalized"]
+        expected, _ = _expected(trained, tiny_shards, emb.ids.tolist())
+        unit = expected["spectrum"] / np.linalg.norm(expected["spectrum"], axis=1, keepdims=True)
+        np.testing.assert_allclose(emb.vectors("spectrum"), unit, rtol=1e-5, atol=1e-6)
+    with pytest.raises(Exception, match="no modality"):
+        export_embeddings(load_model(ckpt), tiny_shards, tmp_path / "x.h5", modalities=["sed"], num_workers=0)
+    with pytest.raises(DataError, match="no split 'dev'"):
+        export_embeddings(load_model(ckpt), tiny_shards, tmp_path / "y.h5", splits=["dev"], num_workers=0)
+    random_out = tmp_path / "random.h5"
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(ckpt),
+                "--data",
+                str(tiny_shards),
+                "--out",
+                str(random_out),
+                "--random-init",
+                "--seed",
+                "5",
+                "--splits",
+                "test",
+                "--num-workers",
+                "0",
+            ]
+        )
+        == 0
+    )
+    # Config overrides change the fresh architecture (and only apply to --random-init).
+    wide = load_model(ckpt, random_init=True, overrides=["model.dim=5"])
+    assert wide.model.image.out_features == 5 and "model.dim=5" in wide.source
+    with pytest.raises(Exception, match="only applies with --random-init"):
+        load_model(ckpt, overrides=["model.dim=5"])
+    with open_embeddings(random_out) as rnd, open_embeddings(out) as trained_emb:
+        assert rnd.attrs["checkpoint"].startswith("random-init:")
+        assert rnd.ids.tolist() == trained_emb.ids.tolist()
+        assert not np.allclose(rnd.vectors("spectrum"), trained_emb.vectors("spectrum"), atol=1e-2)
+
+
+def test_parts_then_merge_cover_every_sample(tmp_path, tiny_shards, tiny_checkpoint, capsys):
+    ckpt, _ = tiny_checkpoint
+    out = tmp_path / "emb.h5"
+    for part in range(3):
+        assert (
+            main(
+                [
+                    "export",
+                    "--checkpoint",
+                    str(ckpt),
+                    "--data",
+                    str(tiny_shards),
+                    "--out",
+                    str(out),
+                    "--part",
+                    str(part),
+                    "--parts",
+                    "3",
+                    "--num-workers",
+                    "0",
+                ]
+            )
+            == 0
+        )
+    assert not out.exists() and part_path(out, 2, 3).exists()
+    sizes = []
+    for part in range(3):
+        with open_embeddings(part_path(out, part, 3)) as emb:
+            sizes.append(emb.rows)
+    assert sum(sizes) == 120 and min(sizes) > 0
+    assert main(["export", "merge", "--out", str(out), "--parts-expected", "3", "--delete-parts"]) == 0
+    assert "merged 3 parts" in capsys.readouterr().out
+    assert not part_path(out, 0, 3).exists()
+    reference = tmp_path / "ref.h5"
+    export_embeddings(load_model(ckpt), tiny_shards, reference, num_workers=0)
+    with open_embeddings(out) as merged, open_embeddings(reference) as full:
+        order = np.argsort(merged.ids.astype(str))
+        ref_order = np.argsort(full.ids.astype(str))
+        assert merged.ids[order].tolist() == full.ids[ref_order].tolist()
+        np.testing.assert_allclose(
+            merged.vectors("image")[order], full.vectors("image")[ref_order], atol=1e-6
+        )
+    assert main(["export", "merge", "--out", str(tmp_path / "none.h5")]) == 2
+    assert "no finished part files" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_write_parts_and_merge(tmp_path, tiny_shards, tiny_checkpoint):
+    ckpt, _ = tiny_checkpoint
+    out = tmp_path / "emb.h5"
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]),
+        OMP_NUM_THREADS="1",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "foundation.cli",
+        "export",
+        "--checkpoint",
+        str(ckpt),
+        "--data",
+        str(tiny_shards),
+        "--out",
+        str(out),
+        "--num-workers",
+        "0",
+        "--device",
+        "cpu",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "merged 2 parts" in proc.stdout
+    with open_embeddings(out) as emb:
+        assert sorted(emb.ids.tolist()) == [f"obj-{i:04d}" for i in range(120)]
+        assert emb.attrs["merged_from"] == [part_path(out, r, 2).name for r in range(2)]
+
+
+def test_gpu_paths_degrade_to_cpu_fp32():
+    from foundation.errors import ConfigError
+    from pipelines.export import autocast_for, choose_device
+
+    cpu = choose_device("auto") if not torch.cuda.is_available() else torch.device("cpu")
+    assert cpu.type == "cpu" or torch.cuda.is_available()
+    _, precision = autocast_for(torch.device("cpu"), "bf16")
+    assert precision == "fp32"  # bf16 autocast is a GPU path; CPU exports stay fp32
+    assert autocast_for(torch.device("cpu"), "auto")[1] == "fp32"
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            choose_device("cuda")
+    with pytest.raises(ConfigError, match="--precision"):
+        autocast_for(torch.device("cpu"), "fp8")
+
+
+def test_query_plot_draws_inputs_from_the_shards(tmp_path, tiny_shards, tiny_checkpoint, capsys):
+    ckpt, _ = tiny_checkpoint
+    emb = tmp_path / "emb.h5"
+    export_embeddings(load_model(ckpt), tiny_shards, emb, num_workers=0)
+    assert (
+        main(
+            [
+                "search",
+                "build",
+                "--embeddings",
+                str(emb),
+                "--modality",
+                "spectrum",
+                "--out",
+                str(tmp_path / "idx"),
+            ]
+        )
+        == 0
+    )
+    png = tmp_path / "q.png"
+    code = main(
+        [
+            "search",
+            "query",
+            "--index",
+            str(tmp_path / "idx"),
+            "--query-modality",
+            "image",
+            "--id",
+            "obj-0001",
+            "--id",
+            "obj-0002",
+            "--k",
+            "3",
+            "--plot",
+            str(png),
+            "--save",
+            str(tmp_path / "q.json"),
+        ]
+    )
+    assert code == 0 and png.stat().st_size > 10_000
+    assert "plot ->" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "q.json").read_text())
+    assert [r["query"] for r in saved] == ["obj-0001", "obj-0002"]

@@ -1,0 +1,170 @@
+"""`foundation search build|query`: exact vs approximate agreement, CLI output, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from foundation.cli import main
+from foundation.errors import DataError
+from pipelines.search import VectorIndex, build_from_file, query
+
+
+def _clustered(n: int, dim: int, seed: int = 0) -> np.ndarray:
+    """Vectors around 50 centres: the structure real embeddings have, where ANN indexes work."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(50, dim))
+    return (centres[rng.integers(0, 50, n)] + 0.3 * rng.normal(size=(n, dim))).astype(np.float32)
+
+
+def _recall(exact_rows: np.ndarray, approx_rows: np.ndarray) -> float:
+    pairs = zip(exact_rows, approx_rows, strict=True)
+    return float(np.mean([len(set(a) & set(b)) / len(a) for a, b in pairs]))
+
+
+@pytest.mark.parametrize("kind, params", [("hnsw", {}), ("ivf", {"nlist": 32, "nprobe": 16})])
+def test_approximate_indexes_agree_with_exact(kind, params):
+    base = _clustered(3000, 32)
+    queries = _clustered(200, 32, seed=1)
+    exact = VectorIndex.build(base, kind="flat")
+    approx = VectorIndex.build(base, kind=kind, params=params)
+    exact_sims, exact_rows = exact.search(queries, 10)
+    approx_sims, approx_rows = approx.search(queries, 10)
+    assert _recall(exact_rows, approx_rows) >= 0.9
+    # Where they agree on a row they agree on its similarity (both are cosine).
+    np.testing.assert_allclose(
+        exact_sims[:, 0][exact_rows[:, 0] == approx_rows[:, 0]],
+        approx_sims[:, 0][exact_rows[:, 0] == approx_rows[:, 0]],
+        rtol=1e-5,
+    )
+    # And exact search is exact: brute force cosine.
+    if kind == "ivf":  # probing every list is exhaustive: identical neighbours
+        approx.set_search_params(nprobe=32)
+        np.testing.assert_array_equal(np.sort(approx.search(queries, 10)[1]), np.sort(exact_rows))
+    unit = base / np.linalg.norm(base, axis=1, keepdims=True)
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    np.testing.assert_array_equal(exact_rows[:, 0], np.argmax(q @ unit.T, axis=1))
+
+
+def test_auto_kind_by_size_and_parameters_recorded(tmp_path):
+    small = VectorIndex.build(_clustered(500, 8), kind="auto", exact_max=1000)
+    assert small.meta.kind == "flat"
+    big = VectorIndex.build(_clustered(1500, 8), kind="auto", exact_max=1000)
+    assert big.meta.kind == "hnsw" and big.meta.params["M"] == 32
+    big.save(tmp_path / "idx")
+    meta = json.loads((tmp_path / "idx" / "index.json").read_text())
+    assert meta["kind"] == "hnsw" and meta["params"]["efSearch"] == 128 and meta["n"] == 1500
+    loaded = VectorIndex.load(tmp_path / "idx")
+    q = _clustered(5, 8, seed=3)
+    np.testing.assert_array_equal(loaded.search(q, 5)[1], big.search(q, 5)[1])
+
+
+def test_cli_build_and_query(tmp_path, make_embeddings, capsys):
+    path, data = make_embeddings(n=200, dim=16, noise=0.01)
+    assert (
+        main(
+            [
+                "search",
+                "build",
+                "--embeddings",
+                str(path),
+                "--modality",
+                "spectrum",
+                "--out",
+                str(tmp_path / "idx"),
+            ]
+        )
+        == 0
+    )
+    assert "flat index over 200 spectrum vectors" in capsys.readouterr().out
+    assert (
+        main(
+            [
+                "search",
+                "build",
+                "--embeddings",
+                str(path),
+                "--modality",
+                "spectrum",
+                "--out",
+                str(tmp_path / "idx"),
+            ]
+        )
+        == 2
+    )
+    assert "--overwrite" in capsys.readouterr().err
+    code = main(
+        [
+            "search",
+            "query",
+            "--index",
+            str(tmp_path / "idx"),
+            "--query-modality",
+            "image",
+            "--id",
+            "gal-00003",
+            "--id",
+            "gal-00010",
+            "--k",
+            "5",
+            "--json",
+        ]
+    )
+    assert code == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["query"] for r in results] == ["gal-00003", "gal-00010"]
+    for res in results:
+        assert len(res["neighbours"]) == 5
+        sims = [nb["similarity"] for nb in res["neighbours"]]
+        assert sims == sorted(sims, reverse=True)
+        assert set(res["neighbours"][0]["targets"]) == {"redshift", "stellar_mass"}
+        # Nearly noiseless modalities: the object's own spectrum is among the closest.
+        assert any(nb["match"] for nb in res["neighbours"])
+    ids_file = tmp_path / "ids.txt"
+    ids_file.write_text("# queries\ngal-00003\n")
+    assert (
+        main(
+            [
+                "search",
+                "query",
+                "--index",
+                str(tmp_path / "idx"),
+                "--query-modality",
+                "image",
+                "--ids-file",
+                str(ids_file),
+                "--k",
+                "3",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert out.startswith("query gal-00003 (image -> spectrum)") and "similarity" in out
+
+
+def test_same_modality_query_excludes_the_object_itself(make_embeddings, tmp_path):
+    path, _ = make_embeddings(n=100, dim=8)
+    build_from_file(path, "spectrum", tmp_path / "idx")
+    res = query(tmp_path / "idx", ["gal-00001"], query_modality="spectrum", k=4)[0]
+    assert "gal-00001" not in [nb["id"] for nb in res["neighbours"]] and len(res["neighbours"]) == 4
+    res = query(tmp_path / "idx", ["gal-00001"], query_modality="spectrum", k=4, exclude_self=False)[0]
+    assert res["neighbours"][0]["id"] == "gal-00001"
+    assert res["neighbours"][0]["similarity"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_query_errors_are_clear(make_embeddings, tmp_path):
+    path, _ = make_embeddings(n=50, dim=8)
+    other, _ = make_embeddings("other.h5", n=60, dim=8)
+    build_from_file(path, "spectrum", tmp_path / "idx")
+    with pytest.raises(DataError, match="not in"):
+        query(tmp_path / "idx", ["nope"], query_modality="image")
+    with pytest.raises(DataError, match="not the embeddings file the index"):
+        query(tmp_path / "idx", ["gal-00001"], query_modality="image", embeddings_path=other)
+    with pytest.raises(DataError, match="not a search index"):
+        VectorIndex.load(tmp_path)
+    (tmp_path / "idx" / "index.faiss").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="not a readable faiss index"):
+        VectorIndex.load(tmp_path / "idx")
