@@ -1,0 +1,864 @@
+"""Native AstroCLIP inputs: Multimodal Universe HDF5 trees and FITS cutouts / spectrum tables.
+
+Multimodal Universe (MMU) layout: `<root>/<dataset>/<config>/healpix=<i>/001-of-001.hdf5`
+(HEALPix nside 16, nested), flat HDF5 files with one row-aligned dataset per column and the
+mandatory columns `object_id`, `ra`, `dec`, `healpix`. Images (Legacy Survey): `image_array`
+(N, bands, H, W), `image_band` (band names such as DES-G), optional `image_ivar`, `image_mask`
+(or `bit_mask`), `image_psf_fwhm`, `image_scale`. Spectra (DESI): `spectrum_flux`,
+`spectrum_ivar`, `spectrum_lambda` ((N, L) or (L,)), `spectrum_mask` (True = bad),
+`spectrum_lsf_sigma`, and catalogue scalars (`Z`, `ZERR`, ...). Column names are matched without
+regard to case. MMU files carry no units: images are in nanomaggies, spectra in
+1e-17 erg s⁻¹ cm⁻² Å⁻¹ on vacuum wavelengths in Å — unless a dataset has a `unit` attribute,
+which is then honoured (converted with astropy.units).
+
+FITS: image cutouts one object per file as the Legacy Survey cutout service writes them (primary
+HDU (bands, H, W), `BANDS` or `BAND0..` keywords, `BUNIT`, position from `RA`/`DEC` or the WCS;
+optional `IVAR` and `MASK` extensions); spectra as binary tables, either one spectrum per row
+(array columns FLUX, IVAR, WAVELENGTH or LOGLAM, MASK plus RA/DEC/ID/scalar columns) or one
+spectrum per file with one row per pixel (SDSS spec-lite: COADD + SPECOBJ HDUs). Units come from
+TUNIT/BUNIT and are converted with astropy.units.
+
+Readers index positions and scalar columns of every row up front (cheap) and read pixel data
+on demand for the rows that survive cross-matching, so large trees stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+from astropy import units as u
+from astropy.io import fits
+
+from foundation.errors import DataError
+
+log = logging.getLogger(__name__)
+
+NANOMAGGY = u.def_unit("nanomaggy", 3.631e-6 * u.Jy)
+SPECTRAL_FLUX_UNIT = u.Unit(1e-17 * u.erg / u.s / u.cm**2 / u.AA)
+HEALPIX_NSIDE = 16
+
+_UNIT_ALIASES = {
+    "nanomaggy": NANOMAGGY,
+    "nanomaggies": NANOMAGGY,
+    "nmgy": NANOMAGGY,
+    "nanomaggy/pixel": NANOMAGGY,
+    "maggy": 1e9 * NANOMAGGY,
+    "maggies": 1e9 * NANOMAGGY,
+}
+ID_COLUMNS = ("object_id", "targetid", "specobjid", "objid", "id")
+RA_COLUMNS = ("ra", "target_ra", "plug_ra", "ra_obj")
+DEC_COLUMNS = ("dec", "target_dec", "plug_dec", "dec_obj")
+HDF5_SUFFIXES = (".hdf5", ".h5", ".hdf")
+FITS_SUFFIXES = (".fits", ".fit", ".fits.gz", ".fit.gz", ".fts")
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def parse_unit(text: str | None, default: u.UnitBase | None = None) -> u.UnitBase | None:
+    """An astropy unit from a FITS/HDF5 unit string, knowing survey spellings (nanomaggy, ...)."""
+    if text is None or str(text).strip() == "":
+        return default
+    text = str(text).strip()
+    if text.lower() in _UNIT_ALIASES:
+        return _UNIT_ALIASES[text.lower()]
+    try:
+        return u.Unit(text, format="fits", parse_strict="raise")
+    except ValueError:
+        try:
+            return u.Unit(text.replace("Angstrom", "AA").replace("angstrom", "AA"))
+        except ValueError:
+            return None
+
+
+def band_short_name(name: Any) -> str:
+    """'DES-G' -> 'g', b'DECam_r' -> 'r', 'z' -> 'z'."""
+    if isinstance(name, bytes):
+        name = name.decode("utf-8", "replace")
+    name = str(name).strip()
+    return re.split(r"[-_ ]", name)[-1].lower()
+
+
+def healpix_index(ra: np.ndarray, dec: np.ndarray, nside: int = HEALPIX_NSIDE) -> np.ndarray:
+    """Nested HEALPix pixel of each position (the MMU tree's `healpix=<i>` folders)."""
+    from astropy_healpix import HEALPix
+
+    return np.asarray(
+        HEALPix(nside=nside, order="nested").lonlat_to_healpix(ra * u.deg, dec * u.deg), dtype=np.int64
+    )
+
+
+def as_str_array(values: Any) -> np.ndarray:
+    out = []
+    for v in np.asarray(values).ravel():
+        out.append(v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v))
+    return np.array(out, dtype=object)
+
+
+def find_files(spec: str | os.PathLike | Sequence[str | os.PathLike], what: str) -> list[Path]:
+    """Data files named by `spec`: files, or directories searched recursively for HDF5/FITS files
+    (an MMU tree's `healpix=*/` folders included). Comma-separated strings name several."""
+    items: list[str | os.PathLike]
+    if isinstance(spec, (str, os.PathLike)):
+        items = [s for s in str(spec).split(",") if s.strip()]
+    else:
+        items = list(spec)
+    files: list[Path] = []
+    for item in items:
+        path = Path(item).expanduser()
+        if path.is_file():
+            files.append(path)
+        elif path.is_dir():
+            found = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file() and p.name.lower().endswith(HDF5_SUFFIXES + FITS_SUFFIXES)
+            )
+            if not found:
+                raise DataError(f"{what}: directory {str(path)!r} holds no .hdf5 or .fits files")
+            files.extend(found)
+        else:
+            raise DataError(f"{what}: {str(path)!r} does not exist")
+    if not files:
+        raise DataError(f"{what}: no input files given")
+    return files
+
+
+def is_hdf5(path: Path) -> bool:
+    return path.name.lower().endswith(HDF5_SUFFIXES)
+
+
+def _column(names: Iterable[str], candidates: Sequence[str]) -> str | None:
+    """The first of `candidates` present in `names`, compared without case; the stored spelling."""
+    lower = {n.lower(): n for n in names}
+    for c in candidates:
+        if c.lower() in lower:
+            return lower[c.lower()]
+    return None
+
+
+def _require(names: Iterable[str], candidates: Sequence[str], path: Path, what: str) -> str:
+    names = list(names)
+    found = _column(names, candidates)
+    if found is None:
+        raise DataError(
+            f"{path}: no {what} column (looked for {', '.join(candidates)}); it has: "
+            f"{', '.join(sorted(names)[:40])}{' ...' if len(names) > 40 else ''}"
+        )
+    return found
+
+
+def _unit_factor(
+    unit: u.UnitBase | None, target: u.UnitBase, where: str, spectral: Any = None
+) -> float | np.ndarray:
+    """Multiplier taking values in `unit` to `target` (1 if unit is None)."""
+    if unit is None:
+        return 1.0
+    try:
+        if spectral is not None:
+            return (1.0 * unit).to(target, equivalencies=u.spectral_density(spectral)).value
+        return (1.0 * unit).to(target).value
+    except u.UnitConversionError:
+        raise DataError(f"{where}: unit {unit} cannot be converted to {target}") from None
+
+
+def _hdf5_unit(dataset: h5py.Dataset) -> u.UnitBase | None:
+    for key in ("unit", "units", "UNIT", "BUNIT", "TUNIT"):
+        if key in dataset.attrs:
+            raw = dataset.attrs[key]
+            text = raw.decode() if isinstance(raw, bytes) else str(raw)
+            unit = parse_unit(text)
+            if unit is None:
+                raise DataError(f"{dataset.file.filename}:{dataset.name}: unknown unit {text!r}")
+            return unit
+    return None
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+@dataclass
+class Rows:
+    """Identity, position and scalar catalogue columns of every row of one source."""
+
+    object_id: np.ndarray  # str (object dtype)
+    ra: np.ndarray  # deg
+    dec: np.ndarray  # deg
+    file_index: np.ndarray  # which file
+    row: np.ndarray  # row within that file
+    columns: dict[str, np.ndarray] = field(default_factory=dict)  # 1-D numeric, original spelling
+
+    def __len__(self) -> int:
+        return len(self.ra)
+
+    def column(self, name: str) -> np.ndarray | None:
+        found = _column(self.columns, [name])
+        return None if found is None else self.columns[found]
+
+
+def _concat_rows(parts: list[Rows], what: str) -> Rows:
+    if not parts:
+        raise DataError(f"{what}: no rows")
+    shared = set.intersection(*[set(p.columns) for p in parts])
+    return Rows(
+        object_id=np.concatenate([p.object_id for p in parts]),
+        ra=np.concatenate([p.ra for p in parts]).astype(np.float64),
+        dec=np.concatenate([p.dec for p in parts]).astype(np.float64),
+        file_index=np.concatenate([p.file_index for p in parts]),
+        row=np.concatenate([p.row for p in parts]),
+        columns={c: np.concatenate([p.columns[c] for p in parts]) for c in sorted(shared)},
+    )
+
+
+def _scalar_columns_hdf5(f: h5py.File, n: int, skip: set[str]) -> dict[str, np.ndarray]:
+    out = {}
+    for name, obj in f.items():
+        if name in skip or not isinstance(obj, h5py.Dataset):
+            continue
+        if obj.shape == (n,) and obj.dtype.kind in "biuf":
+            out[name] = obj[()]
+    return out
+
+
+def _hdf5_rows(path: Path, index: int, what: str) -> Rows:
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise DataError(f"{what}: cannot open {path} as HDF5 ({exc})") from None
+    with f:
+        names = list(f.keys())
+        id_col = _require(names, ID_COLUMNS, path, "object id")
+        ra_col = _require(names, RA_COLUMNS, path, "right ascension (ra)")
+        dec_col = _require(names, DEC_COLUMNS, path, "declination (dec)")
+        ids = as_str_array(f[id_col][()])
+        n = len(ids)
+        ra, dec = f[ra_col][()], f[dec_col][()]
+        if ra.shape != (n,) or dec.shape != (n,):
+            raise DataError(f"{path}: columns {ra_col}/{dec_col} are not aligned with {id_col} ({n} rows)")
+        columns = _scalar_columns_hdf5(f, n, {id_col, ra_col, dec_col})
+    return Rows(ids, ra, dec, np.full(n, index), np.arange(n), columns)
+
+
+def _read_hdf5_rows(dataset: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
+    """dataset[rows] for any order of rows (h5py wants increasing, unique indices)."""
+    unique, inverse = np.unique(rows, return_inverse=True)
+    return dataset[unique.tolist()][inverse] if len(unique) else dataset[:0]
+
+
+# ----------------------------------------------------------------------------- images
+
+
+@dataclass
+class ImageBatch:
+    image: np.ndarray  # (n, B, S, S) float32 nanomaggies
+    ivar: np.ndarray  # (n, B, S, S) float32, nanomaggies^-2
+    mask: np.ndarray  # (n, B, S, S) bool, True = bad
+
+
+def centre_crop(array: np.ndarray, size: int | None) -> np.ndarray:
+    if size is None or array.shape[-1] == size and array.shape[-2] == size:
+        return array
+    h, w = array.shape[-2:]
+    if size > h or size > w:
+        raise DataError(f"cutout size {size} is larger than the stored images ({h}x{w})")
+    top, left = (h - size) // 2, (w - size) // 2
+    return array[..., top : top + size, left : left + size]
+
+
+class ImageSource:
+    """Galaxy cutouts from MMU HDF5 files and/or FITS cutout files, in the requested bands."""
+
+    def __init__(self, spec: Any, bands: Sequence[str], cutout: int | None = None):
+        self.files = find_files(spec, "--images")
+        self.bands = [b.lower() for b in bands]
+        if not self.bands:
+            raise DataError("--bands: give at least one band, e.g. g,r,z")
+        self.cutout = cutout
+        self._band_index: list[list[int]] = []
+        self._units: list[float] = []
+        self._sizes: list[tuple[int, int]] = []
+        parts = []
+        for i, path in enumerate(self.files):
+            if is_hdf5(path):
+                parts.append(self._index_hdf5(path, i))
+            else:
+                parts.append(self._index_fits(path, i))
+        self.rows = _concat_rows(parts, "--images")
+        if cutout is None and len(set(self._sizes)) > 1:
+            raise DataError(
+                f"--images: cutouts have different sizes ({sorted(set(self._sizes))}); pass --cutout N to "
+                "centre-crop them all to N x N"
+            )
+        smallest = min(min(s) for s in self._sizes)
+        if cutout is not None and cutout > smallest:
+            raise DataError(
+                f"--cutout {cutout} is larger than the smallest stored cutout ({smallest} pixels)"
+            )
+        self.size = cutout if cutout is not None else self._sizes[0][0]
+
+    def _match_bands(self, names: Sequence[Any], path: Path) -> list[int]:
+        names = list(as_str_array(names))
+        short = [band_short_name(n) for n in names]
+        missing = [b for b in self.bands if b not in short]
+        if missing:
+            raise DataError(
+                f"{path}: band(s) {', '.join(missing)} requested (--bands) but the file has "
+                f"{', '.join(str(n) for n in names)}; choose --bands from those"
+            )
+        return [short.index(b) for b in self.bands]
+
+    def _index_hdf5(self, path: Path, index: int) -> Rows:
+        rows = _hdf5_rows(path, index, "--images")
+        with h5py.File(path, "r") as f:
+            names = list(f.keys())
+            arr = _require(names, ("image_array",), path, "image (image_array)")
+            band = _require(names, ("image_band",), path, "band names (image_band)")
+            shape = f[arr].shape
+            if len(shape) != 4 or shape[0] != len(rows):
+                raise DataError(f"{path}: {arr} must be (rows, bands, height, width); got shape {shape}")
+            bands = np.asarray(f[band][()])
+            if bands.ndim == 2:
+                if not (bands == bands[:1]).all():
+                    raise DataError(f"{path}: rows list their bands in different orders ({band})")
+                bands = bands[0]
+            if len(bands) != shape[1]:
+                raise DataError(f"{path}: {band} names {len(bands)} bands but {arr} has {shape[1]}")
+            self._band_index.append(self._match_bands(list(bands), path))
+            self._units.append(_unit_factor(_hdf5_unit(f[arr]), NANOMAGGY, f"{path}:{arr}"))
+            self._sizes.append((shape[2], shape[3]))
+        return rows
+
+    def _index_fits(self, path: Path, index: int) -> Rows:
+        try:
+            with fits.open(path, memmap=False) as hdul:
+                hdu = next((h for h in hdul if h.is_image and h.data is not None), None)
+                if hdu is None:
+                    raise DataError(f"{path}: no image HDU with data")
+                header = hdu.header
+                data = hdu.data
+                if data.ndim == 2:
+                    data = data[None]
+                if data.ndim != 3:
+                    raise DataError(
+                        f"{path}: image must be (bands, height, width); got shape {hdu.data.shape}"
+                    )
+                names = _fits_band_names(header, data.shape[0], path)
+                ra, dec = _fits_position(header, data.shape, path)
+                object_id = str(header.get("OBJID", header.get("OBJECT", path.name.split(".")[0])))
+                bunit = header.get("BUNIT")
+                unit = parse_unit(bunit, NANOMAGGY)
+                if unit is None:
+                    raise DataError(f"{path}: unknown BUNIT {bunit!r}")
+        except OSError as exc:
+            raise DataError(f"--images: cannot read FITS file {path} ({exc})") from None
+        self._band_index.append(self._match_bands(names, path))
+        self._units.append(_unit_factor(unit, NANOMAGGY, f"{path} BUNIT"))
+        self._sizes.append(tuple(data.shape[1:]))
+        return Rows(
+            np.array([object_id], dtype=object),
+            np.array([ra]),
+            np.array([dec]),
+            np.array([index]),
+            np.array([0]),
+        )
+
+    def read(self, indices: np.ndarray) -> ImageBatch:
+        """Images of the given rows (of `self.rows`), bands in the requested order."""
+        indices = np.asarray(indices)
+        n, b, s = len(indices), len(self.bands), self.size
+        out = ImageBatch(
+            np.empty((n, b, s, s), np.float32),
+            np.empty((n, b, s, s), np.float32),
+            np.empty((n, b, s, s), bool),
+        )
+        files = self.rows.file_index[indices]
+        for fi in np.unique(files):
+            pos = np.flatnonzero(files == fi)
+            rows = self.rows.row[indices[pos]]
+            path = self.files[fi]
+            if is_hdf5(path):
+                image, ivar, mask = self._read_hdf5(path, rows)
+            else:
+                image, ivar, mask = self._read_fits(path)
+            select = self._band_index[fi]
+            factor = self._units[fi]
+            image = centre_crop(image[:, select], self.cutout) * factor
+            ivar = centre_crop(ivar[:, select], self.cutout) / factor**2
+            mask = centre_crop(mask[:, select], self.cutout) | ~np.isfinite(image) | ~(ivar > 0)
+            out.image[pos] = np.where(mask, 0.0, image)
+            out.ivar[pos] = np.where(mask, 0.0, ivar)
+            out.mask[pos] = mask
+        return out
+
+    def _read_hdf5(self, path: Path, rows: np.ndarray):
+        with h5py.File(path, "r") as f:
+            names = list(f.keys())
+            image = _read_hdf5_rows(f[_column(names, ["image_array"])], rows).astype(np.float32)
+            ivar_col = _column(names, ["image_ivar"])
+            mask_col = _column(names, ["image_mask", "bit_mask"])
+            ivar = (
+                _read_hdf5_rows(f[ivar_col], rows).astype(np.float32) if ivar_col else _ivar_from_sky(image)
+            )
+            if mask_col:
+                mask = _read_hdf5_rows(f[mask_col], rows)
+                mask = np.broadcast_to(mask[:, None] if mask.ndim == 3 else mask, image.shape) != 0
+            else:
+                mask = np.zeros(image.shape, bool)
+        return image, ivar, mask
+
+    def _read_fits(self, path: Path):
+        with fits.open(path, memmap=False) as hdul:
+            hdu = next(h for h in hdul if h.is_image and h.data is not None)
+            image = np.asarray(hdu.data, dtype=np.float32)
+            image = image[None] if image.ndim == 2 else image
+            ivar = _fits_extension(hdul, "IVAR", image.shape)
+            mask = _fits_extension(hdul, "MASK", image.shape)
+        ivar = ivar.astype(np.float32) if ivar is not None else _ivar_from_sky(image[None])[0]
+        mask = mask != 0 if mask is not None else np.zeros(image.shape, bool)
+        return image[None], ivar[None], mask[None]
+
+
+def _fits_extension(hdul: fits.HDUList, name: str, shape: tuple[int, ...]) -> np.ndarray | None:
+    if name not in hdul:
+        return None
+    data = np.asarray(hdul[name].data)
+    data = data[None] if data.ndim == 2 else data
+    if data.shape != shape:
+        raise DataError(f"{hdul.filename()}: extension {name} has shape {data.shape}, the image {shape}")
+    return data
+
+
+def _ivar_from_sky(image: np.ndarray) -> np.ndarray:
+    """Without an ivar map: a constant per band from the robust scatter of the cutout's border."""
+    border = np.concatenate(
+        [image[..., :4, :].reshape(*image.shape[:2], -1), image[..., -4:, :].reshape(*image.shape[:2], -1)],
+        axis=-1,
+    )
+    mad = np.median(np.abs(border - np.median(border, axis=-1, keepdims=True)), axis=-1) * 1.4826
+    return np.broadcast_to((1.0 / np.maximum(mad, 1e-12) ** 2)[..., None, None], image.shape).astype(
+        np.float32
+    )
+
+
+def _fits_band_names(header: fits.Header, count: int, path: Path) -> list[str]:
+    if all(f"BAND{i}" in header for i in range(count)):
+        return [str(header[f"BAND{i}"]) for i in range(count)]
+    if "BANDS" in header:
+        raw = str(header["BANDS"]).strip()
+        names = [b for b in re.split(r"[,\s]+", raw) if b] if ("," in raw or " " in raw) else list(raw)
+        if len(names) == count:
+            return names
+    if count == 1 and "FILTER" in header:
+        return [str(header["FILTER"])]
+    raise DataError(
+        f"{path}: cannot tell which band each of the {count} image planes is: add BAND0..BAND{count - 1} "
+        "or BANDS (e.g. 'grz') to the header"
+    )
+
+
+def _fits_position(header: fits.Header, shape: tuple[int, ...], path: Path) -> tuple[float, float]:
+    if "RA" in header and "DEC" in header:
+        return float(header["RA"]), float(header["DEC"])
+    if "CRVAL1" in header and "CRVAL2" in header:
+        from astropy.wcs import WCS
+
+        wcs = WCS(header, naxis=2)
+        ra, dec = wcs.wcs_pix2world([[(shape[-1] - 1) / 2.0, (shape[-2] - 1) / 2.0]], 0)[0]
+        return float(ra), float(dec)
+    raise DataError(f"{path}: no sky position (RA/DEC keywords or a celestial WCS) in the header")
+
+
+# ----------------------------------------------------------------------------- spectra
+
+
+@dataclass
+class SpectrumBatch:
+    flux: np.ndarray  # (n, L) float32, 1e-17 erg/s/cm²/Å
+    ivar: np.ndarray  # (n, L) float32
+    mask: np.ndarray  # (n, L) bool, True = bad
+    wavelength: np.ndarray  # (n, L) float64, Å
+
+
+FLUX_COLUMNS = ("spectrum_flux", "flux")
+IVAR_COLUMNS = ("spectrum_ivar", "ivar")
+MASK_COLUMNS = ("spectrum_mask", "mask", "and_mask")
+WAVE_COLUMNS = ("spectrum_lambda", "wavelength", "lambda", "wave")
+
+
+class SpectrumSource:
+    """Spectra from MMU HDF5 files and/or FITS tables, with catalogue scalars of each row."""
+
+    def __init__(self, spec: Any):
+        self.files = find_files(spec, "--spectra")
+        self._layouts: list[dict[str, Any]] = []
+        parts = []
+        for i, path in enumerate(self.files):
+            parts.append(self._index_hdf5(path, i) if is_hdf5(path) else self._index_fits(path, i))
+        self.rows = _concat_rows(parts, "--spectra")
+
+    def _index_hdf5(self, path: Path, index: int) -> Rows:
+        rows = _hdf5_rows(path, index, "--spectra")
+        with h5py.File(path, "r") as f:
+            names = list(f.keys())
+            flux = _require(names, FLUX_COLUMNS, path, "spectrum flux (spectrum_flux)")
+            wave = _require(names, WAVE_COLUMNS, path, "wavelength (spectrum_lambda)")
+            if f[flux].ndim != 2 or f[flux].shape[0] != len(rows):
+                raise DataError(f"{path}: {flux} must be (rows, pixels); got shape {f[flux].shape}")
+            if f[wave].shape not in (f[flux].shape, f[flux].shape[1:]):
+                raise DataError(f"{path}: {wave} has shape {f[wave].shape}, the fluxes {f[flux].shape}")
+            flux_unit = _hdf5_unit(f[flux])
+            wave_unit = _hdf5_unit(f[wave])
+            self._layouts.append(
+                {
+                    "kind": "hdf5",
+                    "flux": flux,
+                    "wave": wave,
+                    "ivar": _column(names, IVAR_COLUMNS),
+                    "mask": _column(names, MASK_COLUMNS),
+                    "flux_unit": flux_unit,
+                    "wave_factor": _unit_factor(wave_unit, u.AA, f"{path}:{wave}"),
+                }
+            )
+        return rows
+
+    def _index_fits(self, path: Path, index: int) -> Rows:
+        from astropy.table import Table
+
+        try:
+            with fits.open(path, memmap=False) as hdul:
+                tables = [h for h in hdul if isinstance(h, fits.BinTableHDU)]
+                if not tables:
+                    raise DataError(f"{path}: no binary table HDU (spectra FITS files are tables)")
+                flux_hdu = next((h for h in tables if _column(h.columns.names, FLUX_COLUMNS)), None)
+                if flux_hdu is None:
+                    raise DataError(
+                        f"{path}: no table has a flux column (looked for {', '.join(FLUX_COLUMNS)})"
+                    )
+                table = Table.read(flux_hdu)
+                names = table.colnames
+                flux = _require(names, FLUX_COLUMNS, path, "flux")
+                per_pixel_rows = table[flux].ndim == 1
+                wave = _column(names, WAVE_COLUMNS)
+                loglam = _column(names, ("loglam",))
+                if wave is None and loglam is None:
+                    raise DataError(f"{path}: no wavelength column (WAVELENGTH, LAMBDA, WAVE or LOGLAM)")
+                layout = {
+                    "kind": "fits",
+                    "hdu": flux_hdu.name if flux_hdu.name else tables.index(flux_hdu) + 1,
+                    "flux": flux,
+                    "wave": wave,
+                    "loglam": loglam if wave is None else None,
+                    "ivar": _column(names, IVAR_COLUMNS),
+                    "mask": _column(names, MASK_COLUMNS),
+                    "per_pixel_rows": per_pixel_rows,
+                    "flux_unit": table[flux].unit,
+                    "ivar_unit": table[_column(names, IVAR_COLUMNS)].unit
+                    if _column(names, IVAR_COLUMNS)
+                    else None,
+                    "wave_factor": 1.0
+                    if wave is None
+                    else _unit_factor(table[wave].unit, u.AA, f"{path}:{wave}"),
+                }
+                if per_pixel_rows:
+                    meta = _fits_single_object(hdul, path)
+                    rows = Rows(
+                        np.array([meta["id"]], dtype=object),
+                        np.array([meta["ra"]]),
+                        np.array([meta["dec"]]),
+                        np.array([index]),
+                        np.array([0]),
+                        {k: np.array([v]) for k, v in meta["columns"].items()},
+                    )
+                else:
+                    id_col = _require(names, ID_COLUMNS, path, "object id")
+                    ra_col = _require(names, RA_COLUMNS, path, "right ascension")
+                    dec_col = _require(names, DEC_COLUMNS, path, "declination")
+                    n = len(table)
+                    columns = {
+                        c: np.asarray(table[c])
+                        for c in names
+                        if c not in (id_col, ra_col, dec_col)
+                        and table[c].ndim == 1
+                        and table[c].dtype.kind in "biuf"
+                    }
+                    rows = Rows(
+                        as_str_array(table[id_col]),
+                        np.asarray(table[ra_col], float),
+                        np.asarray(table[dec_col], float),
+                        np.full(n, index),
+                        np.arange(n),
+                        columns,
+                    )
+        except OSError as exc:
+            raise DataError(f"--spectra: cannot read FITS file {path} ({exc})") from None
+        self._layouts.append(layout)
+        return rows
+
+    def read(self, indices: np.ndarray) -> list[tuple[np.ndarray, SpectrumBatch]]:
+        """Spectra of the given rows: (positions within `indices`, batch) for each file read."""
+        indices = np.asarray(indices)
+        files = self.rows.file_index[indices]
+        out: list[tuple[np.ndarray, SpectrumBatch]] = []
+        for fi in np.unique(files):
+            pos = np.flatnonzero(files == fi)
+            rows = self.rows.row[indices[pos]]
+            layout = self._layouts[fi]
+            path = self.files[fi]
+            batch = (
+                self._read_hdf5(path, rows, layout)
+                if layout["kind"] == "hdf5"
+                else self._read_fits(path, rows, layout)
+            )
+            out.append((pos, batch))
+        return out
+
+    def _read_hdf5(self, path: Path, rows: np.ndarray, layout: dict[str, Any]) -> SpectrumBatch:
+        with h5py.File(path, "r") as f:
+            flux = _read_hdf5_rows(f[layout["flux"]], rows).astype(np.float64)
+            wave_ds = f[layout["wave"]]
+            wave = wave_ds[()] if wave_ds.ndim == 1 else _read_hdf5_rows(wave_ds, rows)
+            wave = np.broadcast_to(np.asarray(wave, np.float64) * layout["wave_factor"], flux.shape)
+            ivar = (
+                _read_hdf5_rows(f[layout["ivar"]], rows).astype(np.float64)
+                if layout["ivar"]
+                else np.ones_like(flux)
+            )
+            mask = (
+                _read_hdf5_rows(f[layout["mask"]], rows) != 0
+                if layout["mask"]
+                else np.zeros(flux.shape, bool)
+            )
+        return _to_standard_units(
+            flux, ivar, mask, wave, layout["flux_unit"], None, f"{path}:{layout['flux']}"
+        )
+
+    def _read_fits(self, path: Path, rows: np.ndarray, layout: dict[str, Any]) -> SpectrumBatch:
+        from astropy.table import Table
+
+        table = Table.read(path, hdu=layout["hdu"])
+        if layout["per_pixel_rows"]:
+            pick = lambda col: np.asarray(table[col], np.float64)[None]  # noqa: E731
+        else:
+            pick = lambda col: np.asarray(table[col], np.float64)[rows]  # noqa: E731
+        flux = pick(layout["flux"])
+        wave = (
+            10.0 ** pick(layout["loglam"])
+            if layout["loglam"]
+            else pick(layout["wave"]) * layout["wave_factor"]
+        )
+        ivar = pick(layout["ivar"]) if layout["ivar"] else np.ones_like(flux)
+        mask = pick(layout["mask"]) != 0 if layout["mask"] else np.zeros(flux.shape, bool)
+        flux_unit = layout["flux_unit"]
+        if flux_unit is None:
+            log.debug("%s: flux has no unit; assuming 1e-17 erg/s/cm2/Angstrom", path)
+        return _to_standard_units(
+            flux, ivar, mask, wave, flux_unit, layout["ivar_unit"], f"{path}:{layout['flux']}"
+        )
+
+
+def _to_standard_units(
+    flux: np.ndarray,
+    ivar: np.ndarray,
+    mask: np.ndarray,
+    wave: np.ndarray,
+    flux_unit: Any,
+    ivar_unit: Any,
+    where: str,
+) -> SpectrumBatch:
+    if flux_unit is not None and flux_unit != SPECTRAL_FLUX_UNIT:
+        factor = _unit_factor(u.Unit(flux_unit), SPECTRAL_FLUX_UNIT, where, spectral=wave * u.AA)
+        flux = flux * factor
+        if ivar_unit is not None:
+            ivar = ivar * _unit_factor(
+                u.Unit(ivar_unit), SPECTRAL_FLUX_UNIT**-2, where + " ivar", spectral=None
+            )
+        else:
+            ivar = ivar / np.square(factor)
+    if np.any(np.diff(wave, axis=-1) <= 0):
+        raise DataError(f"{where}: wavelengths are not strictly increasing")
+    mask = mask | ~(ivar > 0) | ~np.isfinite(flux) | ~np.isfinite(ivar)
+    return SpectrumBatch(flux.astype(np.float32), np.where(mask, 0, ivar).astype(np.float32), mask, wave)
+
+
+def _fits_single_object(hdul: fits.HDUList, path: Path) -> dict[str, Any]:
+    """Identity, position and scalars of a one-spectrum-per-file FITS (SDSS spec-lite layout)."""
+    for hdu in hdul:
+        if isinstance(hdu, fits.BinTableHDU) and len(hdu.data) == 1:
+            names = hdu.columns.names
+            ra, dec = _column(names, RA_COLUMNS), _column(names, DEC_COLUMNS)
+            if ra and dec:
+                row = hdu.data[0]
+                id_col = _column(names, ID_COLUMNS)
+                columns = {
+                    n: float(row[n])
+                    for n in names
+                    if n not in (ra, dec, id_col)
+                    and np.ndim(row[n]) == 0
+                    and np.asarray(row[n]).dtype.kind in "biuf"
+                }
+                return {
+                    "id": str(row[id_col]) if id_col else path.name.split(".")[0],
+                    "ra": float(row[ra]),
+                    "dec": float(row[dec]),
+                    "columns": columns,
+                }
+    header = hdul[0].header
+    ra, dec = _column(header.keys(), RA_COLUMNS), _column(header.keys(), DEC_COLUMNS)
+    if ra and dec:
+        return {
+            "id": str(header.get("OBJID", path.name.split(".")[0])),
+            "ra": float(header[ra]),
+            "dec": float(header[dec]),
+            "columns": {},
+        }
+    raise DataError(f"{path}: no sky position for the spectrum (RA/DEC in a one-row table or the header)")
+
+
+# ----------------------------------------------------------------------------- catalogues
+
+
+class CatalogSource:
+    """Rows of a catalogue of targets (MMU HDF5 tree or FITS tables): ids, positions, scalars."""
+
+    def __init__(self, spec: Any):
+        from astropy.table import Table
+
+        self.files = find_files(spec, "--catalog")
+        parts = []
+        for i, path in enumerate(self.files):
+            if is_hdf5(path):
+                parts.append(_hdf5_rows(path, i, "--catalog"))
+                continue
+            try:
+                table = Table.read(path)
+            except (OSError, ValueError) as exc:
+                raise DataError(f"--catalog: cannot read {path} as a FITS table ({exc})") from None
+            names = table.colnames
+            id_col = _column(names, ID_COLUMNS)
+            ra_col = _require(names, RA_COLUMNS, path, "right ascension")
+            dec_col = _require(names, DEC_COLUMNS, path, "declination")
+            n = len(table)
+            ids = (
+                as_str_array(table[id_col])
+                if id_col
+                else np.array([f"{path.stem}-{k}" for k in range(n)], object)
+            )
+            columns = {
+                c: np.asarray(table[c])
+                for c in names
+                if c not in (id_col, ra_col, dec_col) and table[c].ndim == 1 and table[c].dtype.kind in "biuf"
+            }
+            parts.append(
+                Rows(
+                    ids,
+                    np.asarray(table[ra_col], float),
+                    np.asarray(table[dec_col], float),
+                    np.full(n, i),
+                    np.arange(n),
+                    columns,
+                )
+            )
+        self.rows = _concat_rows(parts, "--catalog")
+
+
+# ----------------------------------------------------------------------------- writers
+
+
+def write_hdf5_atomic(
+    path: str | os.PathLike,
+    columns: Mapping[str, np.ndarray],
+    attrs: Mapping[str, Any] | None = None,
+    compress: Iterable[str] = (),
+) -> None:
+    """One flat MMU-style HDF5 file (one dataset per column), written under a temporary name.
+
+    compress: columns stored gzip-compressed (transparent to readers; for repetitive columns).
+    """
+    compress = set(compress)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with h5py.File(tmp, "w") as f:
+            for name, values in columns.items():
+                if name in compress:
+                    f.create_dataset(name, data=values, compression="gzip", compression_opts=1, shuffle=True)
+                else:
+                    f.create_dataset(name, data=values)
+            for key, value in (attrs or {}).items():
+                f.attrs[key] = value
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def mmu_path(root: str | os.PathLike, dataset: str, config: str, healpix: int) -> Path:
+    return Path(root) / dataset / config / f"healpix={int(healpix)}" / "001-of-001.hdf5"
+
+
+def write_fits_cutout(
+    path: str | os.PathLike,
+    image: np.ndarray,
+    ivar: np.ndarray,
+    mask: np.ndarray,
+    bands: Sequence[str],
+    ra: float,
+    dec: float,
+    object_id: str,
+    pixel_scale: float,
+    psf_fwhm: Sequence[float],
+) -> None:
+    """A Legacy-Survey-cutout-style FITS file: (bands, H, W) in nanomaggies with a TAN WCS."""
+    header = fits.Header()
+    header["BUNIT"] = "nanomaggy"
+    header["OBJID"] = str(object_id)
+    header["BANDS"] = "".join(bands)
+    for i, band in enumerate(bands):
+        header[f"BAND{i}"] = band
+        header[f"PSFFWHM{i}"] = (float(psf_fwhm[i]), "arcsec")
+    size = image.shape[-1]
+    header["CTYPE1"], header["CTYPE2"] = "RA---TAN", "DEC--TAN"
+    header["CRVAL1"], header["CRVAL2"] = float(ra), float(dec)
+    header["CRPIX1"] = header["CRPIX2"] = (size + 1) / 2.0
+    header["CD1_1"], header["CD2_2"] = -pixel_scale / 3600.0, pixel_scale / 3600.0
+    header["CD1_2"] = header["CD2_1"] = 0.0
+    hdus = fits.HDUList(
+        [
+            fits.PrimaryHDU(np.asarray(image, np.float32), header=header),
+            fits.ImageHDU(np.asarray(ivar, np.float32), name="IVAR"),
+            fits.ImageHDU(np.asarray(mask, np.uint8), name="MASK"),
+        ]
+    )
+    _write_fits_atomic(hdus, path)
+
+
+def write_fits_table(
+    path: str | os.PathLike, columns: Mapping[str, np.ndarray], units: Mapping[str, str] | None = None
+) -> None:
+    from astropy.table import Table
+
+    table = Table({k: np.asarray(v) for k, v in columns.items()})
+    for name, unit in (units or {}).items():
+        table[name].unit = unit
+    _write_fits_atomic(fits.HDUList([fits.PrimaryHDU(), fits.table_to_hdu(table)]), path)
+
+
+def _write_fits_atomic(hdus: fits.HDUList, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        hdus.writeto(tmp, overwrite=True)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -1,0 +1,271 @@
+"""The two towers: a ViT for multi-band galaxy images and SpecFormer for spectra.
+
+Both are pre-LayerNorm transformers whose attention goes through `foundation.attention`
+(SDPA on CPU, xformers on CUDA where it loads), with one fused q/k/v projection. Each tower
+standardises its input per sample and hands the statistics it removed to the network as an extra
+token, so absolute brightness is not lost: SpecFormer keeps the spectrum's mean and standard
+deviation (as in Parker et al.), the image tower the image's overall flux scale (one scale for all
+bands, so colours are kept exactly).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from foundation.attention import attention
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, width: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, w = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        y = attention(q, k, v)
+        return self.dropout(self.proj(y.transpose(1, 2).reshape(b, t, w)))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0):
+        super().__init__()
+        hidden = int(width * mlp_ratio)
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = SelfAttention(width, heads, dropout)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width), nn.Dropout(dropout)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def _init_weights(module: nn.Module, depth: int) -> None:
+    """Truncated-normal init scaled by depth (as the reference SpecFormer), zero biases."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            std = 1.0 / math.sqrt(2.0 * m.in_features * max(depth, 1))
+            nn.init.trunc_normal_(m.weight, std=std, a=-3 * std, b=3 * std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def sinusoidal(positions: torch.Tensor, width: int) -> torch.Tensor:
+    """(N,) positions → (N, width) sine/cosine features (transformer-style frequencies), scaled to
+    the standard deviation of the other embeddings' initialisation (1/sqrt(width))."""
+    half = width // 2
+    freq = torch.exp(-math.log(10_000.0) * torch.arange(half, dtype=torch.float64) / half)
+    angle = positions.double()[:, None] * freq[None, :]
+    features = torch.cat([angle.sin(), angle.cos()], dim=1)
+    if features.shape[1] < width:
+        features = torch.cat([features, torch.zeros(len(positions), width - features.shape[1])], dim=1)
+    return (features / features.std() / math.sqrt(width)).float()
+
+
+class Encoder(nn.Module):
+    """A stack of blocks and a final LayerNorm."""
+
+    def __init__(self, width: int, depth: int, heads: int, mlp_ratio: float, dropout: float):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, dropout) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+        _init_weights(self.blocks, depth)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+# ----------------------------------------------------------------------------- spectra
+
+
+def spectrum_tokens(length: int, patch: int, stride: int) -> int:
+    """Number of overlapping slices of `patch` pixels every `stride` pixels (no partial slice)."""
+    return (length - patch) // stride + 1
+
+
+class SpecFormer(nn.Module):
+    """Spectrum transformer over overlapping wavelength slices plus one statistics token.
+
+    Per spectrum, flux is standardised over its good pixels (std floored, as in the paper); bad
+    pixels become 0 and each slice also carries its bad-pixel indicator, so "masked" is not
+    confused with "flux at the mean". The statistics token embeds (asinh(mean), log std) after the
+    data set's own normalisation (`stat_shift`, `stat_scale` buffers, set from the shard manifest).
+    Token 0 is the statistics token; tokens 1..T are the slices.
+    """
+
+    def __init__(
+        self,
+        length: int,
+        patch: int,
+        stride: int,
+        width: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        std_floor: float = 0.2,
+        wavelength: tuple[float, float] | None = None,
+    ):
+        super().__init__()
+        self.length, self.patch, self.stride, self.std_floor = length, patch, stride, std_floor
+        self.tokens = spectrum_tokens(length, patch, stride)
+        if self.tokens < 1:
+            raise ValueError(f"spectra of {length} pixels are shorter than one {patch}-pixel slice")
+        self.embed = nn.Linear(2 * patch, width)
+        self.stats_embed = nn.Linear(2, width)
+        self.pos = nn.Parameter(torch.zeros(1, self.tokens + 1, width))
+        self.mask_token = nn.Parameter(torch.zeros(width))
+        self.encoder = Encoder(width, depth, heads, mlp_ratio, dropout)
+        self.register_buffer("stat_shift", torch.zeros(2))
+        self.register_buffer("stat_scale", torch.ones(2))
+        std = 1.0 / math.sqrt(width)
+        for p in (self.pos, self.mask_token):
+            nn.init.trunc_normal_(p, std=std, a=-3 * std, b=3 * std)
+        with torch.no_grad():
+            self.pos[0, 1:] = sinusoidal(self.slice_positions(wavelength), width)
+        for layer in (self.embed, self.stats_embed):
+            nn.init.trunc_normal_(layer.weight, std=std, a=-3 * std, b=3 * std)
+            nn.init.zeros_(layer.bias)
+
+    def slice_positions(self, wavelength: tuple[float, float] | None) -> torch.Tensor:
+        """Position of each slice for the initial positional embeddings: ln λ of its centre in
+        units of one stride at the blue end, so a redshift is the same shift everywhere (given
+        (first pixel, pixel width) in Å); plain slice indices without a wavelength grid."""
+        index = torch.arange(self.tokens, dtype=torch.float64)
+        if wavelength is None:
+            return index
+        start, step = wavelength
+        centre = start + step * (index * self.stride + (self.patch - 1) / 2.0)
+        return torch.log(centre / centre[0]) / math.log1p(self.stride * step / centre[0].item())
+
+    def standardise(
+        self, flux: torch.Tensor, bad: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(standardised flux with bad pixels 0, good-pixel weights, stats features (B, 2))."""
+        good = torch.ones_like(flux) if bad is None else (~bad).to(flux.dtype)
+        count = good.sum(dim=1, keepdim=True).clamp_min(1.0)
+        mean = (flux * good).sum(dim=1, keepdim=True) / count
+        var = (((flux - mean) * good) ** 2).sum(dim=1, keepdim=True) / count
+        std = var.sqrt().clamp_min(self.std_floor)
+        x = (flux - mean) / std * good
+        stats = torch.cat([torch.asinh(mean), std.log()], dim=1)
+        return x, good, (stats - self.stat_shift) / self.stat_scale
+
+    def slices(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L) → (B, T, patch) overlapping slices."""
+        return x.unfold(1, self.patch, self.stride)
+
+    def forward(
+        self, flux: torch.Tensor, bad: torch.Tensor | None = None, token_mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """tokens (B, 1+T, W); and for masked modelling the targets: slices (B, T, patch) and
+        their good-pixel weights. token_mask (B, T) bool: slices replaced by the mask token."""
+        if flux.shape[1] != self.length:
+            raise ValueError(
+                f"spectra have {flux.shape[1]} pixels; this SpecFormer expects {self.length} (the model's "
+                "wavelength grid): re-run `foundation prepare astroclip` with the model's --grid"
+            )
+        x, good, stats = self.standardise(flux, bad)
+        target = self.slices(x)
+        weight = self.slices(good)
+        h = self.embed(torch.cat([target, 1.0 - weight], dim=-1))
+        if token_mask is not None:
+            h = torch.where(token_mask[..., None], self.mask_token.to(h.dtype), h)
+        h = torch.cat([self.stats_embed(stats)[:, None], h], dim=1) + self.pos
+        return {"tokens": self.encoder(h), "target": target, "weight": weight}
+
+
+# ----------------------------------------------------------------------------- images
+
+
+class ImageViT(nn.Module):
+    """Vision transformer for (B, bands, S, S) cutouts in flux units.
+
+    Each image is divided by one scale common to all bands (its RMS, floored at the sky noise),
+    which keeps colours; log10 of the scale, normalised by the data set's statistics, becomes a
+    token next to the class token. Tokens: [cls, scale, patch_1..patch_N], each with its learned
+    positional embedding (so the pooling head sees where each patch is).
+    """
+
+    def __init__(
+        self,
+        bands: int,
+        size: int,
+        patch: int,
+        width: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        if size % patch:
+            raise ValueError(f"image size {size} is not a multiple of the patch size {patch}")
+        self.bands, self.size, self.patch = bands, size, patch
+        self.grid = size // patch
+        self.patch_embed = nn.Conv2d(bands, width, patch, stride=patch)
+        self.scale_embed = nn.Linear(1, width)
+        self.cls = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos = nn.Parameter(torch.zeros(1, 2 + self.grid**2, width))
+        self.mask_token = nn.Parameter(torch.zeros(width))
+        self.encoder = Encoder(width, depth, heads, mlp_ratio, dropout)
+        self.register_buffer("scale_floor", torch.tensor(1e-3))
+        self.register_buffer("scale_shift", torch.zeros(1))
+        self.register_buffer("scale_scale", torch.ones(1))
+        std = 1.0 / math.sqrt(width)
+        for p in (self.cls, self.pos, self.mask_token):
+            nn.init.trunc_normal_(p, std=std, a=-3 * std, b=3 * std)
+        with torch.no_grad():  # patch positions start as 2-D sine/cosine features (row, column)
+            rows = torch.arange(self.grid, dtype=torch.float64).repeat_interleave(self.grid)
+            cols = torch.arange(self.grid, dtype=torch.float64).repeat(self.grid)
+            half = width // 2
+            self.pos[0, 2:, :half] = sinusoidal(rows, half) * math.sqrt(half / width)
+            self.pos[0, 2:, half:] = sinusoidal(cols, width - half) * math.sqrt((width - half) / width)
+        nn.init.zeros_(self.scale_embed.bias)
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid**2
+
+    def standardise(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image / scale, normalised log10 scale (B, 1))."""
+        scale = image.square().mean(dim=(1, 2, 3)).sqrt().clamp_min(self.scale_floor)
+        x = image / scale[:, None, None, None]
+        log_scale = (scale.log10()[:, None] - self.scale_shift) / self.scale_scale
+        return x, log_scale
+
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, S, S) → (B, N, C·p·p) pixel patches in the order of the patch tokens."""
+        b, c = x.shape[:2]
+        p, g = self.patch, self.grid
+        return x.view(b, c, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(b, g * g, c * p * p)
+
+    def forward(self, image: torch.Tensor, token_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """tokens (B, 2+N, W) and the standardised pixel patches (B, N, C·p·p) as targets."""
+        if image.shape[1:] != (self.bands, self.size, self.size):
+            raise ValueError(
+                f"images have shape {tuple(image.shape[1:])}; this tower expects "
+                f"({self.bands}, {self.size}, {self.size}) (bands, crop size)"
+            )
+        x, log_scale = self.standardise(image)
+        h = self.patch_embed(x).flatten(2).transpose(1, 2)
+        if token_mask is not None:
+            h = torch.where(token_mask[..., None], self.mask_token.to(h.dtype), h)
+        head = torch.cat([self.cls.expand(len(h), -1, -1), self.scale_embed(log_scale)[:, None]], dim=1)
+        h = torch.cat([head, h], dim=1) + self.pos
+        return {"tokens": self.encoder(h), "target": self.patches(x)}

@@ -1,0 +1,281 @@
+"""Towers, heads, temperature, freezing, augmentations, config and manifest checks."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from encoders.astroclip.augment import Collate, augment_image, crop, segment_mask
+from encoders.astroclip.family import FAMILY, check_manifest
+from encoders.astroclip.heads import AttentionPoolHead
+from encoders.astroclip.model import AstroCLIP, AstroCLIPConfig, ImageTowerConfig, SpectrumTowerConfig
+from foundation import config
+from foundation.data import FieldSpec
+from foundation.errors import ConfigError
+
+
+def tiny(stage="align", **kw) -> AstroCLIPConfig:
+    spectrum = SpectrumTowerConfig(
+        wave_step=40.0,
+        patch=8,
+        stride=4,
+        width=32,
+        depth=1,
+        heads=2,
+        dropout=0.0,
+        mask_segments=3,
+        mask_length=4,
+    )
+    image = ImageTowerConfig(size=16, patch=4, width=32, depth=1, heads=2, max_shift=2)
+    return AstroCLIPConfig(stage=stage, spectrum=spectrum, image=image, embed_dim=16, head_heads=2, **kw)
+
+
+def batch(cfg: AstroCLIPConfig, n=4, seed=0, train=True) -> dict:
+    rng = np.random.default_rng(seed)
+    length = cfg.spectrum.length
+    samples = [
+        {
+            "__key__": f"k{i}",
+            "image": rng.normal(size=(3, 20, 20)).astype(np.float32) + 1.0,
+            "image_ivar": np.ones((3, 20, 20), np.float32),
+            "spectrum": rng.normal(size=length).astype(np.float32) + 3.0,
+            "spectrum_mask": rng.random(length) < 0.05,
+            "redshift": 0.1 * i,
+        }
+        for i in range(n)
+    ]
+    return FAMILY.make_collate(cfg, SimpleNamespace(extra={"targets": {"redshift": {}}}), train)(samples, rng)
+
+
+def test_specformer_slices_and_statistics_token():
+    cfg = tiny("spectrum_masked")
+    model = AstroCLIP(cfg)
+    b = batch(cfg)
+    out = model.spectrum(b["spectrum"], b["spectrum_bad"])
+    tokens = cfg.spectrum.tokens
+    assert out["tokens"].shape == (4, tokens + 1, 32)
+    x, good, _ = model.spectrum.standardise(b["spectrum"], b["spectrum_bad"])
+    assert torch.equal(out["target"][:, 3], x[:, 12:20])  # slice 3 = pixels 3*stride .. +patch
+    assert torch.all(x[b["spectrum_bad"]] == 0)
+    assert torch.allclose((x * good).sum(1) / good.sum(1), torch.zeros(4), atol=1e-5)
+    with pytest.raises(ValueError, match="re-run `foundation prepare astroclip` with the model's --grid"):
+        model.spectrum(torch.zeros(2, cfg.spectrum.length + 3))
+
+
+def test_masked_pretraining_scores_only_masked_segments():
+    cfg = tiny("spectrum_masked")
+    model = AstroCLIP(cfg)
+    b = batch(cfg)
+    mask = b["spectrum_token_mask"]
+    assert mask.sum(1).tolist() == [cfg.spectrum.mask_segments * cfg.spectrum.mask_length] * 4
+    loss, _ = FAMILY.loss(model, b)
+    noise = torch.randn(4, cfg.spectrum.tokens, cfg.spectrum.patch) * 100 * (~mask)[..., None]
+    handle = model.spectrum_decoder.register_forward_hook(lambda m, i, o: o + noise)
+    perturbed, _ = FAMILY.loss(model, b)
+    handle.remove()
+    assert perturbed.item() == pytest.approx(loss.item(), rel=1e-6)
+    # every masked token is scored: perturbing one masked prediction changes the loss
+    bump = torch.zeros_like(noise)
+    bump[0, int(torch.nonzero(mask[0])[0])] = 1.0
+    handle = model.spectrum_decoder.register_forward_hook(lambda m, i, o: o + bump)
+    assert FAMILY.loss(model, b)[0].item() != pytest.approx(loss.item(), rel=1e-6)
+    handle.remove()
+
+
+def test_segment_mask_puts_one_run_in_each_segment():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        m = segment_mask(30, 3, 4, rng)
+        assert m.sum() == 12
+        for s in range(3):
+            seg = m[s * 10 : (s + 1) * 10]
+            assert seg.sum() == 4 and np.all(np.diff(np.flatnonzero(seg)) == 1)
+
+
+def test_image_head_sees_position():
+    cfg = tiny()
+    model = AstroCLIP(cfg).eval()
+    b = batch(cfg, train=False)
+    image = b["image"]
+    # swap two 4x4 patches: a bag of patches would not notice
+    swapped = image.clone()
+    swapped[..., 0:4, 0:4], swapped[..., 12:16, 12:16] = image[..., 12:16, 12:16], image[..., 0:4, 0:4]
+    e1 = model.image_head(model.image(image)["tokens"])
+    e2 = model.image_head(model.image(swapped)["tokens"])
+    assert not torch.allclose(e1, e2, atol=1e-4)
+    with torch.no_grad():
+        model.image.pos.zero_()
+    e1 = model.image_head(model.image(image)["tokens"])
+    e2 = model.image_head(model.image(swapped)["tokens"])
+    assert torch.allclose(e1, e2, atol=1e-5)  # without positional embeddings: permutation invariant
+
+
+def test_head_returns_attention_probabilities():
+    head = AttentionPoolHead(8, 16, heads=4)
+    tokens = torch.randn(3, 7, 8)
+    out, weights = head(tokens, return_weights=True)
+    assert out.shape == (3, 16) and weights.shape == (3, 4, 7)
+    assert torch.allclose(weights.sum(-1), torch.ones(3, 4), atol=1e-6)
+    q, k, v = head._qkv(tokens)
+    manual = torch.softmax(q @ k.transpose(-2, -1) / (16 / 4) ** 0.5, dim=-1)[:, :, 0]
+    assert torch.allclose(weights, manual, atol=1e-6)
+    assert torch.allclose(head(tokens), out)
+
+
+def test_temperature_is_learned_and_clamped():
+    cfg = tiny(temperature=0.1, min_temperature=0.05)
+    model = AstroCLIP(cfg)
+    assert isinstance(model.log_logit_scale, torch.nn.Parameter)
+    opt = torch.optim.SGD([model.log_logit_scale], lr=1.0)
+    before = model.logit_scale().item()
+    loss, metrics = FAMILY.loss(model, batch(cfg))
+    loss.backward()
+    assert model.log_logit_scale.grad is not None and model.log_logit_scale.grad.abs() > 0
+    opt.step()
+    assert model.logit_scale().item() != pytest.approx(before)
+    assert metrics["temperature"] == pytest.approx(0.1, rel=1e-5)
+    with torch.no_grad():
+        model.log_logit_scale.fill_(10.0)
+    assert model.logit_scale().item() == pytest.approx(20.0)  # 1 / min_temperature
+    fixed = AstroCLIP(tiny(learn_temperature=False))
+    assert "log_logit_scale" not in dict(fixed.named_parameters())
+    assert fixed.logit_scale().item() == pytest.approx(15.5, rel=1e-5)
+
+
+def test_frozen_towers_get_no_gradient_and_stay_in_eval_mode():
+    cfg = tiny(freeze_spectrum=True)
+    model = FAMILY.build_model(cfg, None)
+    model.train()
+    assert not model.spectrum.training and model.image.training
+    loss, _ = FAMILY.loss(model, batch(cfg))
+    loss.backward()
+    assert all(p.grad is None for p in model.spectrum.parameters())
+    assert any(p.grad is not None for p in model.spectrum_head.parameters())
+    assert any(p.grad is not None for p in model.image.parameters())
+    # freezing is an alignment option: a pretraining stage trains its tower whatever the flags say
+    stage1 = FAMILY.build_model(tiny("spectrum_masked", freeze_spectrum=True), None)
+    assert all(p.requires_grad for p in stage1.spectrum.parameters())
+
+
+def test_embed_gives_unit_vectors_per_modality():
+    cfg = tiny()
+    model = FAMILY.build_model(cfg, None).eval()
+    out = FAMILY.embed(model, batch(cfg, train=False))
+    assert set(out) == {"image", "spectrum"}
+    for v in out.values():
+        assert v.shape == (4, 16) and torch.allclose(v.norm(dim=1), torch.ones(4), atol=1e-5)
+    stage1 = FAMILY.build_model(tiny("spectrum_masked"), None).eval()
+    assert set(FAMILY.embed(stage1, batch(tiny("spectrum_masked"), train=False))) == {"spectrum"}
+
+
+def test_augmentations_preserve_flux_and_colours():
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:24, 0:24]
+    blob = np.exp(-((x - 11.5) ** 2 + (y - 11.5) ** 2) / 4.0)
+    image = np.stack([blob, 2 * blob, 3 * blob]).astype(np.float32)
+    ivar = np.full_like(image, 1e4)
+    for _ in range(20):
+        view = augment_image(image, ivar, rng, 16, max_shift=3, rotate=True, flip=True, noise=0.0)
+        np.testing.assert_allclose(view.sum(axis=(1, 2)), image.sum(axis=(1, 2)), rtol=1e-3)
+        np.testing.assert_allclose(view[1], 2 * view[0], rtol=1e-5, atol=1e-12)  # colours untouched
+    # rotations and flips are exact permutations of pixels
+    exact = augment_image(image, ivar, rng, 24, 0, True, True, 0.0)
+    np.testing.assert_allclose(np.sort(exact.ravel()), np.sort(image.ravel()))
+    # added noise has zero mean and the pixel's own sigma
+    views = np.stack([augment_image(image, ivar, rng, 24, 0, False, False, 1.0) for _ in range(400)])
+    np.testing.assert_allclose(views.mean(0), image, atol=4 * 0.01 / np.sqrt(400) * 3)
+    assert np.std(views - image) == pytest.approx(0.01, rel=0.05)
+    np.testing.assert_array_equal(crop(image, 16), image[:, 4:20, 4:20])
+
+
+def test_eval_collate_is_deterministic_and_centred():
+    cfg = tiny()
+    c = Collate(stage="align", train=False, crop=16)
+    rng = np.random.default_rng(0)
+    samples = [
+        {
+            "__key__": "a",
+            "image": rng.normal(size=(3, 20, 20)).astype(np.float32),
+            "image_ivar": np.ones((3, 20, 20), np.float32),
+            "spectrum": np.ones(cfg.spectrum.length, np.float32),
+            "spectrum_mask": np.zeros(cfg.spectrum.length, bool),
+        }
+    ]
+    b = c(samples)
+    assert torch.equal(b["image"][0], torch.from_numpy(samples[0]["image"][:, 2:18, 2:18]))
+
+
+def test_config_validation_gives_clear_errors():
+    with pytest.raises(ConfigError, match="mask_length 40 must fit"):
+        config.from_dict(
+            AstroCLIPConfig, {"spectrum": {"wave_step": 40.0, "patch": 8, "stride": 4, "mask_length": 40}}
+        )
+    with pytest.raises(ConfigError, match="multiple of image.patch"):
+        config.from_dict(AstroCLIPConfig, {"image": {"size": 30, "patch": 4}})
+    with pytest.raises(ConfigError, match="'align'"):
+        config.from_dict(AstroCLIPConfig, {"stage": "aligned"})
+
+
+def _manifest(**changes):
+    schema = {
+        "image": FieldSpec("npy", "float32", (3, 20, 20)),
+        "image_ivar": FieldSpec("npy", "float32", (3, 20, 20)),
+        "spectrum": FieldSpec("npy", "float32", (tiny().spectrum.length,)),
+        "spectrum_mask": FieldSpec("npy", "bool", (tiny().spectrum.length,)),
+    }
+    extra = {"bands": ["g", "r", "z"], "wavelength": {"start": 3600.0, "stop": 9800.0, "step": 40.0}}
+    m = SimpleNamespace(family="astroclip", schema=schema, extra=extra, stats={}, path="SHARDS")
+    for k, v in changes.items():
+        setattr(m, k, v)
+    return m
+
+
+def test_manifest_mismatches_are_clear_errors():
+    check_manifest(tiny(), _manifest())
+    with pytest.raises(
+        ConfigError, match=r"bands \['g', 'r', 'i'\] but model.image.bands is \['g', 'r', 'z'\]"
+    ):
+        check_manifest(tiny(), _manifest(extra={**_manifest().extra, "bands": ["g", "r", "i"]}))
+    with pytest.raises(ConfigError, match="wavelength grid 3600.0:9800.0:20.0 .* --grid 3600.0:9824.0:40.0"):
+        check_manifest(
+            tiny(),
+            _manifest(
+                extra={**_manifest().extra, "wavelength": {"start": 3600.0, "stop": 9800.0, "step": 20.0}}
+            ),
+        )
+    schema = dict(_manifest().schema)
+    del schema["image_ivar"]
+    with pytest.raises(ConfigError, match="no field\\(s\\) image_ivar, which stage 'align' reads"):
+        check_manifest(tiny(), _manifest(schema=schema))
+    check_manifest(tiny("spectrum_masked"), _manifest(schema=schema))  # stage 1 needs no images
+    with pytest.raises(ConfigError, match="prepared for family 'xval'"):
+        check_manifest(tiny(), _manifest(family="xval"))
+
+
+def test_image_masked_pretraining_scores_only_masked_patches():
+    cfg = tiny("image_masked")
+    model = AstroCLIP(cfg)
+    b = batch(cfg)
+    mask = b["image_token_mask"]
+    assert mask.shape == (4, 16) and mask.sum(1).tolist() == [8] * 4  # mask_ratio 0.5 of 4x4 patches
+    loss, metrics = FAMILY.loss(model, b)
+    assert loss.item() == pytest.approx(metrics["masked_mse"])
+    noise = torch.randn(4, 16, 3 * 16) * 100 * (~mask)[..., None]
+    handle = model.image_decoder.register_forward_hook(lambda m, i, o: o + noise)
+    assert FAMILY.loss(model, b)[0].item() == pytest.approx(loss.item(), rel=1e-6)
+    handle.remove()
+    # the targets are the standardised pixels of each patch, in token order
+    x, _ = model.image.standardise(b["image"])
+    assert torch.equal(model.image.patches(x)[:, 5], x[:, :, 4:8, 4:8].reshape(4, -1))
+
+
+@pytest.mark.parametrize("stage", ["align", "spectrum_masked", "image_masked"])
+def test_every_trainable_parameter_gets_a_gradient(stage):
+    """DDP (find_unused_parameters=False) needs every trainable parameter in every step's graph."""
+    cfg = tiny(stage)
+    model = FAMILY.build_model(cfg, None)
+    loss, _ = FAMILY.loss(model, batch(cfg))
+    loss.backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert unused == []

@@ -1,0 +1,301 @@
+"""synth → prepare (HDF5 and FITS) → pretrain (SpecFormer, then alignment) through the CLI."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from foundation.cli import main
+from foundation.data import Manifest, ShardDataset
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "astroclip"
+# Tiny overrides: shapes small enough for seconds of CPU, same code paths as the shipped configs.
+SPECTRUM = [
+    "model.spectrum.wave_step=40",
+    "model.spectrum.patch=8",
+    "model.spectrum.stride=4",
+    "model.spectrum.width=32",
+    "model.spectrum.depth=1",
+    "model.spectrum.heads=2",
+    "model.spectrum.mask_segments=3",
+    "model.spectrum.mask_length=4",
+]
+IMAGE = [
+    "model.image.size=16",
+    "model.image.patch=4",
+    "model.image.width=32",
+    "model.image.depth=1",
+    "model.image.heads=2",
+    "model.embed_dim=16",
+    "model.head_heads=2",
+]
+LOOP = [
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "train.steps=3",
+    "train.val_every=0",
+    "train.log_every=1",
+    "train.ckpt_every=0",
+    "optim.warmup_steps=1",
+]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("astroclip-cli")
+    assert (
+        main(
+            [
+                "synth",
+                "astroclip",
+                "--out",
+                str(root / "raw"),
+                "--n",
+                "80",
+                "--image-size",
+                "24",
+                "--wave-step",
+                "8",
+                "--format",
+                "both",
+                "--seed",
+                "1",
+                "--progress",
+                "off",
+            ]
+        )
+        == 0
+    )
+    common = [
+        "--catalog",
+        str(root / "raw" / "provabgs"),
+        "--grid",
+        "3600:9824:40",
+        "--cutout",
+        "20",
+        "--splits",
+        "train=0.7,valid=0.15,test=0.15",
+        "--progress",
+        "off",
+    ]
+    assert (
+        main(
+            [
+                "prepare",
+                "astroclip",
+                "--images",
+                str(root / "raw" / "legacysurvey"),
+                "--spectra",
+                str(root / "raw" / "desi"),
+                "--out",
+                str(root / "shards"),
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "prepare",
+                "astroclip",
+                "--images",
+                str(root / "raw" / "fits" / "legacysurvey"),
+                "--spectra",
+                str(root / "raw" / "fits" / "desi"),
+                "--out",
+                str(root / "shards-fits"),
+                *common,
+            ]
+        )
+        == 0
+    )
+    return root
+
+
+def _samples(path):
+    manifest = Manifest.load(path)
+    out = {}
+    for split in manifest.splits:
+        ds = ShardDataset(
+            path,
+            split=split,
+            batch_size=1,
+            shuffle=False,
+            epochs=1,
+            drop_last=False,
+            collate_fn=lambda s: s[0],
+            rank=0,
+            world_size=1,
+        )
+        out.update({s["__key__"]: s for s in ds})
+    return manifest, out
+
+
+def test_prepare_from_hdf5_and_fits_gives_the_same_shards(data, capsys):
+    m1, a = _samples(data / "shards")
+    m2, b = _samples(data / "shards-fits")
+    assert m1.family == "astroclip" and len(a) >= 70
+    assert set(a) == set(b)
+    key = sorted(a)[0]
+    for field in ("image", "image_ivar", "spectrum", "spectrum_mask"):
+        np.testing.assert_allclose(a[key][field], b[key][field], rtol=1e-5)
+    assert a[key]["redshift"] == pytest.approx(b[key]["redshift"])
+    assert m1.extra["bands"] == ["g", "r", "z"]
+    assert m1.extra["wavelength"]["pixels"] == len(a[key]["spectrum"]) == 156
+    assert m1.schema["spectrum"].unit == "1e-17 erg/s/cm2/Angstrom"
+    assert m1.schema["image"].shape == (3, 20, 20)
+    assert set(m1.extra["targets"]) >= {"redshift", "stellar_mass", "ssfr"}
+    assert {"spectrum_stats_token", "image_log_scale", "image_scale_floor"} <= set(m1.stats)
+    match = m1.extra["match"]["match"]
+    assert (
+        match["unmatched_a"] > 0 and match["unmatched_b"] > 0
+    )  # image-only and spectrum-only objects dropped
+
+
+def test_prepare_reports_and_refuses_bad_input(data, capsys, tmp_path):
+    raw = data / "raw"
+    args = [
+        "prepare",
+        "astroclip",
+        "--images",
+        str(raw / "legacysurvey"),
+        "--spectra",
+        str(raw / "desi"),
+        "--grid",
+        "3600:9824:40",
+        "--progress",
+        "off",
+    ]
+    assert main([*args, "--out", str(data / "shards")]) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "x"), "--bands", "g,i"]) == 2
+    assert "band(s) i requested" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "y"), "--targets", "NOPE:thing"]) == 2
+    assert "no column 'NOPE'" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "z"), "--grid", "3600-9824"]) == 2
+    assert "START:STOP:STEP" in capsys.readouterr().err
+    assert main(["synth", "astroclip", "--out", str(raw), "--n", "5"]) == 2
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_specformer_then_alignment_through_pretrain(data, tmp_path, capsys):
+    from encoders.astroclip.family import FAMILY
+    from foundation.train import load_pretrained
+
+    stage1 = tmp_path / "specformer"
+    assert (
+        main(
+            [
+                "pretrain",
+                str(CONFIGS / "specformer-tiny.yaml"),
+                f"data.path={data / 'shards'}",
+                f"run.dir={stage1}",
+                *SPECTRUM,
+                *LOOP,
+            ]
+        )
+        == 0
+    )
+    metrics = [json.loads(line) for line in (stage1 / "metrics.jsonl").read_text().splitlines()]
+    assert any("masked_mse" in m for m in metrics)
+    stage2 = tmp_path / "align"
+    assert (
+        main(
+            [
+                "pretrain",
+                str(CONFIGS / "align-tiny.yaml"),
+                f"data.path={data / 'shards'}",
+                f"run.dir={stage2}",
+                f"model.spectrum_init={stage1}",
+                *SPECTRUM,
+                *IMAGE,
+                *LOOP,
+            ]
+        )
+        == 0
+    )
+    model, cfg, family = load_pretrained(stage2)
+    assert family is FAMILY and cfg.model.stage == "align"
+    assert any(
+        "top1_image_to_spectrum" in json.loads(line)
+        for line in (stage2 / "metrics.jsonl").read_text().splitlines()
+    )
+    # the alignment run started from the stage-1 tower
+    first, _, _ = load_pretrained(stage1)
+    fresh = FAMILY.build_model(cfg.model, Manifest.load(data / "shards"))
+    for name, value in first.spectrum.state_dict().items():
+        assert torch.equal(fresh.spectrum.state_dict()[name], value), name
+    # a tower of another shape is refused with the differing keys named
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "pretrain",
+                str(CONFIGS / "align-tiny.yaml"),
+                f"data.path={data / 'shards'}",
+                f"run.dir={tmp_path / 'bad'}",
+                f"model.spectrum_init={stage1}",
+                *SPECTRUM,
+                *IMAGE,
+                *LOOP,
+                "model.spectrum.width=64",
+            ]
+        )
+        == 2
+    )
+    assert "width: 32 there, 64 here" in capsys.readouterr().err
+
+
+def test_pretrain_refuses_shards_on_another_wavelength_grid(data, tmp_path, capsys):
+    assert (
+        main(
+            [
+                "pretrain",
+                str(CONFIGS / "specformer-tiny.yaml"),
+                f"data.path={data / 'shards'}",
+                f"run.dir={tmp_path / 'r'}",
+                *SPECTRUM,
+                "model.spectrum.wave_step=20",
+                *LOOP,
+            ]
+        )
+        == 2
+    )
+    assert "--grid 3600.0:9824.0:20.0" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_alignment_on_two_processes(data, tmp_path):
+    launcher = shutil.which("foundation", path=str(Path(sys.executable).parent)) or "foundation"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--standalone",
+        "--no-python",
+        launcher,
+        "pretrain",
+        str(CONFIGS / "align-tiny.yaml"),
+        f"data.path={data / 'shards'}",
+        f"run.dir={tmp_path / 'run'}",
+        "model.spectrum_init=null",
+        *SPECTRUM,
+        *IMAGE,
+        *LOOP,
+    ]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 x cpu, ddp" in result.stderr
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # 8 per rank: every rank scores its rows against the 16 gathered embeddings
+    assert any(r.get("negatives") == 15 for r in records)
