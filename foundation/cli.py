@@ -41,6 +41,21 @@ class Command:
     run: Callable[[argparse.Namespace], int | None]
 
 
+def add_progress_argument(parser: argparse.ArgumentParser) -> None:
+    """The `--progress auto|on|off` option of every long-running verb."""
+    parser.add_argument(
+        "--progress",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="Progress bar (auto: only when stderr is a terminal, not in batch-job logs).",
+    )
+
+
+def progress_enabled(flag: str) -> bool:
+    """Whether `--progress FLAG` means a progress bar here."""
+    return flag == "on" or (flag == "auto" and sys.stderr.isatty())
+
+
 def discover_commands() -> list[Command]:
     """Every `COMMANDS` entry of every module in the `pipelines` package."""
     import pipelines

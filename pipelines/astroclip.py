@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from foundation.cli import Command
+from foundation.cli import Command, add_progress_argument, progress_enabled
 from foundation.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -35,21 +35,6 @@ TARGET_UNITS = {
     "ssfr": "log10 1/yr",
 }
 SPLITS = {"train": 0.8, "valid": 0.1, "test": 0.1}
-
-
-def _progress(flag: str) -> bool | None:
-    return (
-        {"on": True, "off": False}.get(flag) if flag != "auto" else (True if sys.stderr.isatty() else False)
-    )
-
-
-def _add_progress(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--progress",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="Progress bar (auto: only on a TTY).",
-    )
 
 
 # ----------------------------------------------------------------------------- synth
@@ -75,7 +60,7 @@ def _synth_arguments(parser: argparse.ArgumentParser) -> None:
         help="Multimodal Universe HDF5 trees, FITS cutouts/tables, or both.",
     )
     parser.add_argument("--overwrite", action="store_true", help="Write into a non-empty --out.")
-    _add_progress(parser)
+    add_progress_argument(parser)
 
 
 def _synth_run(args: argparse.Namespace) -> int:
@@ -101,7 +86,7 @@ def _synth_run(args: argparse.Namespace) -> int:
         image_size=args.image_size,
         wave_step=args.wave_step,
         formats=formats,
-        progress=_progress(args.progress),
+        progress=progress_enabled(args.progress),
     )
     print(json.dumps(summary, indent=2))
     print(
@@ -485,7 +470,7 @@ def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples-per-shard", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0, help="Salts the split hash.")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing shard set at --out.")
-    _add_progress(parser)
+    add_progress_argument(parser)
 
 
 def _prepare_run(args: argparse.Namespace) -> int:
@@ -504,7 +489,7 @@ def _prepare_run(args: argparse.Namespace) -> int:
         samples_per_shard=args.samples_per_shard,
         seed=args.seed,
         overwrite=args.overwrite,
-        progress=_progress(args.progress),
+        progress=progress_enabled(args.progress),
     )
     m = report["match"]
     print(

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from foundation.cli import Command
+from foundation.cli import Command, add_progress_argument, progress_enabled
 from foundation.errors import ConfigError, DataError
 
 _log = logging.getLogger(__name__)
@@ -550,9 +550,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         "--overwrite", action="store_true", help="Replace an existing output (and any partial one)."
     )
     parser.add_argument("--no-merge", action="store_true", help="Under torchrun, leave the parts unmerged.")
-    parser.add_argument(
-        "--progress", choices=["auto", "on", "off"], default="auto", help="Progress bar (auto: on a TTY)."
-    )
+    add_progress_argument(parser)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -593,7 +591,7 @@ def _run(args: argparse.Namespace) -> int:
             normalize=args.normalize,
             overwrite=args.overwrite,
             chunk_rows=args.chunk_rows,
-            progress={"auto": None, "on": True, "off": False}[args.progress],
+            progress=progress_enabled(args.progress),
         )
         print(
             f"exported {result.rows} objects ({result.new_rows} new, {', '.join(result.modalities)}) "

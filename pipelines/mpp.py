@@ -6,27 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import zlib
 from pathlib import Path
 
-from foundation.cli import Command
+from foundation.cli import Command, add_progress_argument, progress_enabled
 from foundation.errors import DataError
 
 SPLIT_NAMES = ("train", "valid", "test")
-
-
-def _progress(flag: str) -> bool:
-    return flag == "on" or (flag == "auto" and sys.stderr.isatty())
-
-
-def _add_progress(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--progress",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="Progress bar (auto: only on a TTY).",
-    )
 
 
 # ----------------------------------------------------------------------------- synth
@@ -47,7 +33,7 @@ def _synth_arguments(parser: argparse.ArgumentParser) -> None:
         help="Trajectories in train,valid,test (PDE parameters drawn per trajectory).",
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed for initial conditions and parameters.")
-    _add_progress(parser)
+    add_progress_argument(parser)
 
 
 def _synth_run(args: argparse.Namespace) -> int:
@@ -73,7 +59,9 @@ def _synth_run(args: argparse.Namespace) -> int:
     for system in systems:
         if (out / system).exists():
             raise DataError(f"{out / system} already exists; refusing to overwrite it (choose another --out)")
-    bar = tqdm(total=len(systems) * 3, desc="synth mpp", unit="file", disable=not _progress(args.progress))
+    bar = tqdm(
+        total=len(systems) * 3, desc="synth mpp", unit="file", disable=not progress_enabled(args.progress)
+    )
     for system in systems:
         root = out / system
         written = []
@@ -126,7 +114,7 @@ def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-windows-per-trajectory", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0, help="Salt of the trajectory-to-split hash.")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing shard set at --out.")
-    _add_progress(parser)
+    add_progress_argument(parser)
 
 
 def _parse_fractions(text: str) -> dict[str, float]:
@@ -174,7 +162,9 @@ def _prepare_run(args: argparse.Namespace) -> int:
             if k in _PREPARE_OPTIONS and v is not None
         ]
     )
-    summary = prepare(args.inputs, args.out, options, command=command, progress=_progress(args.progress))
+    summary = prepare(
+        args.inputs, args.out, options, command=command, progress=progress_enabled(args.progress)
+    )
     for name, counts in summary.items():
         print(f"{name}: " + ", ".join(f"{split} {n}" for split, n in sorted(counts.items())))
     print(f"wrote shard set {args.out}")
@@ -198,7 +188,7 @@ def _rollout_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-samples", type=int, default=None, help="Evaluate at most this many windows.")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
-    _add_progress(parser)
+    add_progress_argument(parser)
 
 
 def rollout_report(
@@ -279,7 +269,7 @@ def _rollout_run(args: argparse.Namespace) -> int:
         windows=args.windows,
         max_samples=args.max_samples,
         device=args.device,
-        progress=_progress(args.progress),
+        progress=progress_enabled(args.progress),
     )
     print(f"{report['samples']} windows from split {args.split!r}, {args.steps} steps")
     print(f"{'':14s}{'VRMSE step 1':>14s}{'VRMSE 1..K':>12s}{'NRMSE step 1':>14s}")
