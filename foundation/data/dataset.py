@@ -8,6 +8,7 @@ Resuming is O(1): the state is just (epoch, next batch).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import math
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from foundation.data import codec
+from foundation.data import codec, shm
 from foundation.data.manifest import Manifest
 from foundation.data.plan import EpochPlan, _rng
 from foundation.data.reader import ShardReader
@@ -238,22 +239,30 @@ class ShardDataset(IterableDataset):
             position += worker  # a rank-level position: this worker starts at its own offset
         stop = (state["first_epoch"] + self.epochs) * nb if self.epochs is not None else None
         first_epoch = state["first_epoch"]
-        while stop is None or position < stop:
-            epoch, b = divmod(position, nb)
-            batch = self._build(epoch, b)
-            position += workers
-            # Updated before the yield: StatefulDataLoader snapshots right after receiving the batch.
-            e, nb_next = divmod(position, nb)
-            self._cursor = {
-                "epoch": e,
-                "batch": nb_next,
-                "first_epoch": first_epoch,
-                "worker_id": worker,
-                "num_workers": workers,
-            }
-            if workers == 1:
-                del self._cursor["worker_id"], self._cursor["num_workers"]
-            yield batch
+        # In a loader worker, batches go to the main process through reusable shared buffers.
+        pool = shm.BatchBuffers() if info is not None and shm.AVAILABLE else None
+        try:
+            while stop is None or position < stop:
+                epoch, b = divmod(position, nb)
+                batch = self._build(epoch, b, pool)
+                position += workers
+                if isinstance(batch, shm.PooledBatch) and stop is not None and position >= stop:
+                    batch.final = True  # this worker's last: the main process can let go of the pool
+                # Updated before the yield: StatefulDataLoader snapshots right after receiving the batch.
+                e, nb_next = divmod(position, nb)
+                self._cursor = {
+                    "epoch": e,
+                    "batch": nb_next,
+                    "first_epoch": first_epoch,
+                    "worker_id": worker,
+                    "num_workers": workers,
+                }
+                if workers == 1:
+                    del self._cursor["worker_id"], self._cursor["num_workers"]
+                yield batch
+        finally:
+            if pool is not None:
+                pool.close()
 
     def batch_at(self, epoch: int, index: int) -> Any:
         """Batch `index` of `epoch` on this rank, built directly (for inspection and tests)."""
@@ -281,13 +290,13 @@ class ShardDataset(IterableDataset):
             self._readers.popitem(last=False)
         return reader
 
-    def _build(self, epoch: int, b: int) -> Any:
+    def _build(self, epoch: int, b: int, pool: shm.BatchBuffers | None = None) -> Any:
         shards, indices = self.plan.batch(epoch, b)
         indices = indices.tolist()
         readers = [self._reader(s) for s in shards.tolist()]
         keys = [r.keys[i] for r, i in zip(readers, indices, strict=True)]
         if self.collate_fn is None:
-            batch = default_collate_from_shards(readers, indices, self.fields, self.manifest.schema)
+            batch = default_collate_from_shards(readers, indices, self.fields, self.manifest.schema, pool)
             batch["__key__"] = keys
             return batch
         samples = [r.sample(i, self.fields) for r, i in zip(readers, indices, strict=True)]
@@ -297,7 +306,7 @@ class ShardDataset(IterableDataset):
             batch = self.collate_fn(samples)
         if isinstance(batch, dict) and "__key__" not in batch:
             batch["__key__"] = keys
-        return batch
+        return pool.adopt(batch) if pool is not None else batch
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -305,42 +314,59 @@ class ShardDataset(IterableDataset):
         return state
 
 
-def default_collate_from_shards(readers, indices, fields, schema) -> dict[str, Any]:
-    """Columns straight from the shards: one pread per array member, into the batch tensor."""
-    batch: dict[str, Any] = {}
+def default_collate_from_shards(readers, indices, fields, schema, pool=None) -> dict[str, Any]:
+    """Columns straight from the shards: one pread per array member, into the batch tensor.
+    Array and scalar fields become tensors: over one reusable shared buffer of `pool` (loader
+    workers, see shm.py), else in ordinary memory (else, in a worker without memfd, torch's
+    shared memory)."""
+    n = len(readers)
+    layout = [
+        (field, _torch_dtype(schema[field].dtype), (n, *schema[field].shape))
+        for field in fields
+        if not schema[field].optional and schema[field].kind in ("npy", "scalar")
+    ]
+    if pool is not None:
+        batch = pool.batch(layout, fields)
+    else:
+        batch = dict.fromkeys(fields)
+        for field, dtype, shape in layout:
+            batch[field] = _empty_batch_tensor(shape, np.dtype(schema[field].dtype), dtype)
     for field in fields:
         spec = schema[field]
         if spec.optional:
             batch[field] = [r.decode(i, field) for r, i in zip(readers, indices, strict=True)]
         elif spec.kind == "npy":
-            batch[field] = _stack_arrays(readers, indices, field, spec)
+            _stack_arrays(batch[field], readers, indices, field)
         elif spec.kind == "scalar":
             values = [r.decode(i, field) for r, i in zip(readers, indices, strict=True)]
-            batch[field] = torch.from_numpy(np.asarray(values, dtype=np.dtype(spec.dtype)))
+            batch[field].numpy()[...] = np.asarray(values, dtype=np.dtype(spec.dtype))
         else:
             batch[field] = [r.decode(i, field) for r, i in zip(readers, indices, strict=True)]
     return batch
 
 
-def _empty_batch_tensor(shape: tuple[int, ...], dtype: np.dtype) -> torch.Tensor:
-    """In a loader worker, allocate straight in shared memory (as torch's default_collate does)
-    so sending the batch to the main process costs no extra copy."""
+@functools.cache
+def _torch_dtype(name: str) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype=np.dtype(name))).dtype
+
+
+def _empty_batch_tensor(shape: tuple[int, ...], dtype: np.dtype, torch_dtype: torch.dtype) -> torch.Tensor:
+    """In ordinary memory (numpy uses huge pages for big arrays); in a loader worker (without a
+    buffer pool) straight in shared memory, as torch's default_collate does, so sending the batch
+    to the main process costs no extra copy."""
     if get_worker_info() is None:
-        return torch.from_numpy(np.empty(shape, dtype=dtype))  # numpy uses huge pages for big arrays
-    torch_dtype = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
-    numel = math.prod(shape)
-    storage = torch.UntypedStorage._new_shared(numel * dtype.itemsize)
+        return torch.from_numpy(np.empty(shape, dtype=dtype))
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
     return torch.empty(0, dtype=torch_dtype).set_(storage, 0, shape)
 
 
-def _stack_arrays(readers, indices, field, spec) -> torch.Tensor:
-    dtype = np.dtype(spec.dtype)
-    shape = tuple(spec.shape)  # fixed: variable-shape fields need a collate_fn (checked up front)
-    out = _empty_batch_tensor((len(readers), *shape), dtype)
+def _stack_arrays(out: torch.Tensor, readers, indices, field) -> None:
+    """Fill `out` (batch, *shape) with the field's arrays (fixed shape: variable-shape fields need
+    a collate_fn, checked up front)."""
     array = out.numpy()
     nbytes = array[0].nbytes if len(readers) else 0
     if nbytes == 0:
-        return out
+        return
     flat = memoryview(array.reshape(-1).view(np.uint8))
     col = readers[0].column[field]
     pos = 0
@@ -352,4 +378,3 @@ def _stack_arrays(readers, indices, field, spec) -> torch.Tensor:
         else:  # written by another tool: big-endian or Fortran order
             array[pos // nbytes] = codec.npy_from_data(r.read(start, nbytes), h)
         pos += nbytes
-    return out

@@ -73,11 +73,11 @@ class ShardReader:
             raise DataError(f"shard {self.name} is empty (0 bytes)")
         self.fd = os.open(self.path, os.O_RDONLY)
         self._finalizer = weakref.finalize(self, os.close, self.fd)
-        members = tario.walk(self.fd, self.name, with_crc=keep_members, peek=PEEK)
-        self.members = members if keep_members else None
-        self._index(members, expected_samples)
+        columns = tario.scan(self.fd, self.name, with_crc=keep_members, peek=PEEK)
+        self.members = columns.members() if keep_members else None
+        self._index(columns, expected_samples)
 
-    def _index(self, members: list[tario.Member], expected_samples: int | None) -> None:
+    def _index(self, columns: tario.MemberColumns, expected_samples: int | None) -> None:
         fields = list(self.schema)
         self.fields = fields
         self.column = {name: i for i, name in enumerate(fields)}
@@ -90,8 +90,9 @@ class ShardReader:
         suffixes: dict[str, int] = {}  # "<field>.<ext>" -> column, checked once per shard
         seen: set[str] = set()
         current = None
-        for member in members:
-            name = member.name
+        for name, offset, size, head in zip(
+            columns.names, columns.offsets, columns.sizes, columns.heads, strict=True
+        ):
             dot = name.find(".", name.rfind("/") + 1)
             key = name if dot < 0 else name[:dot]
             if key != current:
@@ -117,9 +118,9 @@ class ShardReader:
                 raise DataError(
                     f"shard {self.name} member {name!r}: sample {key!r} has field {fields[col]!r} twice"
                 )
-            offsets[col][-1] = member.offset
-            sizes[col][-1] = member.size
-            heads[col][-1] = member.head
+            offsets[col][-1] = offset
+            sizes[col][-1] = size
+            heads[col][-1] = head
         self.keys = keys
         self.offsets = offsets
         self.sizes = sizes

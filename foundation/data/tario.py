@@ -11,6 +11,7 @@ which tar tools ignore for regular files; `verify` uses it to name the member a 
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -122,32 +123,75 @@ def _size(hdr: bytes, pos: int, shard: str) -> int:
         return _octal(hdr[124:136], "size", f"{shard}: tar header at byte {pos}")
 
 
+@dataclass(slots=True)
+class MemberColumns:
+    """The regular-file members of a tar as parallel lists (what `scan` returns): a shard's index
+    costs a few lists, not one object per member (which would also wake the garbage collector)."""
+
+    names: list[str]
+    offsets: list[int]
+    """Offsets of the members' data in the file."""
+    sizes: list[int]
+    headers: list[int]
+    """Offsets of the members' (first) header blocks, for messages."""
+    crc32: list[int] | None
+    """CRC-32s stored by our writer (devmajor/devminor), when the scan was asked for them."""
+    heads: list[bytes] | None
+    """The first `peek` bytes of each member's data, when the scan was asked to peek."""
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def members(self) -> list[Member]:
+        crcs = self.crc32 if self.crc32 is not None else [None] * len(self.names)
+        heads = self.heads if self.heads is not None else [None] * len(self.names)
+        return [
+            Member(*fields)
+            for fields in zip(self.names, self.offsets, self.sizes, self.headers, crcs, heads, strict=True)
+        ]
+
+
 def walk(
     source, shard: str, check_checksums: bool = True, with_crc: bool = False, peek: int = 0
 ) -> list[Member]:
+    """Every regular-file member of a tar, in order, as `Member`s (see `scan`)."""
+    return scan(source, shard, check_checksums, with_crc, peek).members()
+
+
+def scan(
+    source, shard: str, check_checksums: bool = True, with_crc: bool = False, peek: int = 0
+) -> MemberColumns:
     """Every regular-file member of a tar, in order. `source` is the archive in memory (bytes,
     mmap) or an open file descriptor (int), read with pread: only headers are touched.
 
     Understands ustar, GNU (long names via ././@LongLink) and PAX (`path`, `size` records, as
     written by Python's tarfile and webdataset's TarWriter). Raises DataError naming the shard and
     offset on a truncated archive, a malformed header or (optionally) a header checksum mismatch.
-    With `peek` > 0 each member keeps its first `peek` data bytes in `Member.head` (fetched with
+    With `peek` > 0 each member keeps its first `peek` data bytes in `heads` (fetched with
     the header in the same read: small members need no further read at all).
     """
     if isinstance(source, int):
         total = os.fstat(source).st_size
-
-        def read(pos: int, n: int) -> bytes:
-            return os.pread(source, n, pos)
+        pread = functools.partial(os.pread, source)  # pread(n, pos)
     else:
         total = len(source)
 
-        def read(pos: int, n: int) -> bytes:
+        def pread(n: int, pos: int) -> bytes:
             return bytes(source[pos : pos + n])
 
-    members: list[Member] = []
+    # (the loop runs once per member of every shard a loader opens: locals and bound methods)
+    names: list[str] = []
     offsets: list[int] = []
-    blocks: list[bytes] = []
+    sizes: list[int] = []
+    headers: list[int] = []
+    crcs: list[int] | None = [] if with_crc else None
+    heads: list[bytes] | None = [] if peek else None
+    add_name, add_offset, add_size, add_header = names.append, offsets.append, sizes.append, headers.append
+    add_head = heads.append if heads is not None else None
+    blocks: list[bytes] = []  # every header block and its offset, for the checksum check
+    block_offsets: list[int] = []
+    add_block, add_block_offset = blocks.append, block_offsets.append
+    want = BLOCK + peek
     pos = 0
     long_name: str | None = None
     pax: dict[str, str] = {}
@@ -158,13 +202,16 @@ def walk(
                 f"{shard}: truncated tar archive (ends inside a header at byte {pos} of {total}); "
                 "re-create the shard"
             )
-        chunk = read(pos, BLOCK + peek)
+        chunk = pread(want, pos)
         hdr = chunk[:BLOCK] if peek else chunk
         if hdr[0] == 0 and hdr == _ZERO_BLOCK:
             break  # end of archive
-        offsets.append(pos)
-        blocks.append(hdr)
-        size = _size(hdr, pos, shard)
+        add_block(hdr)
+        add_block_offset(pos)
+        try:
+            size = int(hdr[124:135], 8)  # fast path: 11 octal digits (+ NUL), as tar writers do
+        except ValueError:
+            size = _octal(hdr[124:136], "size", f"{shard}: tar header at byte {pos}")
         typeflag = hdr[156]
         data = pos + BLOCK
         end = data + size
@@ -178,8 +225,11 @@ def walk(
                 name = long_name
             elif pax or global_pax:
                 name = pax.get("path") or global_pax.get("path") or _plain_name(hdr)
-            else:
+            elif hdr[257:263] == b"ustar\0":  # POSIX ustar: there may be a name prefix
                 name = _plain_name(hdr)
+            else:  # GNU (our writer) and old tar: the name field alone
+                nul = hdr.find(0, 0, 100)
+                name = hdr[: nul if nul >= 0 else 100].decode("utf-8", "replace")
             if "size" in pax:
                 try:
                     size = int(pax["size"])
@@ -190,29 +240,33 @@ def walk(
                 end = data + size
                 if end > total:
                     raise DataError(f"{shard}: truncated tar archive: member {name!r} runs past the end")
-            crc = None
-            if with_crc:
+            if crcs is not None:
                 where = f"{shard}: tar header at byte {pos}"
-                crc = (_octal(hdr[329:337], "devmajor", where) << 16) | _octal(
-                    hdr[337:345], "devminor", where
+                crcs.append(
+                    (_octal(hdr[329:337], "devmajor", where) << 16) | _octal(hdr[337:345], "devminor", where)
                 )
-            head = chunk[BLOCK : BLOCK + min(size, peek)] if peek else None
-            members.append(Member(name, data, size, pos, crc, head))
+            if add_head is not None:
+                add_head(chunk[BLOCK : BLOCK + size] if size < peek else chunk[BLOCK:])
+            add_name(name)
+            add_offset(data)
+            add_size(size)
+            add_header(pos)
             long_name = None
-            pax = {}
+            if pax:
+                pax = {}
         elif typeflag == 76:  # "L": GNU long name of the next member
-            long_name = read(data, size).split(b"\0", 1)[0].decode("utf-8", "replace")
+            long_name = pread(size, data).split(b"\0", 1)[0].decode("utf-8", "replace")
         elif typeflag == 120:  # "x": PAX header of the next member
-            pax = _pax_records(read(data, size), f"{shard}: tar header at byte {pos}")
+            pax = _pax_records(pread(size, data), f"{shard}: tar header at byte {pos}")
         elif typeflag == 103:  # "g": global PAX header
-            global_pax = _pax_records(read(data, size), f"{shard}: tar header at byte {pos}")
+            global_pax = _pax_records(pread(size, data), f"{shard}: tar header at byte {pos}")
         else:  # directories, links, GNU long link names: not sample members
             long_name = None
             pax = {}
         pos = end + (-size % BLOCK)
     if check_checksums and blocks:
-        check_header_checksums(blocks, offsets, shard)
-    return members
+        check_header_checksums(blocks, block_offsets, shard)
+    return MemberColumns(names, offsets, sizes, headers, crcs, heads)
 
 
 _REGULAR = (ord("0"), 0, ord("7"))
