@@ -1,28 +1,53 @@
 """Training throughput of the AstroCLIP towers on CPU: ours vs a reference-style implementation.
 
-Both implementations share one set of weights (same architecture, same sizes: the paper's
-SpecFormer — 7781-pixel DESI spectra, 778 slices + statistics token, width 768, 6 blocks, 6 heads —
-and the paper's ViT-L/12 image tower on 144x144 g,r,z crops); rounds alternate between them in
-one process, so machine load hits both alike. One training step = forward, masked-modelling loss,
-backward and an AdamW update.
+One process, one set of weights, the same batches and the same precision on both sides; rounds
+alternate between the implementations (ABBA order) so machine load hits both alike; warm-up steps
+are not timed; the median wall and process-CPU time per step are reported. One training step =
+forward + masked-modelling loss, backward, gradient clipping at 1 (`global_grad_norm`, as the
+trainer) and the trainer's optimiser (`build_optimizer`: fused AdamW, its weight-decay groups).
+Sizes are the paper's: SpecFormer on the 7781-pixel DESI grid (777 slices + statistics token,
+width 768, 6 blocks, 6 heads, dropout 0.1) and the ViT-L/12 image tower on 144x144 g,r,z crops
+(144 patches + class + scale tokens, width 1024, 24 blocks, 16 heads).
 
-- reference-style: what the reference code runs — attention as explicit softmax(QKᵀ/√d)V with
-  dropout on the attention probabilities, spectra sliced and masked with per-sample Python loops;
-- ours (fp32): `foundation.attention` (SDPA's fused CPU kernel; attention probabilities are not
-  dropped), vectorised slicing (`unfold`) and masks built in the loader workers;
-- ours (bf16): the same under CPU bf16 autocast (AMX / AVX512-BF16 matmuls where the CPU has them).
+**reference-style** is the reference code's training step re-expressed op for op over our
+parameters (so parameter counts and shapes are identical):
 
-    python benchmarks/astroclip.py                 # both towers, paper sizes
-    python benchmarks/astroclip.py --tower spectrum --steps 3 --batch 2
+- SpecFormer, after PolymathicAI/AstroCLIP `astroclip/models/specformer.py` and
+  `astroclip/modules.py`: slices cut by a Python list of slices concatenated with `torch.cat`
+  (`_slice`), segment masks drawn and applied sample by sample in Python loops (`_mask_seq`),
+  positions looked up in an embedding table, pre-LN blocks with one q/k/v projection split into
+  three views, attention `F.scaled_dot_product_attention(q, k, v, dropout_p=0.1)` in training —
+  dropout on the attention probabilities, which sends SDPA on CPU to its math path (explicit
+  softmax(QKᵀ/√d), dropout, ·V, the T×T matrix materialised; `--profile` shows the ops) — then
+  `.transpose().contiguous().view()`, output projection, residual dropout, MLP with dropout.
+- Image tower, after the DINOv2 ViT that AstroCLIP's `astrodino` trains (dinov2
+  `layers/attention.py`; `MemEffAttention` falls back to `Attention` without xformers, i.e. always
+  on CPU): Conv2d patch embedding, mask token, class token, learned positions, pre-LN blocks with
+  explicit attention `softmax((q·scale) kᵀ) v` (no attention dropout), MLP.
+
+Kept from our model on both sides so that both compute the same function: the per-sample
+standardisation, the bad-pixel channel and statistics-token embedding, the scale token, the mask
+token (the reference zeroes masked input slices), our decoder and masked MSE, and no dropout on
+the summed input embeddings (the reference has one more 10 % dropout there — leaving it out
+favours the reference). With dropout off the two give the same loss; every run checks that first.
+
+**ours** is `FAMILY.loss(model, batch)`, the towers as the trainer runs them: SDPA without
+attention dropout (fused flash kernel on CPU), `unfold` slicing, masks from the loader.
+
+    python benchmarks/astroclip.py --tower spectrum --batch 2 --steps 2 --rounds 3
+    python benchmarks/astroclip.py --tower image --precision fp32,bf16
+    python benchmarks/astroclip.py --tower spectrum --profile 2   # where the time goes, by category
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import math
+import os
 import sys
 import time
+from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,181 +56,402 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from encoders.astroclip import towers  # noqa: E402
 from encoders.astroclip.augment import random_patch_mask, segment_mask  # noqa: E402
 from encoders.astroclip.family import FAMILY  # noqa: E402
-from encoders.astroclip.model import AstroCLIP, AstroCLIPConfig, ImageTowerConfig, SpectrumTowerConfig  # noqa: E402
+from encoders.astroclip.losses import masked_mse  # noqa: E402
+from encoders.astroclip.model import (  # noqa: E402
+    AstroCLIP,
+    AstroCLIPConfig,
+    ImageTowerConfig,
+    SpectrumTowerConfig,
+)
+from foundation.config import OptimSection  # noqa: E402
+from foundation.train.optim import build_optimizer  # noqa: E402
+from foundation.train.trainer import global_grad_norm  # noqa: E402
+
+REFERENCE, OURS, COMPILED = "reference-style", "ours", "ours + torch.compile"
+
+# ----------------------------------------------------------------------------- reference-style
 
 
-def explicit_attention(dropout_p: float):
-    """The reference's attention: explicit softmax, dropout on the probabilities."""
-
-    def attend(q, k, v, **_):
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
-        att = F.dropout(F.softmax(att, dim=-1), p=dropout_p, training=True)
-        return att @ v
-
-    return attend
+def reference_slices(x: torch.Tensor, patch: int, stride: int) -> torch.Tensor:
+    """SpecFormer._slice: (B, L) → (B, T, patch) from a Python list of slices and torch.cat."""
+    x = x[..., None]
+    starts = np.arange(0, x.shape[1] - (patch - stride), stride)
+    sections = [x[:, s : s + patch].transpose(1, 2) for s in starts]
+    return torch.cat([s for s in sections if s.shape[2] == patch], 1)
 
 
-@contextlib.contextmanager
-def reference_attention(dropout_p: float):
-    original = towers.attention
-    towers.attention = explicit_attention(dropout_p)
-    try:
-        yield
-    finally:
-        towers.attention = original
+def reference_segment_masks(
+    batch: int, tokens: int, segments: int, length: int, generator: torch.Generator
+) -> torch.Tensor:
+    """SpecFormer._mask_seq's draw: per sample, per segment, one torch.randint in a Python loop."""
+    masks = torch.zeros(batch, tokens, dtype=torch.bool)
+    seg = tokens // segments
+    for row in range(batch):
+        for s in range(segments):
+            start = s * seg + int(torch.randint(0, seg - length + 1, (1,), generator=generator))
+            masks[row, start : start + length] = True
+    return masks
 
 
-def reference_spectrum_batch(flux: torch.Tensor, cfg: SpectrumTowerConfig, rng: np.random.Generator) -> dict:
-    """Reference-style preprocessing: slices by a Python list, masks drawn per sample in a loop."""
-    starts = np.arange(0, flux.shape[1] - cfg.stride, cfg.patch - cfg.stride)
-    sections = [flux[:, s : s + cfg.patch] for s in starts]
-    sections = [s for s in sections if s.shape[1] == cfg.patch]
-    _ = torch.stack(sections, 1)  # the reference's sliced input (its model then re-embeds it)
-    masks = []
-    for _row in range(len(flux)):
-        m = torch.zeros(cfg.tokens, dtype=torch.bool)
-        seg = cfg.tokens // cfg.mask_segments
-        for s in range(cfg.mask_segments):
-            start = s * seg + int(rng.integers(0, seg - cfg.mask_length + 1))
-            m[start : start + cfg.mask_length] = True
-        masks.append(m)
-    return {
-        "spectrum": flux,
-        "spectrum_bad": torch.zeros_like(flux, dtype=torch.bool),
-        "spectrum_token_mask": torch.stack(masks),
-    }
-
-
-def ours_spectrum_batch(flux: torch.Tensor, cfg: SpectrumTowerConfig, rng: np.random.Generator) -> dict:
-    masks = np.stack(
-        [segment_mask(cfg.tokens, cfg.mask_segments, cfg.mask_length, rng) for _ in range(len(flux))]
-    )
-    return {
-        "spectrum": flux,
-        "spectrum_bad": torch.zeros_like(flux, dtype=torch.bool),
-        "spectrum_token_mask": torch.from_numpy(masks),
-    }
-
-
-def image_batch(images: torch.Tensor, cfg: ImageTowerConfig, rng: np.random.Generator) -> dict:
-    patches = (cfg.size // cfg.patch) ** 2
-    masks = np.stack([random_patch_mask(patches, cfg.mask_ratio, rng) for _ in range(len(images))])
-    return {"image": images, "image_token_mask": torch.from_numpy(masks)}
-
-
-def measure(model, optimizer, make_batch, mode: str, steps: int, rng) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) per training step."""
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "ours (bf16)")
-    attention = (
-        reference_attention(
-            model.cfg.spectrum.dropout if model.stage == "spectrum_masked" else model.cfg.image.dropout
-        )
-        if mode == "reference-style"
-        else contextlib.nullcontext()
-    )
-    wall = cpu = 0.0
-    with attention:
-        for i in range(steps + 1):  # the first step warms up and is not timed
-            t0, c0 = time.perf_counter(), time.process_time()
-            batch = make_batch(rng)
-            with autocast:
-                loss, _ = FAMILY.loss(model, batch)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if i:
-                wall += time.perf_counter() - t0
-                cpu += time.process_time() - c0
-    return wall / steps, cpu / steps
-
-
-def run_tower(
-    name: str, cfg: AstroCLIPConfig, make_batches, batch: int, steps: int, rounds: int
-) -> list[dict]:
-    torch.manual_seed(0)
-    model = AstroCLIP(cfg).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    params = sum(p.numel() for p in model.parameters()) / 1e6
-    modes = ["reference-style", "ours (fp32)", "ours (bf16)"]
-    results = {m: [] for m in modes}
-    rng = np.random.default_rng(0)
-    for r in range(rounds):
-        for mode in modes if r % 2 == 0 else modes[::-1]:
-            results[mode].append(measure(model, optimizer, make_batches[mode], mode, steps, rng))
+def reference_apply_mask(h: torch.Tensor, token_mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
+    """SpecFormer.mask_sequence: clone each sample and overwrite its masked tokens, then stack."""
     rows = []
-    ref_wall = np.median([w for w, _ in results["reference-style"]])
-    ref_cpu = np.median([c for _, c in results["reference-style"]])
-    for mode in modes:
-        wall = np.median([w for w, _ in results[mode]])
-        cpu = np.median([c for _, c in results[mode]])
+    for row, mask in zip(h, token_mask, strict=True):
+        row = row.clone()
+        row[mask] = mask_token.to(row.dtype)
+        rows.append(row)
+    return torch.stack(rows)
+
+
+def reference_specformer_attention(attn, x: torch.Tensor, training: bool) -> torch.Tensor:
+    """astroclip/modules.py SelfAttention.forward (PyTorch >= 2 branch)."""
+    b, t, c = x.shape
+    p = attn.dropout.p
+    q, k, v = attn.qkv(x).split(c, dim=2)
+    nh, hs = attn.heads, c // attn.heads
+    k = k.view(b, t, nh, hs).transpose(1, 2)
+    q = q.view(b, t, nh, hs).transpose(1, 2)
+    v = v.view(b, t, nh, hs).transpose(1, 2)
+    y = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=None, dropout_p=p if training else 0.0, is_causal=False
+    )
+    y = y.transpose(1, 2).contiguous().view(b, t, c)
+    return F.dropout(attn.proj(y), p, training)
+
+
+def reference_mlp(mlp, x: torch.Tensor, training: bool) -> torch.Tensor:
+    """astroclip/modules.py MLP (encoder, GELU, decoder, dropout); dinov2 Mlp with drop=0 alike."""
+    encoder, activation, decoder, dropout = mlp
+    return F.dropout(decoder(activation(encoder(x))), dropout.p, training)
+
+
+def reference_spectrum_loss(model: AstroCLIP, batch: dict) -> torch.Tensor:
+    tower, training = model.spectrum, model.training
+    x, good, stats = tower.standardise(batch["spectrum"], batch.get("spectrum_bad"))
+    target = reference_slices(x, tower.patch, tower.stride)
+    weight = reference_slices(good, tower.patch, tower.stride)
+    h = tower.embed(torch.cat([target, 1.0 - weight], dim=-1))
+    h = reference_apply_mask(h, batch["spectrum_token_mask"], tower.mask_token)
+    h = torch.cat([tower.stats_embed(stats)[:, None], h], dim=1)
+    h = h + F.embedding(torch.arange(h.shape[1], device=h.device), tower.pos[0])
+    for block in tower.encoder.blocks:
+        h = h + reference_specformer_attention(block.attn, block.norm1(h), training)
+        h = h + reference_mlp(block.mlp, block.norm2(h), training)
+    h = tower.encoder.norm(h)
+    prediction = model.spectrum_decoder(h[:, 1:])
+    return masked_mse(prediction, target, batch["spectrum_token_mask"], weight)
+
+
+def reference_dinov2_attention(attn, x: torch.Tensor, training: bool) -> torch.Tensor:
+    """dinov2/layers/attention.py Attention.forward (attn_drop = proj_drop = our dropout, 0)."""
+    b, n, c = x.shape
+    qkv = attn.qkv(x).reshape(b, n, 3, attn.heads, c // attn.heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0] * (c // attn.heads) ** -0.5, qkv[1], qkv[2]
+    a = q @ k.transpose(-2, -1)
+    a = F.dropout(a.softmax(dim=-1), attn.dropout.p, training)
+    x = (a @ v).transpose(1, 2).reshape(b, n, c)
+    return F.dropout(attn.proj(x), attn.dropout.p, training)
+
+
+def reference_image_loss(model: AstroCLIP, batch: dict) -> torch.Tensor:
+    tower, training = model.image, model.training
+    x, log_scale = tower.standardise(batch["image"])
+    h = tower.patch_embed(x).flatten(2).transpose(1, 2)
+    mask = batch["image_token_mask"]
+    h = torch.where(mask.unsqueeze(-1), tower.mask_token.to(h.dtype).unsqueeze(0), h)
+    h = torch.cat((tower.cls.expand(h.shape[0], -1, -1), tower.scale_embed(log_scale)[:, None], h), dim=1)
+    h = h + tower.pos
+    for block in tower.encoder.blocks:
+        h = h + reference_dinov2_attention(block.attn, block.norm1(h), training)
+        h = h + reference_mlp(block.mlp, block.norm2(h), training)
+    h = tower.encoder.norm(h)
+    prediction = model.image_decoder(h[:, 2:])
+    return masked_mse(prediction, tower.patches(x), mask)
+
+
+def reference_loss(model: AstroCLIP, batch: dict) -> torch.Tensor:
+    if model.stage == "spectrum_masked":
+        return reference_spectrum_loss(model, batch)
+    if model.stage == "image_masked":
+        return reference_image_loss(model, batch)
+    raise ValueError(f"no reference-style step for stage {model.stage!r}")
+
+
+def ours_loss(model: AstroCLIP, batch: dict) -> torch.Tensor:
+    return FAMILY.loss(model, batch)[0]
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def spectrum_batch(flux: torch.Tensor, mask: torch.Tensor) -> dict:
+    return {
+        "spectrum": flux,
+        "spectrum_bad": torch.zeros_like(flux, dtype=torch.bool),
+        "spectrum_token_mask": mask,
+    }
+
+
+def batch_makers(
+    cfg: AstroCLIPConfig, batch: int, seed: int
+) -> tuple[dict[str, Callable[[], dict]], Callable[[], dict]]:
+    """Per implementation, a function drawing the next training batch (the same data; masks drawn
+    the implementation's way), and one fixed batch for the equivalence check."""
+    g = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    if cfg.stage == "spectrum_masked":
+        s = cfg.spectrum
+        flux = torch.randn(batch, s.length, generator=g) + 3.0
+
+        def ours() -> dict:
+            masks = np.stack(
+                [segment_mask(s.tokens, s.mask_segments, s.mask_length, rng) for _ in range(batch)]
+            )
+            return spectrum_batch(flux, torch.from_numpy(masks))
+
+        def reference() -> dict:
+            return spectrum_batch(
+                flux, reference_segment_masks(batch, s.tokens, s.mask_segments, s.mask_length, g)
+            )
+
+        fixed = ours()
+        return {REFERENCE: reference, OURS: ours, COMPILED: ours}, lambda: fixed
+    i = cfg.image
+    images = torch.rand(batch, len(i.bands), i.size, i.size, generator=g)
+    patches = (i.size // i.patch) ** 2
+
+    def image() -> dict:  # DINOv2 draws its masks in the collate as well
+        masks = np.stack([random_patch_mask(patches, i.mask_ratio, rng) for _ in range(batch)])
+        return {"image": images, "image_token_mask": torch.from_numpy(masks)}
+
+    fixed = image()
+    return {REFERENCE: image, OURS: image, COMPILED: image}, lambda: fixed
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def check_equivalence(model: AstroCLIP, batch: dict) -> float:
+    """Relative difference of the two losses with dropout off (fp32): same function, or abort."""
+    model.eval()
+    with torch.no_grad():
+        ours, ref = float(ours_loss(model, batch)), float(reference_loss(model, batch))
+    model.train()
+    rel = abs(ours - ref) / max(abs(ref), 1e-12)
+    if not rel < 1e-4:
+        raise SystemExit(f"reference-style and ours disagree: loss {ref} vs {ours} (rel. {rel:.2e})")
+    return rel
+
+
+class Trainer:
+    """One optimiser step exactly as foundation.train does it, for a given loss function."""
+
+    def __init__(self, model: AstroCLIP):
+        self.model = model
+        self.optimizer = build_optimizer(model, OptimSection())
+
+    def step(self, loss_fn: Callable, batch: dict, precision: str, profile: bool = False) -> None:
+        phase = (
+            (lambda name: torch.profiler.record_function(f"phase:{name}"))
+            if profile
+            else (lambda name: contextlib.nullcontext())
+        )
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+        with phase("forward"), autocast:
+            loss = loss_fn(self.model, batch)
+        with phase("backward"):
+            loss.backward()
+        with phase("clip"):
+            global_grad_norm(self.model, 1.0)
+        with phase("optimizer"):
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+
+def categorise(event, tokens: int) -> str:
+    """Category of one profiler event's self time (attention = anything on (…, T, T) tensors)."""
+    chain, parent = [event.name], event.cpu_parent
+    while parent is not None:
+        chain.append(parent.name)
+        parent = parent.cpu_parent
+    phases = [n.split(":", 1)[1] for n in chain if n.startswith("phase:")]
+    if phases and phases[0] in ("clip", "optimizer"):
+        return {"clip": "gradient clipping", "optimizer": "AdamW (fused)"}[phases[0]]
+    text = " ".join(chain)
+    shapes = [s for s in (event.input_shapes or []) if isinstance(s, list | tuple) and len(s) >= 2]
+    if any(
+        key in text for key in ("scaled_dot_product", "ScaledDotProduct", "Softmax", "softmax", "bmm", "Bmm")
+    ) or any(list(s[-2:]) == [tokens, tokens] for s in shapes):
+        return "attention"
+    if event.name in ("aten::mm", "aten::addmm"):
+        return "linear layers (GEMM)"
+    if "dropout" in text or event.name == "aten::bernoulli_":
+        return "dropout (residual, MLP)"
+    if "layer_norm" in text:
+        return "LayerNorm"
+    if "gelu" in text.lower():
+        return "GELU"
+    if "convolution" in text:
+        return "patch embedding (conv)"
+    return "other (copies, casts, adds, loss, ...)"
+
+
+def profile_step(trainer: Trainer, loss_fn, batch: dict, precision: str, tokens: int) -> dict[str, float]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        trainer.step(loss_fn, batch, precision, profile=True)
+    totals: dict[str, float] = defaultdict(float)
+    for event in prof.events():
+        if event.name.startswith("phase:"):
+            continue
+        totals[categorise(event, tokens)] += event.self_cpu_time_total / 1e3
+    return dict(totals)
+
+
+def run_tower(name: str, cfg: AstroCLIPConfig, args) -> tuple[list[dict], list[str]]:
+    torch.manual_seed(args.seed)
+    model = AstroCLIP(cfg).train()
+    trainer = Trainer(model)
+    makers, fixed = batch_makers(cfg, args.batch, args.seed)
+    rel = check_equivalence(model, fixed())
+    notes = [
+        f"{name}: reference-style and ours give the same loss with dropout off "
+        f"(relative difference {rel:.1e})"
+    ]
+    impls = [REFERENCE, OURS] + ([COMPILED] if args.compile else [])
+    loss_fns = {REFERENCE: reference_loss, OURS: ours_loss}
+    if args.compile:
+        loss_fns[COMPILED] = torch.compile(ours_loss)
+    modes = [(impl, prec) for prec in args.precision for impl in impls]
+    for mode in modes:  # warm-up: first-step allocations, kernel selection, optimiser state, compilation
+        for _ in range(args.warmup):
+            trainer.step(loss_fns[mode[0]], makers[mode[0]](), mode[1])
+    times: dict[tuple[str, str], list[tuple[float, float]]] = {m: [] for m in modes}
+    for r in range(args.rounds):
+        for mode in modes if r % 2 == 0 else modes[::-1]:
+            for _ in range(args.steps):
+                batch = makers[mode[0]]()  # mask drawing counts: the reference draws them in its step
+                t0, c0 = time.perf_counter(), time.process_time()
+                trainer.step(loss_fns[mode[0]], batch, mode[1])
+                times[mode].append((time.perf_counter() - t0, time.process_time() - c0))
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    rows = []
+    for impl, prec in modes:
+        wall = np.array([w for w, _ in times[(impl, prec)]])
+        cpu = np.array([c for _, c in times[(impl, prec)]])
+        ref_wall = np.median([w for w, _ in times[(REFERENCE, prec)]])
+        ref_cpu = np.median([c for _, c in times[(REFERENCE, prec)]])
         rows.append(
             {
                 "tower": name,
                 "params_M": params,
-                "mode": mode,
-                "samples_per_s": batch / wall,
-                "samples_per_cpu_s": batch / cpu,
-                "speedup_wall": ref_wall / wall,
-                "speedup_cpu": ref_cpu / cpu,
+                "precision": prec,
+                "impl": impl,
+                "step_s": float(np.median(wall)),
+                "step_range": (float(wall.min()), float(wall.max())),
+                "samples_per_s": args.batch / float(np.median(wall)),
+                "samples_per_cpu_s": args.batch / float(np.median(cpu)),
+                "speedup_wall": float(ref_wall / np.median(wall)),
+                "speedup_cpu": float(ref_cpu / np.median(cpu)),
             }
         )
-    return rows
+    if args.profile:
+        tokens = (
+            cfg.spectrum.tokens + 1
+            if cfg.stage == "spectrum_masked"
+            else 2 + (cfg.image.size // cfg.image.patch) ** 2
+        )
+        shares: dict[tuple[str, str], dict[str, float]] = {m: defaultdict(float) for m in modes}
+        for r in range(args.profile):  # interleaved like the timing, summed
+            for mode in modes if r % 2 == 0 else modes[::-1]:
+                for category, ms in profile_step(
+                    trainer, loss_fns[mode[0]], makers[mode[0]](), mode[1], tokens
+                ).items():
+                    shares[mode][category] += ms / args.profile
+        for impl, prec in modes:
+            total = sum(shares[(impl, prec)].values())
+            notes.append(
+                f"profile, {name}, {impl}, {prec}: {total / 1e3:.2f} s of op self time per step "
+                f"(mean of {args.profile})"
+            )
+            for category, ms in sorted(shares[(impl, prec)].items(), key=lambda kv: -kv[1]):
+                notes.append(f"    {category:40s} {ms:9.1f} ms  {100 * ms / total:5.1f} %")
+    return rows, notes
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tower", choices=("spectrum", "image", "both"), default="both")
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--steps", type=int, default=2, help="Timed steps per round and mode.")
-    p.add_argument("--rounds", type=int, default=3, help="Interleaved rounds (median reported).")
+    p.add_argument("--steps", type=int, default=2, help="Timed steps per round and implementation.")
+    p.add_argument("--rounds", type=int, default=3, help="Interleaved rounds (ABBA order).")
+    p.add_argument(
+        "--warmup", type=int, default=1, help="Untimed steps per implementation before the rounds."
+    )
+    p.add_argument(
+        "--precision",
+        type=lambda s: s.split(","),
+        default=["fp32"],
+        help="fp32, bf16 (CPU autocast, both sides) or fp32,bf16.",
+    )
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--image-depth", type=int, default=24, help="ViT blocks (paper ViT-L: 24).")
+    p.add_argument("--compile", action="store_true", help="Add ours under torch.compile (inductor).")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="Profile N steps per implementation (time by category).",
+    )
+    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    if not set(args.precision) <= {"fp32", "bf16"}:
+        p.error(f"--precision takes fp32, bf16 or fp32,bf16, not {','.join(args.precision)}")
     torch.set_num_threads(args.threads)
-    rows = []
+    load_start = os.getloadavg()[0]
+    rows, notes = [], []
     if args.tower in ("spectrum", "both"):
         cfg = AstroCLIPConfig(stage="spectrum_masked", spectrum=SpectrumTowerConfig())
-        flux = torch.randn(args.batch, cfg.spectrum.length) + 3.0
-        makers = {
-            "reference-style": lambda rng: reference_spectrum_batch(flux, cfg.spectrum, rng),
-            "ours (fp32)": lambda rng: ours_spectrum_batch(flux, cfg.spectrum, rng),
-            "ours (bf16)": lambda rng: ours_spectrum_batch(flux, cfg.spectrum, rng),
-        }
-        rows += run_tower(
-            "SpecFormer (7781 px, 777+1 tokens, w768 d6)", cfg, makers, args.batch, args.steps, args.rounds
+        s = cfg.spectrum
+        r, n = run_tower(
+            f"SpecFormer ({s.length} px, {s.tokens}+1 tokens, w{s.width} d{s.depth} h{s.heads})", cfg, args
         )
+        rows, notes = rows + r, notes + n
     if args.tower in ("image", "both"):
         cfg = AstroCLIPConfig(stage="image_masked", image=ImageTowerConfig(depth=args.image_depth))
-        images = torch.rand(args.batch, 3, cfg.image.size, cfg.image.size)
-        makers = {
-            m: (lambda rng: image_batch(images, cfg.image, rng))
-            for m in ("reference-style", "ours (fp32)", "ours (bf16)")
-        }
-        rows += run_tower(
-            f"ViT-L/12 image tower (144 px, 146 tokens, w1024 d{args.image_depth})",
+        i = cfg.image
+        tokens = 2 + (i.size // i.patch) ** 2
+        r, n = run_tower(
+            f"ViT image tower ({i.size} px / {i.patch}, {tokens} tokens, w{i.width} d{i.depth} h{i.heads})",
             cfg,
-            makers,
-            args.batch,
-            args.steps,
-            args.rounds,
+            args,
         )
+        rows, notes = rows + r, notes + n
+    print()
+    for note in notes:
+        print(note)
     print(
-        f"\nCPU training throughput, batch {args.batch}, {args.threads} threads, "
-        f"median of {args.rounds} interleaved "
-        f"rounds x {args.steps} steps (1-min load average at the end: {__import__('os').getloadavg()[0]:.1f})"
+        f"\nCPU training step (forward, backward, clip, fused AdamW), batch {args.batch}, "
+        f"{args.threads} threads, median of {args.rounds} interleaved rounds x {args.steps} steps "
+        f"after {args.warmup} warm-up step(s); "
+        f"1-min load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     )
     print(
-        "| tower | params (M) | implementation | samples/s (wall) | samples/CPU-s "
-        "| speed-up (wall) | speed-up (CPU) |"
+        "| tower | params (M) | precision | implementation | s/step (median; min-max) | samples/s (wall) "
+        "| samples/CPU-s | speed-up (wall) | speed-up (CPU) |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        lo, hi = r["step_range"]
         print(
-            f"| {r['tower']} | {r['params_M']:.1f} | {r['mode']} | {r['samples_per_s']:.3f} | "
-            f"{r['samples_per_cpu_s']:.3f} | {r['speedup_wall']:.2f}x | {r['speedup_cpu']:.2f}x |"
+            f"| {r['tower']} | {r['params_M']:.1f} | {r['precision']} | {r['impl']} | "
+            f"{r['step_s']:.2f} ({lo:.2f}-{hi:.2f}) | {r['samples_per_s']:.3f} | "
+            f"{r['samples_per_cpu_s']:.3f} | "
+            f"{r['speedup_wall']:.2f}x | {r['speedup_cpu']:.2f}x |"
         )
     return 0
 

@@ -41,7 +41,11 @@ class AttentionPoolHead(nn.Module):
         w = self.query.shape[-1]
         dh = w // self.heads
         q = self.q(self.query).view(1, 1, self.heads, dh).transpose(1, 2).expand(b, -1, -1, -1)
-        k, v = self.kv(self.norm_in(tokens)).view(b, t, 2, self.heads, dh).permute(2, 0, 3, 1, 4)
+        # unbind + transpose: strided views for the kernel, and a backward that stacks the two
+        # gradients straight into the projection's layout (see towers.SelfAttention)
+        k, v = (
+            u.transpose(1, 2) for u in self.kv(self.norm_in(tokens)).view(b, t, 2, self.heads, dh).unbind(2)
+        )
         return q, k, v
 
     def forward(self, tokens: torch.Tensor, return_weights: bool = False):
