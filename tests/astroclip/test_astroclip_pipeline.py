@@ -1,10 +1,6 @@
 """synth → prepare (HDF5 and FITS) → pretrain (SpecFormer, then alignment) through the CLI."""
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -272,28 +268,20 @@ def test_pretrain_refuses_shards_on_another_wavelength_grid(data, tmp_path, caps
 
 
 @pytest.mark.slow
-def test_alignment_on_two_processes(data, tmp_path):
-    launcher = shutil.which("foundation", path=str(Path(sys.executable).parent)) or "foundation"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--standalone",
-        "--no-python",
-        launcher,
-        "pretrain",
-        str(CONFIGS / "align-tiny.yaml"),
-        f"data.path={data / 'shards'}",
-        f"run.dir={tmp_path / 'run'}",
-        "model.spectrum_init=null",
-        *SPECTRUM,
-        *IMAGE,
-        *LOOP,
-    ]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+def test_alignment_on_two_processes(data, tmp_path, torchrun):
+    result = torchrun(
+        [
+            "pretrain",
+            str(CONFIGS / "align-tiny.yaml"),
+            f"data.path={data / 'shards'}",
+            f"run.dir={tmp_path / 'run'}",
+            "model.spectrum_init=null",
+            *SPECTRUM,
+            *IMAGE,
+            *LOOP,
+        ],
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 x cpu, ddp" in result.stderr
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

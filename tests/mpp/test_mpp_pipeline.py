@@ -2,10 +2,6 @@
 expansion, and `foundation evaluate rollout`."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -273,36 +269,14 @@ def test_family_hooks(shards):
         build_model(MPPConfig(init_from="/gone/run"), manifest)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_pretrain_on_two_processes(shards, tmp_path, parallel):
+def test_pretrain_on_two_processes(shards, tmp_path, parallel, torchrun):
     pre, _ = shards
     run = tmp_path / parallel
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(_free_port()),
-        "-m",
-        "foundation.cli",
-        "pretrain",
-        TINY,
-        f"data.path={pre}",
-        f"run.dir={run}",
-        f"train.parallel={parallel}",
-        *FAST,
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    proc = torchrun(
+        ["pretrain", TINY, f"data.path={pre}", f"run.dir={run}", f"train.parallel={parallel}", *FAST]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "done" and status["step"] == 6

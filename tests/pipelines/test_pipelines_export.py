@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import export_test_family
@@ -248,44 +245,13 @@ def test_parts_then_merge_cover_every_sample(tmp_path, tiny_shards, tiny_checkpo
     assert "no finished part files" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_torchrun_two_ranks_write_parts_and_merge(tmp_path, tiny_shards, tiny_checkpoint):
+def test_torchrun_two_ranks_write_parts_and_merge(tmp_path, tiny_shards, tiny_checkpoint, torchrun):
     ckpt, _ = tiny_checkpoint
     out = tmp_path / "emb.h5"
-    env = dict(
-        os.environ,
-        PYTHONPATH=os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]),
-        OMP_NUM_THREADS="1",
-    )
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(_free_port()),
-        "-m",
-        "foundation.cli",
-        "export",
-        "--checkpoint",
-        str(ckpt),
-        "--data",
-        str(tiny_shards),
-        "--out",
-        str(out),
-        "--num-workers",
-        "0",
-        "--device",
-        "cpu",
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    args = ["export", "--checkpoint", str(ckpt), "--data", str(tiny_shards), "--out", str(out)]
+    pythonpath = os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])
+    proc = torchrun([*args, "--num-workers", "0", "--device", "cpu"], env={"PYTHONPATH": pythonpath})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "merged 2 parts" in proc.stdout
     with open_embeddings(out) as emb:

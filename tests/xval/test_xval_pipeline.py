@@ -1,10 +1,6 @@
 """synth / prepare / collate from real shards / pretrain / evaluate, on tiny data."""
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -284,27 +280,18 @@ def test_evaluate_refuses_foreign_tokenizer(tmp_path, orbits, capsys):
 
 
 @pytest.mark.slow
-def test_pretrain_on_two_processes(tmp_path, orbits):
-    launcher = shutil.which("foundation", path=str(Path(sys.executable).parent)) or "foundation"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--standalone",
-        "--no-python",
-        launcher,
-        "pretrain",
-        str(TINY),
-        f"data.path={orbits / 'shards'}",
-        f"run.dir={tmp_path / 'run'}",
-        "train.steps=4",
-        "train.val_every=0",
-        "train.tensorboard=false",
-    ]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+def test_pretrain_on_two_processes(tmp_path, orbits, torchrun):
+    result = torchrun(
+        [
+            "pretrain",
+            str(TINY),
+            f"data.path={orbits / 'shards'}",
+            f"run.dir={tmp_path / 'run'}",
+            "train.steps=4",
+            "train.val_every=0",
+            "train.tensorboard=false",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 x cpu, ddp" in result.stderr
     payload = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
