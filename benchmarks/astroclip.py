@@ -250,6 +250,7 @@ class Trainer:
 
     def __init__(self, model: AstroCLIP):
         self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(model, OptimSection())
 
     def step(self, loss_fn: Callable, batch: dict, precision: str, profile: bool = False) -> None:
@@ -264,7 +265,7 @@ class Trainer:
         with phase("backward"):
             loss.backward()
         with phase("clip"):
-            global_grad_norm(self.model, 1.0)
+            global_grad_norm(self.params, 1.0)
         with phase("optimizer"):
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)

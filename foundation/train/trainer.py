@@ -168,12 +168,14 @@ def grad_sync(model: nn.Module, parallel: str, sync: bool):
     return contextlib.nullcontext()
 
 
-def global_grad_norm(model: nn.Module, max_norm: float | None) -> torch.Tensor:
-    """Gradient norm over all ranks' shards (before clipping); clips to `max_norm` when given."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(
-        params, max_norm if max_norm is not None else math.inf, foreach=True
-    )
+def global_grad_norm(params: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
+    """Gradient norm over all ranks' shards (before clipping); clips to `max_norm` when given.
+    `params`: the model's trainable parameters, listed once (walking the module tree every step
+    costs as much as the norm itself on small models)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    if max_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
     if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
         norm = norm.full_tensor()
     return norm
@@ -379,6 +381,7 @@ class Trainer:
         last_saved = step if ckpt.latest_checkpoint(self.run_dir) is not None else -1
         started = time.perf_counter()
         status = "done"
+        trainable = [p for p in s.model.parameters() if p.requires_grad]
 
         while step < total:
             self._step = step
@@ -401,7 +404,7 @@ class Trainer:
                 loss_sum += loss.detach().to(torch.float64)
                 for key, value in metrics.items():
                     metric_sums[key] += float(value) / accum
-            grad_norm = float(global_grad_norm(s.model, cfg.train.grad_clip))
+            grad_norm = float(global_grad_norm(trainable, cfg.train.grad_clip))
             local_loss = float(loss_sum) / accum
             summed = all_reduce_sum([local_loss, float(stop.requested())], dist_info)
             step_loss, stop_votes = summed[0] / dist_info.world_size, summed[1]
