@@ -29,49 +29,13 @@ sys.path.insert(0, str(REPO))
 
 
 def make_data(workdir: Path, n: int, config: Path) -> Path:
-    from pipelines.demo import data_recipe
+    from pipelines.demo import data_recipe, prepare_argv, synth_argv
 
     recipe = data_recipe(str(config))
     survey, shards = workdir / "survey", workdir / "shards"
     run = [sys.executable, "-m", "foundation.cli"]
-    subprocess.run(
-        [
-            *run,
-            "synth",
-            "astroclip",
-            "--out",
-            str(survey),
-            "--n",
-            str(n),
-            "--image-size",
-            recipe["image_size"],
-            "--wave-step",
-            "2",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    subprocess.run(
-        [
-            *run,
-            "prepare",
-            "astroclip",
-            "--images",
-            str(survey / "legacysurvey"),
-            "--spectra",
-            str(survey / "desi"),
-            "--catalog",
-            str(survey / "provabgs"),
-            "--grid",
-            recipe["grid"],
-            "--cutout",
-            recipe["cutout"],
-            "--out",
-            str(shards),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    subprocess.run([*run, *synth_argv(survey, n, recipe)], check=True, capture_output=True)
+    subprocess.run([*run, *prepare_argv(survey, shards, recipe)], check=True, capture_output=True)
     return shards
 
 

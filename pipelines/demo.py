@@ -285,6 +285,42 @@ def data_recipe(align_config: str) -> dict[str, str]:
     return {"grid": grid, "cutout": str(cutout), "image_size": str(cutout + 8)}
 
 
+def synth_argv(survey: Path, n: int, recipe: dict[str, str]) -> list[str]:
+    """`foundation synth astroclip` arguments for a survey that fits `recipe` (see data_recipe)."""
+    return [
+        "synth",
+        "astroclip",
+        "--out",
+        str(survey),
+        "--n",
+        str(n),
+        "--image-size",
+        recipe["image_size"],
+        "--wave-step",
+        "2",
+    ]
+
+
+def prepare_argv(survey: Path, shards: Path, recipe: dict[str, str]) -> list[str]:
+    """`foundation prepare astroclip` arguments for a survey written by `synth astroclip`."""
+    return [
+        "prepare",
+        "astroclip",
+        "--images",
+        str(survey / "legacysurvey"),
+        "--spectra",
+        str(survey / "desi"),
+        "--catalog",
+        str(survey / "provabgs"),
+        "--grid",
+        recipe["grid"],
+        "--cutout",
+        recipe["cutout"],
+        "--out",
+        str(shards),
+    ]
+
+
 def _export_files(path: Path) -> list[Path]:
     from foundation.embeddings import partial_path
 
@@ -313,45 +349,13 @@ def plan(out: Path, s: DemoSettings) -> list[Stage]:
             "synth",
             f"write a synthetic galaxy survey of {s.n} objects (MMU HDF5: images, spectra, catalogue)",
             [survey / "legacysurvey", survey / "desi", survey / "provabgs"],
-            argv=[
-                "synth",
-                "astroclip",
-                "--out",
-                str(survey),
-                "--n",
-                str(s.n),
-                "--image-size",
-                recipe["image_size"],
-                "--wave-step",
-                "2",
-                "--seed",
-                str(s.seed),
-                "--overwrite",
-            ],
+            argv=[*synth_argv(survey, s.n, recipe), "--seed", str(s.seed), "--overwrite"],
         ),
         Stage(
             "prepare",
             "cross-match images and spectra on the sky, join the catalogue, write shards",
             [shards / "manifest.json"],
-            argv=[
-                "prepare",
-                "astroclip",
-                "--images",
-                str(survey / "legacysurvey"),
-                "--spectra",
-                str(survey / "desi"),
-                "--catalog",
-                str(survey / "provabgs"),
-                "--grid",
-                recipe["grid"],
-                "--cutout",
-                recipe["cutout"],
-                "--out",
-                str(shards),
-                "--seed",
-                str(s.seed),
-                "--overwrite",
-            ],
+            argv=[*prepare_argv(survey, shards, recipe), "--seed", str(s.seed), "--overwrite"],
             after=["synth"],
         ),
         Stage(
