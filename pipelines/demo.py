@@ -242,7 +242,7 @@ def _run_command(
 class DemoSettings:
     """Sizes of the demo; the defaults fit 10 minutes on a 2-core CPU (see docs/embeddings.md)."""
 
-    n: int = 3000
+    n: int = 5000
     spectrum_steps: int | None = None
     """None: the spectrum config's own train.steps."""
     align_steps: int | None = None
@@ -251,9 +251,23 @@ class DemoSettings:
     controls: bool = False
     spectrum_config: str = "configs/astroclip/specformer-tiny.yaml"
     align_config: str = "configs/astroclip/align-tiny.yaml"
+    precision: str = "auto"
+    """Training precision: auto = bf16 where the CPU has bf16 matrix hardware (AMX), else fp32."""
     targets: tuple[str, ...] = ("redshift", "stellar_mass")
     extra_pretrain: tuple[str, ...] = ()
     """Dotted overrides added to both pretraining commands (e.g. data.num_workers=0)."""
+
+
+def training_precision(requested: str) -> str:
+    """The demo's pretraining precision: `auto` takes bf16 autocast where the CPU has AMX (about
+    1.45x the samples/s of fp32 in stage 1 there), fp32 elsewhere; a GPU run is bf16 either way."""
+    if requested not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"--precision takes auto, fp32 or bf16, not {requested!r}")
+    if requested != "auto":
+        return requested
+    from foundation.train.trainer import cpu_bf16_is_fast
+
+    return "bf16" if cpu_bf16_is_fast() else "auto"
 
 
 def _config(path: str) -> str:
@@ -340,7 +354,7 @@ def plan(out: Path, s: DemoSettings) -> list[Stage]:
     """The demo's stages, in order."""
     survey, shards, runs, emb = out / "survey", out / "shards", out / "runs", out / "embeddings"
     reports = out / "reports"
-    common = [f"run.seed={s.seed}", *s.extra_pretrain]
+    common = [f"run.seed={s.seed}", f"train.precision={training_precision(s.precision)}", *s.extra_pretrain]
     recipe = data_recipe(_config(s.align_config))
     spectrum_steps = s.spectrum_steps or _config_steps(_config(s.spectrum_config))
     align_steps = s.align_steps or _config_steps(_config(s.align_config))
@@ -650,37 +664,9 @@ def summary(out: Path, markers: list[dict[str, Any]]) -> str:
         ]
     ret = _read_marker(out / "reports" / "retrieval" / "report.json")
     if ret:
-        rows = [
-            [
-                r["label"],
-                f"{r['query']} → {r['target']}",
-                r["n"],
-                r["top1"],
-                r["chance_top1"],
-                f"{r['top1_over_chance']:.1f}×",
-                f"{r['median_rank']:g}",
-                f"{r['chance_median_rank']:g}",
-            ]
-            for r in ret["results"]
-        ]
-        lines += [
-            "Cross-modal retrieval (held-out objects):",
-            "",
-            markdown_table(
-                [
-                    "embeddings",
-                    "query → target",
-                    "N",
-                    "top-1",
-                    "chance",
-                    "× chance",
-                    "median rank",
-                    "chance median",
-                ],
-                rows,
-            ),
-            "",
-        ]
+        from pipelines.evaluate_retrieval import render
+
+        lines += ["Cross-modal retrieval (held-out objects):", "", render(ret["results"], ret["ks"]), ""]
     rows = [
         [m["stage"], f"{m['wall_seconds']:.0f}", f"{m['cpu_seconds']:.0f}", m["finished"]] for m in markers
     ]
@@ -731,6 +717,12 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="Also train the shuffled-pair control (about 2x alignment time).",
     )
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default=d.precision,
+        help="Pretraining precision (default auto: bf16 on CPUs with AMX and on GPUs, else fp32).",
+    )
     parser.add_argument("--spectrum-config", default=d.spectrum_config, help="Spectrum pretraining config.")
     parser.add_argument("--align-config", default=d.align_config, help="Alignment config.")
     parser.add_argument(
@@ -750,6 +742,7 @@ def _run(args: argparse.Namespace) -> int:
         align_steps=args.align_steps,
         seed=args.seed,
         controls=args.controls,
+        precision=args.precision,
         spectrum_config=args.spectrum_config,
         align_config=args.align_config,
         extra_pretrain=tuple(args.pretrain_override),

@@ -6,6 +6,11 @@ reciprocal rank, reported next to chance (k / N and (N + 1) / 2). Ties count aga
 (rank = 1 + number of other candidates scoring >= the partner), so a collapsed embedding that
 maps everything to one point scores rank N, not rank 1. Candidates are the file's held-out rows
 (its `test`/`valid` split) when it records splits, else all rows; `--rows all` uses every row.
+
+Two collapse indicators per modality go with the ranks, because a rank alone cannot tell a model
+that learned nothing from one whose vectors all point the same way: the norm of the mean unit
+vector (0 = spread over the sphere, 1 = every vector identical) and the effective number of
+dimensions (participation ratio (Σλ)²/Σλ² of the covariance eigenvalues; 1 = all on one line).
 """
 
 from __future__ import annotations
@@ -50,6 +55,17 @@ def partner_ranks(queries: np.ndarray, targets: np.ndarray, block: int = 1024) -
         # Others at least as similar as the partner; the partner itself is always counted once.
         ranks[start:stop] = (sims >= own).sum(axis=1)
     return ranks
+
+
+def spread(vectors: np.ndarray) -> dict[str, float]:
+    """Collapse indicators of a set of vectors: norm of their mean unit vector, effective dims."""
+    unit = _unit(np.asarray(vectors, dtype=np.float64))
+    eigenvalues = np.clip(np.linalg.eigvalsh(np.cov(unit, rowvar=False)), 0.0, None)
+    total = eigenvalues.sum()
+    return {
+        "mean_norm": float(np.linalg.norm(unit.mean(axis=0))),
+        "effective_dims": float(total**2 / np.square(eigenvalues).sum()) if total > 0 else 0.0,
+    }
 
 
 def retrieval_metrics(ranks: np.ndarray, ks: list[int]) -> dict[str, Any]:
@@ -97,7 +113,15 @@ def evaluate_file(
                     f"({cache[target_mod].shape[1]}-d) are not in one embedding space"
                 )
             ranks = partner_ranks(cache[query_mod], cache[target_mod])
-            results.append({"query": query_mod, "target": target_mod, **retrieval_metrics(ranks, list(ks))})
+            results.append(
+                {
+                    "query": query_mod,
+                    "target": target_mod,
+                    **retrieval_metrics(ranks, list(ks)),
+                    "query_spread": spread(cache[query_mod]),
+                    "target_spread": spread(cache[target_mod]),
+                }
+            )
     return results, how
 
 
@@ -126,6 +150,8 @@ def render(results: list[dict[str, Any]], ks: list[int]) -> str:
             f"top-{ks[0]} / chance",
             "median rank",
             "chance median",
+            "‖mean‖ query / target",
+            "eff. dims query / target",
         ]
     )
     rows = [
@@ -134,12 +160,20 @@ def render(results: list[dict[str, Any]], ks: list[int]) -> str:
         + [
             r[f"chance_top{ks[0]}"],
             f"{r['top1_over_chance']:.1f}×",
-            r["median_rank"],
-            r["chance_median_rank"],
+            f"{r['median_rank']:g}",
+            f"{r['chance_median_rank']:g}",
+            _pair(r, "mean_norm", "{:.2f}"),
+            _pair(r, "effective_dims", "{:.1f}"),
         ]
         for r in results
     ]
     return markdown_table(headers, rows)
+
+
+def _pair(result: dict[str, Any], key: str, fmt: str) -> str:
+    """'query / target' of one spread indicator ('–' in reports written before it existed)."""
+    values = [result.get(f"{side}_spread", {}).get(key) for side in ("query", "target")]
+    return " / ".join("–" if v is None else fmt.format(v) for v in values)
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:

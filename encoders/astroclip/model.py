@@ -20,7 +20,7 @@ from torch import nn
 
 from encoders.astroclip.heads import AttentionPoolHead
 from encoders.astroclip.survey import DESI_GRID, wavelength_grid
-from encoders.astroclip.towers import ImageViT, SpecFormer, spectrum_tokens
+from encoders.astroclip.towers import ImageViT, SpecFormer, VisiblePatchDecoder, spectrum_tokens
 from foundation.config import option
 from foundation.errors import ConfigError
 
@@ -101,6 +101,17 @@ class ImageTowerConfig:
     flip: bool = option(True, "Training augmentation: random mirror flips.")
     noise: float = option(0.0, "Training augmentation: extra Gaussian noise, in units of each pixel's sigma.")
     mask_ratio: float = option(0.5, "image_masked stage: fraction of patches masked.")
+    encode_visible_only: bool = option(
+        True,
+        "image_masked stage: the encoder sees only the unmasked patches and a light decoder predicts "
+        "the masked ones (MAE, He et al. 2022; the encoder costs about 1 - mask_ratio of a full pass). "
+        "false: mask tokens go through the encoder and a linear head predicts the patches (SimMIM, "
+        "DINOv2's iBOT).",
+    )
+    decoder_width: int | None = option(
+        None, "image_masked with encode_visible_only: decoder width (default: width // 2)."
+    )
+    decoder_depth: int = option(2, "image_masked with encode_visible_only: decoder blocks.")
 
     def __post_init__(self) -> None:
         if not self.bands:
@@ -111,6 +122,13 @@ class ImageTowerConfig:
             raise ValueError(f"image.width {self.width} is not divisible by image.heads {self.heads}")
         if not 0 < self.mask_ratio < 1:
             raise ValueError(f"image.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.decoder_width is None:
+            self.decoder_width = self.width // 2
+        if self.decoder_width % self.heads or self.decoder_depth < 1:
+            raise ValueError(
+                f"image.decoder_width {self.decoder_width} must be divisible by image.heads "
+                f"{self.heads} and image.decoder_depth ({self.decoder_depth}) at least 1"
+            )
 
 
 @dataclass
@@ -195,11 +213,21 @@ class AstroCLIP(nn.Module):
         if self.spectrum is not None:
             self.spectrum.mask_token.requires_grad_(cfg.stage == "spectrum_masked")
         if self.image is not None:
-            self.image.mask_token.requires_grad_(cfg.stage == "image_masked")
+            self.image.mask_token.requires_grad_(
+                cfg.stage == "image_masked" and not cfg.image.encode_visible_only
+            )
         if cfg.stage == "spectrum_masked":
             self.spectrum_decoder = nn.Linear(cfg.spectrum.width, cfg.spectrum.patch)
         if cfg.stage == "image_masked":
-            self.image_decoder = nn.Linear(cfg.image.width, len(cfg.image.bands) * cfg.image.patch**2)
+            i = cfg.image
+            pixels = len(i.bands) * i.patch**2
+            self.image_decoder = (
+                VisiblePatchDecoder(
+                    i.width, i.size // i.patch, pixels, i.decoder_width, i.decoder_depth, i.heads, i.mlp_ratio
+                )
+                if i.encode_visible_only
+                else nn.Linear(i.width, pixels)
+            )
         if cfg.stage == "align":
             head = dict(heads=cfg.head_heads, mlp_ratio=cfg.head_mlp_ratio, dropout=cfg.head_dropout)
             self.spectrum_head = AttentionPoolHead(cfg.spectrum.width, cfg.embed_dim, **head)
@@ -248,10 +276,12 @@ class AstroCLIP(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             return self.spectrum(batch["spectrum"], batch.get("spectrum_bad"), token_mask)
 
-    def _image_tokens(self, batch: dict, token_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def _image_tokens(
+        self, batch: dict, token_mask: torch.Tensor | None = None, drop_masked: bool = False
+    ) -> dict[str, torch.Tensor]:
         frozen = self.stage == "align" and self.cfg.freeze_image
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            return self.image(batch["image"], token_mask)
+            return self.image(batch["image"], token_mask, drop_masked)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         """Stage outputs the loss needs (see `encoders.astroclip.family.loss`)."""
@@ -266,9 +296,14 @@ class AstroCLIP(nn.Module):
             }
         if self.stage == "image_masked":
             mask = batch["image_token_mask"]
-            out = self._image_tokens(batch, mask)
+            if self.cfg.image.encode_visible_only:
+                out = self._image_tokens(batch, mask, drop_masked=True)
+                prediction = self.image_decoder(out["tokens"], mask)
+            else:
+                out = self._image_tokens(batch, mask)
+                prediction = self.image_decoder(out["tokens"][:, 2:])
             return {
-                "prediction": self.image_decoder(out["tokens"][:, 2:]),
+                "prediction": prediction,
                 "target": out["target"],
                 "token_mask": mask,
             }

@@ -236,12 +236,8 @@ class ImageViT(nn.Module):
         std = 1.0 / math.sqrt(width)
         for p in (self.cls, self.pos, self.mask_token):
             nn.init.trunc_normal_(p, std=std, a=-3 * std, b=3 * std)
-        with torch.no_grad():  # patch positions start as 2-D sine/cosine features (row, column)
-            rows = torch.arange(self.grid, dtype=torch.float64).repeat_interleave(self.grid)
-            cols = torch.arange(self.grid, dtype=torch.float64).repeat(self.grid)
-            half = width // 2
-            self.pos[0, 2:, :half] = sinusoidal(rows, half) * math.sqrt(half / width)
-            self.pos[0, 2:, half:] = sinusoidal(cols, width - half) * math.sqrt((width - half) / width)
+        with torch.no_grad():
+            self.pos[0, 2:] = grid_positions(self.grid, width)
         nn.init.zeros_(self.scale_embed.bias)
 
     @property
@@ -261,8 +257,14 @@ class ImageViT(nn.Module):
         p, g = self.patch, self.grid
         return x.view(b, c, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(b, g * g, c * p * p)
 
-    def forward(self, image: torch.Tensor, token_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """tokens (B, 2+N, W) and the standardised pixel patches (B, N, C·p·p) as targets."""
+    def forward(
+        self, image: torch.Tensor, token_mask: torch.Tensor | None = None, drop_masked: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """tokens (B, 2+N, W) and the standardised pixel patches (B, N, C·p·p) as targets.
+
+        token_mask (B, N) bool marks masked patches: they become the mask token, or with
+        `drop_masked` (MAE) they are left out, so tokens are (B, 2+V, W) for the V visible patches
+        of each image in patch order (every row must mask the same number)."""
         if image.shape[1:] != (self.bands, self.size, self.size):
             raise ValueError(
                 f"images have shape {tuple(image.shape[1:])}; this tower expects "
@@ -270,8 +272,71 @@ class ImageViT(nn.Module):
             )
         x, log_scale = self.standardise(image)
         h = self.patch_embed(x).flatten(2).transpose(1, 2)
-        if token_mask is not None:
+        b, n, w = h.shape
+        if token_mask is not None and not drop_masked:
             h = torch.where(token_mask[..., None], self.mask_token.to(h.dtype), h)
-        head = torch.cat([self.cls.expand(len(h), -1, -1), self.scale_embed(log_scale)[:, None]], dim=1)
-        h = torch.cat([head, h], dim=1) + self.pos
+        h = h + self.pos[:, 2:]
+        if token_mask is not None and drop_masked:
+            masked = token_mask.sum(dim=1)
+            if not bool((masked == masked[0]).all()):
+                raise ValueError("drop_masked needs the same number of masked patches in every image")
+            h = h[~token_mask].view(b, n - int(masked[0]), w)
+        head = torch.cat([self.cls.expand(b, -1, -1), self.scale_embed(log_scale)[:, None]], dim=1)
+        h = torch.cat([head + self.pos[:, :2], h], dim=1)
         return {"tokens": self.encoder(h), "target": self.patches(x)}
+
+
+class VisiblePatchDecoder(nn.Module):
+    """MAE's decoder (He et al. 2022) for an image encoder that saw only the visible patches.
+
+    It narrows the encoder's tokens, puts a learned mask token at every masked position, adds its
+    own positions and predicts every patch's pixels with a few narrow blocks. The encoder then
+    costs about (1 - mask ratio) of running on all patches, and this decoder a few per cent more.
+    """
+
+    def __init__(
+        self,
+        width: int,
+        grid: int,
+        out_features: int,
+        decoder_width: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+    ):
+        super().__init__()
+        if decoder_width % heads:
+            raise ValueError(f"decoder width {decoder_width} is not divisible by heads {heads}")
+        self.proj = nn.Linear(width, decoder_width)
+        self.mask_token = nn.Parameter(torch.zeros(decoder_width))
+        self.pos = nn.Parameter(torch.zeros(1, 2 + grid**2, decoder_width))
+        self.blocks = Encoder(decoder_width, depth, heads, mlp_ratio, 0.0)
+        self.out = nn.Linear(decoder_width, out_features)
+        std = 1.0 / math.sqrt(decoder_width)
+        for p in (self.mask_token, self.pos):
+            nn.init.trunc_normal_(p, std=std, a=-3 * std, b=3 * std)
+        with torch.no_grad():
+            self.pos[0, 2:] = grid_positions(grid, decoder_width)
+
+    def forward(self, tokens: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """tokens (B, 2+V, W) from the encoder, token_mask (B, N) → predicted patches (B, N, out)."""
+        h = self.proj(tokens)
+        b, n = token_mask.shape
+        patches = h.new_zeros(b, n, h.shape[-1]).masked_scatter(~token_mask[..., None], h[:, 2:])
+        patches = torch.where(token_mask[..., None], self.mask_token.to(h.dtype), patches)
+        h = torch.cat([h[:, :2], patches], dim=1) + self.pos
+        return self.out(self.blocks(h)[:, 2:])
+
+
+def grid_positions(grid: int, width: int) -> torch.Tensor:
+    """(grid², width) initial patch positions: 2-D sine/cosine features of (row, column)."""
+    rows = torch.arange(grid, dtype=torch.float64).repeat_interleave(grid)
+    cols = torch.arange(grid, dtype=torch.float64).repeat(grid)
+    half = width // 2
+    return torch.cat(
+        [
+            sinusoidal(rows, half) * math.sqrt(half / width),
+            sinusoidal(cols, width - half) * math.sqrt((width - half) / width),
+        ],
+        dim=1,
+    )

@@ -3,6 +3,7 @@ training step: it must compute the same function as our towers (else the speed-u
 
 import importlib.util
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -30,7 +31,7 @@ def _tiny(stage: str) -> AstroCLIPConfig:
         mask_segments=3,
         mask_length=4,
     )
-    image = ImageTowerConfig(size=16, patch=4, width=32, depth=2, heads=2)
+    image = ImageTowerConfig(size=16, patch=4, width=32, depth=2, heads=2, encode_visible_only=False)
     return AstroCLIPConfig(stage=stage, spectrum=spectrum, image=image)
 
 
@@ -91,3 +92,18 @@ def test_reference_attention_drops_probabilities_in_training_like_the_reference(
     torch.testing.assert_close(
         bench.reference_specformer_attention(attn, x, training=False), attn.eval()(x), rtol=1e-5, atol=1e-6
     )
+
+
+def test_mae_row_starts_from_the_reference_weights():
+    """The default image step (MAE) is timed on a model whose encoder equals the shared one."""
+    bench = _benchmark()
+    cfg = _tiny("image_masked")
+    cfg.image.encode_visible_only = True
+    args = SimpleNamespace(seed=0, compile=False)
+    impls, shared = bench.implementations(cfg, args)
+    assert set(impls) == {bench.REFERENCE, bench.SAME_FUNCTION, bench.OURS}
+    assert impls[bench.SAME_FUNCTION][0].model is shared is impls[bench.REFERENCE][0].model
+    mae = impls[bench.OURS][0].model
+    assert mae.cfg.image.encode_visible_only and not shared.cfg.image.encode_visible_only
+    for name, tensor in shared.image.state_dict().items():
+        assert torch.equal(mae.image.state_dict()[name], tensor), name

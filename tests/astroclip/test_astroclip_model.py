@@ -253,8 +253,10 @@ def test_manifest_mismatches_are_clear_errors():
         check_manifest(tiny(), _manifest(family="xval"))
 
 
-def test_image_masked_pretraining_scores_only_masked_patches():
+@pytest.mark.parametrize("visible_only", [True, False])
+def test_image_masked_pretraining_scores_only_masked_patches(visible_only):
     cfg = tiny("image_masked")
+    cfg.image.encode_visible_only = visible_only
     model = AstroCLIP(cfg)
     b = batch(cfg)
     mask = b["image_token_mask"]
@@ -279,3 +281,47 @@ def test_every_trainable_parameter_gets_a_gradient(stage):
     loss.backward()
     unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert unused == []
+
+
+def test_visible_only_encoder_never_sees_the_masked_patches():
+    """MAE-style image_masked: the encoder runs on the visible patches alone (fewer tokens), so
+    moving pixels around among the masked patches (same overall scale) changes no prediction."""
+    cfg = tiny("image_masked")
+    assert cfg.image.encode_visible_only  # the default
+    torch.manual_seed(0)
+    model = AstroCLIP(cfg).eval()
+    b = batch(cfg)
+    mask = b["image_token_mask"]
+    out = model.image(b["image"], mask, drop_masked=True)
+    assert out["tokens"].shape == (4, 2 + 8, 32)  # cls, scale and the 8 visible of 16 patches
+    prediction = model(b)["prediction"]
+    assert prediction.shape == (4, 16, 3 * 16)
+    shuffled = b["image"].clone()
+    p = model.image.patch
+    for row in range(4):
+        masked = mask[row].nonzero().flatten().tolist()
+        cells = [(i // 4 * p, i % 4 * p) for i in masked]
+        tiles = [shuffled[row, :, y : y + p, x : x + p].clone() for y, x in cells]
+        for (y, x), tile in zip(cells, tiles[1:] + tiles[:1], strict=True):
+            shuffled[row, :, y : y + p, x : x + p] = tile
+    assert not torch.equal(shuffled, b["image"])
+    torch.testing.assert_close(model({**b, "image": shuffled})["prediction"], prediction)
+    assert not model.image.mask_token.requires_grad  # unused: DDP must not wait for its gradient
+    uneven = mask.clone()
+    uneven[0, mask[0].nonzero()[0]] = False
+    with pytest.raises(ValueError, match="same number of masked patches"):
+        model.image(b["image"], uneven, drop_masked=True)
+
+
+def test_mae_pretrained_image_encoder_initialises_alignment(tmp_path):
+    """Only the encoder carries over from image_masked to align; the MAE decoder stays behind."""
+    from encoders.astroclip.model import init_towers
+
+    torch.manual_seed(0)
+    pretrained = AstroCLIP(tiny("image_masked"))
+    assert any(name.startswith("image_decoder.blocks.") for name in pretrained.state_dict())
+    torch.save(pretrained.state_dict(), tmp_path / "image.pt")
+    aligned = AstroCLIP(tiny("align", image_init=str(tmp_path / "image.pt")))
+    init_towers(aligned)
+    for name, tensor in pretrained.image.state_dict().items():
+        assert torch.equal(aligned.image.state_dict()[name], tensor), name

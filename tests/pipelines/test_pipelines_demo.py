@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from foundation.data import Manifest
+from foundation.errors import ConfigError
 from pipelines.demo import DemoSettings, Stage, StageFailed, plan, run_stages, shuffle_pairs
 from pipelines.raw_inputs import iter_samples
 
@@ -195,3 +196,17 @@ def test_edited_inputs_redo_a_stage_after_removing_its_stale_results(tmp_path):
     run_stages(stages(), out, echo=lines.append)
     assert calls == ["train"] * 3 and "removed" in "\n".join(lines)
     assert sorted(p.name for p in workdir.iterdir()) == ["checkpoint-3", "model.pt"]
+
+
+@pytest.mark.parametrize("amx, expected", [(True, "bf16"), (False, "auto")])
+def test_demo_trains_in_bf16_only_where_the_cpu_has_amx(tmp_path, monkeypatch, amx, expected):
+    from foundation.train import trainer
+
+    monkeypatch.setattr(trainer, "cpu_bf16_is_fast", lambda: amx)
+    stages = {s.name: s for s in plan(tmp_path, DemoSettings(n=100, controls=True))}
+    for name in ("pretrain-spectrum", "pretrain-align", "pretrain-align-shuffled"):
+        assert f"train.precision={expected}" in stages[name].argv
+    forced = {s.name: s for s in plan(tmp_path, DemoSettings(n=100, precision="fp32"))}
+    assert "train.precision=fp32" in forced["pretrain-align"].argv
+    with pytest.raises(ConfigError, match="--precision takes"):
+        plan(tmp_path, DemoSettings(precision="fp16"))

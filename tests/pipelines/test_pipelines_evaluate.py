@@ -11,7 +11,7 @@ import sklearn.metrics
 from foundation.cli import main
 from foundation.errors import DataError
 from pipelines.evaluate_common import parse_labelled, r2_score, regression_metrics, train_test_rows
-from pipelines.evaluate_retrieval import partner_ranks, retrieval_metrics
+from pipelines.evaluate_retrieval import partner_ranks, retrieval_metrics, spread
 from pipelines.evaluate_zeroshot import Settings, run_zero_shot
 
 
@@ -49,6 +49,20 @@ def test_partner_ranks_match_brute_force():
     m = retrieval_metrics(np.array([1, 2, 3, 10]), [1, 5])
     assert m["top1"] == 0.25 and m["top5"] == 0.75 and m["median_rank"] == 2.5
     assert m["chance_top1"] == 0.25 and m["chance_median_rank"] == 2.5
+
+
+def test_spread_flags_collapsed_embeddings():
+    rng = np.random.default_rng(0)
+    spread_out = spread(rng.normal(size=(2000, 16)))
+    assert spread_out["mean_norm"] < 0.05 and spread_out["effective_dims"] > 14
+    direction = rng.normal(size=16)
+    # Every vector one direction (up to tiny noise) or on one line through the origin.
+    one_point = spread(direction + 1e-3 * rng.normal(size=(500, 16)))
+    assert one_point["mean_norm"] > 0.99
+    signs = rng.choice([-1.0, 1.0], size=(500, 1))
+    one_line = spread(signs * direction + 1e-3 * rng.normal(size=(500, 16)))
+    assert one_line["mean_norm"] < 0.15 and one_line["effective_dims"] < 1.01
+    assert spread(np.ones((5, 3)))["effective_dims"] == 0.0  # no variance at all
 
 
 def test_split_rows_from_file_or_id_hash():
@@ -94,6 +108,7 @@ def test_retrieval_cli(tmp_path, make_embeddings, capsys):
     assert good["top1"] > 20 * good["chance_top1"] and good["median_rank"] <= 3
     assert control["top10"] < 0.3 and control["median_rank"] > 0.25 * control["n"]
     assert "| aligned | image → spectrum |" in (out / "report.md").read_text()
+    assert good["query_spread"]["mean_norm"] < 0.5 and good["target_spread"]["effective_dims"] > 2
     assert main(["evaluate", "retrieval", "--embeddings", str(aligned), "--query-modality", "image"]) == 2
     assert "give both" in capsys.readouterr().err
 
