@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from foundation.errors import DataError
+from foundation.hdf5 import open_hdf5
 
 FORMAT = "foundation-embeddings"
 FORMAT_VERSION = 1
@@ -341,15 +342,7 @@ class Embeddings:
             raise DataError(
                 f"{self.path} is not an HDF5 file (expected an embeddings file from `foundation export`)"
             )
-        try:
-            self._file = h5py.File(self.path, "r")
-        except OSError as exc:
-            if "lock" in str(exc).lower():
-                raise DataError(
-                    f"{self.path} is locked by another process that is writing it; wait for it to finish "
-                    "(or set HDF5_USE_FILE_LOCKING=FALSE on file systems without locking)"
-                ) from None
-            raise DataError(f"cannot open {self.path}: {exc}") from None
+        self._file = open_hdf5(self.path)
         try:
             self._validate(allow_partial)
         except Exception:

@@ -38,6 +38,7 @@ from astropy import units as u
 from astropy.io import fits
 
 from foundation.errors import DataError
+from foundation.hdf5 import open_hdf5
 
 log = logging.getLogger(__name__)
 
@@ -229,11 +230,7 @@ def _scalar_columns_hdf5(f: h5py.File, n: int, skip: set[str]) -> dict[str, np.n
 
 
 def _hdf5_rows(path: Path, index: int, what: str) -> Rows:
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise DataError(f"{what}: cannot open {path} as HDF5 ({exc})") from None
-    with f:
+    with open_hdf5(path, what) as f:
         names = list(f.keys())
         id_col = _require(names, ID_COLUMNS, path, "object id")
         ra_col = _require(names, RA_COLUMNS, path, "right ascension (ra)")

@@ -25,6 +25,7 @@ import numpy as np
 
 from encoders.mpp.well import OPEN, PERIODIC, WALL
 from foundation.errors import DataError
+from foundation.hdf5 import open_hdf5
 
 CFD_KEYS = ("Vx", "Vy", "density", "pressure")
 CFD_NAMES = ("velocity_x", "velocity_y", "density", "pressure")
@@ -58,11 +59,7 @@ class PDEBenchFile:
 
     def __init__(self, path: str | Path):
         self.path = str(path)
-        try:
-            f = h5py.File(self.path, "r")
-        except OSError as exc:
-            raise DataError(f"{self.path}: cannot open as HDF5 ({exc})") from None
-        with f:
+        with open_hdf5(self.path) as f:
             self._detect(f)
 
     def _err(self, what: str) -> DataError:

@@ -10,11 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-import h5py
-
 from encoders.mpp.pdebench import PDEBenchFile
 from encoders.mpp.well import SPLITS, WellFile, find_split_files, is_well_file
 from foundation.errors import DataError
+from foundation.hdf5 import open_hdf5
 
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
 
@@ -24,11 +23,8 @@ def open_source(path: str | Path) -> WellFile | PDEBenchFile:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    try:
-        with h5py.File(path, "r") as f:
-            well = is_well_file(f)
-    except OSError as exc:
-        raise DataError(f"{path}: cannot open as HDF5 ({exc})") from None
+    with open_hdf5(path) as f:
+        well = is_well_file(f)
     return WellFile(path) if well else PDEBenchFile(path)
 
 

@@ -32,6 +32,7 @@ import yaml
 
 from encoders.mpp.solvers import Simulation
 from foundation.errors import DataError
+from foundation.hdf5 import open_hdf5
 
 WALL, OPEN, PERIODIC = 0, 1, 2
 BC_CODES = {"WALL": WALL, "OPEN": OPEN, "PERIODIC": PERIODIC}
@@ -210,11 +211,7 @@ class WellFile:
 
     def __init__(self, path: str | Path):
         self.path = str(path)
-        try:
-            f = h5py.File(self.path, "r")
-        except OSError as exc:
-            raise DataError(f"{self.path}: cannot open as HDF5 ({exc})") from None
-        with f:
+        with open_hdf5(self.path) as f:
             self._read_schema(f)
 
     def _err(self, what: str) -> DataError:
