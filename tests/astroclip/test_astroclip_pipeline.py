@@ -287,3 +287,49 @@ def test_alignment_on_two_processes(data, tmp_path, torchrun):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     # 8 per rank: every rank scores its rows against the 16 gathered embeddings
     assert any(r.get("negatives") == 15 for r in records)
+
+
+@pytest.mark.slow
+def test_mae_image_pretraining_on_two_processes_then_alignment_from_it(data, tmp_path, torchrun):
+    """image-tiny.yaml (MAE: the encoder skips masked patches) under DDP — every trainable
+    parameter gets a gradient on every rank — then align-tiny.yaml starts its (frozen) image tower
+    from it."""
+    from foundation.train import load_pretrained
+
+    image_overrides = [o for o in IMAGE if o.startswith("model.image.")]
+    result = torchrun(
+        [
+            "pretrain",
+            str(CONFIGS / "image-tiny.yaml"),
+            f"data.path={data / 'shards'}",
+            f"run.dir={tmp_path / 'image'}",
+            *image_overrides,
+            *LOOP,
+        ],
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 x cpu, ddp" in result.stderr
+    records = [json.loads(line) for line in (tmp_path / "image" / "metrics.jsonl").read_text().splitlines()]
+    assert any("masked_mse" in r for r in records)
+    assert (
+        main(
+            [
+                "pretrain",
+                str(CONFIGS / "align-tiny.yaml"),
+                f"data.path={data / 'shards'}",
+                f"run.dir={tmp_path / 'align'}",
+                "model.spectrum_init=null",
+                f"model.image_init={tmp_path / 'image'}",
+                *SPECTRUM,
+                *IMAGE,
+                *LOOP,
+                "model.freeze_image=true",
+            ]
+        )
+        == 0
+    )
+    pretrained, _, _ = load_pretrained(tmp_path / "image")
+    aligned, _, _ = load_pretrained(tmp_path / "align")
+    for name, value in pretrained.image.state_dict().items():
+        assert torch.equal(aligned.image.state_dict()[name], value), name
