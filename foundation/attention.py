@@ -9,7 +9,6 @@ bf16/fp16 on CPU with a small score matrix, where plain matmul + softmax is the 
 from __future__ import annotations
 
 import logging
-import math
 from typing import Literal
 
 import torch
@@ -87,8 +86,7 @@ def attention(
             mask = mask.masked_fill(~pad, float("-inf"))
     if is_causal and mask is not None:
         # SDPA refuses is_causal together with a mask: fold the causal structure into the mask.
-        lq, lk = q.shape[-2], k.shape[-2]
-        causal = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+        causal = _causal_mask(q, k)
         mask = mask & causal if mask.dtype == torch.bool else mask.masked_fill(~causal, float("-inf"))
         is_causal = False
     if mask is None and resolved_backend(q.device) == "xformers":
@@ -99,30 +97,21 @@ def attention(
         )
         return out.transpose(1, 2)
     if _explicit_is_faster(q, k):
-        if is_causal:
-            lq, lk = q.shape[-2], k.shape[-2]
-            mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
-        return _explicit_attention(q, k, v, mask, dropout_p)
+        probs = attention_weights(q, k, attn_mask=_causal_mask(q, k) if is_causal else mask)
+        return (F.dropout(probs, dropout_p) if dropout_p > 0 else probs) @ v
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+
+
+def _causal_mask(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """(Lq, Lk) bool, True = may attend: query i sees keys up to i (aligned at the end, as SDPA)."""
+    lq, lk = q.shape[-2], k.shape[-2]
+    return torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
 
 
 def _explicit_is_faster(q: torch.Tensor, k: torch.Tensor) -> bool:
     if q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float16):
         return False
     return q.shape[:-1].numel() * k.shape[-2] <= EXPLICIT_MAX_SCORES
-
-
-def _explicit_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout_p: float
-) -> torch.Tensor:
-    """softmax(q kᵀ / √d + mask) v, with dropout on the probabilities as SDPA applies it."""
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    probs = scores.softmax(dim=-1)
-    if dropout_p > 0:
-        probs = F.dropout(probs, dropout_p)
-    return probs @ v
 
 
 def attention_weights(
@@ -132,8 +121,9 @@ def attention_weights(
     attn_mask: torch.Tensor | None = None,
     key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The softmax attention probabilities (B, H, Lq, Lk), for inspection and plots (not the hot path)."""
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    """The softmax attention probabilities (B, H, Lq, Lk), for inspection and plots, and the
+    first half of `attention`'s plain path (bf16 on CPU)."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # scaling q: fewer elements than scores
     if attn_mask is not None:
         scores = (
             scores.masked_fill(~attn_mask, float("-inf"))
