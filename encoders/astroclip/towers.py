@@ -305,8 +305,6 @@ class VisiblePatchDecoder(nn.Module):
         mlp_ratio: float = 4.0,
     ):
         super().__init__()
-        if decoder_width % heads:
-            raise ValueError(f"decoder width {decoder_width} is not divisible by heads {heads}")
         self.proj = nn.Linear(width, decoder_width)
         self.mask_token = nn.Parameter(torch.zeros(decoder_width))
         self.pos = nn.Parameter(torch.zeros(1, 2 + grid**2, decoder_width))
