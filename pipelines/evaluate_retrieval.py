@@ -102,11 +102,13 @@ def evaluate_file(
         if len(selected) < 2:
             raise DataError(f"{path}: only {len(selected)} rows selected ({how}); retrieval needs at least 2")
         cache: dict[str, np.ndarray] = {}
+        spreads: dict[str, dict[str, float]] = {}
         results = []
         for query_mod, target_mod in pairs:
             for mod in (query_mod, target_mod):
                 if mod not in cache:
                     cache[mod] = emb.vectors(mod, selected)
+                    spreads[mod] = spread(cache[mod])
             if cache[query_mod].shape[1] != cache[target_mod].shape[1]:
                 raise DataError(
                     f"{path}: {query_mod} ({cache[query_mod].shape[1]}-d) and {target_mod} "
@@ -118,8 +120,8 @@ def evaluate_file(
                     "query": query_mod,
                     "target": target_mod,
                     **retrieval_metrics(ranks, list(ks)),
-                    "query_spread": spread(cache[query_mod]),
-                    "target_spread": spread(cache[target_mod]),
+                    "query_spread": spreads[query_mod],
+                    "target_spread": spreads[target_mod],
                 }
             )
     return results, how
