@@ -9,6 +9,7 @@ Errors derived from `FoundationError` are printed as one line, without a traceba
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import pkgutil
@@ -99,6 +100,21 @@ def build_parser(commands: Sequence[Command]) -> argparse.ArgumentParser:
     return parser
 
 
+def describe_os_error(exc: OSError) -> str:
+    """One line for an operating-system error: what failed, on which file, and what to do."""
+    hints = {
+        errno.ENOSPC: "the disk is full; free space or write elsewhere",
+        errno.EDQUOT: "the disk quota is exceeded; free space or write elsewhere",
+        errno.EROFS: "the file system is read-only; write elsewhere",
+        errno.EACCES: "permission denied; check the path's owner and mode",
+        errno.EPERM: "operation not permitted; check the path's owner and mode",
+    }
+    where = " ".join(repr(str(name)) for name in (exc.filename, exc.filename2) if name is not None)
+    what = exc.strerror or str(exc)
+    hint = hints.get(exc.errno or 0)
+    return f"{what}{' (' + where + ')' if where else ''}" + (f": {hint}" if hint else "")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(discover_commands())
     args = parser.parse_args(argv)
@@ -118,6 +134,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             raise
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # The environment, not a bug: a full or read-only disk, a permission, a vanished file.
+        if args.verbose:
+            raise
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
