@@ -165,8 +165,12 @@ def _prepare_run(args: argparse.Namespace) -> int:
     summary = prepare(
         args.inputs, args.out, options, command=command, progress=progress_enabled(args.progress)
     )
-    for name, counts in summary.items():
+    for name, counts in summary.samples.items():
         print(f"{name}: " + ", ".join(f"{split} {n}" for split, n in sorted(counts.items())))
+    for name, reason in summary.skipped.items():
+        print(f"skipped {name}: {reason}")
+    if summary.short_files:
+        print(f"skipped {len(summary.short_files)} file(s) with fewer steps than the window")
     print(f"wrote shard set {args.out}")
     return 0
 

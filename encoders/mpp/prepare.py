@@ -2,11 +2,16 @@
 
 Each shard sample is one window: `fields` (W, C, X, Y) float32 with the source's channels,
 `bcs` (2,) int64 boundary codes per axis (WALL 0, OPEN 1, PERIODIC 2) and `meta` (JSON: data
-set, field names, PDE parameters, source file, trajectory, first step, times). Files found under
+set, field names, PDE parameters, source file, trajectory, first step, times, codes of both ends
+of each axis). Files found under
 a `train`/`valid`/`test` folder keep that split; other files (PDEBench) are split by whole
 trajectories with a hash of (data set, file, trajectory), so no trajectory leaks across splits.
 The manifest's `extra["mpp"]` holds the field vocabulary and per-data-set facts; its
 `stats["fields"]` holds per-field mean/std/rms over the training windows.
+
+Inputs MPP cannot use (3-D, spherical grids, grids `--resolution` cannot divide) leave their data
+set out with the reason, and files shorter than the window are left out and counted; both are
+returned in the summary and recorded in the manifest. Malformed files stop the run.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from encoders.mpp.sources import discover, open_source
+from encoders.mpp.well import SkippedSource
 from foundation.errors import DataError
 
 DEFAULT_FRACTIONS = {"train": 0.8, "valid": 0.1, "test": 0.1}
@@ -97,43 +103,91 @@ class _FieldStats:
         return out
 
 
+@dataclass
+class PrepareSummary:
+    """What `prepare` wrote and what it left out, and why."""
+
+    samples: dict[str, dict[str, int]] = field(default_factory=dict)  # data set -> split -> windows
+    skipped: dict[str, str] = field(default_factory=dict)  # data set -> reason
+    short_files: list[str] = field(default_factory=list)  # files with fewer steps than the window
+
+
+def _grid_problem(shape: tuple[int, int], resolution: int | None) -> str | None:
+    """Why a grid cannot be block-averaged to `resolution` x `resolution` (None if it can)."""
+    if resolution is None or shape == (resolution, resolution):
+        return None
+    if any(size < resolution or size % resolution for size in shape):
+        return (
+            f"grid {shape[0]}x{shape[1]} cannot be block-averaged to {resolution}x{resolution} "
+            "(--resolution must divide both sizes)"
+        )
+    return None
+
+
+def _open_sources(
+    files: Sequence[tuple[Path, str | None]], window: int, resolution: int | None, summary: PrepareSummary
+) -> list[tuple[Any, str | None]]:
+    """Open every input; data sets MPP cannot use and files shorter than the window are recorded
+    in `summary` and left out, anything malformed stops the run."""
+    usable = []
+    for path, split in files:
+        try:
+            src = open_source(path)
+        except SkippedSource as exc:
+            summary.skipped.setdefault(exc.dataset_name, exc.reason)
+            continue
+        problem = _grid_problem(tuple(src.shape), resolution)
+        if problem:
+            summary.skipped.setdefault(src.dataset_name, problem)
+            continue
+        if src.n_steps < window:
+            summary.short_files.append(str(path))
+            continue
+        usable.append((src, split))
+    # A data set with one unusable file is left out whole, so that it is never half-prepared.
+    usable = [(src, split) for src, split in usable if src.dataset_name not in summary.skipped]
+    if not usable:
+        reasons = [f"{name}: {why}" for name, why in summary.skipped.items()]
+        if summary.short_files:
+            reasons.append(
+                f"{len(summary.short_files)} file(s) with fewer steps than the window of {window} "
+                "(lower --history/--window)"
+            )
+        raise DataError("nothing to prepare: " + "; ".join(reasons or ["no input files"]))
+    return usable
+
+
 def prepare(
     inputs: Sequence[str | Path],
     out_dir: str | Path,
     options: PrepareOptions,
     command: str = "",
     progress: bool = False,
-) -> dict[str, Any]:
-    """Write the shard set; returns a summary {data set: {split: windows}}."""
+) -> PrepareSummary:
+    """Write the shard set; returns what was written per data set and split, and what was skipped."""
     from tqdm import tqdm
 
     from foundation.data import ShardSetWriter, split_for_key
 
     window, stride = options.resolved()
     files = discover(inputs)
-    sources = [(open_source(path), split) for path, split in files]
+    summary = PrepareSummary()
+    sources = _open_sources(files, window, options.resolution, summary)
     fractions = options.split_fractions
     vocab = sorted({name for src, _ in sources for name in src.field_names})
     datasets: dict[str, dict[str, Any]] = {}
     stats = _FieldStats()
-    shapes: set[tuple[int, int]] = set()
-    jobs = []
-    for src, split in sources:
-        if src.n_steps < window:
-            raise DataError(
-                f"{src.path}: trajectories have {src.n_steps} steps, fewer than the window of {window} "
-                "(lower --history/--window)"
-            )
-        starts = list(range(0, src.n_steps - window + 1, stride))
-        if options.max_windows_per_trajectory:
-            starts = starts[: options.max_windows_per_trajectory]
+    shapes: dict[tuple[int, int], set[str]] = {}
+    for src, _ in sources:
         shape = (options.resolution,) * 2 if options.resolution else tuple(src.shape)
-        shapes.add(shape)
+        shapes.setdefault(shape, set()).add(src.dataset_name)
         info = datasets.setdefault(
             src.dataset_name,
             {
                 "fields": list(src.field_names),
                 "bc": list(src.bc),
+                "bc_ends": [list(ends) for ends in src.bc_ends],
+                "grid_type": src.grid_type,
                 "shape": list(shape),
                 "samples": {},
                 "sources": [],
@@ -145,17 +199,17 @@ def prepare(
                 f"{info['fields']} in another file"
             )
         info["sources"].append(str(src.path))
-        for traj in range(src.n_trajectories):
-            traj_split = split or split_for_key(
-                _key(src.dataset_name, Path(src.path).stem, traj), fractions, salt=str(options.seed)
-            )
-            jobs.append((src, traj, traj_split, starts))
-
     if len(shapes) > 1:
+        sizes = "; ".join(f"{x}x{y}: {', '.join(sorted(names))}" for (x, y), names in sorted(shapes.items()))
         raise DataError(
-            f"the inputs have different grid sizes {sorted(shapes)}; a batch needs one size, so pass "
+            f"the inputs have different grid sizes ({sizes}); a batch needs one size, so pass "
             "--resolution N (N dividing every size) to block-average them to N x N"
         )
+
+    def starts_of(src) -> range:
+        starts = range(0, src.n_steps - window + 1, stride)
+        return starts[: options.max_windows_per_trajectory] if options.max_windows_per_trajectory else starts
+
     manifest_extra = {
         "mpp": {
             "fields": vocab,
@@ -163,14 +217,19 @@ def prepare(
             "window": window,
             "resolution": list(next(iter(shapes))),
             "datasets": datasets,
+            "skipped": dict(summary.skipped),
+            "short_files": list(summary.short_files),
         }
     }
     schema = {
         "fields": {"description": "window of consecutive steps (steps, fields, x, y) in the source's units"},
         "bcs": {"description": "boundary code per axis (x, y): WALL 0, OPEN 1, PERIODIC 2"},
-        "meta": {"description": "data set, field_names, params, source, trajectory, start, time"},
+        "meta": {
+            "description": "data set, field_names, params, source, trajectory, start, time, "
+            "bc_ends (codes of the low and high end of each axis)"
+        },
     }
-    total = sum(len(starts) for *_, starts in jobs)
+    total = sum(src.n_trajectories * len(starts_of(src)) for src, _ in sources)
     with ShardSetWriter(
         out_dir,
         split_fractions=fractions,
@@ -183,43 +242,51 @@ def prepare(
         overwrite=options.overwrite,
     ) as writer:
         bar = tqdm(total=total, desc="prepare mpp", unit="window", disable=not progress)
-        for src, traj, traj_split, starts in jobs:
-            params = src.parameters(traj)
-            times = src.times(traj) if hasattr(src, "times") else None
-            for start in starts:
-                frames = src.window(traj, start, window)
-                if options.resolution:
-                    frames = downsample(frames, options.resolution, str(src.path))
-                if not np.isfinite(frames).all():
-                    raise DataError(
-                        f"{src.path}: trajectory {traj} has non-finite values in steps "
-                        f"{start}..{start + window - 1}"
-                    )
-                meta = {
-                    "dataset": src.dataset_name,
-                    "field_names": list(src.field_names),
-                    "params": params,
-                    "source": Path(src.path).name,
-                    "trajectory": traj,
-                    "start": start,
-                }
-                if times is not None:
-                    meta["time"] = [float(t) for t in times[start : start + window]]
-                key = _key(src.dataset_name, Path(src.path).stem, f"t{traj:05d}", f"s{start:05d}")
-                writer.write(
-                    {
-                        "__key__": key,
-                        "fields": frames,
-                        "bcs": np.asarray(src.bc, dtype=np.int64),
-                        "meta": meta,
-                    },
-                    split=traj_split,
+        for src, split in sources:
+            stem = Path(src.path).stem
+            bc_ends = [list(ends) for ends in src.bc_ends]
+            counts = datasets[src.dataset_name]["samples"]
+            for traj in range(src.n_trajectories):
+                traj_split = split or split_for_key(
+                    _key(src.dataset_name, stem, traj), fractions, salt=str(options.seed)
                 )
-                counts = datasets[src.dataset_name]["samples"]
-                counts[traj_split] = counts.get(traj_split, 0) + 1
-                if traj_split == "train":
-                    stats.add(src.field_names, frames)
-                bar.update(1)
+                params = src.parameters(traj)
+                for start in starts_of(src):
+                    frames = src.window(traj, start, window)
+                    if options.resolution:
+                        frames = downsample(frames, options.resolution, str(src.path))
+                    if not np.isfinite(frames).all():
+                        raise DataError(
+                            f"{src.path}: trajectory {traj} has non-finite values in steps "
+                            f"{start}..{start + window - 1}"
+                        )
+                    meta = {
+                        "dataset": src.dataset_name,
+                        "field_names": list(src.field_names),
+                        "params": params,
+                        "source": Path(src.path).name,
+                        "trajectory": traj,
+                        "start": start,
+                        "bc_ends": bc_ends,
+                    }
+                    times = src.times(traj, start, window)
+                    if times is not None:
+                        meta["time"] = [float(t) for t in times]
+                    key = _key(src.dataset_name, stem, f"t{traj:05d}", f"s{start:05d}")
+                    writer.write(
+                        {
+                            "__key__": key,
+                            "fields": frames,
+                            "bcs": np.asarray(src.bc, dtype=np.int64),
+                            "meta": meta,
+                        },
+                        split=traj_split,
+                    )
+                    counts[traj_split] = counts.get(traj_split, 0) + 1
+                    if traj_split == "train":
+                        stats.add(src.field_names, frames)
+                    bar.update(1)
         bar.close()
         writer.stats["fields"] = stats.result()
-    return {name: info["samples"] for name, info in datasets.items()}
+    summary.samples = {name: info["samples"] for name, info in datasets.items()}
+    return summary

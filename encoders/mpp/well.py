@@ -12,9 +12,11 @@ field a float32 dataset `[N,] [T,] X, Y [, D [, D]]` with attrs `dim_varying`, `
 
 The reader flattens tensor fields into named channels the way The Well does
 (`velocity` → `velocity_x`, `velocity_y`; t2 `stress` → `stress_xx`, `stress_xy`, ...), keeps
-time-invariant fields as channels constant in time, and turns boundary masks into per-axis codes
-with WellDataset's convention (WALL=0, OPEN=1, PERIODIC=2; an axis is PERIODIC only if both of its
-ends are). Every schema violation becomes a `DataError` naming the file and the key.
+time-invariant fields as channels constant in time, and turns boundary masks into codes for both
+ends of each axis with WellDataset's convention (WALL=0, OPEN=1, PERIODIC=2), plus one code per
+axis (PERIODIC only if both of its ends are). Every schema violation becomes a `DataError` naming
+the file and the key; a valid file MPP cannot use (not 2-D, a spherical grid) a `SkippedSource`.
+`equiangular` (latitude-longitude) grids are read as a plain 2-D image, as WellDataset does.
 """
 
 from __future__ import annotations
@@ -173,6 +175,65 @@ def write_stats(stats: dict[str, Any], path: str | Path) -> None:
 
 # ----------------------------------------------------------------------------- reading
 
+SUPPORTED_GRIDS = ("cartesian", "equiangular")
+MAX_CHUNK_BYTES = 1 << 30  # HDF5 inflates a whole chunk to read any part of it
+MAX_TRAJECTORIES = 10_000_000
+
+
+class SkippedSource(DataError):
+    """A valid file that MPP cannot use (not 2-D, a grid type it does not model); `prepare` skips
+    its data set and says why instead of failing the run."""
+
+    def __init__(self, path: str, dataset_name: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.dataset_name = dataset_name
+        self.reason = reason
+
+
+def check_stored(ds: h5py.Dataset, where: str) -> None:
+    """Refuse a dataset whose values are not real numbers stored in this file: complex or
+    non-numeric types (never cast silently), virtual or external storage (data outside the file),
+    chunks too large to inflate, and declared shapes whose chunks or bytes are not all present
+    (a sparse or truncated file would otherwise read as fill values, or allocate memory for data
+    that does not exist)."""
+    kind = ds.dtype.kind
+    if kind == "c":
+        raise DataError(
+            f"{where}: complex values ({ds.dtype}); store the real and imaginary parts as two real "
+            "fields (e.g. <name>_re and <name>_im, as The Well does) — they are never cast silently"
+        )
+    if kind not in "fiub":
+        raise DataError(f"{where}: values of type {ds.dtype} are not real numbers")
+    if ds.is_virtual:
+        raise DataError(f"{where}: a virtual dataset (its data lives in other files); copy it into the file")
+    if ds.external:
+        raise DataError(f"{where}: data stored in external raw files; copy it into the HDF5 file")
+    if ds.size == 0:
+        return
+    if ds.chunks is not None:
+        chunk_bytes = int(np.prod(ds.chunks, dtype=np.int64)) * ds.dtype.itemsize
+        if chunk_bytes > MAX_CHUNK_BYTES:
+            raise DataError(
+                f"{where}: chunks of {chunk_bytes / 2**20:.0f} MiB exceed the {MAX_CHUNK_BYTES >> 20} MiB "
+                "this reader inflates; rechunk the file (e.g. h5repack -l CHUNK=...)"
+            )
+        expected = 1
+        for size, chunk in zip(ds.shape, ds.chunks, strict=True):
+            expected *= -(-size // chunk)
+        stored = ds.id.get_num_chunks()
+        if stored < expected:
+            raise DataError(
+                f"{where}: declares shape {ds.shape} but only {stored} of its {expected} chunks are "
+                "stored (a sparse or truncated file); refusing to read fill values as data"
+            )
+    elif ds.id.get_storage_size() < ds.size * ds.dtype.itemsize and ds.id.get_create_plist().get_layout() != (
+        h5py.h5d.COMPACT
+    ):
+        raise DataError(
+            f"{where}: declares shape {ds.shape} ({ds.size * ds.dtype.itemsize} bytes) but stores only "
+            f"{ds.id.get_storage_size()} bytes (a sparse or truncated file)"
+        )
+
 
 def _names(raw: Any) -> list[str]:
     """An HDF5 string-list attribute (bytes, str, a scalar string or an array) as a list of str."""
@@ -206,6 +267,12 @@ class _FieldSpec:
     singleton_axes: bool = False
 
 
+def axis_code(lo: int, hi: int) -> int:
+    """One code per axis from its two ends: PERIODIC only if both ends are, else WALL if either
+    end is a wall, else OPEN."""
+    return PERIODIC if lo == hi == PERIODIC else WALL if WALL in (lo, hi) else OPEN
+
+
 class WellFile:
     """One Well HDF5 file, validated on open; hands out windows of trajectories as (T, C, X, Y)."""
 
@@ -230,12 +297,20 @@ class WellFile:
                 raise self._err(f"missing root attribute {key!r} (required by The Well schema)")
         self.dataset_name = _names(f.attrs["dataset_name"])[0]
         self.grid_type = _names(f.attrs.get("grid_type", "cartesian"))[0]
-        n_dims = int(f.attrs["n_spatial_dims"])
+        n_dims = int(np.asarray(f.attrs["n_spatial_dims"]).item())
         if n_dims != 2:
-            raise self._err(f"n_spatial_dims is {n_dims}; MPP models 2-D data only")
-        self.n_trajectories = int(f.attrs["n_trajectories"])
-        if self.n_trajectories < 1:
-            raise self._err(f"n_trajectories is {self.n_trajectories}")
+            raise SkippedSource(
+                self.path, self.dataset_name, f"n_spatial_dims is {n_dims}; MPP models 2-D data only"
+            )
+        if self.grid_type.lower() not in SUPPORTED_GRIDS:
+            raise SkippedSource(
+                self.path,
+                self.dataset_name,
+                f"grid_type {self.grid_type!r} is not one MPP can use ({', '.join(SUPPORTED_GRIDS)})",
+            )
+        self.n_trajectories = int(np.asarray(f.attrs["n_trajectories"]).item())
+        if not 1 <= self.n_trajectories <= MAX_TRAJECTORIES:
+            raise self._err(f"n_trajectories is {self.n_trajectories}, outside 1..{MAX_TRAJECTORIES}")
 
         dims = self._require(f, "dimensions")
         if "spatial_dims" not in dims.attrs:
@@ -243,14 +318,11 @@ class WellFile:
         self.spatial_dims = _names(dims.attrs["spatial_dims"])
         if len(self.spatial_dims) != 2:
             raise self._err(f"dimensions.spatial_dims is {self.spatial_dims}, expected 2 names")
-        time = self._require(dims, "time", "the time coordinate")
-        self.n_steps = int(time.shape[-1])
-        self._time_sample_varying = _flag(
-            time.attrs, "sample_varying", f"{self.path}: dimensions/time", False
-        )
-        self.shape = tuple(
-            int(self._require(dims, d, "a spatial coordinate").shape[-1]) for d in self.spatial_dims
-        )
+        self._read_time(dims)
+        coords = [self._require(dims, d, "a spatial coordinate") for d in self.spatial_dims]
+        if any(c.ndim < 1 for c in coords):
+            raise self._err(f"spatial coordinates {self.spatial_dims} must be 1-D arrays")
+        self.shape = tuple(int(c.shape[-1]) for c in coords)
 
         self.fields: list[_FieldSpec] = []
         for order in range(3):
@@ -259,53 +331,70 @@ class WellFile:
             if "field_names" not in group.attrs:
                 raise self._err(f"missing attribute 'field_names' on group {group_name!r}")
             for name in _names(group.attrs["field_names"]):
-                ds = self._require(group, name, f"listed in {group_name}.field_names")
-                where = f"{self.path}: {group_name}/{name}"
-                sample_varying = _flag(ds.attrs, "sample_varying", where)
-                time_varying = _flag(ds.attrs, "time_varying", where)
-                if "dim_varying" not in ds.attrs:
-                    raise DataError(f"{where}: missing attribute 'dim_varying'")
-                dim_varying = tuple(bool(v) for v in np.atleast_1d(ds.attrs["dim_varying"]))
-                if len(dim_varying) != 2:
-                    raise DataError(f"{where}: dim_varying has {len(dim_varying)} entries, expected 2")
-                lead = ([self.n_trajectories] if sample_varying else []) + (
-                    [self.n_steps] if time_varying else []
-                )
-                # An axis a field does not vary along is stored either with size 1 (what
-                # WellDataset's tiling expects) or left out (what the_well's xarray export expects).
-                axes = list(zip(self.shape, dim_varying, strict=True))
-                kept = lead + [s if used else 1 for s, used in axes] + [2] * order
-                dropped = lead + [s for s, used in axes if used] + [2] * order
-                if list(ds.shape) not in (kept, dropped):
-                    raise DataError(
-                        f"{where}: shape {tuple(ds.shape)} does not match the schema's {tuple(kept)} "
-                        f"(sample_varying={sample_varying}, time_varying={time_varying}, "
-                        f"dim_varying={dim_varying})"
-                    )
-                singleton_axes = list(ds.shape) == kept and kept != dropped
-                suffixes = ["".join(p) for p in itertools.product(self.spatial_dims, repeat=order)]
-                channels = tuple(f"{name}_{s}" if s else name for s in suffixes)
-                self.fields.append(
-                    _FieldSpec(
-                        group_name,
-                        name,
-                        order,
-                        channels,
-                        sample_varying,
-                        time_varying,
-                        dim_varying,
-                        singleton_axes,
-                    )
-                )
+                self.fields.append(self._read_field(group, group_name, name, order))
         if not self.fields:
             raise self._err("no fields listed in t0_fields/t1_fields/t2_fields")
         self.field_names = [c for spec in self.fields for c in spec.channels]
-        self.bc = self._read_bcs(f)
+        self.bc_ends = self._read_bcs(f)
+        self.bc = tuple(axis_code(lo, hi) for lo, hi in self.bc_ends)
         self._scalars = self._read_scalars(f)
 
-    def _read_bcs(self, f: h5py.File) -> tuple[int, int]:
-        """Per spatial axis: PERIODIC (2) when both ends are periodic, else WALL (0) when either end
-        is a wall, else OPEN (1) — WellDataset's per-end codes reduced to one code per axis."""
+    def _read_time(self, dims: h5py.Group) -> None:
+        """`time` is (T,) or, per trajectory, (N, T)."""
+        time = self._require(dims, "time", "the time coordinate")
+        where = f"{self.path}: dimensions/time"
+        self._time_sample_varying = _flag(time.attrs, "sample_varying", where, False)
+        expected_ndim = 2 if self._time_sample_varying else 1
+        if time.ndim != expected_ndim or (self._time_sample_varying and time.shape[0] != self.n_trajectories):
+            raise DataError(
+                f"{where}: shape {time.shape} does not match sample_varying={self._time_sample_varying} "
+                f"with {self.n_trajectories} trajectories"
+            )
+        check_stored(time, where)
+        self.n_steps = int(time.shape[-1])
+
+    def _read_field(self, group: h5py.Group, group_name: str, name: str, order: int) -> _FieldSpec:
+        ds = self._require(group, name, f"listed in {group_name}.field_names")
+        where = f"{self.path}: {group_name}/{name}"
+        if not isinstance(ds, h5py.Dataset):
+            raise DataError(f"{where}: is a group, not a dataset")
+        sample_varying = _flag(ds.attrs, "sample_varying", where)
+        time_varying = _flag(ds.attrs, "time_varying", where)
+        if "dim_varying" not in ds.attrs:
+            raise DataError(f"{where}: missing attribute 'dim_varying'")
+        dim_varying = tuple(bool(v) for v in np.atleast_1d(ds.attrs["dim_varying"]))
+        if len(dim_varying) != 2:
+            raise DataError(f"{where}: dim_varying has {len(dim_varying)} entries, expected 2")
+        lead = ([self.n_trajectories] if sample_varying else []) + ([self.n_steps] if time_varying else [])
+        # An axis a field does not vary along is stored either with size 1 (what WellDataset's
+        # tiling expects) or left out (what the_well's format checker and xarray export expect).
+        axes = list(zip(self.shape, dim_varying, strict=True))
+        kept = lead + [s if used else 1 for s, used in axes] + [2] * order
+        dropped = lead + [s for s, used in axes if used] + [2] * order
+        if list(ds.shape) not in (kept, dropped):
+            raise DataError(
+                f"{where}: shape {tuple(ds.shape)} does not match the schema's {tuple(dropped)} "
+                f"or {tuple(kept)} (sample_varying={sample_varying}, time_varying={time_varying}, "
+                f"dim_varying={dim_varying})"
+            )
+        check_stored(ds, where)
+        suffixes = ["".join(p) for p in itertools.product(self.spatial_dims, repeat=order)]
+        return _FieldSpec(
+            group=group_name,
+            name=name,
+            order=order,
+            channels=tuple(f"{name}_{s}" if s else name for s in suffixes),
+            sample_varying=sample_varying,
+            time_varying=time_varying,
+            dim_varying=dim_varying,
+            singleton_axes=list(ds.shape) == kept and kept != dropped,
+        )
+
+    def _read_bcs(self, f: h5py.File) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Codes of both ends of each spatial axis, as WellDataset's `_padding_bcs` computes them: an
+        end is of a group's type when its mask is set there (for WALL: everywhere along it), OPEN
+        when no group covers it. Masks may carry leading sample/time axes; an end counts when the
+        mask is set there in any sample and time (for WALL: in all)."""
         ends = {d: [OPEN, OPEN] for d in self.spatial_dims}
         group = self._require(f, "boundary_conditions")
         for name in group:
@@ -319,24 +408,29 @@ class WellFile:
             assoc = _names(bc.attrs["associated_dims"])
             if "mask" not in bc:
                 raise DataError(f"{where}: missing dataset 'mask'")
-            mask = np.asarray(bc["mask"][()], dtype=bool)
-            if mask.ndim != len(assoc):
-                raise DataError(f"{where}: mask has {mask.ndim} dimensions but associated_dims is {assoc}")
+            mask = bc["mask"]
+            lead = int(_flag(bc.attrs, "sample_varying", where, False)) + int(
+                _flag(bc.attrs, "time_varying", where, False)
+            )
+            if mask.ndim != lead + len(assoc):
+                raise DataError(
+                    f"{where}: mask has {mask.ndim} dimensions but associated_dims is {assoc} "
+                    f"(plus {lead} sample/time axes)"
+                )
+            check_stored(mask, f"{where}/mask")
             aggregate = np.all if bc_type == "WALL" else np.any
             for i, dim in enumerate(assoc):
                 if dim not in ends:
                     raise DataError(f"{where}: associated dim {dim!r} is not one of {self.spatial_dims}")
-                first = np.take(mask, 0, axis=i)
-                last = np.take(mask, -1, axis=i)
-                if aggregate(first):
-                    ends[dim][0] = BC_CODES[bc_type]
-                if aggregate(last):
-                    ends[dim][1] = BC_CODES[bc_type]
-        codes = []
-        for d in self.spatial_dims:
-            lo, hi = ends[d]
-            codes.append(PERIODIC if lo == hi == PERIODIC else WALL if WALL in (lo, hi) else OPEN)
-        return codes[0], codes[1]
+                axis = lead + i
+                size = self.shape[self.spatial_dims.index(dim)]
+                if mask.shape[axis] != size:
+                    raise DataError(f"{where}: mask has {mask.shape[axis]} entries along {dim!r}, not {size}")
+                for end, index in ((0, 0), (1, size - 1)):
+                    sel = tuple(index if a == axis else slice(None) for a in range(mask.ndim))
+                    if aggregate(np.asarray(mask[sel], dtype=bool)):
+                        ends[dim][end] = BC_CODES[bc_type]
+        return tuple((ends[d][0], ends[d][1]) for d in self.spatial_dims)
 
     def _read_scalars(self, f: h5py.File) -> dict[str, tuple[np.ndarray, bool]]:
         out: dict[str, tuple[np.ndarray, bool]] = {}
@@ -345,9 +439,13 @@ class WellFile:
         group = f["scalars"]
         for name in _names(group.attrs.get("field_names", [])):
             ds = self._require(group, name, "listed in scalars.field_names")
-            if _flag(ds.attrs, "time_varying", f"{self.path}: scalars/{name}", False):
+            where = f"{self.path}: scalars/{name}"
+            if _flag(ds.attrs, "time_varying", where, False):
                 continue  # time-varying scalars are not model inputs here
-            sample_varying = _flag(ds.attrs, "sample_varying", f"{self.path}: scalars/{name}", False)
+            sample_varying = _flag(ds.attrs, "sample_varying", where, False)
+            check_stored(ds, where)
+            if ds.size > (self.n_trajectories if sample_varying else 1):
+                raise DataError(f"{where}: shape {ds.shape} holds more than one value per trajectory")
             out[name] = (np.asarray(ds[()], dtype=np.float64), sample_varying)
         return out
 
@@ -355,15 +453,18 @@ class WellFile:
         """Constant scalars (PDE parameters) of one trajectory."""
         params = {}
         for name, (values, sample_varying) in self._scalars.items():
-            value = values[trajectory] if sample_varying and values.ndim else values
-            if np.ndim(value) == 0:
-                params[name] = float(value)
+            value = values.reshape(-1)[trajectory] if sample_varying and values.size > 1 else values
+            if np.size(value) == 1:
+                params[name] = float(np.asarray(value).reshape(()))
         return params
 
-    def times(self, trajectory: int) -> np.ndarray:
+    def times(self, trajectory: int, start: int, length: int) -> np.ndarray:
+        """Times of steps [start, start+length) of one trajectory (`time` may be per trajectory)."""
         with h5py.File(self.path, "r") as f:
             t = f["dimensions"]["time"]
-            return np.asarray(t[trajectory] if self._time_sample_varying else t[()], dtype=np.float64)
+            steps = slice(start, start + length)
+            values = t[trajectory, steps] if self._time_sample_varying else t[steps]
+            return np.asarray(values, dtype=np.float64)
 
     def window(self, trajectory: int, start: int, length: int) -> np.ndarray:
         """Steps [start, start+length) of one trajectory as float32 (length, C, X, Y)."""

@@ -5,6 +5,7 @@ import json
 import types
 
 import h5py
+import mpp_layouts
 import numpy as np
 import pytest
 import torch
@@ -273,40 +274,6 @@ def test_shape_mismatch_and_non_hdf5_are_data_errors(tmp_path):
 # ----------------------------------------------------------------------------- PDEBench
 
 
-def test_pdebench_layouts_round_trip(tmp_path):
-    rng = np.random.default_rng(0)
-    swe = rng.standard_normal((3, 7, 8, 8, 1)).astype(np.float32)
-    dr = rng.standard_normal((2, 7, 8, 8, 2)).astype(np.float32)
-    cfd = [rng.standard_normal((2, 6, 8, 8)).astype(np.float32) for _ in range(4)]
-    vel = rng.standard_normal((2, 5, 8, 8, 2)).astype(np.float32)
-    part = rng.standard_normal((2, 5, 8, 8, 1)).astype(np.float32)
-    force = rng.standard_normal((2, 8, 8, 2)).astype(np.float32)
-    pdebench.write_groups(tmp_path / "2D_rdb_NA_NA.h5", swe)
-    pdebench.write_groups(tmp_path / "2D_diff-react_NA_NA.h5", dr)
-    pdebench.write_cfd(tmp_path / "2D_CFD_Rand_M0.1_Eta0.01_Zeta0.01_periodic_8_Train.hdf5", *cfd)
-    pdebench.write_ins(tmp_path / "ns_incom_inhom_2d_8-0.h5", vel, part, force)
-
-    s = open_source(tmp_path / "2D_rdb_NA_NA.h5")
-    assert s.field_names == ["height"] and s.n_trajectories == 3 and s.bc == (WALL, WALL)
-    np.testing.assert_array_equal(s.window(2, 1, 4), swe[2, 1:5].transpose(0, 3, 1, 2))
-    d = open_source(tmp_path / "2D_diff-react_NA_NA.h5")
-    assert d.field_names == ["activator", "inhibitor"]
-    np.testing.assert_array_equal(d.window(1, 0, 7), dr[1].transpose(0, 3, 1, 2))
-    c = open_source(tmp_path / "2D_CFD_Rand_M0.1_Eta0.01_Zeta0.01_periodic_8_Train.hdf5")
-    assert c.field_names == ["velocity_x", "velocity_y", "density", "pressure"] and c.bc == (
-        PERIODIC,
-        PERIODIC,
-    )
-    assert c.parameters(0) == {"M": 0.1, "eta": 0.01, "zeta": 0.01}
-    np.testing.assert_array_equal(c.window(1, 2, 3), np.stack([a[1, 2:5] for a in cfd], axis=1))
-    i = open_source(tmp_path / "ns_incom_inhom_2d_8-0.h5")
-    assert i.field_names == ["velocity_x", "velocity_y", "particles", "force_x", "force_y"]
-    w = i.window(0, 1, 3)
-    np.testing.assert_array_equal(w[:, :2], vel[0, 1:4].transpose(0, 3, 1, 2))
-    np.testing.assert_array_equal(w[:, 2], part[0, 1:4, ..., 0])
-    np.testing.assert_array_equal(w[2, 3:], force[0].transpose(2, 0, 1))
-
-
 def test_malformed_pdebench_files_get_clear_errors(tmp_path):
     path = tmp_path / "2D_rdb_NA_NA.h5"
     with h5py.File(path, "w") as f:
@@ -333,8 +300,8 @@ def test_malformed_pdebench_files_get_clear_errors(tmp_path):
 def test_prepare_splits_pdebench_by_trajectory_and_records_vocabulary(tmp_path):
     from foundation.data import Manifest, ShardDataset
 
-    rng = np.random.default_rng(0)
-    pdebench.write_groups(tmp_path / "src" / "2D_rdb_NA_NA.h5", rng.standard_normal((12, 9, 8, 8, 1)))
+    (tmp_path / "src").mkdir()
+    mpp_layouts.write_rdb(tmp_path / "src" / "2D_rdb_NA_NA.h5", n=12, steps=9)
     sim = _sim(n_traj=2, steps=9, n=16)
     write_simulation(sim, tmp_path / "src" / "toy" / "data" / "test" / "toy_test.hdf5")
     out = tmp_path / "shards"
@@ -392,7 +359,8 @@ def test_prepare_splits_pdebench_by_trajectory_and_records_vocabulary(tmp_path):
 
 def test_prepare_rejects_bad_requests(tmp_path):
     write_simulation(_sim(steps=4), tmp_path / "w" / "toy" / "data" / "train" / "a.hdf5")
-    pdebench.write_groups(tmp_path / "big" / "2D_rdb_NA_NA.h5", np.zeros((1, 4, 16, 16, 1)))
+    (tmp_path / "big").mkdir()
+    mpp_layouts.write_rdb(tmp_path / "big" / "2D_rdb_NA_NA.h5", n=1, steps=4, nx=16, ny=16)
     with pytest.raises(DataError, match=r"different grid sizes.*--resolution"):
         main(
             [
@@ -408,9 +376,9 @@ def test_prepare_rejects_bad_requests(tmp_path):
             ]
         )
     assert main(["prepare", "mpp", str(tmp_path / "missing"), "--out", str(tmp_path / "s")]) == 2
-    with pytest.raises(DataError, match="fewer than the window"):
+    with pytest.raises(DataError, match="nothing to prepare: 1 file.* fewer steps than the window of 5"):
         main(["-v", "prepare", "mpp", str(tmp_path / "w"), "--out", str(tmp_path / "s"), "--history", "4"])
-    with pytest.raises(DataError, match="cannot be block-averaged"):
+    with pytest.raises(DataError, match="nothing to prepare: toy: grid 8x8 cannot be block-averaged"):
         main(
             [
                 "-v",
