@@ -107,6 +107,11 @@ def test_fixtures_pass_the_wells_format_checker(tmp_path, capsys):
         path = tmp_path / f"dropped-{per_trajectory_time}.hdf5"
         layouts.write_well(path, dropped_axes=True, per_trajectory_time=per_trajectory_time)
         check(str(path))
+    from encoders.mpp.solvers import SYSTEMS
+    from encoders.mpp.well import write_simulation
+
+    sim = SYSTEMS["shallow_water"](np.random.default_rng(0), 2, 8, 4)
+    check(str(write_simulation(sim, tmp_path / "synth.hdf5")))  # what `synth mpp` writes
     kept = tmp_path / "kept.hdf5"
     layouts.write_well(kept, dropped_axes=False)
     with pytest.raises(AssertionError, match="inflow"):  # the checker wants the axis dropped
