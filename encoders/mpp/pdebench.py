@@ -61,8 +61,9 @@ def _cfd_parameters(f: h5py.File, path: str) -> dict[str, float]:
     (`2D_CFD_Rand_M0.1_Eta0.01_Zeta0.01_periodic_128_Train.hdf5`)."""
     params = {}
     for key, label in (("M", "M"), ("Eta", "eta"), ("Zeta", "zeta")):
-        if label in f.attrs and np.size(f.attrs[label]) == 1:
-            params[label] = float(np.asarray(f.attrs[label]).reshape(()))
+        value = np.asarray(f.attrs.get(label, np.nan))
+        if value.size == 1 and value.dtype.kind in "fiu" and np.isfinite(value):
+            params[label] = float(value.reshape(()))
             continue
         m = re.search(rf"_{key}([0-9.eE+-]+?)(?=_|\.h)", Path(path).name)
         if m:
@@ -99,9 +100,9 @@ class PDEBenchFile:
         return SkippedSource(self.path, name, reason)
 
     def _checked(self, f: h5py.File, key: str) -> h5py.Dataset:
-        ds = f[key]
+        ds = f.get(key)
         if not isinstance(ds, h5py.Dataset):
-            raise self._err(f"{key!r} is a group, not a dataset")
+            raise self._err(f"{key!r} is not a dataset")
         check_stored(ds, f"{self.path}: {key}")
         return ds
 
@@ -174,7 +175,7 @@ class PDEBenchFile:
         self.n_trajectories, self.n_steps, self.shape = int(n), int(t), (int(x), int(y))
 
     def _detect_groups(self, f: h5py.File) -> None:
-        groups = sorted(k for k in f if isinstance(f[k], h5py.Group))
+        groups = sorted(k for k in f if isinstance(f.get(k), h5py.Group))
         if not groups:
             raise self._err(
                 "not a recognised PDEBench layout: expected per-sample groups with 'data', "
@@ -184,7 +185,7 @@ class PDEBenchFile:
         self._groups = groups
         shape = None
         for g in groups:
-            if "data" not in f[g]:
+            if "data" not in f[g] or not isinstance(f[g].get("data"), h5py.Dataset):
                 raise self._err(f"missing 'data' in group {g!r} (per-sample PDEBench layout)")
             data = self._checked(f, f"{g}/data")
             if shape is None:

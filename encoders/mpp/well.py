@@ -242,12 +242,35 @@ def _names(raw: Any) -> list[str]:
     return [v.decode() if isinstance(v, bytes) else str(v) for v in np.atleast_1d(raw)]
 
 
+def _bools(raw: Any, where: str, key: str) -> np.ndarray:
+    """A boolean attribute (or list of them) as a bool array; strings such as "False" are refused
+    rather than read as True."""
+    values = np.atleast_1d(np.asarray(raw))
+    if values.dtype.kind not in "biu" or values.size == 0:
+        raise DataError(f"{where}: attribute {key!r} is {raw!r}, not a boolean (or list of booleans)")
+    return values.astype(bool)
+
+
 def _flag(attrs: h5py.AttributeManager, key: str, where: str, default: bool | None = None) -> bool:
     if key not in attrs:
         if default is not None:
             return default
         raise DataError(f"{where}: missing attribute {key!r} (required by The Well schema)")
-    return bool(np.asarray(attrs[key]).all())
+    return bool(_bools(attrs[key], where, key).all())
+
+
+def _int_attr(attrs: h5py.AttributeManager, key: str, where: str) -> int:
+    value = np.asarray(attrs[key])
+    if value.size != 1 or value.dtype.kind not in "iu":
+        raise DataError(f"{where}: root attribute {key!r} is {attrs[key]!r}, not an integer")
+    return int(value.reshape(()))
+
+
+def _first_name(attrs: h5py.AttributeManager, key: str, where: str, default: str | None = None) -> str:
+    names = _names(attrs[key]) if key in attrs else [default] if default is not None else []
+    if len(names) != 1 or not names[0]:
+        raise DataError(f"{where}: root attribute {key!r} is {attrs.get(key)!r}, not one non-empty string")
+    return names[0]
 
 
 def is_well_file(f: h5py.File) -> bool:
@@ -284,20 +307,24 @@ class WellFile:
     def _err(self, what: str) -> DataError:
         return DataError(f"{self.path}: {what}")
 
-    def _require(self, node: h5py.Group, key: str, what: str = "") -> Any:
+    def _require(self, node: h5py.Group, key: str, what: str = "", kind: type = h5py.Dataset) -> Any:
+        """`node[key]`, which must exist and be a `kind` (dataset or group)."""
+        where = node.name if node.name != "/" else "the root group"
         if key not in node:
-            where = node.name if node.name != "/" else "the root group"
             hint = f" ({what})" if what else ""
             raise self._err(f"missing {key!r} in {where}{hint}; not a valid Well file")
-        return node[key]
+        item = node.get(key)
+        if not isinstance(item, kind):
+            raise self._err(f"{key!r} in {where} is not a {'group' if kind is h5py.Group else 'dataset'}")
+        return item
 
     def _read_schema(self, f: h5py.File) -> None:
         for key in ("dataset_name", "n_spatial_dims", "n_trajectories"):
             if key not in f.attrs:
                 raise self._err(f"missing root attribute {key!r} (required by The Well schema)")
-        self.dataset_name = _names(f.attrs["dataset_name"])[0]
-        self.grid_type = _names(f.attrs.get("grid_type", "cartesian"))[0]
-        n_dims = int(np.asarray(f.attrs["n_spatial_dims"]).item())
+        self.dataset_name = _first_name(f.attrs, "dataset_name", self.path)
+        self.grid_type = _first_name(f.attrs, "grid_type", self.path, default="cartesian")
+        n_dims = _int_attr(f.attrs, "n_spatial_dims", self.path)
         if n_dims != 2:
             raise SkippedSource(
                 self.path, self.dataset_name, f"n_spatial_dims is {n_dims}; MPP models 2-D data only"
@@ -308,11 +335,11 @@ class WellFile:
                 self.dataset_name,
                 f"grid_type {self.grid_type!r} is not one MPP can use ({', '.join(SUPPORTED_GRIDS)})",
             )
-        self.n_trajectories = int(np.asarray(f.attrs["n_trajectories"]).item())
+        self.n_trajectories = _int_attr(f.attrs, "n_trajectories", self.path)
         if not 1 <= self.n_trajectories <= MAX_TRAJECTORIES:
             raise self._err(f"n_trajectories is {self.n_trajectories}, outside 1..{MAX_TRAJECTORIES}")
 
-        dims = self._require(f, "dimensions")
+        dims = self._require(f, "dimensions", kind=h5py.Group)
         if "spatial_dims" not in dims.attrs:
             raise self._err("missing attribute 'spatial_dims' on group 'dimensions'")
         self.spatial_dims = _names(dims.attrs["spatial_dims"])
@@ -320,14 +347,14 @@ class WellFile:
             raise self._err(f"dimensions.spatial_dims is {self.spatial_dims}, expected 2 names")
         self._read_time(dims)
         coords = [self._require(dims, d, "a spatial coordinate") for d in self.spatial_dims]
-        if any(c.ndim < 1 for c in coords):
-            raise self._err(f"spatial coordinates {self.spatial_dims} must be 1-D arrays")
+        if any(c.ndim < 1 or c.shape[-1] < 1 for c in coords):
+            raise self._err(f"spatial coordinates {self.spatial_dims} must be non-empty arrays")
         self.shape = tuple(int(c.shape[-1]) for c in coords)
 
         self.fields: list[_FieldSpec] = []
         for order in range(3):
             group_name = f"t{order}_fields"
-            group = self._require(f, group_name)
+            group = self._require(f, group_name, kind=h5py.Group)
             if "field_names" not in group.attrs:
                 raise self._err(f"missing attribute 'field_names' on group {group_name!r}")
             for name in _names(group.attrs["field_names"]):
@@ -356,13 +383,11 @@ class WellFile:
     def _read_field(self, group: h5py.Group, group_name: str, name: str, order: int) -> _FieldSpec:
         ds = self._require(group, name, f"listed in {group_name}.field_names")
         where = f"{self.path}: {group_name}/{name}"
-        if not isinstance(ds, h5py.Dataset):
-            raise DataError(f"{where}: is a group, not a dataset")
         sample_varying = _flag(ds.attrs, "sample_varying", where)
         time_varying = _flag(ds.attrs, "time_varying", where)
         if "dim_varying" not in ds.attrs:
             raise DataError(f"{where}: missing attribute 'dim_varying'")
-        dim_varying = tuple(bool(v) for v in np.atleast_1d(ds.attrs["dim_varying"]))
+        dim_varying = tuple(bool(v) for v in _bools(ds.attrs["dim_varying"], where, "dim_varying"))
         if len(dim_varying) != 2:
             raise DataError(f"{where}: dim_varying has {len(dim_varying)} entries, expected 2")
         lead = ([self.n_trajectories] if sample_varying else []) + ([self.n_steps] if time_varying else [])
@@ -396,9 +421,9 @@ class WellFile:
         when no group covers it. Masks may carry leading sample/time axes; an end counts when the
         mask is set there in any sample and time (for WALL: in all)."""
         ends = {d: [OPEN, OPEN] for d in self.spatial_dims}
-        group = self._require(f, "boundary_conditions")
+        group = self._require(f, "boundary_conditions", kind=h5py.Group)
         for name in group:
-            bc = group[name]
+            bc = self._require(group, name, kind=h5py.Group)
             where = f"{self.path}: boundary_conditions/{name}"
             if "bc_type" not in bc.attrs or "associated_dims" not in bc.attrs:
                 raise DataError(f"{where}: missing attribute 'bc_type' or 'associated_dims'")
@@ -406,9 +431,7 @@ class WellFile:
             if bc_type not in BC_CODES:
                 raise DataError(f"{where}: bc_type {bc_type!r} is not one of {', '.join(BC_CODES)}")
             assoc = _names(bc.attrs["associated_dims"])
-            if "mask" not in bc:
-                raise DataError(f"{where}: missing dataset 'mask'")
-            mask = bc["mask"]
+            mask = self._require(bc, "mask", "where the boundary condition applies")
             lead = int(_flag(bc.attrs, "sample_varying", where, False)) + int(
                 _flag(bc.attrs, "time_varying", where, False)
             )
@@ -436,7 +459,7 @@ class WellFile:
         out: dict[str, tuple[np.ndarray, bool]] = {}
         if "scalars" not in f:
             return out
-        group = f["scalars"]
+        group = self._require(f, "scalars", kind=h5py.Group)
         for name in _names(group.attrs.get("field_names", [])):
             ds = self._require(group, name, "listed in scalars.field_names")
             where = f"{self.path}: scalars/{name}"

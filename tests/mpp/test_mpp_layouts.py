@@ -337,3 +337,42 @@ def test_unwritten_contiguous_fields_are_refused(tmp_path):
         f["t1_fields"].create_dataset("velocity", shape=shape, dtype="f4").attrs.update(attrs)
     with pytest.raises(DataError, match="t1_fields/velocity: declares shape .* stores only 0 bytes"):
         WellFile(path)
+
+
+def _replace(f, key, **kwargs):
+    attrs = dict(f[key].attrs)
+    del f[key]
+    f.create_dataset(key, **kwargs).attrs.update(attrs)
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda f: f.attrs.__setitem__("n_spatial_dims", "two"),
+        lambda f: f.attrs.__setitem__("n_trajectories", [1, 2]),
+        lambda f: f.attrs.__setitem__("dataset_name", []),
+        lambda f: f["t0_fields/tracer"].attrs.__setitem__("sample_varying", "False"),
+        lambda f: f["t0_fields/inflow"].attrs.__setitem__("dim_varying", "yes"),
+        lambda f: (f.__delitem__("t2_fields"), f.create_dataset("t2_fields", data=[1.0])),
+        lambda f: (
+            f.__delitem__("boundary_conditions/y_wall/mask"),
+            f.create_group("boundary_conditions/y_wall/mask"),
+        ),
+        lambda f: (
+            f.__delitem__("t0_fields/tracer"),
+            f.__setitem__("t0_fields/tracer", h5py.SoftLink("/nowhere")),
+        ),
+        lambda f: _replace(f, "dimensions/y", data=np.zeros(0, np.float32)),
+        lambda f: _replace(f, "scalars/amplitude", data=np.array([b"a", b"b"])),
+        lambda f: _replace(f, "boundary_conditions/y_wall/mask", data=np.zeros(3, bool)),
+    ],
+)
+def test_hostile_well_attributes_get_one_line_errors(tmp_path, capsys, mutate):
+    path = tmp_path / "w" / "data" / "train" / "a.hdf5"
+    path.parent.mkdir(parents=True)
+    layouts.write_well(path)
+    with h5py.File(path, "a") as f:
+        mutate(f)
+    assert main(["prepare", "mpp", str(tmp_path / "w"), "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}") and err.count("\n") == 1, err
