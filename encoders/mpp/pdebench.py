@@ -9,7 +9,8 @@ Layouts, as PDEBench's generators write them (`pdebench/data_gen/...`):
 - compressible NS `2D_CFD_<mode>_M.._Eta.._Zeta.._<bc>_<n>_Train.hdf5`
   (`data_gen_NLE/Data_Merge.py`): `density`, `pressure`, `Vx`, `Vy` (N, T, X, Y), `x-coordinate`,
   `y-coordinate`, `t-coordinate` (T+1), root attrs `eta`, `zeta`, `M`; boundaries from the
-  generator's `bc` (`periodic`, `trans` = zero-gradient copy, `KHI` = periodic x, `trans` y);
+  generator's `bc` (`periodic`, `trans` = zero-gradient copy, `KHI` = periodic x, `trans` y),
+  named in the file name (the test files `KH_*`, `2D_shock`, `OTVortex` name their config);
 - incompressible NS `ns_incom_inhom_2d_<n>-<seed>.h5` (`src/data_io.py`): `velocity`
   (N, T, X, Y, 2), `particles` (N, T, X, Y, 1), `force` (N, X, Y, 2), `t` (N, T), lzf chunks of
   one frame; phiflow `ZERO` velocity extrapolation (no-slip walls).
@@ -77,12 +78,13 @@ def _cfd_parameters(f: h5py.File, path: str) -> dict[str, float]:
 def _cfd_boundaries(path: str) -> tuple[tuple[int, int], tuple[int, int]] | None:
     """Boundary ends from the CFD file name (the generator records `bc` nowhere else)."""
     words = re.split(r"[_.\-]+", Path(path).name.lower())
-    if words and words[0] == "kh":
-        return CFD_BOUNDARIES["khi"]
     for bc in ("periodic", "trans", "khi"):
         if bc in words:
             return CFD_BOUNDARIES[bc]
-    return None
+    # The distributed test files name their configuration instead: KH_* (bc KHI), 2D_shock
+    # (2D_ShockTube.yaml, bc trans), OTVortex (2D_TOV.yaml, bc periodic).
+    named = {"kh": "khi", "shock": "trans", "otvortex": "periodic"}
+    return next((CFD_BOUNDARIES[named[w]] for w in words if w in named), None)
 
 
 class PDEBenchFile:

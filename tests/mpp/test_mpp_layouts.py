@@ -240,6 +240,8 @@ def test_pdebench_layouts_read_bit_for_bit(tmp_path):
     [
         ("2D_CFD_Rand_M1.0_Eta0.1_Zeta0.1_trans_8_Train.hdf5", ((OPEN, OPEN), (OPEN, OPEN))),
         ("KH_M01_dk1_Re1e3.hdf5", ((PERIODIC, PERIODIC), (OPEN, OPEN))),
+        ("2D_shock.hdf5", ((OPEN, OPEN), (OPEN, OPEN))),
+        ("OTVortex.hdf5", ((PERIODIC, PERIODIC), (PERIODIC, PERIODIC))),
     ],
 )
 def test_cfd_boundaries_follow_the_generators_bc(tmp_path, name, ends):
