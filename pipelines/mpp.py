@@ -86,7 +86,8 @@ def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
         "inputs",
         nargs="+",
         metavar="INPUT",
-        help="Well data set folders, folders of HDF5 files, or HDF5 files.",
+        help="Well base folders (<base>/datasets/<name>/data/<split>/), data set folders, folders of "
+        "HDF5 files, or HDF5 files; data sets MPP cannot use are skipped with the reason.",
     )
     parser.add_argument("--out", required=True, help="Shard set directory to create.")
     parser.add_argument("--history", type=int, default=4, help="Input steps the model will see (paper: 16).")

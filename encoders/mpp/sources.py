@@ -1,8 +1,10 @@
 """Find and open MPP source files: The Well or PDEBench HDF5, sniffed from their content.
 
-A source is any object with `path`, `dataset_name`, `n_trajectories`, `n_steps`, `shape`,
-`field_names`, `bc` (per-axis codes), `parameters(trajectory)` and
-`window(trajectory, start, length) -> (length, C, X, Y) float32`.
+A source is any object with `path`, `dataset_name`, `grid_type`, `n_trajectories`, `n_steps`,
+`shape`, `field_names`, `bc` (one code per axis), `bc_ends` (codes of the low and high end of each
+axis), `parameters(trajectory)`, `times(trajectory, start, length)` (None where the file has no
+per-step times) and `window(trajectory, start, length) -> (length, C, X, Y) float32`. A valid file
+MPP cannot use raises `SkippedSource` (a `DataError`) with the reason.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ def discover(inputs: Iterable[str | Path]) -> list[tuple[Path, str | None]]:
     """HDF5 files named by `inputs`, each with the split its location implies (None = unsplit).
 
     An input may be a file, a Well data set directory (`<name>/data/<split>/*.hdf5`), a directory
-    holding several such data sets (the output of `synth mpp`), a split directory, or any
-    directory of HDF5 files (searched recursively).
+    holding several such data sets (a Well base folder `<base>/datasets/<name>/...`, the output of
+    `synth mpp`), a split directory, or any directory of HDF5 files (searched recursively).
     """
     found: list[tuple[Path, str | None]] = []
     for raw in inputs:
