@@ -378,3 +378,13 @@ def test_hostile_well_attributes_get_one_line_errors(tmp_path, capsys, mutate):
     assert main(["prepare", "mpp", str(tmp_path / "w"), "--out", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {path}") and err.count("\n") == 1, err
+
+
+def test_sparse_pdebench_datasets_are_refused(tmp_path):
+    name = "2D_CFD_Rand_M0.1_Eta0.01_Zeta0.01_periodic_8_Train.hdf5"
+    layouts.write_cfd(tmp_path / name)
+    with h5py.File(tmp_path / name, "a") as f:
+        del f["Vy"]
+        f.create_dataset("Vy", shape=(2, 5, 8, 8), dtype="f4", chunks=(1, 1, 8, 8))  # never written
+    with pytest.raises(DataError, match="Vy: declares shape .* only 0 of its 10 chunks"):
+        open_source(tmp_path / name)
