@@ -31,7 +31,7 @@ def test_mmu_tree_layout_and_columns(survey):
         pixel = int(files[0].parent.name.split("=")[1])
         assert np.all(f["healpix"][()] == pixel)
         assert np.all(formats.healpix_index(f["ra"][()], f["dec"][()]) == pixel)
-        assert [b.decode() for b in f["image_band"][0]] == ["DES-G", "DES-R", "DES-Z"]
+        assert [b.decode() for b in f["image_band"][0]] == ["des-g", "des-r", "des-z"]
     spectra = sorted((root / "desi").rglob("*.hdf5"))
     with h5py.File(spectra[0]) as f:
         assert f["spectrum_flux"].shape == f["spectrum_lambda"].shape == f["spectrum_mask"].shape
@@ -63,7 +63,7 @@ def test_band_selection_reorders_and_unknown_band_is_a_clear_error(survey):
     zg = formats.ImageSource(root / "legacysurvey", ["z", "g"]).read(np.arange(3)).image
     np.testing.assert_array_equal(zg[:, 0], grz[:, 2])
     np.testing.assert_array_equal(zg[:, 1], grz[:, 0])
-    with pytest.raises(DataError, match=r"band\(s\) i requested .* DES-G, DES-R, DES-Z"):
+    with pytest.raises(DataError, match=r"band\(s\) i requested .* des-g, des-r, des-z"):
         formats.ImageSource(root / "legacysurvey", ["g", "i"])
 
 
