@@ -580,7 +580,8 @@ class ImageSource:
             else:
                 image, ivar, bad = self._read_fits(path, layout)
             image = centre_crop(image, self.cutout) * layout.factor
-            ivar = centre_crop(ivar, self.cutout) / layout.factor**2
+            with np.errstate(over="ignore"):  # HSC's float32-max ivar of no-data pixels: inf, masked
+                ivar = centre_crop(ivar, self.cutout) / layout.factor**2
             bad = centre_crop(bad, self.cutout) | ~np.isfinite(image) | ~np.isfinite(ivar) | ~(ivar > 0)
             out.image[pos] = np.where(bad, 0.0, image)
             out.ivar[pos] = np.where(bad, 0.0, ivar)

@@ -290,7 +290,7 @@ def sdss(
 ) -> dict[Path, dict[str, np.ndarray]]:
     """scripts/sdss/build_parent_sample.py, `processing_fn` + `save_in_standard_format`.
 
-    spPlate HDUs are big-endian: `spectrum_flux`, `spectrum_ivar`, `spectrum_lsf_sigma` stay '>f4';
+    spPlate HDUs are big-endian: `spectrum_flux`, `spectrum_ivar`, `spectrum_lsf_sigma` '>f4';
     `spectrum_lambda` native float32 (10**loglam); `spectrum_mask` bool = `and_mask | ivar <= 1e-6`,
     **True = bad pixel**. Spectra from plates of different lengths are padded to the longest:
     flux and lsf with their edge value, ivar with 0, lambda with -1, mask with True.
@@ -327,6 +327,10 @@ def sdss(
             key: np.stack([np.pad(p[key], (0, longest - len(p[key])), **how) for p in parts])
             for key, how in pad.items()
         }
+        # np.concatenate of big-endian arrays returns native ones in numpy 2 but kept the byte
+        # order in the numpy the builder ran on; keep it here, the case a reader can get wrong.
+        for key in ("spectrum_flux", "spectrum_ivar", "spectrum_lsf_sigma"):
+            spectra[key] = spectra[key].astype(">f4")
         specobjid = np.array([str(299_489_952_322_840_576 + 1024 * k) for k in range(n)], dtype="S19")
         columns = {
             "SURVEY": np.array([survey.ljust(6).encode()] * n, dtype="S6"),
