@@ -294,3 +294,21 @@ def test_all_nan_images_are_skipped_and_reported_or_refused(mmu_pair, capsys):
         f["image_array"][...] = np.nan
     assert _prepare(mmu_pair, mmu_pair / "ls", mmu_pair / "desi", out="all-nan") == 2
     assert "every matched object was skipped" in capsys.readouterr().err
+
+
+def test_a_mask_of_the_opposite_meaning_gives_the_degenerate_output_error(tmp_path, capsys):
+    """A file whose `image_mask` is True for bad pixels but looks like MMU legacysurvey (so is read
+    True = clean) masks 99.9 % of every image: prepare fails naming the field, unless told."""
+    pytest.importorskip("foundation.data.summary", reason="the shard writer's degenerate-field check")
+    path, columns = _only(mmu_layouts.legacysurvey(tmp_path / "ls", RA, DEC, clean_fraction=0.999))
+    mmu_layouts.desi(tmp_path / "desi", RA, DEC, Z)
+    with h5py.File(path, "a") as f:
+        f["image_mask"][...] = ~columns["image_mask"]  # True = bad pixel, the opposite of MMU's
+    assert _prepare(tmp_path, tmp_path / "ls", tmp_path / "desi") == 2
+    err = capsys.readouterr().err
+    assert "degenerate" in err and "'image'" in err and "opposite" in err
+    assert not (tmp_path / "shards").exists()
+    # told what the mask means, the same file prepares fine
+    assert _prepare(tmp_path, tmp_path / "ls", tmp_path / "desi", "--image-mask-means", "bad") == 0
+    samples = _samples(tmp_path / "shards")
+    assert np.mean([np.mean(s["image"] == 0) for s in samples.values()]) < 0.01
