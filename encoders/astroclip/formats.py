@@ -626,6 +626,8 @@ class ImageSource:
 
 def _stored_bands(dataset: h5py.Dataset, count: int, path: Path) -> np.ndarray:
     """A file's band names: `image_band` is (bands,) or, as MMU writes it, (rows, bands)."""
+    if dataset.ndim == 2 and dataset.shape[0] == 0:
+        raise DataError(f"{path}: {dataset.name} has no rows, so the file names no bands")
     bands = np.asarray(dataset[()] if dataset.ndim < 2 else dataset[0])
     if dataset.ndim == 2 and dataset.shape[0] > 1 and not (np.asarray(dataset[()]) == bands).all():
         raise DataError(f"{path}: rows list their bands in different orders ({dataset.name})")
