@@ -222,6 +222,7 @@ def prepare(
     samples_per_shard: int = 1000,
     seed: int = 0,
     overwrite: bool = False,
+    allow_degenerate: bool = False,
     chunk: int = 256,
     progress: bool | None = False,
 ) -> dict[str, Any]:
@@ -345,6 +346,9 @@ def prepare(
         seed=seed,
         split_salt=str(seed),
         overwrite=overwrite,
+        masks={"image": ("image_ivar", "weight")},
+        hints=_DEGENERATE_HINTS,
+        allow_degenerate=allow_degenerate,
     ) as writer:
         bar = tqdm(total=match.matched, desc="prepare astroclip", unit="object", disable=not progress)
         for start in range(0, match.matched, chunk):
@@ -386,7 +390,11 @@ def prepare(
                         sample[name] = float(values[i])
                     else:
                         missing_targets[name] += 1
-                split = writer.write(sample)
+                image_file = str(image_src.files[image_src.rows.file_index[ia]])
+                spectrum_file = str(spec_src.files[spec_src.rows.file_index[ib]])
+                source = dict.fromkeys(("image", "image_ivar"), image_file)
+                source.update(dict.fromkeys(("spectrum", "spectrum_ivar"), spectrum_file))
+                split = writer.write(sample, source=source)
                 counts[split] = counts.get(split, 0) + 1
                 if split == "train":
                     spec_stats.append(_spectrum_stats(flux[k], bad[k]))
@@ -431,6 +439,16 @@ def prepare(
     return report
 
 
+_DEGENERATE_HINTS = {
+    "image": "the image mask may mean the opposite (MMU Legacy Survey and HSC files: True = clean "
+    "pixel), or the cutouts lie outside the images",
+    "image_ivar": "the image mask may mean the opposite (MMU Legacy Survey and HSC files: True = clean "
+    "pixel), or the files carry no inverse variance",
+    "spectrum": "the spectrum mask may mean the opposite (DESI: True = bad pixel), or --grid lies "
+    "outside the spectra's wavelength range",
+}
+
+
 def _spectrum_stats(flux, bad, std_floor: float = 0.2):
     """The statistics token's raw features, as SpecFormer computes them (asinh mean, ln std)."""
     import numpy as np
@@ -470,10 +488,18 @@ def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples-per-shard", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0, help="Salts the split hash.")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing shard set at --out.")
+    parser.add_argument(
+        "--allow-degenerate",
+        action="store_true",
+        help="Write fields that come out all zeros, all masked or constant (docs/shards.md).",
+    )
     add_progress_argument(parser)
 
 
 def _prepare_run(args: argparse.Namespace) -> int:
+    from foundation.data import Manifest
+    from foundation.data.summary import format_field_summary
+
     bands = [b.strip() for b in args.bands.split(",") if b.strip()]
     report = prepare(
         args.images,
@@ -489,8 +515,10 @@ def _prepare_run(args: argparse.Namespace) -> int:
         samples_per_shard=args.samples_per_shard,
         seed=args.seed,
         overwrite=args.overwrite,
+        allow_degenerate=args.allow_degenerate,
         progress=progress_enabled(args.progress),
     )
+    print(format_field_summary(Manifest.load(args.out)))
     m = report["match"]
     print(
         f"matched {m['matched']} objects ({report['images']} images, {report['spectra']} spectra); "
