@@ -222,6 +222,7 @@ def prepare(
     samples_per_shard: int = 1000,
     seed: int = 0,
     overwrite: bool = False,
+    allow_degenerate: bool = False,
     chunk: int = 256,
     progress: bool | None = False,
     image_mask_means: str | None = None,
@@ -355,6 +356,9 @@ def prepare(
         seed=seed,
         split_salt=str(seed),
         overwrite=overwrite,
+        masks={"image": ("image_ivar", "weight")},
+        hints=_DEGENERATE_HINTS,
+        allow_degenerate=allow_degenerate,
     ) as writer:
         bar = tqdm(total=match.matched, desc="prepare astroclip", unit="object", disable=not progress)
         for start in range(0, match.matched, chunk):
@@ -402,7 +406,11 @@ def prepare(
                         sample[name] = float(values[i])
                     else:
                         missing_targets[name] += 1
-                split = writer.write(sample)
+                image_file = str(image_src.files[image_src.rows.file_index[ia]])
+                spectrum_file = str(spec_src.files[spec_src.rows.file_index[ib]])
+                source = dict.fromkeys(("image", "image_ivar"), image_file)
+                source.update(dict.fromkeys(("spectrum", "spectrum_ivar"), spectrum_file))
+                split = writer.write(sample, source=source)
                 counts[split] = counts.get(split, 0) + 1
                 if split == "train":
                     spec_stats.append(_spectrum_stats(flux[k], bad[k]))
@@ -465,6 +473,16 @@ def _check_grid_overlap(grid: tuple[float, float, float], data_range: tuple[floa
         )
 
 
+_DEGENERATE_HINTS = {
+    "image": "the image mask may mean the opposite of what it was read as (MMU legacysurvey and hsc: "
+    "True = clean pixel; set --image-mask-means), or the cutouts lie outside the images",
+    "image_ivar": "the image mask may mean the opposite of what it was read as (set "
+    "--image-mask-means), or the files carry no inverse variance",
+    "spectrum": "the spectrum mask may mean the opposite of what it was read as (MMU desi and sdss: "
+    "True = bad pixel; set --spectrum-mask-means), or --grid barely overlaps the spectra",
+}
+
+
 def _spectrum_stats(flux, bad, std_floor: float = 0.2):
     """The statistics token's raw features, as SpecFormer computes them (asinh mean, ln std)."""
     import numpy as np
@@ -515,10 +533,18 @@ def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples-per-shard", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0, help="Salts the split hash.")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing shard set at --out.")
+    parser.add_argument(
+        "--allow-degenerate",
+        action="store_true",
+        help="Write fields that come out all zeros, all masked or constant (docs/shards.md).",
+    )
     add_progress_argument(parser)
 
 
 def _prepare_run(args: argparse.Namespace) -> int:
+    from foundation.data import Manifest
+    from foundation.data.summary import format_field_summary
+
     bands = [b.strip() for b in args.bands.split(",") if b.strip()]
     report = prepare(
         args.images,
@@ -534,10 +560,12 @@ def _prepare_run(args: argparse.Namespace) -> int:
         samples_per_shard=args.samples_per_shard,
         seed=args.seed,
         overwrite=args.overwrite,
+        allow_degenerate=args.allow_degenerate,
         progress=progress_enabled(args.progress),
         image_mask_means=args.image_mask_means,
         spectrum_mask_means=args.spectrum_mask_means,
     )
+    print(format_field_summary(Manifest.load(args.out)))
     m = report["match"]
     print(
         f"matched {m['matched']} objects ({report['images']} images, {report['spectra']} spectra); "

@@ -75,6 +75,7 @@ class PrepareOptions:
     seed: int = 0
     vocab_from: str | None = None
     overwrite: bool = False
+    allow_degenerate: bool = False
     skip_invalid: bool = False
     progress: bool | None = None
 
@@ -275,7 +276,7 @@ def prepare(paths: Sequence[str | Path], out: str | Path, opts: PrepareOptions |
             seed=opts.seed,
             split_salt=str(opts.seed),
             overwrite=opts.overwrite,
-            field_stats=False,
+            allow_degenerate=opts.allow_degenerate,
         )
         with writer:
             for record in _progress(read_records(paths, opts), opts, "writing"):
@@ -293,6 +294,7 @@ def prepare(paths: Sequence[str | Path], out: str | Path, opts: PrepareOptions |
                         "text": record.text,
                     },
                     split=record.split,
+                    source=record.where.rsplit(":", 1)[0],
                 )
                 if split == "train":
                     lengths["records"] += 1

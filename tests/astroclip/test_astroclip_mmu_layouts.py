@@ -299,7 +299,6 @@ def test_all_nan_images_are_skipped_and_reported_or_refused(mmu_pair, capsys):
 def test_a_mask_of_the_opposite_meaning_gives_the_degenerate_output_error(tmp_path, capsys):
     """A file whose `image_mask` is True for bad pixels but looks like MMU legacysurvey (so is read
     True = clean) masks 99.9 % of every image: prepare fails naming the field, unless told."""
-    pytest.importorskip("foundation.data.summary", reason="the shard writer's degenerate-field check")
     path, columns = _only(mmu_layouts.legacysurvey(tmp_path / "ls", RA, DEC, clean_fraction=0.999))
     mmu_layouts.desi(tmp_path / "desi", RA, DEC, Z)
     with h5py.File(path, "a") as f:
