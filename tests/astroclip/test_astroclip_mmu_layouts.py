@@ -299,15 +299,16 @@ def test_all_nan_images_are_skipped_and_reported_or_refused(mmu_pair, capsys):
 def test_a_mask_of_the_opposite_meaning_gives_the_degenerate_output_error(tmp_path, capsys):
     """A file whose `image_mask` is True for bad pixels but looks like MMU legacysurvey (so is read
     True = clean) masks 99.9 % of every image: prepare fails naming the field, unless told."""
-    path, columns = _only(mmu_layouts.legacysurvey(tmp_path / "ls", RA, DEC, clean_fraction=0.999))
+    path, columns = _only(mmu_layouts.legacysurvey(tmp_path / "ls", RA, DEC, size=100, clean_fraction=0.999))
     mmu_layouts.desi(tmp_path / "desi", RA, DEC, Z)
     with h5py.File(path, "a") as f:
         f["image_mask"][...] = ~columns["image_mask"]  # True = bad pixel, the opposite of MMU's
     assert _prepare(tmp_path, tmp_path / "ls", tmp_path / "desi") == 2
     err = capsys.readouterr().err
     assert "degenerate" in err and "'image'" in err and "opposite" in err
-    assert not (tmp_path / "shards").exists()
+    assert not (tmp_path / "shards" / "manifest.json").exists()
     # told what the mask means, the same file prepares fine
-    assert _prepare(tmp_path, tmp_path / "ls", tmp_path / "desi", "--image-mask-means", "bad") == 0
-    samples = _samples(tmp_path / "shards")
+    told = ["--image-mask-means", "bad"]
+    assert _prepare(tmp_path, tmp_path / "ls", tmp_path / "desi", *told, out="told") == 0
+    samples = _samples(tmp_path / "told")
     assert np.mean([np.mean(s["image"] == 0) for s in samples.values()]) < 0.01
