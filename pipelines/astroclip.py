@@ -290,7 +290,7 @@ def prepare(
     schema: dict[str, Any] = {
         "image": {
             "unit": "nanomaggy",
-            "description": f"cutout, bands {','.join(bands)}, (bands, H, W), bad pixels 0",
+            "description": f"cutout, bands {','.join(image_src.bands)}, (bands, H, W), bad pixels 0",
         },
         "image_ivar": {"unit": "nanomaggy^-2", "description": "inverse variance of image; 0 = bad pixel"},
         "spectrum": {
@@ -315,7 +315,7 @@ def prepare(
         if not unit:
             del schema[name]["unit"]
     extra = {
-        "bands": list(bands),
+        "bands": list(image_src.bands),
         "pixel_scale_arcsec": image_src.pixel_scale,
         "mask_meanings": {"image": image_src.mask_meanings, "spectrum": spec_src.mask_meanings},
         "image_size": image_src.size,

@@ -191,11 +191,12 @@ def test_prepare_hsc_with_sdss(tmp_path, capsys):
     mmu_layouts.sdss(tmp_path / "sdss", RA, DEC, Z, lengths=(3000, 2900))
     assert (
         _prepare(
-            tmp_path, tmp_path / "hsc", tmp_path / "sdss", "--bands", "g,r,i,z,y", "--grid", "3900:7000:2"
+            tmp_path, tmp_path / "hsc", tmp_path / "sdss", "--bands", "G,r,HSC-I,z,y", "--grid", "3900:7000:2"
         )
         == 0
     )
     manifest = Manifest.load(tmp_path / "shards")
+    assert manifest.extra["bands"] == ["g", "r", "hsc-i", "z", "y"]  # as asked, lower-case
     assert manifest.extra["pixel_scale_arcsec"] == pytest.approx(0.168)
     assert manifest.extra["mask_meanings"]["spectrum"] == ["bad (MMU sdss (column SPECOBJID))"]
     assert manifest.schema["image"].shape == (5, 24, 24)
