@@ -56,13 +56,21 @@ def _floats(rng: np.random.Generator, shape, dtype=np.float32, scale=1.0) -> np.
 
 
 def legacysurvey(
-    out_dir: Path, ra, dec, seed: int = 0, size: int = 160, clean_fraction: float = 0.97
+    out_dir: Path,
+    ra,
+    dec,
+    seed: int = 0,
+    size: int = 160,
+    clean_fraction: float = 0.97,
+    mask_key: str = "image_mask",
 ) -> dict[Path, dict[str, np.ndarray]]:
     """scripts/legacysurvey/build_parent_sample.py, `_processing_fn` (config dr10_south_21).
 
     4 bands DES-G/R/I/Z (stored lower-case, utf-8 S5), 160x160 float32 `image_array` and
     `image_ivar`; `image_mask` (N, H, W) bool, one mask for all bands, **True = clean pixel**
     (`maskclean &= (maskbits & 2**bit) == 0`); `object_id` utf-8 S16 "BRICKNAME-OBJID"; lzf chunks.
+    Builder versions between the commits "Add cutout mask and catalog to dataset" and "renaming
+    field to follow convention" named the same mask `bit_mask` (`mask_key`).
     """
     rng = np.random.default_rng(seed)
     written = {}
@@ -108,7 +116,7 @@ def legacysurvey(
                 "image_band": np.array([[b.encode() for b in bands]] * n, dtype=_utf8(5)),
                 "image_ivar": np.abs(_floats(rng, (n, 4, size, size), scale=1e4)),
                 "image_array": _floats(rng, (n, 4, size, size), scale=0.01),
-                "image_mask": mask,
+                mask_key: mask,
                 "image_psf_fwhm": np.stack([columns[f"PSFSIZE_{b}"] for b in "GRIZ"], axis=1),
                 "image_scale": np.full((n, 4), 0.262, np.float32),
                 "image_rgb": rng.integers(0, 256, (n, size, size, 3)).astype(np.uint8),
