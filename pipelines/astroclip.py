@@ -35,6 +35,8 @@ TARGET_UNITS = {
     "ssfr": "log10 1/yr",
 }
 SPLITS = {"train": 0.8, "valid": 0.1, "test": 0.1}
+#: Resamplers kept (one per distinct source wavelength grid); the oldest is dropped beyond that.
+RESAMPLER_CACHE = 64
 
 
 # ----------------------------------------------------------------------------- synth
@@ -372,6 +374,8 @@ def prepare(
                     lam = batch.wavelength[k]
                     key = lam.tobytes()
                     if key not in resamplers:
+                        if len(resamplers) >= RESAMPLER_CACHE:  # SDSS: one grid per plate
+                            resamplers.pop(next(iter(resamplers)))
                         resamplers[key] = Resampler(lam, wavelength)
                     f, iv, m = resamplers[key](
                         batch.flux[k : k + 1], batch.ivar[k : k + 1], batch.mask[k : k + 1]

@@ -207,3 +207,19 @@ def test_resampling_conserves_flux_and_masks_uncovered_pixels():
     np.testing.assert_allclose(f2[0, 2], flux[0, [8, 9, 11]].mean(), rtol=1e-6)
     mask[0, 8:12] = True
     assert Resampler(source, target)(flux, ivar, mask)[2][0, 2]
+
+
+def test_fits_cutout_mask_meaning_comes_from_maskmean_or_the_option(tmp_path):
+    from astropy.io import fits
+
+    image = np.ones((2, 8, 8), np.float32)
+    mask = np.zeros((2, 8, 8), bool)
+    mask[0, 1, 1] = True
+    path = tmp_path / "cut.fits"
+    formats.write_fits_cutout(path, image, image, mask, ["g", "r"], 150.0, 2.0, "a", 0.262, [1.2, 1.1])
+    assert formats.ImageSource(path, ["g", "r"]).read([0]).mask.sum() == 1
+    with fits.open(path, mode="update") as hdul:
+        del hdul["MASK"].header["MASKMEAN"]
+    with pytest.raises(DataError, match="pass --image-mask-means"):
+        formats.ImageSource(path, ["g"])
+    assert formats.ImageSource(path, ["g", "r"], mask_means="clean").read([0]).mask.sum() == 127
