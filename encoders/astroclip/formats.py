@@ -639,7 +639,7 @@ def _stored_bands(dataset: h5py.Dataset, count: int, path: Path) -> np.ndarray:
 def _hdf5_pixel_scale(f: h5py.File, names: list[str], select: list[int], path: Path) -> float | None:
     """arcsec per pixel of the selected bands from `image_scale` (rows, bands), if the file has it."""
     column = _column(names, ("image_scale",))
-    if column is None or f[column].shape[0] == 0:
+    if column is None or f[column].ndim == 0 or f[column].shape[0] == 0:
         return None
     first = np.atleast_1d(np.asarray(f[column][0], np.float64))
     values = first[select] if first.shape[0] > max(select) else first
