@@ -641,6 +641,8 @@ def _hdf5_pixel_scale(f: h5py.File, names: list[str], select: list[int], path: P
     column = _column(names, ("image_scale",))
     if column is None or f[column].ndim == 0 or f[column].shape[0] == 0:
         return None
+    if f[column].dtype.kind not in "iuf":
+        raise DataError(f"{path}: {column} must hold numbers (arcsec per pixel), found {f[column].dtype}")
     first = np.atleast_1d(np.asarray(f[column][0], np.float64))
     values = first[select] if first.shape[0] > max(select) else first
     if not np.all(np.isfinite(values)) or np.ptp(values) > 1e-6:
