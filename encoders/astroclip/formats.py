@@ -361,6 +361,13 @@ def _hdf5_rows(path: Path, index: int, what: str) -> Rows:
     return Rows(ids, ra, dec, np.full(n, index), np.arange(n), columns)
 
 
+def _require_numbers(f: h5py.File, columns: Iterable[str | None], path: Path) -> None:
+    """Pixel columns must hold numbers (a string or compound column is a wrong file, not a crash)."""
+    for column in columns:
+        if column is not None and f[column].dtype.kind not in "iuf":
+            raise DataError(f"{path}: {column} must hold numbers, found dtype {f[column].dtype}")
+
+
 def _read_hdf5_rows(dataset: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
     """dataset[rows] for any order of rows (h5py wants increasing, unique indices)."""
     unique, inverse = np.unique(rows, return_inverse=True)
@@ -495,6 +502,7 @@ class ImageSource:
             select = match_bands(self.bands, stored, path)
             ivar = _column(names, ("image_ivar",))
             mask = _column(names, ("image_mask", "bit_mask"))
+            _require_numbers(f, (arr, ivar), path)
             if ivar is not None and f[ivar].shape != shape:
                 raise DataError(f"{path}: {ivar} has shape {f[ivar].shape}, {arr} {shape}")
             meaning = None
@@ -770,6 +778,7 @@ class SpectrumSource:
             if f[wave].shape not in (shape, shape[1:]):
                 raise DataError(f"{path}: {wave} has shape {f[wave].shape}, the fluxes {shape}")
             ivar, mask = _column(names, IVAR_COLUMNS), _column(names, MASK_COLUMNS)
+            _require_numbers(f, (flux, wave, ivar), path)
             for column in (ivar, mask):
                 if column is not None and f[column].shape != shape:
                     raise DataError(f"{path}: {column} has shape {f[column].shape}, the fluxes {shape}")
