@@ -9,6 +9,7 @@ manifest's `splits.<split>.field_stats`); `degenerate_reason` judges them and
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -61,6 +62,8 @@ class RunningStats:
     def of(cls, value: Any, mask: np.ndarray | None = None) -> RunningStats:
         """The statistics of one value; `mask` (bool, True = masked) has the value's shape."""
         out = cls()
+        if isinstance(value, (int, float)) and mask is None:
+            return out._of_number(float(value))
         a = np.asarray(value, dtype=np.float64).ravel()
         if mask is not None:
             out.masked = int(np.count_nonzero(mask))
@@ -71,11 +74,21 @@ class RunningStats:
         if a.size:
             out.count = int(a.size)
             out.zeros = int(a.size - np.count_nonzero(a))
-            out.mean = float(a.mean())
-            out.m2 = float(np.square(a - out.mean).sum())
+            with np.errstate(over="ignore"):  # |x| > ~1e154: the variance is inf (null in JSON)
+                out.mean = float(a.mean())
+                out.m2 = float(np.square(a - out.mean).sum())
             out.min = float(a.min())
             out.max = float(a.max())
         return out
+
+    def _of_number(self, value: float) -> RunningStats:
+        """The same for one plain number, without numpy's per-call overhead."""
+        if not math.isfinite(value):
+            self.nonfinite = 1
+        else:
+            self.count, self.zeros = 1, int(value == 0)
+            self.mean = self.min = self.max = value
+        return self
 
     def update(self, value: Any, mask: np.ndarray | None = None) -> None:
         self.merge(RunningStats.of(value, mask))
