@@ -115,10 +115,12 @@ def _options(args: argparse.Namespace, **overrides):
 def _summary(manifest) -> str:
     splits = ", ".join(f"{name} {info.samples}" for name, info in sorted(manifest.splits.items()))
     norm = manifest.stats["normalizer"]
+    as_text = manifest.provenance.get("numbers_left_as_text") or 0
+    note = f"; {as_text} number-like spelling(s) (nan/inf, |x| > 1e100) left as text" if as_text else ""
     return (
         f"wrote {manifest.path}: {splits} samples; "
         f"text vocabulary {manifest.extra['xval']['text_vocab_size']}; {len(norm['fields'])} normaliser "
-        f"field(s); {manifest.stats['clipped_train_values']} training value(s) clipped"
+        f"field(s); {manifest.stats['clipped_train_values']} training value(s) clipped{note}"
     )
 
 

@@ -9,6 +9,7 @@ manifest's `splits.<split>.field_stats`); `degenerate_reason` judges them and
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -61,6 +62,8 @@ class RunningStats:
     def of(cls, value: Any, mask: np.ndarray | None = None) -> RunningStats:
         """The statistics of one value; `mask` (bool, True = masked) has the value's shape."""
         out = cls()
+        if isinstance(value, (int, float)) and mask is None:
+            return out._of_number(float(value))
         a = np.asarray(value, dtype=np.float64).ravel()
         if mask is not None:
             out.masked = int(np.count_nonzero(mask))
@@ -71,11 +74,21 @@ class RunningStats:
         if a.size:
             out.count = int(a.size)
             out.zeros = int(a.size - np.count_nonzero(a))
-            out.mean = float(a.mean())
-            out.m2 = float(np.square(a - out.mean).sum())
+            with np.errstate(over="ignore"):  # |x| > ~1e154: the variance is inf (null in JSON)
+                out.mean = float(a.mean())
+                out.m2 = float(np.square(a - out.mean).sum())
             out.min = float(a.min())
             out.max = float(a.max())
         return out
+
+    def _of_number(self, value: float) -> RunningStats:
+        """The same for one plain number, without numpy's per-call overhead."""
+        if not math.isfinite(value):
+            self.nonfinite = 1
+        else:
+            self.count, self.zeros = 1, int(value == 0)
+            self.mean = self.min = self.max = value
+        return self
 
     def update(self, value: Any, mask: np.ndarray | None = None) -> None:
         self.merge(RunningStats.of(value, mask))
@@ -114,11 +127,17 @@ class RunningStats:
         out.zeros = _count(data, "zeros")
         out.masked = _count(data, "masked")
         if out.count:
-            out.mean = float(data.get("mean", 0.0))
-            out.m2 = float(data.get("std", 0.0)) ** 2 * out.count
-            out.min = float(data.get("min", out.mean))
-            out.max = float(data.get("max", out.mean))
+            out.mean = _number(data, "mean", float("nan"))
+            out.m2 = _number(data, "std", float("nan")) ** 2 * out.count
+            out.min = _number(data, "min", float("nan"))
+            out.max = _number(data, "max", float("nan"))
         return out
+
+
+def _number(data: Mapping[str, Any], key: str, default: float) -> float:
+    """A statistic as a float; `default` where it is missing or null (JSON has no inf/NaN)."""
+    value = data.get(key)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
 
 
 def _count(data: Mapping[str, Any], key: str) -> int:
@@ -194,8 +213,9 @@ def degenerate_reason(stats: Mapping[str, Any], spec: FieldSpec) -> tuple[str, s
     if share["zero"] is not None and share["zero"] >= ZERO_LIMIT:
         what = "all zeros" if share["zero"] == 1 else f"{100 * share['zero']:.4g}% zeros"
         return "zeros", f"is {what}"
-    if stats.get("count", 0) >= 2 and stats.get("min") == stats.get("max"):
-        return "constant", f"is constant ({stats.get('min'):.6g} everywhere)"
+    low, high = _number(stats, "min", float("nan")), _number(stats, "max", float("nan"))
+    if _count(stats, "count") >= 2 and low == high:
+        return "constant", f"is constant ({low:.6g} everywhere)"
     return None
 
 
@@ -217,7 +237,7 @@ def field_summary_rows(field_stats: Mapping[str, Mapping[str, Any]]) -> list[lis
     for name, s in field_stats.items():
         share = fractions(s)
         count = _count(s, "count")
-        numbers = [f"{s[k]:.4g}" if count and k in s else "-" for k in ("min", "mean", "max")]
+        numbers = [f"{_number(s, k, float('nan')):.4g}" if count else "-" for k in ("min", "mean", "max")]
         rows.append(
             [
                 name,

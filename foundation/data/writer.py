@@ -3,6 +3,11 @@
 Atomic at the level of the whole set: shards are written under hidden temporary names and only
 renamed into place when the writer closes without error, followed by the manifest. An interrupted
 or failed write leaves the previous state of the directory untouched (minus hidden temporaries).
+
+One writer per folder: a writer holds the folder's `FolderLock` from construction to close/abort,
+so two `prepare` runs on one `--out` cannot both succeed; the publish step re-checks that the
+lock is still its own and that no other set appeared meanwhile. The hidden temporaries of a
+killed writer are removed by the next writer, which takes over its stale lock.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import sys
+import weakref
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
@@ -51,6 +58,7 @@ from foundation.data.summary import (
     wants_stats,
 )
 from foundation.errors import DataError
+from foundation.lock import FolderLock, LockedError, command_line
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +247,15 @@ class ShardSetWriter:
         self._token = f"{os.getpid()}-{os.urandom(4).hex()}"
         self._splits: dict[str, _SplitState] = {}
         self._closed = False
-        self._check_target()
+        self._seen_manifest: tuple[int, int, int] | None = None
+        self._folder_lock = FolderLock(self.out_dir, command_line()).acquire()
+        self._release_lock = weakref.finalize(self, self._folder_lock.release)
+        try:
+            self._remove_dead_temporaries()
+            self._check_target()
+        except BaseException:
+            self._release_lock()
+            raise
 
     # ------------------------------------------------------------------ public
 
@@ -333,16 +349,22 @@ class ShardSetWriter:
                 self._check_duplicate_keys(state)
             self._check_degenerate()
             with self._lock():
+                self._recheck_target()
                 manifest = self._publish()
         except BaseException:
             self._cleanup()
             raise
+        finally:
+            self._release_lock()
         return manifest
 
     def abort(self) -> None:
         """Drop everything written so far; the directory keeps its previous content."""
         self._closed = True
-        self._cleanup()
+        try:
+            self._cleanup()
+        finally:
+            self._release_lock()
 
     def __enter__(self) -> ShardSetWriter:
         return self
@@ -394,7 +416,49 @@ class ShardSetWriter:
         if existing is not None and targets is not None:
             self._adopt_existing(existing)
         self._existing = existing
+        self._seen_manifest = self._manifest_identity()
         self.out_dir.mkdir(parents=True, exist_ok=True)
+
+    def _manifest_identity(self) -> tuple[int, int, int] | None:
+        """(inode, size, mtime) of the manifest: publishing replaces the file, so this changes."""
+        try:
+            st = os.stat(self.out_dir / MANIFEST_NAME)
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _recheck_target(self) -> None:
+        """Under the publish step: still our folder, and nobody published there meanwhile."""
+        if not self._folder_lock.still_held():
+            raise LockedError(
+                f"{str(self.out_dir)!r}: another process took over this writer's lock (it looked stale); "
+                "nothing was written, so that the two do not replace each other — run again once it is done"
+            )
+        if self._manifest_identity() != self._seen_manifest:
+            raise DataError(
+                f"{str(self.out_dir)!r}: another process published a shard set there while this one was "
+                "writing; nothing was written — run again (with --overwrite to replace it)"
+            )
+
+    def _remove_dead_temporaries(self) -> None:
+        """Remove hidden temporaries of writers that died (killed, crashed): this writer holds the
+        folder's lock, every writer holds it while writing, so no live writer owns one."""
+        if not self.out_dir.is_dir():
+            return
+        count = size = 0
+        for path in self.out_dir.iterdir():
+            if _TEMPORARY.match(path.name) and path.is_file() and not path.is_symlink():
+                with contextlib.suppress(FileNotFoundError):
+                    size += path.stat().st_size
+                    path.unlink()
+                    count += 1
+        if count:
+            log.warning(
+                "%s: removed %d temporary file(s) (%.1f MB) left by an interrupted write",
+                self.out_dir,
+                count,
+                size / 1e6,
+            )
 
     def _adopt_existing(self, existing: Manifest) -> None:
         """Adding a split to an existing set: same family, same fields, compatible specs."""
@@ -701,6 +765,8 @@ class ShardSetWriter:
                 leftover.unlink()
 
 
+_TEMPORARY = re.compile(r"^\..+\.tmp-[0-9]+(-[0-9a-f]{8})?$")
+"""Hidden temporaries of this writer (`.<name>.tmp-<pid>-<hex>`) and of `Manifest.save`."""
 _MAX_SOURCES = 10_000
 """Sources tracked one by one per field (for naming them in errors); the rest are pooled."""
 _OTHER_SOURCES = "(other sources)"
