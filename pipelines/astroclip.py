@@ -35,6 +35,8 @@ TARGET_UNITS = {
     "ssfr": "log10 1/yr",
 }
 SPLITS = {"train": 0.8, "valid": 0.1, "test": 0.1}
+#: Resamplers kept (one per distinct source wavelength grid); the oldest is dropped beyond that.
+RESAMPLER_CACHE = 64
 
 
 # ----------------------------------------------------------------------------- synth
@@ -222,11 +224,19 @@ def prepare(
     samples_per_shard: int = 1000,
     seed: int = 0,
     overwrite: bool = False,
+    allow_degenerate: bool = False,
     chunk: int = 256,
     progress: bool | None = False,
+    image_mask_means: str | None = None,
+    spectrum_mask_means: str | None = None,
 ) -> dict[str, Any]:
     """Cross-match images with spectra (and a catalogue of targets) on the sky, resample spectra
-    to `grid`, centre-crop images to `cutout`, and write an astroclip shard set. Returns a report."""
+    to `grid`, centre-crop images to `cutout`, and write an astroclip shard set. Returns a report.
+
+    `image_mask_means` / `spectrum_mask_means` (clean|bad|bits) override what each file's mask is
+    taken to mean; by default it comes from the file (see formats.image_mask_meaning). Objects whose
+    image has a band without one good pixel, or whose spectrum has no good pixel on the grid, are
+    skipped and counted (`report["skipped"]`)."""
     import numpy as np
     from tqdm import tqdm
 
@@ -238,8 +248,9 @@ def prepare(
 
     if radius_arcsec <= 0:
         raise DataError(f"--match-radius must be positive, got {radius_arcsec}")
-    image_src = ImageSource(images, bands, cutout)
-    spec_src = SpectrumSource(spectra)
+    image_src = ImageSource(images, bands, cutout, mask_means=image_mask_means)
+    spec_src = SpectrumSource(spectra, mask_means=spectrum_mask_means)
+    _check_grid_overlap(grid, spec_src.wavelength_range())
     match = match_unique(
         image_src.rows.ra, image_src.rows.dec, spec_src.rows.ra, spec_src.rows.dec, radius_arcsec
     )
@@ -281,7 +292,7 @@ def prepare(
     schema: dict[str, Any] = {
         "image": {
             "unit": "nanomaggy",
-            "description": f"cutout, bands {','.join(bands)}, (bands, H, W), bad pixels 0",
+            "description": f"cutout, bands {','.join(image_src.bands)}, (bands, H, W), bad pixels 0",
         },
         "image_ivar": {"unit": "nanomaggy^-2", "description": "inverse variance of image; 0 = bad pixel"},
         "spectrum": {
@@ -306,8 +317,9 @@ def prepare(
         if not unit:
             del schema[name]["unit"]
     extra = {
-        "bands": list(bands),
-        "pixel_scale_arcsec": 0.262,
+        "bands": list(image_src.bands),
+        "pixel_scale_arcsec": image_src.pixel_scale,
+        "mask_meanings": {"image": image_src.mask_meanings, "spectrum": spec_src.mask_meanings},
         "image_size": image_src.size,
         "wavelength": {
             "start": float(wavelength[0]),
@@ -333,6 +345,7 @@ def prepare(
     used: set[str] = set()
     order = np.lexsort((spec_src.rows.row[match.index_b], spec_src.rows.file_index[match.index_b]))
     counts: dict[str, int] = {}
+    skipped = {"image_band_without_good_pixels": 0, "spectrum_without_good_pixels": 0}
     missing_targets = {name: 0 for name in resolved}
     with ShardSetWriter(
         out,
@@ -345,6 +358,9 @@ def prepare(
         seed=seed,
         split_salt=str(seed),
         overwrite=overwrite,
+        masks={"image": ("image_ivar", "weight")},
+        hints=_DEGENERATE_HINTS,
+        allow_degenerate=allow_degenerate,
     ) as writer:
         bar = tqdm(total=match.matched, desc="prepare astroclip", unit="object", disable=not progress)
         for start in range(0, match.matched, chunk):
@@ -358,12 +374,20 @@ def prepare(
                     lam = batch.wavelength[k]
                     key = lam.tobytes()
                     if key not in resamplers:
+                        if len(resamplers) >= RESAMPLER_CACHE:  # SDSS: one grid per plate
+                            resamplers.pop(next(iter(resamplers)))
                         resamplers[key] = Resampler(lam, wavelength)
                     f, iv, m = resamplers[key](
                         batch.flux[k : k + 1], batch.ivar[k : k + 1], batch.mask[k : k + 1]
                     )
                     flux[p], ivar[p], bad[p] = f[0], iv[0], m[0]
+            empty_image = img.mask.all(axis=(2, 3)).any(axis=1)
+            empty_spectrum = bad.all(axis=1)
+            skipped["image_band_without_good_pixels"] += int(empty_image.sum())
+            skipped["spectrum_without_good_pixels"] += int((empty_spectrum & ~empty_image).sum())
             for k, i in enumerate(pick):
+                if empty_image[k] or empty_spectrum[k]:
+                    continue
                 ia, ib = match.index_a[i], match.index_b[i]
                 object_id = str(spec_src.rows.object_id[ib])
                 sample: dict[str, Any] = {
@@ -386,7 +410,11 @@ def prepare(
                         sample[name] = float(values[i])
                     else:
                         missing_targets[name] += 1
-                split = writer.write(sample)
+                image_file = str(image_src.files[image_src.rows.file_index[ia]])
+                spectrum_file = str(spec_src.files[spec_src.rows.file_index[ib]])
+                source = dict.fromkeys(("image", "image_ivar"), image_file)
+                source.update(dict.fromkeys(("spectrum", "spectrum_ivar"), spectrum_file))
+                split = writer.write(sample, source=source)
                 counts[split] = counts.get(split, 0) + 1
                 if split == "train":
                     spec_stats.append(_spectrum_stats(flux[k], bad[k]))
@@ -402,6 +430,12 @@ def prepare(
                     )
             bar.update(len(pick))
         bar.close()
+        if not counts:
+            raise DataError(
+                f"every matched object was skipped ({skipped}): no image has good pixels in every band "
+                f"of --bands {','.join(bands)}, or no spectrum has good pixels on --grid; check the masks "
+                "(--image-mask-means, --spectrum-mask-means) and the inputs"
+            )
         if not spec_stats:
             raise DataError(
                 f"no object landed in the train split ({counts}); use more objects or other --splits"
@@ -423,12 +457,34 @@ def prepare(
     report.update(
         {
             "written": counts,
+            "skipped": skipped,
             "targets": {k: v[1] for k, v in resolved.items()},
             "missing_targets": missing_targets,
             "out": str(out),
         }
     )
     return report
+
+
+def _check_grid_overlap(grid: tuple[float, float, float], data_range: tuple[float, float]) -> None:
+    """Refuse a model grid that misses the spectra's wavelengths (every spectrum would be empty)."""
+    start, stop, _ = grid
+    low, high = data_range
+    if stop <= low or start >= high:
+        raise DataError(
+            f"--grid {start:g}:{stop:g} Å does not overlap the spectra's wavelengths "
+            f"({low:.1f}–{high:.1f} Å); choose a grid inside that range"
+        )
+
+
+_DEGENERATE_HINTS = {
+    "image": "the image mask may mean the opposite of what it was read as (MMU legacysurvey and hsc: "
+    "True = clean pixel; set --image-mask-means), or the cutouts lie outside the images",
+    "image_ivar": "the image mask may mean the opposite of what it was read as (set "
+    "--image-mask-means), or the files carry no inverse variance",
+    "spectrum": "the spectrum mask may mean the opposite of what it was read as (MMU desi and sdss: "
+    "True = bad pixel; set --spectrum-mask-means), or --grid barely overlaps the spectra",
+}
 
 
 def _spectrum_stats(flux, bad, std_floor: float = 0.2):
@@ -452,6 +508,17 @@ def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bands", default="g,r,z", help="Image bands to keep, in order (default g,r,z).")
     parser.add_argument("--cutout", type=int, help="Centre-crop images to this many pixels (default: keep).")
     parser.add_argument(
+        "--image-mask-means",
+        choices=("clean", "bad", "bits"),
+        help="What image masks hold: clean (True = good pixel, MMU legacysurvey/hsc), bad (True = bad "
+        "pixel) or bits (bit flags, nonzero = bad). Default: decided per file, an error where unknown.",
+    )
+    parser.add_argument(
+        "--spectrum-mask-means",
+        choices=("clean", "bad", "bits"),
+        help="What spectrum masks hold (as --image-mask-means; MMU desi/sdss: bad).",
+    )
+    parser.add_argument(
         "--grid",
         default="3600:9824:0.8",
         help="Model wavelength grid START:STOP:STEP in Å; spectra are resampled onto it.",
@@ -470,10 +537,18 @@ def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples-per-shard", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0, help="Salts the split hash.")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing shard set at --out.")
+    parser.add_argument(
+        "--allow-degenerate",
+        action="store_true",
+        help="Write fields that come out all zeros, all masked or constant (docs/shards.md).",
+    )
     add_progress_argument(parser)
 
 
 def _prepare_run(args: argparse.Namespace) -> int:
+    from foundation.data import Manifest
+    from foundation.data.summary import format_field_summary
+
     bands = [b.strip() for b in args.bands.split(",") if b.strip()]
     report = prepare(
         args.images,
@@ -489,8 +564,12 @@ def _prepare_run(args: argparse.Namespace) -> int:
         samples_per_shard=args.samples_per_shard,
         seed=args.seed,
         overwrite=args.overwrite,
+        allow_degenerate=args.allow_degenerate,
         progress=progress_enabled(args.progress),
+        image_mask_means=args.image_mask_means,
+        spectrum_mask_means=args.spectrum_mask_means,
     )
+    print(format_field_summary(Manifest.load(args.out)))
     m = report["match"]
     print(
         f"matched {m['matched']} objects ({report['images']} images, {report['spectra']} spectra); "
@@ -506,6 +585,8 @@ def _prepare_run(args: argparse.Namespace) -> int:
     print(
         f"targets: {json.dumps(report['targets'])}; missing values: {json.dumps(report['missing_targets'])}"
     )
+    if any(report["skipped"].values()):
+        print(f"skipped (no good pixels): {json.dumps(report['skipped'])}")
     print(f"wrote {json.dumps(report['written'])} samples to {report['out']}")
     return 0
 

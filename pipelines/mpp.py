@@ -115,6 +115,11 @@ def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-windows-per-trajectory", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0, help="Salt of the trajectory-to-split hash.")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing shard set at --out.")
+    parser.add_argument(
+        "--allow-degenerate",
+        action="store_true",
+        help="Write fields that come out all zeros, constant or mostly non-finite (docs/shards.md).",
+    )
     add_progress_argument(parser)
 
 
@@ -136,6 +141,8 @@ _PREPARE_OPTIONS = ("window", "stride", "resolution", "split_fractions", "max_wi
 
 def _prepare_run(args: argparse.Namespace) -> int:
     from encoders.mpp.prepare import PrepareOptions, prepare
+    from foundation.data import Manifest
+    from foundation.data.summary import format_field_summary
 
     options = PrepareOptions(
         history=args.history,
@@ -147,6 +154,7 @@ def _prepare_run(args: argparse.Namespace) -> int:
         max_windows_per_trajectory=args.max_windows_per_trajectory,
         seed=args.seed,
         overwrite=args.overwrite,
+        allow_degenerate=args.allow_degenerate,
     )
     command = " ".join(
         [
@@ -172,6 +180,7 @@ def _prepare_run(args: argparse.Namespace) -> int:
         print(f"skipped {name}: {reason}")
     if summary.short_files:
         print(f"skipped {len(summary.short_files)} file(s) with fewer steps than the window")
+    print(format_field_summary(Manifest.load(args.out)))
     print(f"wrote shard set {args.out}")
     return 0
 

@@ -78,18 +78,7 @@ def _run_info(args: argparse.Namespace) -> int:
             ]
         )
     print("\n".join(_table(rows)))
-    train_stats = manifest.splits["train"].field_stats if "train" in manifest.splits else {}
-    if train_stats:
-        print()
-        rows = [["field (train)", "count", "mean", "std", "min", "max", "non-finite"]]
-        for name, s in train_stats.items():
-            if s.get("count"):
-                rows.append(
-                    [name, str(s["count"])]
-                    + [f"{s[k]:.4g}" for k in ("mean", "std", "min", "max")]
-                    + [str(s["nonfinite"])]
-                )
-        print("\n".join(_table(rows)))
+    _print_field_summary(manifest)
     if manifest.stats:
         print(f"\nstats      {', '.join(manifest.stats)}")
     if manifest.extra:
@@ -97,6 +86,24 @@ def _run_info(args: argparse.Namespace) -> int:
     if manifest.files:
         print(f"files      {', '.join(f'{f.name} ({_human(f.bytes)})' for f in manifest.files.values())}")
     return 0
+
+
+def _print_field_summary(manifest) -> None:
+    """Per-field shares of finite / masked / zero elements and min/mean/max, all splits together,
+    with a warning for each field the degenerate-data rules flag (docs/shards.md)."""
+    from foundation.data.summary import degenerate_reason, field_summary_rows, merged_field_stats
+
+    stats = merged_field_stats(split.field_stats for split in manifest.splits.values())
+    if not stats:
+        return
+    rows = field_summary_rows(stats)
+    rows[0][0] = "field (all splits)"
+    print()
+    print("\n".join(_table(rows)))
+    for name, entry in stats.items():
+        reason = degenerate_reason(entry, manifest.schema[name]) if name in manifest.schema else None
+        if reason is not None:
+            print(f"warning: field {name!r} {reason[1]}")
 
 
 # ----------------------------------------------------------------------------- verify

@@ -79,6 +79,11 @@ def _add_prepare_options(parser: argparse.ArgumentParser) -> None:
     w.add_argument("--samples-per-shard", type=int, default=1000)
     w.add_argument("--seed", type=int, default=0, help="Salts the split hash and the normaliser's sampling.")
     w.add_argument("--overwrite", action="store_true", help="Replace an existing shard set at --out.")
+    w.add_argument(
+        "--allow-degenerate",
+        action="store_true",
+        help="Write fields that come out all zeros, constant or mostly non-finite (docs/shards.md).",
+    )
 
 
 def _options(args: argparse.Namespace, **overrides):
@@ -100,6 +105,7 @@ def _options(args: argparse.Namespace, **overrides):
         seed=args.seed,
         vocab_from=args.vocab_from,
         overwrite=args.overwrite,
+        allow_degenerate=getattr(args, "allow_degenerate", False),
         skip_invalid=getattr(args, "skip_invalid", False),
     )
     values.update(overrides)
@@ -109,10 +115,12 @@ def _options(args: argparse.Namespace, **overrides):
 def _summary(manifest) -> str:
     splits = ", ".join(f"{name} {info.samples}" for name, info in sorted(manifest.splits.items()))
     norm = manifest.stats["normalizer"]
+    as_text = manifest.provenance.get("numbers_left_as_text") or 0
+    note = f"; {as_text} number-like spelling(s) (nan/inf, |x| > 1e100) left as text" if as_text else ""
     return (
         f"wrote {manifest.path}: {splits} samples; "
         f"text vocabulary {manifest.extra['xval']['text_vocab_size']}; {len(norm['fields'])} normaliser "
-        f"field(s); {manifest.stats['clipped_train_values']} training value(s) clipped"
+        f"field(s); {manifest.stats['clipped_train_values']} training value(s) clipped{note}"
     )
 
 
@@ -146,8 +154,10 @@ def _add_prepare(parser: argparse.ArgumentParser) -> None:
 
 def _run_prepare(args: argparse.Namespace) -> int:
     from encoders.xval.data import prepare
+    from foundation.data.summary import format_field_summary
 
     manifest = prepare(args.inputs, args.out, _options(args))
+    print(format_field_summary(manifest))
     print(_summary(manifest))
     return 0
 
@@ -201,7 +211,10 @@ def _run_synth(args: argparse.Namespace) -> int:
     overrides = {"key_field": "id"}
     if args.task == "interpolation":
         overrides["split_field"] = "split"
+    from foundation.data.summary import format_field_summary
+
     manifest = prepare([source], out / "shards", _options(args, **overrides))
+    print(format_field_summary(manifest))
     print(_summary(manifest))
     return 0
 

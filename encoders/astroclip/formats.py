@@ -1,22 +1,24 @@
 """Native AstroCLIP inputs: Multimodal Universe HDF5 trees and FITS cutouts / spectrum tables.
 
-Multimodal Universe (MMU) layout: `<root>/<dataset>/<config>/healpix=<i>/001-of-001.hdf5`
-(HEALPix nside 16, nested), flat HDF5 files with one row-aligned dataset per column and the
-mandatory columns `object_id`, `ra`, `dec`, `healpix`. Images (Legacy Survey): `image_array`
-(N, bands, H, W), `image_band` (band names such as DES-G), optional `image_ivar`, `image_mask`
-(or `bit_mask`), `image_psf_fwhm`, `image_scale`. Spectra (DESI): `spectrum_flux`,
-`spectrum_ivar`, `spectrum_lambda` ((N, L) or (L,)), `spectrum_mask` (True = bad),
-`spectrum_lsf_sigma`, and catalogue scalars (`Z`, `ZERR`, ...). Column names are matched without
-regard to case. MMU files carry no units: images are in nanomaggies, spectra in
-1e-17 erg s⁻¹ cm⁻² Å⁻¹ on vacuum wavelengths in Å — unless a dataset has a `unit` attribute,
-which is then honoured (converted with astropy.units).
+Multimodal Universe (MMU) layout: `<root>/<config>/healpix=<i>/001-of-001.hdf5` (HEALPix nside
+16, nested; `.h5` for desi_provabgs), flat HDF5 files with one row-aligned dataset per column and
+the columns `object_id` (int64 or bytes), `ra`, `dec`, `healpix`. Images (legacysurvey,
+ssl_legacysurvey, hsc): `image_array` (N, bands, H, W), `image_band` (N, bands) lower-case names
+such as `des-g`, `hsc-g`, optional `image_ivar`, `image_mask` ((N, H, W) for all bands or
+(N, bands, H, W)), `image_psf_fwhm`, `image_scale`. Spectra (desi, sdss): `spectrum_flux`,
+`spectrum_ivar`, `spectrum_lambda`, `spectrum_mask`, `spectrum_lsf_sigma` (N, L), and catalogue
+scalars (`Z`, `ZERR` / `Z_ERR`, ...). What a mask's values mean differs between builders, so it is
+decided per file (`image_mask_meaning`, `spectrum_mask_meaning`) and never guessed. MMU files
+carry no units: Legacy Survey images are in nanomaggies, HSC images in counts at zero point 27
+(converted), spectra in 1e-17 erg s⁻¹ cm⁻² Å⁻¹ on vacuum wavelengths in Å — unless a dataset has
+a `unit` attribute, which is then honoured (converted with astropy.units).
 
 FITS: image cutouts one object per file as the Legacy Survey cutout service writes them (primary
 HDU (bands, H, W), `BANDS` or `BAND0..` keywords, `BUNIT`, position from `RA`/`DEC` or the WCS;
-optional `IVAR` and `MASK` extensions); spectra as binary tables, either one spectrum per row
-(array columns FLUX, IVAR, WAVELENGTH or LOGLAM, MASK plus RA/DEC/ID/scalar columns) or one
-spectrum per file with one row per pixel (SDSS spec-lite: COADD + SPECOBJ HDUs). Units come from
-TUNIT/BUNIT and are converted with astropy.units.
+optional `IVAR` and `MASK` extensions, the latter with `MASKMEAN`); spectra as binary tables,
+either one spectrum per row (array columns FLUX, IVAR, WAVELENGTH or LOGLAM, MASK plus
+RA/DEC/ID/scalar columns) or one spectrum per file with one row per pixel (SDSS spec-lite: COADD +
+SPECOBJ HDUs); their mask columns are bit masks. Units come from TUNIT/BUNIT.
 
 Readers index positions and scalar columns of every row up front (cheap) and read pixel data
 on demand for the rows that survive cross-matching, so large trees stream.
@@ -138,9 +140,13 @@ def is_hdf5(path: Path) -> bool:
 
 
 def _column(names: Iterable[str], candidates: Sequence[str]) -> str | None:
-    """The first of `candidates` present in `names`, compared without case; the stored spelling."""
+    """The first of `candidates` present in `names` (spelled so, else without regard to case: MMU
+    files hold both `RA` and `ra`, `HEALPIX` and `healpix`); the stored spelling."""
+    names = list(names)
     lower = {n.lower(): n for n in names}
     for c in candidates:
+        if c in names:
+            return c
         if c.lower() in lower:
             return lower[c.lower()]
     return None
@@ -181,6 +187,117 @@ def _hdf5_unit(dataset: h5py.Dataset) -> u.UnitBase | None:
                 raise DataError(f"{dataset.file.filename}:{dataset.name}: unknown unit {text!r}")
             return unit
     return None
+
+
+# ----------------------------------------------------------------------------- mask meanings
+
+#: What a stored mask's values mean: `clean` True/1 = good pixel, `bad` True/1 = bad pixel,
+#: `bits` an integer bit mask, any bit set = bad pixel.
+MASK_MEANINGS = ("clean", "bad", "bits")
+#: Image band-name prefixes the MMU image builders write, with the meaning of their `image_mask`:
+#: scripts/legacysurvey/build_parent_sample.py and scripts/hsc/build_parent_sample.py both keep a
+#: pixel's mask True when none of the selected bad-pixel bits is set.
+MMU_IMAGE_BANDS = {"des-": ("MMU legacysurvey", "clean"), "hsc-": ("MMU hsc", "clean")}
+#: Folder names (builder configs) of MMU trees, with the meaning of their image mask.
+MMU_IMAGE_CONFIGS = {
+    "dr10_south_21": ("MMU legacysurvey", "clean"),
+    "pdr3_dud_22.5": ("MMU hsc", "clean"),
+    "pdr3_wide_21": ("MMU hsc", "clean"),
+}
+#: Catalogue columns that identify an MMU spectrum builder; both write True = bad pixel
+#: (desi: `(mask > 0) | (ivar < 1e-6)`, sdss: `and_mask.astype(bool) | (ivar <= 1e-6)`).
+MMU_SPECTRUM_COLUMNS = {"TARGETID": ("MMU desi", "bad"), "SPECOBJID": ("MMU sdss", "bad")}
+MMU_SPECTRUM_CONFIGS = {
+    **{name: ("MMU desi", "bad") for name in ("dr1_main", "edr_sv3")},
+    **{name: ("MMU sdss", "bad") for name in ("sdss", "segue1", "segue2", "boss", "eboss")},
+}
+#: HSC coadds are calibrated to a zero point of 27 AB mag; a nanomaggy is 22.5 AB mag.
+HSC_COUNTS_TO_NANOMAGGY = 10.0 ** (-0.4 * (27.0 - 22.5))
+
+
+@dataclass(frozen=True)
+class MaskMeaning:
+    meaning: str  # one of MASK_MEANINGS
+    source: str  # where it was decided, for the manifest and error messages
+
+
+def check_mask_meaning(value: str | None, option: str) -> str | None:
+    if value is not None and value not in MASK_MEANINGS:
+        raise DataError(f"{option} must be one of {', '.join(MASK_MEANINGS)}, got {value!r}")
+    return value
+
+
+def _attr_text(attrs: Mapping[str, Any], key: str) -> str | None:
+    if key not in attrs:
+        return None
+    raw = attrs[key]
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+def image_mask_meaning(
+    path: Path, option: str | None, attrs: Mapping[str, Any], band_names: Sequence[str]
+) -> MaskMeaning:
+    """The meaning of an image file's mask: the option, else the file's `image_mask_means`
+    attribute, else the MMU builder recognised by its band names or folder, else an error."""
+    if option is not None:
+        return MaskMeaning(option, "--image-mask-means")
+    stated = _attr_text(attrs, "image_mask_means")
+    if stated is not None:
+        if stated not in MASK_MEANINGS:
+            raise DataError(f"{path}: attribute image_mask_means={stated!r} is not one of {MASK_MEANINGS}")
+        return MaskMeaning(stated, "file attribute image_mask_means")
+    for prefix, (builder, meaning) in MMU_IMAGE_BANDS.items():
+        if band_names and all(str(b).startswith(prefix) for b in band_names):
+            return MaskMeaning(meaning, f"{builder} (bands {prefix}*)")
+    for part in path.parts:
+        if part in MMU_IMAGE_CONFIGS:
+            builder, meaning = MMU_IMAGE_CONFIGS[part]
+            return MaskMeaning(meaning, f"{builder} (folder {part})")
+    raise DataError(
+        f"{path}: cannot tell whether its image mask marks clean or bad pixels (bands "
+        f"{', '.join(map(str, band_names)) or 'unknown'}, no image_mask_means attribute, not an MMU "
+        "legacysurvey/hsc tree); pass --image-mask-means clean|bad|bits"
+    )
+
+
+def spectrum_mask_meaning(
+    path: Path, option: str | None, attrs: Mapping[str, Any], columns: Sequence[str]
+) -> MaskMeaning:
+    """As `image_mask_meaning`, for a spectrum file (MMU desi/sdss recognised by their columns)."""
+    if option is not None:
+        return MaskMeaning(option, "--spectrum-mask-means")
+    stated = _attr_text(attrs, "spectrum_mask_means")
+    if stated is not None:
+        if stated not in MASK_MEANINGS:
+            raise DataError(f"{path}: attribute spectrum_mask_means={stated!r} is not one of {MASK_MEANINGS}")
+        return MaskMeaning(stated, "file attribute spectrum_mask_means")
+    for column, (builder, meaning) in MMU_SPECTRUM_COLUMNS.items():
+        if column in columns:
+            return MaskMeaning(meaning, f"{builder} (column {column})")
+    for part in path.parts:
+        if part in MMU_SPECTRUM_CONFIGS:
+            builder, meaning = MMU_SPECTRUM_CONFIGS[part]
+            return MaskMeaning(meaning, f"{builder} (folder {part})")
+    raise DataError(
+        f"{path}: cannot tell whether its spectrum mask marks clean or bad pixels (no "
+        "spectrum_mask_means attribute, no TARGETID/SPECOBJID column, not an MMU desi/sdss tree); "
+        "pass --spectrum-mask-means clean|bad|bits"
+    )
+
+
+def bad_pixels(values: np.ndarray, meaning: str, where: str, option: str) -> np.ndarray:
+    """True where a stored mask says a pixel is bad, given what its values mean."""
+    values = np.asarray(values)
+    if values.dtype.kind not in "biu":
+        raise DataError(f"{where}: a mask must hold booleans or integers, found dtype {values.dtype}")
+    if meaning == "bits":
+        return values != 0
+    if values.dtype.kind != "b" and values.size and (values.min() < 0 or values.max() > 1):
+        raise DataError(
+            f"{where}: mask values go up to {values.max()}, so they are bit flags, not {meaning!r} "
+            f"booleans; pass {option} bits"
+        )
+    return values == 0 if meaning == "clean" else values != 0
 
 
 # ----------------------------------------------------------------------------- rows
@@ -244,6 +361,13 @@ def _hdf5_rows(path: Path, index: int, what: str) -> Rows:
     return Rows(ids, ra, dec, np.full(n, index), np.arange(n), columns)
 
 
+def _require_numbers(f: h5py.File, columns: Iterable[str | None], path: Path) -> None:
+    """Pixel columns must hold numbers (a string or compound column is a wrong file, not a crash)."""
+    for column in columns:
+        if column is not None and f[column].dtype.kind not in "iuf":
+            raise DataError(f"{path}: {column} must hold numbers, found dtype {f[column].dtype}")
+
+
 def _read_hdf5_rows(dataset: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
     """dataset[rows] for any order of rows (h5py wants increasing, unique indices)."""
     unique, inverse = np.unique(rows, return_inverse=True)
@@ -270,67 +394,138 @@ def centre_crop(array: np.ndarray, size: int | None) -> np.ndarray:
     return array[..., top : top + size, left : left + size]
 
 
+def check_bands(bands: Sequence[str]) -> list[str]:
+    """Requested band names, lower-cased; empty lists and repeated bands are refused."""
+    names = [str(b).strip().lower() for b in bands]
+    if not names or any(not b for b in names):
+        raise DataError("--bands: give band names separated by commas, e.g. g,r,z")
+    repeated = sorted({b for b in names if names.count(b) > 1})
+    if repeated:
+        raise DataError(f"--bands names {', '.join(repeated)} more than once; give each band once")
+    return names
+
+
+def match_bands(requested: Sequence[str], stored: Sequence[Any], path: Path) -> list[int]:
+    """Index of each requested band among a file's band names, matching either the whole name
+    (`des-g`) or its last part (`g`), without regard to case."""
+    names = [str(n) for n in as_str_array(stored)]
+    full = [n.strip().lower() for n in names]
+    short = [band_short_name(n) for n in names]
+    picks, missing = [], []
+    for band in requested:
+        hits = [i for i in range(len(names)) if band in (full[i], short[i])]
+        if len(hits) == 1:
+            picks.append(hits[0])
+        elif not hits:
+            missing.append(band)
+        else:
+            raise DataError(f"{path}: band {band!r} (--bands) matches several bands: {', '.join(names)}")
+    if missing:
+        raise DataError(
+            f"{path}: band(s) {', '.join(missing)} requested (--bands) but the file has "
+            f"{', '.join(names)}; choose --bands from those"
+        )
+    if len(set(picks)) != len(picks):
+        raise DataError(
+            f"{path}: --bands {','.join(requested)} names one stored band twice ({', '.join(names)})"
+        )
+    return picks
+
+
+@dataclass
+class _ImageLayout:
+    """How to read one image file: which planes, which unit factor, what its mask means."""
+
+    select: list[int]
+    factor: float
+    size: tuple[int, int]
+    scale: float | None  # arcsec per pixel, where the file says
+    mask: MaskMeaning | None
+    columns: dict[str, str | None] = field(default_factory=dict)  # HDF5: array, ivar, mask
+
+
 class ImageSource:
     """Galaxy cutouts from MMU HDF5 files and/or FITS cutout files, in the requested bands."""
 
-    def __init__(self, spec: Any, bands: Sequence[str], cutout: int | None = None):
+    def __init__(
+        self, spec: Any, bands: Sequence[str], cutout: int | None = None, mask_means: str | None = None
+    ):
+        self.bands = check_bands(bands)
+        if cutout is not None and cutout < 1:
+            raise DataError(f"--cutout must be a positive number of pixels, got {cutout}")
+        self.mask_option = check_mask_meaning(mask_means, "--image-mask-means")
         self.files = find_files(spec, "--images")
-        self.bands = [b.lower() for b in bands]
-        if not self.bands:
-            raise DataError("--bands: give at least one band, e.g. g,r,z")
         self.cutout = cutout
-        self._band_index: list[list[int]] = []
-        self._units: list[float] = []
-        self._sizes: list[tuple[int, int]] = []
+        self._layouts: list[_ImageLayout] = []
         parts = []
         for i, path in enumerate(self.files):
-            if is_hdf5(path):
-                parts.append(self._index_hdf5(path, i))
-            else:
-                parts.append(self._index_fits(path, i))
+            parts.append(self._index_hdf5(path, i) if is_hdf5(path) else self._index_fits(path, i))
         self.rows = _concat_rows(parts, "--images")
-        if cutout is None and len(set(self._sizes)) > 1:
+        sizes = sorted({layout.size for layout in self._layouts})
+        if cutout is None and len(sizes) > 1:
             raise DataError(
-                f"--images: cutouts have different sizes ({sorted(set(self._sizes))}); pass --cutout N to "
+                f"--images: cutouts have different sizes ({sizes}); pass --cutout N to "
                 "centre-crop them all to N x N"
             )
-        smallest = min(min(s) for s in self._sizes)
+        smallest = min(min(s) for s in sizes)
         if cutout is not None and cutout > smallest:
             raise DataError(
                 f"--cutout {cutout} is larger than the smallest stored cutout ({smallest} pixels)"
             )
-        self.size = cutout if cutout is not None else self._sizes[0][0]
+        self.size = cutout if cutout is not None else sizes[0][0]
+        self.pixel_scale = self._common_scale()
 
-    def _match_bands(self, names: Sequence[Any], path: Path) -> list[int]:
-        names = list(as_str_array(names))
-        short = [band_short_name(n) for n in names]
-        missing = [b for b in self.bands if b not in short]
-        if missing:
+    @property
+    def mask_meanings(self) -> list[str]:
+        """Distinct 'meaning (source)' of the masks read, for the manifest."""
+        return sorted({f"{m.mask.meaning} ({m.mask.source})" for m in self._layouts if m.mask})
+
+    def _common_scale(self) -> float | None:
+        scales = {layout.scale for layout in self._layouts if layout.scale is not None}
+        if len(scales) > 1:
             raise DataError(
-                f"{path}: band(s) {', '.join(missing)} requested (--bands) but the file has "
-                f"{', '.join(str(n) for n in names)}; choose --bands from those"
+                f"--images: files have different pixel scales ({', '.join(map(str, sorted(scales)))} "
+                "arcsec); prepare images of one survey at a time"
             )
-        return [short.index(b) for b in self.bands]
+        return scales.pop() if scales else None
 
     def _index_hdf5(self, path: Path, index: int) -> Rows:
         rows = _hdf5_rows(path, index, "--images")
-        with h5py.File(path, "r") as f:
+        with open_hdf5(path, "--images") as f:
             names = list(f.keys())
             arr = _require(names, ("image_array",), path, "image (image_array)")
             band = _require(names, ("image_band",), path, "band names (image_band)")
             shape = f[arr].shape
-            if len(shape) != 4 or shape[0] != len(rows):
+            if len(shape) != 4 or shape[0] != len(rows) or min(shape[1:]) < 1:
                 raise DataError(f"{path}: {arr} must be (rows, bands, height, width); got shape {shape}")
-            bands = np.asarray(f[band][()])
-            if bands.ndim == 2:
-                if not (bands == bands[:1]).all():
-                    raise DataError(f"{path}: rows list their bands in different orders ({band})")
-                bands = bands[0]
-            if len(bands) != shape[1]:
-                raise DataError(f"{path}: {band} names {len(bands)} bands but {arr} has {shape[1]}")
-            self._band_index.append(self._match_bands(list(bands), path))
-            self._units.append(_unit_factor(_hdf5_unit(f[arr]), NANOMAGGY, f"{path}:{arr}"))
-            self._sizes.append((shape[2], shape[3]))
+            stored = _stored_bands(f[band], shape[1], path)
+            select = match_bands(self.bands, stored, path)
+            ivar = _column(names, ("image_ivar",))
+            mask = _column(names, ("image_mask", "bit_mask"))
+            _require_numbers(f, (arr, ivar), path)
+            if ivar is not None and f[ivar].shape != shape:
+                raise DataError(f"{path}: {ivar} has shape {f[ivar].shape}, {arr} {shape}")
+            meaning = None
+            if mask is not None:
+                if f[mask].shape not in (shape, (shape[0], *shape[2:])):
+                    raise DataError(
+                        f"{path}: {mask} has shape {f[mask].shape}; expected {shape} (one mask per band) "
+                        f"or {(shape[0], *shape[2:])} (one for all bands)"
+                    )
+                meaning = image_mask_meaning(path, self.mask_option, f.attrs, list(stored))
+            unit = _hdf5_unit(f[arr])
+            hsc = all(str(b).startswith("hsc-") for b in stored)
+            factor = (
+                HSC_COUNTS_TO_NANOMAGGY
+                if unit is None and hsc
+                else _unit_factor(unit, NANOMAGGY, f"{path}:{arr}")
+            )
+            scale = _hdf5_pixel_scale(f, names, select, path)
+        self._layouts.append(
+            _ImageLayout(
+                select, factor, shape[2:], scale, meaning, {"array": arr, "ivar": ivar, "mask": mask}
+            )
+        )
         return rows
 
     def _index_fits(self, path: Path, index: int) -> Rows:
@@ -354,11 +549,17 @@ class ImageSource:
                 unit = parse_unit(bunit, NANOMAGGY)
                 if unit is None:
                     raise DataError(f"{path}: unknown BUNIT {bunit!r}")
+                meaning = None
+                if "MASK" in hdul:
+                    mask_header = hdul["MASK"].header
+                    attrs = {"image_mask_means": mask_header["MASKMEAN"]} if "MASKMEAN" in mask_header else {}
+                    meaning = image_mask_meaning(path, self.mask_option, attrs, names)
+                scale = _fits_pixel_scale(header)
         except OSError as exc:
             raise DataError(f"--images: cannot read FITS file {path} ({exc})") from None
-        self._band_index.append(self._match_bands(names, path))
-        self._units.append(_unit_factor(unit, NANOMAGGY, f"{path} BUNIT"))
-        self._sizes.append(tuple(data.shape[1:]))
+        select = match_bands(self.bands, names, path)
+        factor = _unit_factor(unit, NANOMAGGY, f"{path} BUNIT")
+        self._layouts.append(_ImageLayout(select, factor, tuple(data.shape[1:]), scale, meaning))
         return Rows(
             np.array([object_id], dtype=object),
             np.array([ra]),
@@ -368,7 +569,8 @@ class ImageSource:
         )
 
     def read(self, indices: np.ndarray) -> ImageBatch:
-        """Images of the given rows (of `self.rows`), bands in the requested order."""
+        """Images of the given rows (of `self.rows`), bands in the requested order, in nanomaggies;
+        bad pixels (masked, ivar <= 0, non-finite) are 0 with ivar 0."""
         indices = np.asarray(indices)
         n, b, s = len(indices), len(self.bands), self.size
         out = ImageBatch(
@@ -380,38 +582,40 @@ class ImageSource:
         for fi in np.unique(files):
             pos = np.flatnonzero(files == fi)
             rows = self.rows.row[indices[pos]]
-            path = self.files[fi]
+            path, layout = self.files[fi], self._layouts[fi]
             if is_hdf5(path):
-                image, ivar, mask = self._read_hdf5(path, rows)
+                image, ivar, bad = self._read_hdf5(path, rows, layout)
             else:
-                image, ivar, mask = self._read_fits(path)
-            select = self._band_index[fi]
-            factor = self._units[fi]
-            image = centre_crop(image[:, select], self.cutout) * factor
-            ivar = centre_crop(ivar[:, select], self.cutout) / factor**2
-            mask = centre_crop(mask[:, select], self.cutout) | ~np.isfinite(image) | ~(ivar > 0)
-            out.image[pos] = np.where(mask, 0.0, image)
-            out.ivar[pos] = np.where(mask, 0.0, ivar)
-            out.mask[pos] = mask
+                image, ivar, bad = self._read_fits(path, layout)
+            image = centre_crop(image, self.cutout) * layout.factor
+            with np.errstate(over="ignore"):  # HSC's float32-max ivar of no-data pixels: inf, masked
+                ivar = centre_crop(ivar, self.cutout) / layout.factor**2
+            bad = centre_crop(bad, self.cutout) | ~np.isfinite(image) | ~np.isfinite(ivar) | ~(ivar > 0)
+            out.image[pos] = np.where(bad, 0.0, image)
+            out.ivar[pos] = np.where(bad, 0.0, ivar)
+            out.mask[pos] = bad
         return out
 
-    def _read_hdf5(self, path: Path, rows: np.ndarray):
-        with h5py.File(path, "r") as f:
-            names = list(f.keys())
-            image = _read_hdf5_rows(f[_column(names, ["image_array"])], rows).astype(np.float32)
-            ivar_col = _column(names, ["image_ivar"])
-            mask_col = _column(names, ["image_mask", "bit_mask"])
-            ivar = (
-                _read_hdf5_rows(f[ivar_col], rows).astype(np.float32) if ivar_col else _ivar_from_sky(image)
-            )
-            if mask_col:
-                mask = _read_hdf5_rows(f[mask_col], rows)
-                mask = np.broadcast_to(mask[:, None] if mask.ndim == 3 else mask, image.shape) != 0
+    def _read_hdf5(self, path: Path, rows: np.ndarray, layout: _ImageLayout):
+        columns = layout.columns
+        with open_hdf5(path, "--images") as f:
+            image = _read_hdf5_rows(f[columns["array"]], rows)[:, layout.select].astype(np.float32)
+            if columns["ivar"]:
+                ivar = _read_hdf5_rows(f[columns["ivar"]], rows)[:, layout.select].astype(np.float32)
             else:
-                mask = np.zeros(image.shape, bool)
-        return image, ivar, mask
+                ivar = _ivar_from_sky(image)
+            if columns["mask"]:
+                stored = _read_hdf5_rows(f[columns["mask"]], rows)
+                stored = stored[:, None] if stored.ndim == 3 else stored[:, layout.select]
+                where = f"{path}:{columns['mask']} (read as {layout.mask.meaning}: {layout.mask.source})"
+                bad = np.broadcast_to(
+                    bad_pixels(stored, layout.mask.meaning, where, "--image-mask-means"), image.shape
+                )
+            else:
+                bad = np.zeros(image.shape, bool)
+        return image, ivar, bad
 
-    def _read_fits(self, path: Path):
+    def _read_fits(self, path: Path, layout: _ImageLayout):
         with fits.open(path, memmap=False) as hdul:
             hdu = next(h for h in hdul if h.is_image and h.data is not None)
             image = np.asarray(hdu.data, dtype=np.float32)
@@ -419,8 +623,46 @@ class ImageSource:
             ivar = _fits_extension(hdul, "IVAR", image.shape)
             mask = _fits_extension(hdul, "MASK", image.shape)
         ivar = ivar.astype(np.float32) if ivar is not None else _ivar_from_sky(image[None])[0]
-        mask = mask != 0 if mask is not None else np.zeros(image.shape, bool)
-        return image[None], ivar[None], mask[None]
+        if mask is not None:
+            where = f"{path}[MASK] (read as {layout.mask.meaning}: {layout.mask.source})"
+            bad = bad_pixels(mask, layout.mask.meaning, where, "--image-mask-means")
+        else:
+            bad = np.zeros(image.shape, bool)
+        select = layout.select
+        return image[None, select], ivar[None, select], bad[None, select]
+
+
+def _stored_bands(dataset: h5py.Dataset, count: int, path: Path) -> np.ndarray:
+    """A file's band names: `image_band` is (bands,) or, as MMU writes it, (rows, bands)."""
+    if dataset.ndim == 2 and dataset.shape[0] == 0:
+        raise DataError(f"{path}: {dataset.name} has no rows, so the file names no bands")
+    bands = np.asarray(dataset[()] if dataset.ndim < 2 else dataset[0])
+    if dataset.ndim == 2 and dataset.shape[0] > 1 and not (np.asarray(dataset[()]) == bands).all():
+        raise DataError(f"{path}: rows list their bands in different orders ({dataset.name})")
+    if bands.ndim != 1 or len(bands) != count:
+        raise DataError(f"{path}: {dataset.name} names {bands.size} bands but the images have {count}")
+    return np.array([str(b).strip() for b in as_str_array(bands)], dtype=object)
+
+
+def _hdf5_pixel_scale(f: h5py.File, names: list[str], select: list[int], path: Path) -> float | None:
+    """arcsec per pixel of the selected bands from `image_scale` (rows, bands), if the file has it."""
+    column = _column(names, ("image_scale",))
+    if column is None or f[column].ndim == 0 or f[column].shape[0] == 0:
+        return None
+    if f[column].dtype.kind not in "iuf":
+        raise DataError(f"{path}: {column} must hold numbers (arcsec per pixel), found {f[column].dtype}")
+    first = np.atleast_1d(np.asarray(f[column][0], np.float64))
+    values = first[select] if first.shape[0] > max(select) else first
+    if not np.all(np.isfinite(values)) or np.ptp(values) > 1e-6:
+        raise DataError(f"{path}: {column} gives different or invalid pixel scales {values.tolist()}")
+    return round(float(values[0]), 6)
+
+
+def _fits_pixel_scale(header: fits.Header) -> float | None:
+    for key in ("CD2_2", "CDELT2"):
+        if key in header:
+            return round(abs(float(header[key])) * 3600.0, 6)
+    return None
 
 
 def _fits_extension(hdul: fits.HDUList, name: str, shape: tuple[int, ...]) -> np.ndarray | None:
@@ -428,6 +670,8 @@ def _fits_extension(hdul: fits.HDUList, name: str, shape: tuple[int, ...]) -> np
         return None
     data = np.asarray(hdul[name].data)
     data = data[None] if data.ndim == 2 else data
+    if data.shape[0] == 1 and data.shape[1:] == shape[1:]:
+        data = np.broadcast_to(data, shape)
     if data.shape != shape:
         raise DataError(f"{hdul.filename()}: extension {name} has shape {data.shape}, the image {shape}")
     return data
@@ -493,7 +737,8 @@ WAVE_COLUMNS = ("spectrum_lambda", "wavelength", "lambda", "wave")
 class SpectrumSource:
     """Spectra from MMU HDF5 files and/or FITS tables, with catalogue scalars of each row."""
 
-    def __init__(self, spec: Any):
+    def __init__(self, spec: Any, mask_means: str | None = None):
+        self.mask_option = check_mask_meaning(mask_means, "--spectrum-mask-means")
         self.files = find_files(spec, "--spectra")
         self._layouts: list[dict[str, Any]] = []
         parts = []
@@ -501,27 +746,53 @@ class SpectrumSource:
             parts.append(self._index_hdf5(path, i) if is_hdf5(path) else self._index_fits(path, i))
         self.rows = _concat_rows(parts, "--spectra")
 
+    @property
+    def mask_meanings(self) -> list[str]:
+        """Distinct 'meaning (source)' of the masks read, for the manifest."""
+        found = {layout.get("mask_meaning") for layout in self._layouts} - {None}
+        return sorted(f"{m.meaning} ({m.source})" for m in found)
+
+    def wavelength_range(self) -> tuple[float, float]:
+        """Shortest and longest wavelength (Å) of the first spectrum of every file: a cheap view of
+        the data's coverage, to check a model grid against before reading everything."""
+        lo, hi = np.inf, -np.inf
+        for fi in range(len(self.files)):
+            first = np.flatnonzero(self.rows.file_index == fi)[:1]
+            if len(first) == 0:
+                continue
+            ((_, batch),) = self.read(first)
+            good = batch.wavelength[0][~batch.mask[0]]
+            good = good if good.size else batch.wavelength[0]
+            lo, hi = min(lo, float(good.min())), max(hi, float(good.max()))
+        return lo, hi
+
     def _index_hdf5(self, path: Path, index: int) -> Rows:
         rows = _hdf5_rows(path, index, "--spectra")
-        with h5py.File(path, "r") as f:
+        with open_hdf5(path, "--spectra") as f:
             names = list(f.keys())
             flux = _require(names, FLUX_COLUMNS, path, "spectrum flux (spectrum_flux)")
             wave = _require(names, WAVE_COLUMNS, path, "wavelength (spectrum_lambda)")
-            if f[flux].ndim != 2 or f[flux].shape[0] != len(rows):
-                raise DataError(f"{path}: {flux} must be (rows, pixels); got shape {f[flux].shape}")
-            if f[wave].shape not in (f[flux].shape, f[flux].shape[1:]):
-                raise DataError(f"{path}: {wave} has shape {f[wave].shape}, the fluxes {f[flux].shape}")
-            flux_unit = _hdf5_unit(f[flux])
-            wave_unit = _hdf5_unit(f[wave])
+            shape = f[flux].shape
+            if len(shape) != 2 or shape[0] != len(rows) or shape[1] < 2:
+                raise DataError(f"{path}: {flux} must be (rows, pixels); got shape {shape}")
+            if f[wave].shape not in (shape, shape[1:]):
+                raise DataError(f"{path}: {wave} has shape {f[wave].shape}, the fluxes {shape}")
+            ivar, mask = _column(names, IVAR_COLUMNS), _column(names, MASK_COLUMNS)
+            _require_numbers(f, (flux, wave, ivar), path)
+            for column in (ivar, mask):
+                if column is not None and f[column].shape != shape:
+                    raise DataError(f"{path}: {column} has shape {f[column].shape}, the fluxes {shape}")
+            meaning = spectrum_mask_meaning(path, self.mask_option, f.attrs, names) if mask else None
             self._layouts.append(
                 {
                     "kind": "hdf5",
                     "flux": flux,
                     "wave": wave,
-                    "ivar": _column(names, IVAR_COLUMNS),
-                    "mask": _column(names, MASK_COLUMNS),
-                    "flux_unit": flux_unit,
-                    "wave_factor": _unit_factor(wave_unit, u.AA, f"{path}:{wave}"),
+                    "ivar": ivar,
+                    "mask": mask,
+                    "mask_meaning": meaning,
+                    "flux_unit": _hdf5_unit(f[flux]),
+                    "wave_factor": _unit_factor(_hdf5_unit(f[wave]), u.AA, f"{path}:{wave}"),
                 }
             )
         return rows
@@ -555,6 +826,9 @@ class SpectrumSource:
                     "loglam": loglam if wave is None else None,
                     "ivar": _column(names, IVAR_COLUMNS),
                     "mask": _column(names, MASK_COLUMNS),
+                    "mask_meaning": MaskMeaning(self.mask_option, "--spectrum-mask-means")
+                    if self.mask_option
+                    else MaskMeaning("bits", "FITS spectrum bit mask, nonzero = bad"),
                     "per_pixel_rows": per_pixel_rows,
                     "flux_unit": table[flux].unit,
                     "ivar_unit": table[_column(names, IVAR_COLUMNS)].unit
@@ -618,7 +892,7 @@ class SpectrumSource:
         return out
 
     def _read_hdf5(self, path: Path, rows: np.ndarray, layout: dict[str, Any]) -> SpectrumBatch:
-        with h5py.File(path, "r") as f:
+        with open_hdf5(path, "--spectra") as f:
             flux = _read_hdf5_rows(f[layout["flux"]], rows).astype(np.float64)
             wave_ds = f[layout["wave"]]
             wave = wave_ds[()] if wave_ds.ndim == 1 else _read_hdf5_rows(wave_ds, rows)
@@ -628,11 +902,14 @@ class SpectrumSource:
                 if layout["ivar"]
                 else np.ones_like(flux)
             )
-            mask = (
-                _read_hdf5_rows(f[layout["mask"]], rows) != 0
-                if layout["mask"]
-                else np.zeros(flux.shape, bool)
-            )
+            if layout["mask"]:
+                meaning = layout["mask_meaning"]
+                where = f"{path}:{layout['mask']} (read as {meaning.meaning}: {meaning.source})"
+                stored = _read_hdf5_rows(f[layout["mask"]], rows)
+                mask = bad_pixels(stored, meaning.meaning, where, "--spectrum-mask-means")
+            else:
+                mask = np.zeros(flux.shape, bool)
+        wave, mask = extend_padded_wavelengths(wave, mask, f"{path}:{layout['wave']}")
         return _to_standard_units(
             flux, ivar, mask, wave, layout["flux_unit"], None, f"{path}:{layout['flux']}"
         )
@@ -652,13 +929,39 @@ class SpectrumSource:
             else pick(layout["wave"]) * layout["wave_factor"]
         )
         ivar = pick(layout["ivar"]) if layout["ivar"] else np.ones_like(flux)
-        mask = pick(layout["mask"]) != 0 if layout["mask"] else np.zeros(flux.shape, bool)
+        if layout["mask"]:
+            meaning = layout["mask_meaning"]
+            where = f"{path}:{layout['mask']} (read as {meaning.meaning}: {meaning.source})"
+            stored = np.asarray(table[layout["mask"]])
+            stored = stored[None] if layout["per_pixel_rows"] else stored[rows]
+            mask = bad_pixels(stored, meaning.meaning, where, "--spectrum-mask-means")
+        else:
+            mask = np.zeros(flux.shape, bool)
         flux_unit = layout["flux_unit"]
         if flux_unit is None:
             log.debug("%s: flux has no unit; assuming 1e-17 erg/s/cm2/Angstrom", path)
         return _to_standard_units(
             flux, ivar, mask, wave, flux_unit, layout["ivar_unit"], f"{path}:{layout['flux']}"
         )
+
+
+def extend_padded_wavelengths(wave: np.ndarray, bad: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Rows padded to a common length (MMU sdss: lambda -1, mask True after the last pixel) get
+    increasing wavelengths there, continuing the last pixel ratio, and are marked bad."""
+    padded = ~(wave > 0)
+    if not padded.any():
+        return wave, bad
+    wave, bad = np.array(wave), np.array(bad)
+    for row in np.flatnonzero(padded.any(axis=1)):
+        first = int(np.argmax(padded[row]))
+        if first < 2 or not padded[row, first:].all():
+            raise DataError(f"{where}: row {row} has non-positive wavelengths inside the spectrum")
+        ratio = wave[row, first - 1] / wave[row, first - 2]
+        if not ratio > 1:
+            raise DataError(f"{where}: wavelengths of row {row} are not increasing")
+        wave[row, first:] = wave[row, first - 1] * ratio ** np.arange(1, wave.shape[1] - first + 1)
+        bad[row, first:] = True
+    return wave, bad
 
 
 def _to_standard_units(
@@ -814,7 +1117,10 @@ def write_fits_cutout(
     pixel_scale: float,
     psf_fwhm: Sequence[float],
 ) -> None:
-    """A Legacy-Survey-cutout-style FITS file: (bands, H, W) in nanomaggies with a TAN WCS."""
+    """A Legacy-Survey-cutout-style FITS file: (bands, H, W) in nanomaggies with a TAN WCS; `mask`
+    True = bad pixel (stated by the MASK extension's MASKMEAN keyword)."""
+    mask_header = fits.Header()
+    mask_header["MASKMEAN"] = ("bad", "nonzero = bad pixel")
     header = fits.Header()
     header["BUNIT"] = "nanomaggy"
     header["OBJID"] = str(object_id)
@@ -832,7 +1138,7 @@ def write_fits_cutout(
         [
             fits.PrimaryHDU(np.asarray(image, np.float32), header=header),
             fits.ImageHDU(np.asarray(ivar, np.float32), name="IVAR"),
-            fits.ImageHDU(np.asarray(mask, np.uint8), name="MASK"),
+            fits.ImageHDU(np.asarray(mask, np.uint8), header=mask_header, name="MASK"),
         ]
     )
     _write_fits_atomic(hdus, path)

@@ -28,8 +28,8 @@ PIXEL_SCALE = 0.262
 DESI_GRID = (3600.0, 9824.0, 0.8)
 #: Per-pixel sky noise, nanomaggies, of Legacy Survey DR10 south coadds (typical depths).
 SKY_SIGMA = {"g": 0.0025, "r": 0.0045, "z": 0.012}
-#: Band names as the Multimodal Universe Legacy Survey files spell them.
-MMU_BAND_NAMES = {"g": "DES-G", "r": "DES-R", "i": "DES-I", "z": "DES-Z"}
+#: Band names as the Multimodal Universe Legacy Survey builder writes them (lower-case).
+MMU_BAND_NAMES = {"g": "des-g", "r": "des-r", "i": "des-i", "z": "des-z"}
 #: Source noise variance per nanomaggy of pixel flux (an effective gain).
 SOURCE_VARIANCE = 5e-4
 #: Strong night-sky emission lines (Å, vacuum) that raise the spectral noise.
@@ -283,8 +283,10 @@ def synthesize(
     """Write a synthetic survey of `n` galaxies with both an image and a spectrum (plus a few
     image-only, spectrum-only and shredded objects, as in real cross-matches) under `out`:
 
-    - `legacysurvey/synth_grz/healpix=<i>/001-of-001.hdf5` images (MMU Legacy Survey columns)
-    - `desi/synth/healpix=<i>/001-of-001.hdf5` spectra (MMU DESI columns, `Z` redshifts)
+    - `legacysurvey/synth_grz/healpix=<i>/001-of-001.hdf5` images (MMU Legacy Survey columns:
+      bands `des-g`..., one `image_mask` (N, H, W) for all bands, True = clean pixel)
+    - `desi/synth/healpix=<i>/001-of-001.hdf5` spectra (MMU DESI columns, `spectrum_mask` True =
+      bad pixel, `Z` redshifts)
     - `provabgs/synth/healpix=<i>/001-of-001.hdf5` a PROVABGS-like catalogue of physical properties
     - with "fits" in `formats`: `fits/legacysurvey/<id>.fits` cutouts, `fits/desi/spectra-<i>.fits`
       tables and `fits/provabgs.fits`.
@@ -429,6 +431,8 @@ def _write_pixel(out: Path, fits_dir: Path, pixel: int, image_cols, spec_cols, w
     if image_cols["object_id"]:
         n = len(image_cols["object_id"])
         phot = np.array(image_cols["flux"])
+        # MMU legacysurvey keeps one mask for all bands, True = clean pixel.
+        bad = np.stack(image_cols["image_mask"]).any(axis=1)
         columns = {
             "object_id": np.array(image_cols["object_id"], dtype="S"),
             "ra": np.array(image_cols["ra"]),
@@ -436,7 +440,7 @@ def _write_pixel(out: Path, fits_dir: Path, pixel: int, image_cols, spec_cols, w
             "healpix": np.full(n, pixel, dtype=np.int64),
             "image_array": np.stack(image_cols["image_array"]),
             "image_ivar": np.stack(image_cols["image_ivar"]),
-            "image_mask": np.stack(image_cols["image_mask"]),
+            "image_mask": ~bad,
             "image_band": np.array([[MMU_BAND_NAMES[b] for b in bands]] * n, dtype="S"),
             "image_psf_fwhm": np.stack(image_cols["image_psf_fwhm"]),
             "image_scale": np.full((n, len(bands)), PIXEL_SCALE, dtype=np.float32),
@@ -449,6 +453,7 @@ def _write_pixel(out: Path, fits_dir: Path, pixel: int, image_cols, spec_cols, w
             fmt.write_hdf5_atomic(
                 fmt.mmu_path(out, "legacysurvey", "synth_grz", pixel),
                 columns,
+                attrs={"image_mask_means": "clean"},
                 compress=("image_mask", "image_band", "image_scale"),
             )
         if "fits" in formats:
@@ -457,7 +462,7 @@ def _write_pixel(out: Path, fits_dir: Path, pixel: int, image_cols, spec_cols, w
                     fits_dir / "legacysurvey" / f"{image_cols['object_id'][k]}.fits",
                     columns["image_array"][k],
                     columns["image_ivar"][k],
-                    columns["image_mask"][k],
+                    np.broadcast_to(bad[k], columns["image_array"][k].shape),
                     bands,
                     columns["ra"][k],
                     columns["dec"][k],
@@ -489,6 +494,7 @@ def _write_pixel(out: Path, fits_dir: Path, pixel: int, image_cols, spec_cols, w
             fmt.write_hdf5_atomic(
                 fmt.mmu_path(out, "desi", "synth", pixel),
                 columns,
+                attrs={"spectrum_mask_means": "bad"},
                 compress=("spectrum_lambda", "spectrum_mask", "spectrum_lsf_sigma"),
             )
         if "fits" in formats:

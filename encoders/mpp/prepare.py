@@ -42,6 +42,7 @@ class PrepareOptions:
     max_windows_per_trajectory: int | None = None
     seed: int = 0
     overwrite: bool = False
+    allow_degenerate: bool = False
 
     def resolved(self) -> tuple[int, int]:
         window = self.window if self.window is not None else self.history + 1
@@ -240,6 +241,7 @@ def prepare(
         provenance={"sources": [str(p) for p, _ in files], "command": command, "seed": options.seed},
         seed=options.seed,
         overwrite=options.overwrite,
+        allow_degenerate=options.allow_degenerate,
     ) as writer:
         bar = tqdm(total=total, desc="prepare mpp", unit="window", disable=not progress)
         for src, split in sources:
@@ -281,6 +283,7 @@ def prepare(
                             "meta": meta,
                         },
                         split=traj_split,
+                        source=str(src.path),
                     )
                     counts[traj_split] = counts.get(traj_split, 0) + 1
                     if traj_split == "train":

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from encoders.xval.normalizer import Kind, Normalizer
-from encoders.xval.numbers import ThousandsPolicy, extract_numbers
+from encoders.xval.numbers import MAX_MAGNITUDE, ThousandsPolicy, extract_numbers
 from encoders.xval.tokenizer import TOKENIZER_FILE, TextTokenizer
 from foundation.errors import DataError
 
@@ -75,6 +75,7 @@ class PrepareOptions:
     seed: int = 0
     vocab_from: str | None = None
     overwrite: bool = False
+    allow_degenerate: bool = False
     skip_invalid: bool = False
     progress: bool | None = None
 
@@ -260,7 +261,7 @@ def prepare(paths: Sequence[str | Path], out: str | Path, opts: PrepareOptions |
 
     # Pass 3: write.
     lengths = {"text_tokens": 0.0, "numbers": 0.0, "max_tokens": 0, "records": 0}
-    clipped = 0
+    clipped = left_as_text = 0
     with tempfile.TemporaryDirectory() as tmp:
         tok_path = Path(tmp) / TOKENIZER_FILE
         tokenizer.save(tok_path)
@@ -275,13 +276,14 @@ def prepare(paths: Sequence[str | Path], out: str | Path, opts: PrepareOptions |
             seed=opts.seed,
             split_salt=str(opts.seed),
             overwrite=opts.overwrite,
-            field_stats=False,
+            allow_degenerate=opts.allow_degenerate,
         )
         with writer:
             for record in _progress(read_records(paths, opts), opts, "writing"):
                 parsed = _parse(record, opts)
                 if parsed is None:
                     continue
+                left_as_text += parsed.not_numbers
                 field_ids = normalizer.field_ids(parsed.fields)
                 tokens = tokenizer.encode_parsed(parsed)
                 split = writer.write(
@@ -293,6 +295,7 @@ def prepare(paths: Sequence[str | Path], out: str | Path, opts: PrepareOptions |
                         "text": record.text,
                     },
                     split=record.split,
+                    source=record.where.rsplit(":", 1)[0],
                 )
                 if split == "train":
                     lengths["records"] += 1
@@ -317,6 +320,14 @@ def prepare(paths: Sequence[str | Path], out: str | Path, opts: PrepareOptions |
                 "tokenizer_from": str(opts.vocab_from) if opts.vocab_from else None,
             }
             writer.provenance["skipped_invalid"] = skipped
+            writer.provenance["numbers_left_as_text"] = left_as_text
+    if left_as_text:
+        log.warning(
+            "%d number-like spelling(s) were left as text, not numbers: nan/inf, or beyond +-%g "
+            "(docs/xval.md)",
+            left_as_text,
+            MAX_MAGNITUDE,
+        )
     if skipped:
         log.warning("left out %d record(s) that contain the reserved marker [NUM]", skipped)
     return Manifest.load(out)

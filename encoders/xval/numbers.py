@@ -21,8 +21,11 @@ every string `t` that does not already contain `[NUM]`. The rules (docs/xval.md 
   one number; "auto" (default) — as "always" but only where prose is likely: the literal starts
   the text or follows whitespace, `(`, `$`, `£`, `€`, `¥`, `~` or `≈`; never after `[`, `,`, `:`,
   `=` or a quote, so compact JSON/CSV lists such as `[100,200]` are two numbers.
-* `nan`, `inf`, `Infinity` are words, not numbers; a literal whose value overflows float64
-  (`1e400`) is left as text. Values are float64; literals keep their exact spelling.
+* `nan`, `inf`, `Infinity` are words, not numbers; a literal whose magnitude exceeds
+  `MAX_MAGNITUDE` (1e100), or that overflows float64 (`1e400`), is left as text: statistics of
+  such values (sums of squares for the normaliser and the metrics) would overflow to inf. Both are
+  counted in `ParsedText.not_numbers`, so a prepare can say how many it left as text. Values are
+  float64; literals keep their exact spelling.
 * The field of a number (for per-field normalisation and metrics) is the identifier `K` of the
   nearest `K:` / `K=` / `"K":` before it with no letter in between (`{"m":1.2}` -> `m`,
   `"xs":[1,2]` -> `xs`, `a = 3` -> `a`); otherwise `_`.
@@ -41,6 +44,8 @@ import numpy as np
 from foundation.errors import DataError
 
 NUM_MARKER = "[NUM]"
+MAX_MAGNITUDE = 1e100
+"""Literals larger than this in magnitude stay text (their squares still fit float64 sums)."""
 UNNAMED_FIELD = "_"
 ThousandsPolicy = Literal["auto", "always", "never"]
 
@@ -64,6 +69,7 @@ GROUPED_NUMBER_PATTERN = re.compile(rf"{_LEFT}{_SIGN}(?:{_GROUPED}|{_PLAIN}){_EX
 _PROSE_BEFORE = frozenset("($£€¥~≈")
 _WORD = re.compile(r"[^\W\d]\w*")
 _KEY_SUFFIX = re.compile(r"[\"']?\s*[:=]")
+_NONFINITE_WORD = re.compile(r"(?<![\w.])[+-]?(?:nan|inf(?:inity)?)(?!\w)", re.IGNORECASE)
 
 
 @dataclass(frozen=True, eq=False)
@@ -77,6 +83,8 @@ class ParsedText:
     """The exact spelling of each number in the source text."""
     fields: tuple[str, ...]
     """The field each number belongs to (see the module docstring), `_` when unnamed."""
+    not_numbers: int = 0
+    """Number-like spellings left as text: `nan`/`inf` words and literals beyond MAX_MAGNITUDE."""
 
     @property
     def segments(self) -> list[str]:
@@ -125,6 +133,7 @@ def extract_numbers(text: str, *, thousands: ThousandsPolicy = "auto") -> Parsed
     spans: list[tuple[int, int]] = []
     values: list[float] = []
     literals: list[str] = []
+    out_of_range = 0
     pos = 0
     while True:
         match = pattern.search(text, pos)
@@ -138,8 +147,9 @@ def extract_numbers(text: str, *, thousands: ThousandsPolicy = "auto") -> Parsed
                 continue
             literal = match.group(0)
         value = float(literal.replace(",", ""))
-        if not math.isfinite(value):
-            pos = match.end()  # overflowing literals stay text
+        if not math.isfinite(value) or abs(value) > MAX_MAGNITUDE:
+            out_of_range += 1
+            pos = match.end()  # such literals stay text
             continue
         spans.append(match.span())
         values.append(value)
@@ -154,7 +164,8 @@ def extract_numbers(text: str, *, thousands: ThousandsPolicy = "auto") -> Parsed
     pieces.append(text[last:])
     template = "".join(pieces)
     fields = tuple(_fields(template.split(NUM_MARKER)[:-1]))
-    return ParsedText(template, np.asarray(values, dtype=np.float64), tuple(literals), fields)
+    not_numbers = out_of_range + len(_NONFINITE_WORD.findall(text))
+    return ParsedText(template, np.asarray(values, dtype=np.float64), tuple(literals), fields, not_numbers)
 
 
 def format_value(value: float, digits: int | None = None) -> str:

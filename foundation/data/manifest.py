@@ -27,6 +27,10 @@ MANIFEST_NAME = "manifest.json"
 SPLIT_NAMES = ("train", "valid", "test")
 _SPLIT_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+"""A larger manifest.json is refused unread (ours: ~150 bytes per shard, i.e. ~1.7 million shards)."""
+MAX_MANIFEST_DEPTH = 64
+"""Deeper nesting of JSON objects/lists is refused (ours nest 6 levels; stats/extra rarely more)."""
 
 
 def shard_name(split: str, index: int) -> str:
@@ -170,7 +174,10 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: Any, where: str = "manifest") -> Manifest:
         if not isinstance(data, Mapping):
-            raise DataError(f"{where}: expected a JSON object at the top level")
+            raise DataError(
+                f"{where}: expected a JSON object at the top level, got {type(data).__name__}; this is not "
+                "a foundation shard-set manifest"
+            )
         fmt = data.get("format")
         if not isinstance(fmt, Mapping) or fmt.get("name") != FORMAT_NAME:
             raise DataError(
@@ -252,10 +259,7 @@ class Manifest:
                 "interrupted); create shards with `foundation prepare <family> ...`, or index existing "
                 "webdataset tars with `foundation shards index DIR`"
             )
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise DataError(f"{path}: unreadable manifest ({exc})") from None
+        data = _read_json(path)
         manifest = cls.from_dict(data, str(path))
         manifest.path = directory
         return manifest
@@ -274,6 +278,47 @@ class Manifest:
         os.replace(tmp, target)
         self.path = directory
         return target
+
+
+def _read_json(path: Path) -> Any:
+    """The parsed manifest: bounded in size and nesting, every failure one DataError line."""
+    try:
+        with open(path, "rb") as handle:
+            too_big = os.fstat(handle.fileno()).st_size > MAX_MANIFEST_BYTES
+            raw = b"" if too_big else handle.read(MAX_MANIFEST_BYTES + 1)  # + 1: it may grow meanwhile
+    except OSError as exc:
+        raise DataError(f"{path}: unreadable manifest ({exc.strerror})") from None
+    if too_big or len(raw) > MAX_MANIFEST_BYTES:
+        raise DataError(
+            f"{path}: manifest is larger than {MAX_MANIFEST_BYTES >> 20} MiB; this is not a manifest "
+            "written by foundation (re-create it with `foundation shards index`)"
+        )
+    too_deep = False
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        data, too_deep = None, True
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"{path}: unreadable manifest ({(str(exc).splitlines() or [''])[0]})") from None
+    if too_deep or _depth_exceeds(data, MAX_MANIFEST_DEPTH):
+        raise DataError(
+            f"{path}: manifest JSON is nested deeper than {MAX_MANIFEST_DEPTH} levels; this is not a "
+            "manifest written by foundation (re-create it with `foundation shards index`)"
+        )
+    return data
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """True if lists/objects nest deeper than `limit` (iterative: no recursion to blow)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
 
 
 def _finite(value: Any, path: str) -> Any:

@@ -3,6 +3,11 @@
 Atomic at the level of the whole set: shards are written under hidden temporary names and only
 renamed into place when the writer closes without error, followed by the manifest. An interrupted
 or failed write leaves the previous state of the directory untouched (minus hidden temporaries).
+
+One writer per folder: a writer holds the folder's `FolderLock` from construction to close/abort,
+so two `prepare` runs on one `--out` cannot both succeed; the publish step re-checks that the
+lock is still its own and that no other set appeared meanwhile. The hidden temporaries of a
+killed writer are removed by the next writer, which takes over its stale lock.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import sys
+import weakref
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
@@ -41,7 +48,17 @@ from foundation.data.schema import (
     merge_spec,
     prepare_value,
 )
+from foundation.data.summary import (
+    MASK_MEANINGS,
+    DegenerateDataError,
+    RunningStats,
+    default_cause,
+    degenerate_reason,
+    mask_of,
+    wants_stats,
+)
 from foundation.errors import DataError
+from foundation.lock import FolderLock, LockedError, command_line
 
 log = logging.getLogger(__name__)
 
@@ -80,55 +97,6 @@ def _check_fractions(fractions: Mapping[str, float]) -> dict[str, float]:
     if abs(sum(out.values()) - 1.0) > 1e-6:
         raise DataError(f"split fractions must add up to 1, got {sum(out.values())} ({out})")
     return out
-
-
-class RunningStats:
-    """Streaming count/mean/std/min/max of all finite elements (Chan et al. pairwise update)."""
-
-    __slots__ = ("count", "nonfinite", "mean", "m2", "min", "max")
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.nonfinite = 0
-        self.mean = 0.0
-        self.m2 = 0.0
-        self.min = float("inf")
-        self.max = float("-inf")
-
-    def update(self, value: Any) -> None:
-        a = np.asarray(value, dtype=np.float64).ravel()
-        finite = np.isfinite(a)
-        if not finite.all():
-            self.nonfinite += int(a.size - finite.sum())
-            a = a[finite]
-        n = a.size
-        if n == 0:
-            return
-        mean = float(a.mean())
-        m2 = float(np.square(a - mean).sum())
-        total = self.count + n
-        delta = mean - self.mean
-        self.mean += delta * n / total
-        self.m2 += m2 + delta * delta * self.count * n / total
-        self.count = total
-        self.min = min(self.min, float(a.min()))
-        self.max = max(self.max, float(a.max()))
-
-    def to_dict(self) -> dict[str, Any]:
-        if self.count == 0:
-            return {"count": 0, "nonfinite": self.nonfinite}
-        return {
-            "count": self.count,
-            "nonfinite": self.nonfinite,
-            "mean": self.mean,
-            "std": (self.m2 / self.count) ** 0.5,
-            "min": self.min,
-            "max": self.max,
-        }
-
-
-def _wants_stats(spec: FieldSpec) -> bool:
-    return spec.dtype is not None and np.dtype(spec.dtype).kind in "iuf"
 
 
 class _ShardFile:
@@ -199,6 +167,16 @@ class ShardSetWriter:
 
     The set is only visible when `close()` (or leaving the ``with`` block) succeeds. An existing
     set is never replaced unless ``overwrite=True``.
+
+    Numeric fields get statistics per split (``field_stats``: finite, non-finite, zero and masked
+    element counts, mean/std/min/max). An element is masked when its field has a mask: declared
+    with ``masks={"spectrum": ("spectrum_mask", "bad")}`` (meanings: "bad" = True marks a bad
+    element, "good" = True marks a good one, "weight" = an inverse variance, <= 0 is bad), or by
+    the naming rule: a bool field ``<name>_mask`` beside ``<name>`` marks bad elements of it.
+    ``close()`` refuses (`DegenerateDataError`, nothing published) when a float field comes out
+    all zeros, all masked, constant or mostly non-finite (rules: `foundation.data.summary`),
+    naming the source files given to ``write(..., source=)`` and the family's ``hints`` of the
+    likely cause; ``allow_degenerate=True`` writes it anyway and records it in the provenance.
     """
 
     def __init__(
@@ -217,6 +195,9 @@ class ShardSetWriter:
         split_salt: str = "",
         overwrite: bool = False,
         field_stats: bool = True,
+        masks: Mapping[str, tuple[str, str]] | None = None,
+        hints: Mapping[str, str] | None = None,
+        allow_degenerate: bool = False,
     ):
         if not isinstance(samples_per_shard, int) or samples_per_shard < 1:
             raise DataError(f"samples_per_shard must be a positive integer, got {samples_per_shard!r}")
@@ -234,6 +215,12 @@ class ShardSetWriter:
         self.split_salt = split_salt
         self.overwrite = overwrite
         self.field_stats = field_stats
+        self.allow_degenerate = allow_degenerate
+        self.hints: dict[str, str] = dict(hints or {})
+        """Per field: the likely cause of a degenerate result, as the family knows it."""
+        self._masks = _check_masks(masks or {})
+        self._mask_used: dict[str, tuple[str, str]] = {}
+        self._by_source: dict[str, dict[str | None, RunningStats]] = {}
         self._files: dict[str, tuple[Path, str | None]] = {}
         if files is not None:
             items = files.items() if isinstance(files, Mapping) else ((Path(p).name, p) for p in files)
@@ -260,7 +247,15 @@ class ShardSetWriter:
         self._token = f"{os.getpid()}-{os.urandom(4).hex()}"
         self._splits: dict[str, _SplitState] = {}
         self._closed = False
-        self._check_target()
+        self._seen_manifest: tuple[int, int, int] | None = None
+        self._folder_lock = FolderLock(self.out_dir, command_line()).acquire()
+        self._release_lock = weakref.finalize(self, self._folder_lock.release)
+        try:
+            self._remove_dead_temporaries()
+            self._check_target()
+        except BaseException:
+            self._release_lock()
+            raise
 
     # ------------------------------------------------------------------ public
 
@@ -277,8 +272,14 @@ class ShardSetWriter:
         self._files[name] = (path, description)
         return name
 
-    def write(self, sample: Mapping[str, Any], split: str | None = None) -> str:
-        """Add one sample; returns the split it went to."""
+    def write(
+        self,
+        sample: Mapping[str, Any],
+        split: str | None = None,
+        source: str | os.PathLike | Mapping[str, str | os.PathLike] | None = None,
+    ) -> str:
+        """Add one sample; returns the split it went to. `source` is the file it came from, or a
+        {field: file} mapping, named if a field comes out degenerate."""
         if self._closed:
             raise DataError("this writer is closed")
         if not isinstance(sample, Mapping):
@@ -317,9 +318,7 @@ class ShardSetWriter:
             state.key_hashes.append(np.array(state.pending_hashes, dtype=np.uint64))
             state.pending_hashes = []
         if self.field_stats:
-            for name, value in values.items():
-                if _wants_stats(self._schema[name]):
-                    state.stats.setdefault(name, RunningStats()).update(value)
+            self._observe(state, key, values, source)
         if state.current.samples >= self.samples_per_shard:
             state.done.append((state.current.finish(), state.current.tmp))
             state.current = None
@@ -348,17 +347,24 @@ class ShardSetWriter:
                     state.done.append((state.current.finish(), state.current.tmp))
                     state.current = None
                 self._check_duplicate_keys(state)
+            self._check_degenerate()
             with self._lock():
+                self._recheck_target()
                 manifest = self._publish()
         except BaseException:
             self._cleanup()
             raise
+        finally:
+            self._release_lock()
         return manifest
 
     def abort(self) -> None:
         """Drop everything written so far; the directory keeps its previous content."""
         self._closed = True
-        self._cleanup()
+        try:
+            self._cleanup()
+        finally:
+            self._release_lock()
 
     def __enter__(self) -> ShardSetWriter:
         return self
@@ -410,7 +416,49 @@ class ShardSetWriter:
         if existing is not None and targets is not None:
             self._adopt_existing(existing)
         self._existing = existing
+        self._seen_manifest = self._manifest_identity()
         self.out_dir.mkdir(parents=True, exist_ok=True)
+
+    def _manifest_identity(self) -> tuple[int, int, int] | None:
+        """(inode, size, mtime) of the manifest: publishing replaces the file, so this changes."""
+        try:
+            st = os.stat(self.out_dir / MANIFEST_NAME)
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _recheck_target(self) -> None:
+        """Under the publish step: still our folder, and nobody published there meanwhile."""
+        if not self._folder_lock.still_held():
+            raise LockedError(
+                f"{str(self.out_dir)!r}: another process took over this writer's lock (it looked stale); "
+                "nothing was written, so that the two do not replace each other — run again once it is done"
+            )
+        if self._manifest_identity() != self._seen_manifest:
+            raise DataError(
+                f"{str(self.out_dir)!r}: another process published a shard set there while this one was "
+                "writing; nothing was written — run again (with --overwrite to replace it)"
+            )
+
+    def _remove_dead_temporaries(self) -> None:
+        """Remove hidden temporaries of writers that died (killed, crashed): this writer holds the
+        folder's lock, every writer holds it while writing, so no live writer owns one."""
+        if not self.out_dir.is_dir():
+            return
+        count = size = 0
+        for path in self.out_dir.iterdir():
+            if _TEMPORARY.match(path.name) and path.is_file() and not path.is_symlink():
+                with contextlib.suppress(FileNotFoundError):
+                    size += path.stat().st_size
+                    path.unlink()
+                    count += 1
+        if count:
+            log.warning(
+                "%s: removed %d temporary file(s) (%.1f MB) left by an interrupted write",
+                self.out_dir,
+                count,
+                size / 1e6,
+            )
 
     def _adopt_existing(self, existing: Manifest) -> None:
         """Adding a split to an existing set: same family, same fields, compatible specs."""
@@ -491,6 +539,96 @@ class ShardSetWriter:
                 "shards); keys must be unique within a shard set — nothing was written"
             )
 
+    def _observe(self, state: _SplitState, key: str, values: Mapping[str, Any], source: Any) -> None:
+        """Add one sample's numeric fields to its split's statistics and to its source's."""
+        for name, value in values.items():
+            if not wants_stats(self._schema[name]):
+                continue
+            observed = RunningStats.of(value, self._mask(name, key, value, values))
+            state.stats.setdefault(name, RunningStats()).merge(observed)
+            origin = _source_of(source, name)
+            per_source = self._by_source.setdefault(name, {})
+            if origin not in per_source and len(per_source) >= _MAX_SOURCES:
+                origin = _OTHER_SOURCES
+            per_source.setdefault(origin, RunningStats()).merge(observed)
+
+    def _mask(self, name: str, key: str, value: Any, values: Mapping[str, Any]) -> np.ndarray | None:
+        """The masked elements of field `name` in this sample, from its declared or named mask."""
+        rule = self._masks.get(name)
+        if rule is None:
+            companion = f"{name}_mask"
+            if companion not in values or np.asarray(values[companion]).dtype != bool:
+                return None
+            rule = (companion, "bad")
+        companion, meaning = rule
+        if companion not in values:
+            return None
+        mask = mask_of(values[companion], meaning)
+        try:
+            mask = np.broadcast_to(mask, np.shape(value))
+        except ValueError:
+            raise DataError(
+                f"sample {key!r}: mask field {companion!r} has shape {mask.shape}, which does not fit "
+                f"field {name!r} of shape {np.shape(value)}; a mask must have its field's shape"
+            ) from None
+        self._mask_used[name] = rule
+        return mask
+
+    def _stats_entry(self, name: str, stats: RunningStats) -> dict[str, Any]:
+        entry = stats.to_dict()
+        if name in self._mask_used:
+            companion, meaning = self._mask_used[name]
+            entry["mask"] = f"{companion} ({_MEANING_TEXT[meaning]})"
+        return entry
+
+    def _check_degenerate(self) -> None:
+        """Refuse a field that came out all zeros / all masked / constant / mostly NaN (all splits
+        this writer wrote, together), naming its sources and the likely cause."""
+        if not self.field_stats:
+            return
+        merged: dict[str, RunningStats] = {}
+        for state in self._splits.values():
+            for name, stats in state.stats.items():
+                merged.setdefault(name, RunningStats()).merge(stats)
+        problems = []
+        found = {}
+        for name in sorted(merged):
+            reason = degenerate_reason(self._stats_entry(name, merged[name]), self._schema[name])
+            if reason is None:
+                continue
+            kind, description = reason
+            found[name] = description
+            cause = self.hints.get(name) or default_cause(kind)
+            problems.append(
+                f"field {name!r} {description} (source: {self._blame(name, kind)}; likely cause: {cause})"
+            )
+        if not problems:
+            return
+        if self.allow_degenerate:
+            log.warning("writing degenerate data as allowed: %s", "; ".join(problems))
+            self.provenance["degenerate_fields"] = found
+            return
+        raise DegenerateDataError(
+            f"{self.out_dir}: the prepared data are degenerate, so nothing was written: "
+            + "; ".join(problems)
+            + ". Fix the input or its options, or pass --allow-degenerate (allow_degenerate=True) "
+            "to write it anyway"
+        )
+
+    def _blame(self, name: str, kind: str) -> str:
+        """The sources whose own values of `name` are degenerate the same way (else all of them)."""
+        per_source = self._by_source.get(name, {})
+        spec = self._schema[name]
+        entries = {src: self._stats_entry(name, stats) for src, stats in per_source.items() if src}
+        named = [
+            src for src, entry in entries.items() if (degenerate_reason(entry, spec) or ("",))[0] == kind
+        ]
+        named = named or list(entries)
+        if not named:
+            return "not recorded"
+        more = f" and {len(named) - 3} more" if len(named) > 3 else ""
+        return ", ".join(named[:3]) + more
+
     def _provenance(self) -> dict[str, Any]:
         from foundation import __version__
 
@@ -517,7 +655,7 @@ class ShardSetWriter:
             name: SplitInfo(
                 name,
                 [info for info, _ in state.done],
-                {f: s.to_dict() for f, s in sorted(state.stats.items())} if self.field_stats else {},
+                {f: self._stats_entry(f, s) for f, s in sorted(state.stats.items())},
             )
             for name, state in self._splits.items()
         }
@@ -627,6 +765,36 @@ class ShardSetWriter:
                 leftover.unlink()
 
 
+_TEMPORARY = re.compile(r"^\..+\.tmp-[0-9]+(-[0-9a-f]{8})?$")
+"""Hidden temporaries of this writer (`.<name>.tmp-<pid>-<hex>`) and of `Manifest.save`."""
+_MAX_SOURCES = 10_000
+"""Sources tracked one by one per field (for naming them in errors); the rest are pooled."""
+_OTHER_SOURCES = "(other sources)"
+_MEANING_TEXT = {"bad": "True = bad", "good": "True = good", "weight": "<= 0 = bad"}
+
+
+def _check_masks(masks: Mapping[str, tuple[str, str]]) -> dict[str, tuple[str, str]]:
+    out = {}
+    for name, rule in masks.items():
+        check_field_name(name)
+        if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and rule[1] in MASK_MEANINGS):
+            raise DataError(
+                f"masks[{name!r}] must be (mask field, meaning) with meaning one of "
+                f"{', '.join(MASK_MEANINGS)}; got {rule!r}"
+            )
+        companion = check_field_name(rule[0])
+        if companion == name:
+            raise DataError(f"masks[{name!r}]: a field cannot be its own mask")
+        out[name] = (companion, rule[1])
+    return out
+
+
+def _source_of(source: Any, name: str) -> str | None:
+    if isinstance(source, Mapping):
+        source = source.get(name)
+    return None if source is None else os.fspath(source) if isinstance(source, os.PathLike) else str(source)
+
+
 class ShardWriter(ShardSetWriter):
     """Write one split, into a new shard set or next to the other splits of an existing one.
 
@@ -644,7 +812,12 @@ class ShardWriter(ShardSetWriter):
     def _target_splits(self) -> set[str] | None:
         return {self.split}
 
-    def write(self, sample: Mapping[str, Any], split: str | None = None) -> str:
+    def write(
+        self,
+        sample: Mapping[str, Any],
+        split: str | None = None,
+        source: str | os.PathLike | Mapping[str, str | os.PathLike] | None = None,
+    ) -> str:
         if split is not None and split != self.split:
             raise DataError(f"this ShardWriter writes split {self.split!r}, not {split!r}")
-        return super().write(sample, self.split)
+        return super().write(sample, self.split, source)

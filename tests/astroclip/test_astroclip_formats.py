@@ -31,7 +31,7 @@ def test_mmu_tree_layout_and_columns(survey):
         pixel = int(files[0].parent.name.split("=")[1])
         assert np.all(f["healpix"][()] == pixel)
         assert np.all(formats.healpix_index(f["ra"][()], f["dec"][()]) == pixel)
-        assert [b.decode() for b in f["image_band"][0]] == ["DES-G", "DES-R", "DES-Z"]
+        assert [b.decode() for b in f["image_band"][0]] == ["des-g", "des-r", "des-z"]
     spectra = sorted((root / "desi").rglob("*.hdf5"))
     with h5py.File(spectra[0]) as f:
         assert f["spectrum_flux"].shape == f["spectrum_lambda"].shape == f["spectrum_mask"].shape
@@ -63,7 +63,7 @@ def test_band_selection_reorders_and_unknown_band_is_a_clear_error(survey):
     zg = formats.ImageSource(root / "legacysurvey", ["z", "g"]).read(np.arange(3)).image
     np.testing.assert_array_equal(zg[:, 0], grz[:, 2])
     np.testing.assert_array_equal(zg[:, 1], grz[:, 0])
-    with pytest.raises(DataError, match=r"band\(s\) i requested .* DES-G, DES-R, DES-Z"):
+    with pytest.raises(DataError, match=r"band\(s\) i requested .* des-g, des-r, des-z"):
         formats.ImageSource(root / "legacysurvey", ["g", "i"])
 
 
@@ -207,3 +207,19 @@ def test_resampling_conserves_flux_and_masks_uncovered_pixels():
     np.testing.assert_allclose(f2[0, 2], flux[0, [8, 9, 11]].mean(), rtol=1e-6)
     mask[0, 8:12] = True
     assert Resampler(source, target)(flux, ivar, mask)[2][0, 2]
+
+
+def test_fits_cutout_mask_meaning_comes_from_maskmean_or_the_option(tmp_path):
+    from astropy.io import fits
+
+    image = np.ones((2, 8, 8), np.float32)
+    mask = np.zeros((2, 8, 8), bool)
+    mask[0, 1, 1] = True
+    path = tmp_path / "cut.fits"
+    formats.write_fits_cutout(path, image, image, mask, ["g", "r"], 150.0, 2.0, "a", 0.262, [1.2, 1.1])
+    assert formats.ImageSource(path, ["g", "r"]).read([0]).mask.sum() == 1
+    with fits.open(path, mode="update") as hdul:
+        del hdul["MASK"].header["MASKMEAN"]
+    with pytest.raises(DataError, match="pass --image-mask-means"):
+        formats.ImageSource(path, ["g"])
+    assert formats.ImageSource(path, ["g", "r"], mask_means="clean").read([0]).mask.sum() == 127

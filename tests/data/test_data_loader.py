@@ -191,7 +191,7 @@ def test_custom_collate_variable_lengths_and_reproducible_rng(tmp_path):
 
 
 def test_default_collate_refuses_variable_shapes_naming_the_field(tmp_path):
-    with ShardWriter(tmp_path, samples_per_shard=4) as w:
+    with ShardWriter(tmp_path, samples_per_shard=4, allow_degenerate=True) as w:
         for i in range(8):
             w.write({"__key__": f"s{i}", "x": np.zeros(3 if i < 7 else 4, np.float32), "y": np.ones(2)})
     with pytest.raises(DataError, match=r"field\(s\) \['x'\] have variable shapes \(\[None\]\)"):
@@ -201,7 +201,7 @@ def test_default_collate_refuses_variable_shapes_naming_the_field(tmp_path):
 
 
 def test_schema_mismatch_in_shard_names_shard_and_key(tmp_path):
-    with ShardWriter(tmp_path, samples_per_shard=4) as w:
+    with ShardWriter(tmp_path, samples_per_shard=4, allow_degenerate=True) as w:
         for i in range(8):
             w.write({"__key__": f"s{i}", "x": np.zeros(3, np.float32)})
     manifest_path = tmp_path / "manifest.json"

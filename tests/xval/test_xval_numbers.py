@@ -152,3 +152,36 @@ def test_render_checks_count():
         render_numbers(parsed, [1.0])
     assert render_numbers(parsed, [0.1 + 0.2, -4.0]) == "a 0.30000000000000004 b -4"
     assert render_numbers(parsed, [0.1 + 0.2, -4.0], digits=3) == "a 0.3 b -4"
+
+
+def test_out_of_range_and_nonfinite_spellings_stay_text_and_are_counted():
+    text = "x = 1e999, y = NaN, z=-inf, w = 1e308, u = -2e100, v = 1e100, Infinity, planetnan"
+    parsed = extract_numbers(text)
+    assert parsed.values.tolist() == [1e100] and parsed.fields == ("v",)
+    assert parsed.not_numbers == 6  # 1e999, NaN, -inf, 1e308, -2e100, Infinity
+    assert render_numbers(parsed) == text
+    assert extract_numbers("plain 1 and 2").not_numbers == 0
+
+
+def test_prepare_keeps_statistics_finite_with_huge_numbers(tmp_path, capsys):
+    """±1e308 used to make the normaliser's mean/std overflow (null in the manifest)."""
+    import json
+
+    from foundation.cli import main
+    from foundation.data import Manifest
+
+    corpus = tmp_path / "huge.jsonl"
+    lines = [
+        {"text": f"star {i}: mass = {1.5 * i}, w = {'1e308' if i % 2 else '-1e308'}, y = NaN"}
+        for i in range(60)
+    ]
+    corpus.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "shards"
+    assert main(["prepare", "xval", str(corpus), "--out", str(out), "--vocab-size", "64"]) == 0
+    assert "120 number-like spelling(s) (nan/inf, |x| > 1e100) left as text" in capsys.readouterr().out
+    manifest = Manifest.load(out)
+    assert manifest.provenance["numbers_left_as_text"] == 120
+    for entry in manifest.stats["normalizer"]["fields"]:
+        assert all(np.isfinite(entry[k]) for k in ("mean", "std", "log_scale"))
+    values = manifest.field_stats("train")["values"]
+    assert values["nonfinite"] == 0 and values["max"] < 100
