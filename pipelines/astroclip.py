@@ -446,6 +446,8 @@ _DEGENERATE_HINTS = {
     "pixel), or the files carry no inverse variance",
     "spectrum": "the spectrum mask may mean the opposite (DESI: True = bad pixel), or --grid lies "
     "outside the spectra's wavelength range",
+    "spectrum_ivar": "the spectrum mask may mean the opposite (DESI: True = bad pixel), or --grid lies "
+    "outside the spectra's wavelength range",
 }
 
 

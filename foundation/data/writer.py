@@ -621,11 +621,13 @@ class ShardSetWriter:
         """The sources whose own values of `name` are degenerate the same way (else all of them)."""
         per_source = self._by_source.get(name, {})
         spec = self._schema[name]
-        entries = {src: self._stats_entry(name, stats) for src, stats in per_source.items() if src}
-        named = [
-            src for src, entry in entries.items() if (degenerate_reason(entry, spec) or ("",))[0] == kind
-        ]
-        named = named or list(entries)
+        known = [src for src in per_source if src is not None]
+        same_way = []
+        for src in known:
+            reason = degenerate_reason(self._stats_entry(name, per_source[src]), spec)
+            if reason is not None and reason[0] == kind:
+                same_way.append(src)
+        named = same_way or known
         if not named:
             return "not recorded"
         more = f" and {len(named) - 3} more" if len(named) > 3 else ""
