@@ -24,8 +24,6 @@ def _write(path, samples, **kwargs):
     return Manifest.load(path)
 
 
-
-
 def test_counts_zeros_nonfinite_and_masks_by_naming_rule(tmp_path):
     samples = []
     for i in range(6):
@@ -113,7 +111,8 @@ def test_constant_and_nonfinite_fields_are_refused(tmp_path):
 
 
 def test_legitimate_repeats_pass(tmp_path):
-    """Integer codes, one-valued float parameters and bool masks may repeat one value."""
+    """Integer codes, one-valued float parameters (scalars, shape () or (1,)) and bool masks may
+    repeat one value."""
     samples = [
         (
             {
@@ -122,6 +121,8 @@ def test_legitimate_repeats_pass(tmp_path):
                 "bcs": np.zeros(2, np.int64),
                 "viscosity": 0.01,
                 "label": 0.0,
+                "reynolds": np.float32(1e4),  # shape ()
+                "mach": np.array([0.1]),
                 "x_mask": np.zeros(4, bool),
             },
             None,
