@@ -484,6 +484,8 @@ _DEGENERATE_HINTS = {
     "--image-mask-means), or the files carry no inverse variance",
     "spectrum": "the spectrum mask may mean the opposite of what it was read as (MMU desi and sdss: "
     "True = bad pixel; set --spectrum-mask-means), or --grid barely overlaps the spectra",
+    "spectrum_ivar": "the spectrum mask may mean the opposite of what it was read as (set "
+    "--spectrum-mask-means), or --grid barely overlaps the spectra",
 }
 
 

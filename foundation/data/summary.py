@@ -195,8 +195,9 @@ def degenerate_reason(stats: Mapping[str, Any], spec: FieldSpec) -> tuple[str, s
     """(kind, description) if the field is degenerate, else None.
 
     Only floating-point fields are judged: integer fields are ids, codes or counts, for which one
-    repeated value is ordinary. Scalars (one number per sample) are judged for non-finite values
-    only, since a parameter with one value across a data set is legitimate.
+    repeated value is ordinary. One number per sample (a scalar, or an array of shape () or (1,))
+    is judged for non-finite and masked values only, since a parameter with one value across a
+    data set is legitimate.
     """
     if spec.dtype is None or np.dtype(spec.dtype).kind != "f":
         return None
@@ -208,7 +209,7 @@ def degenerate_reason(stats: Mapping[str, Any], spec: FieldSpec) -> tuple[str, s
     if share["masked"] is not None and share["masked"] >= MASKED_LIMIT:
         what = "all masked" if share["masked"] == 1 else f"{100 * share['masked']:.4g}% masked"
         return "masked", f"is {what} (by {stats.get('mask', 'its mask')})"
-    if spec.kind != "npy":
+    if _one_number_per_sample(spec):
         return None
     if share["zero"] is not None and share["zero"] >= ZERO_LIMIT:
         what = "all zeros" if share["zero"] == 1 else f"{100 * share['zero']:.4g}% zeros"
@@ -217,6 +218,13 @@ def degenerate_reason(stats: Mapping[str, Any], spec: FieldSpec) -> tuple[str, s
     if _count(stats, "count") >= 2 and low == high:
         return "constant", f"is constant ({low:.6g} everywhere)"
     return None
+
+
+def _one_number_per_sample(spec: FieldSpec) -> bool:
+    if spec.kind != "npy":
+        return True
+    shape = spec.shape or ()
+    return all(d is not None for d in shape) and int(np.prod(shape, dtype=np.int64)) <= 1
 
 
 def default_cause(kind: str) -> str:

@@ -248,6 +248,7 @@ class ShardSetWriter:
         self._splits: dict[str, _SplitState] = {}
         self._closed = False
         self._seen_manifest: tuple[int, int, int] | None = None
+        self._created_dir = False
         self._folder_lock = FolderLock(self.out_dir, command_line()).acquire()
         self._release_lock = weakref.finalize(self, self._folder_lock.release)
         try:
@@ -417,6 +418,7 @@ class ShardSetWriter:
             self._adopt_existing(existing)
         self._existing = existing
         self._seen_manifest = self._manifest_identity()
+        self._created_dir = not self.out_dir.exists()
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
     def _manifest_identity(self) -> tuple[int, int, int] | None:
@@ -619,11 +621,13 @@ class ShardSetWriter:
         """The sources whose own values of `name` are degenerate the same way (else all of them)."""
         per_source = self._by_source.get(name, {})
         spec = self._schema[name]
-        entries = {src: self._stats_entry(name, stats) for src, stats in per_source.items() if src}
-        named = [
-            src for src, entry in entries.items() if (degenerate_reason(entry, spec) or ("",))[0] == kind
-        ]
-        named = named or list(entries)
+        known = [src for src in per_source if src is not None]
+        same_way = []
+        for src in known:
+            reason = degenerate_reason(self._stats_entry(name, per_source[src]), spec)
+            if reason is not None and reason[0] == kind:
+                same_way.append(src)
+        named = same_way or known
         if not named:
             return "not recorded"
         more = f" and {len(named) - 3} more" if len(named) > 3 else ""
@@ -763,6 +767,10 @@ class ShardSetWriter:
         for leftover in self.out_dir.glob(f".*.tmp-{self._token}"):
             with contextlib.suppress(OSError):
                 leftover.unlink()
+        if self._created_dir:  # leave no empty folder behind a failed first write
+            with contextlib.suppress(OSError):
+                (self.out_dir / ".manifest.lock").unlink(missing_ok=True)
+                self.out_dir.rmdir()
 
 
 _TEMPORARY = re.compile(r"^\..+\.tmp-[0-9]+(-[0-9a-f]{8})?$")
