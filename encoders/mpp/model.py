@@ -544,6 +544,9 @@ class AViT(nn.Module):
         p = self.cfg.patch_size
         if height % p or width % p:
             raise ValueError(f"spatial size {height}x{width} is not a multiple of patch_size {p}")
+        if self.cfg.variant == "reference" and height * width < 2 * p * p:
+            # Its instance norms take a std over each token plane, undefined for a single token.
+            raise ValueError(f"the reference variant needs >= 2 tokens per frame; {height}x{width} gives 1")
         if field_mask is None:
             field_mask = torch.ones(b, c, dtype=torch.bool, device=x.device)
         normalise = reference_revin_normalize if self.cfg.variant == "reference" else revin_normalize
