@@ -1,6 +1,6 @@
 """`foundation convert`: released checkpoints → an ordinary model directory.
 
-    foundation convert mpp CKPT --out DIR [--velocity-slots compressible|incompressible]
+    foundation convert mpp CKPT --out DIR [--velocity-slots compressible|incompressible] [--history N]
 
 CKPT is a local file or `hf:ORG/REPO[/FILE][@REVISION]`, fetched with huggingface_hub (its cache,
 and `HF_HUB_OFFLINE=1` to use only the cache). DIR receives
@@ -171,16 +171,22 @@ def load_converted(path: str | Path, map_location: Any = "cpu"):
 # ----------------------------------------------------------------------------- foundation convert mpp
 
 
-def convert_mpp(checkpoint: str, out: str | Path, velocity_slots: str = "compressible") -> Path:
-    """Convert a reference MPP checkpoint (path or hf: source) into the model directory `out`."""
+def convert_mpp(
+    checkpoint: str, out: str | Path, velocity_slots: str = "compressible", history: int | None = None
+) -> Path:
+    """Convert a reference MPP checkpoint (path or hf: source) into the model directory `out`;
+    `history` (input steps that evaluation windows take) defaults to the reference's 16."""
     from encoders.mpp.convert import REFERENCE_REPO, convert_reference_checkpoint, field_slots
     from foundation.config import DataSection, PretrainConfig
 
     out = Path(out)
     if out.exists():
         raise ConfigError(f"{str(out)!r} already exists; choose a new --out folder (nothing was written)")
+    if history is not None and history < 1:
+        raise ConfigError(f"--history must be >= 1, got {history}")
     local = resolve_checkpoint(checkpoint)
     model = convert_reference_checkpoint(local, velocity_slots)
+    model.cfg.history = history or model.cfg.history
     n_states = int(model.embed.reference_size)
     cfg = PretrainConfig(family="mpp", data=DataSection(path=""), model=model.cfg)
     source = {
@@ -204,10 +210,16 @@ def _add_mpp_arguments(parser: argparse.ArgumentParser) -> None:
         default="compressible",
         help="which of the reference's two velocity slot pairs becomes velocity_x/velocity_y",
     )
+    parser.add_argument(
+        "--history",
+        type=int,
+        default=None,
+        help="input steps per window recorded in the config (default 16, as the models were trained)",
+    )
 
 
 def _run_mpp(args: argparse.Namespace) -> int:
-    out = convert_mpp(args.checkpoint, args.out, args.velocity_slots)
+    out = convert_mpp(args.checkpoint, args.out, args.velocity_slots, args.history)
     print(f"wrote {out} (MPP AViT, variant reference)")
     return 0
 

@@ -2,6 +2,8 @@
 the reference code (tests/golden/mpp, made by benchmarks/golden/make_mpp_golden.py), refusal of
 truncated, mismatched and code-carrying files, and the `foundation convert mpp` round trip."""
 
+import json
+import math
 import os
 import shutil
 import subprocess
@@ -166,7 +168,9 @@ def test_tampered_model_directory_is_refused(tmp_path):
     out = tmp_path / "m"
     assert main(["convert", "mpp", str(CKPT), "--out", str(out)]) == 0
     save_file({"stranger": torch.zeros(2)}, str(out / "model.safetensors"))
-    with pytest.raises(ConfigError, match=r"does not match its config.json: missing \[.*unexpected \['stranger'\]"):
+    with pytest.raises(
+        ConfigError, match=r"does not match its config.json: missing \[.*unexpected \['stranger'\]"
+    ):
         load_pretrained(out)
     (out / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
     with pytest.raises(ConfigError, match="not a readable safetensors file"):
@@ -211,3 +215,41 @@ def test_hub_source_from_a_prepared_offline_cache(tmp_path):
     )
     assert missing.returncode == 2 and missing.stderr.startswith("error: 'hf:polymathic-ai/not-cached'")
     assert missing.stderr.count("\n") == 1 and not (tmp_path / "b").exists()
+
+
+FINETUNE_PUBLISHED = str(Path(__file__).parents[2] / "configs" / "mpp" / "finetune-published.yaml")
+
+
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory):
+    """32x32 windows (two 16-pixel patches per side): NS (a new field, tracer) and diffusion."""
+    root = tmp_path_factory.mktemp("published")
+    well = root / "well"
+    synth = ["synth", "mpp", "--out", str(well), "--resolution", "32", "--steps", "6"]
+    assert main([*synth, "--systems", "navier_stokes,diffusion_reaction", "--trajectories", "1,1,1"]) == 0
+    common = ["--history", "2", "--window", "4", "--stride", "2"]
+    ns, dr = root / "ns", root / "dr"
+    assert main(["prepare", "mpp", str(well / "navier_stokes"), "--out", str(ns), *common]) == 0
+    assert main(["prepare", "mpp", str(well / "diffusion_reaction"), "--out", str(dr), *common]) == 0
+    return ns, dr
+
+
+def test_finetune_from_a_converted_model_and_rollout_with_it(small_shards, tmp_path):
+    ns, dr = small_shards
+    converted = tmp_path / "mpp-converted"
+    assert main(["convert", "mpp", str(CKPT), "--out", str(converted), "--history", "2"]) == 0
+    # The converted directory itself is a model for `evaluate rollout`.
+    rollout = ["evaluate", "rollout", "--data", str(dr), "--steps", "2", "--split", "train"]
+    assert main([*rollout, "--checkpoint", str(converted), "--out", str(tmp_path / "eval")]) == 0
+    report = json.loads((tmp_path / "eval" / "rollout.json").read_text())
+    assert set(report["one_step"]["vrmse"]["per_field"]) == {"activator", "inhibitor"}
+    assert math.isfinite(report["one_step"]["vrmse"]["mean"])
+    run = tmp_path / "ft"
+    overrides = [f"model.init_from={converted}", f"data.path={ns}", f"run.dir={run}", "model.history=2"]
+    overrides += ["train.steps=2", "train.val_every=0", "train.ckpt_every=0", "optim.warmup_steps=1"]
+    overrides += ["data.batch_size=1", "data.num_workers=0", "train.log_every=1"]
+    assert main(["pretrain", FINETUNE_PUBLISHED, *overrides]) == 0
+    tuned, cfg, _ = load_pretrained(run)
+    assert cfg.model.variant == "reference" and cfg.model.residual is False
+    assert tuned.fields[-1] == "tracer" and tuned.fields[:-1] == load_pretrained(converted)[0].fields
+    assert float(tuned.embed.reference_size) == 12.0
