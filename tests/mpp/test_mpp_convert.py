@@ -4,9 +4,7 @@ truncated, mismatched and code-carrying files, and the `foundation convert mpp` 
 
 import json
 import math
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from encoders.mpp.model import AViT, MPPConfig
 from foundation.cli import main
 from foundation.errors import ConfigError, DataError
 from foundation.train import load_pretrained
-from pipelines.convert import parse_hub_source
+from pipelines.convert import convert_mpp, parse_hub_source
 
 GOLDEN = Path(__file__).parents[1] / "golden" / "mpp"
 CKPT = GOLDEN / "reference_ckpt.tar"
@@ -184,37 +182,26 @@ def test_hub_sources_are_parsed():
         parse_hub_source("hf:repo-only")
 
 
-def test_hub_source_from_a_prepared_offline_cache(tmp_path):
-    """`hf:` through huggingface_hub's own cache layout, offline (HF_HUB_OFFLINE=1)."""
-    pytest.importorskip("huggingface_hub")
+def test_hub_source_from_a_prepared_offline_cache(tmp_path, monkeypatch):
+    """`hf:` through huggingface_hub's own cache layout in offline mode (what HF_HUB_OFFLINE=1 and
+    HF_HUB_CACHE set, patched in this process because huggingface_hub reads them at import)."""
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "hub" / "models--polymathic-ai--mpp-tiny"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
     (repo / "snapshots" / commit).mkdir(parents=True)
     shutil.copyfile(CKPT, repo / "snapshots" / commit / "ckpt.tar")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
-    script = (
-        "import sys; from foundation.cli import main; "
-        "sys.exit(main(['convert', 'mpp', sys.argv[1], '--out', sys.argv[2]]))"
-    )
-    ok = subprocess.run(
-        [sys.executable, "-c", script, "hf:polymathic-ai/mpp-tiny/ckpt.tar", str(tmp_path / "a")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert ok.returncode == 0, ok.stderr
-    missing = subprocess.run(
-        [sys.executable, "-c", script, "hf:polymathic-ai/not-cached", str(tmp_path / "b")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert missing.returncode == 2 and missing.stderr.startswith("error: 'hf:polymathic-ai/not-cached'")
-    assert missing.stderr.count("\n") == 1 and not (tmp_path / "b").exists()
+    for i, source in enumerate(["hf:polymathic-ai/mpp-tiny/ckpt.tar", f"hf:polymathic-ai/mpp-tiny@{commit}"]):
+        assert main(["convert", "mpp", source, "--out", str(tmp_path / f"out{i}")]) == 0
+        assert load_pretrained(tmp_path / f"out{i}")[1].model.variant == "reference"
+    with pytest.raises(
+        DataError, match=r"^'hf:polymathic-ai/not-cached': cannot fetch from the Hugging Face Hub"
+    ):
+        convert_mpp("hf:polymathic-ai/not-cached", tmp_path / "missing")
+    assert not (tmp_path / "missing").exists()
 
 
 FINETUNE_PUBLISHED = str(Path(__file__).parents[2] / "configs" / "mpp" / "finetune-published.yaml")
@@ -253,3 +240,10 @@ def test_finetune_from_a_converted_model_and_rollout_with_it(small_shards, tmp_p
     assert cfg.model.variant == "reference" and cfg.model.residual is False
     assert tuned.fields[-1] == "tracer" and tuned.fields[:-1] == load_pretrained(converted)[0].fields
     assert float(tuned.embed.reference_size) == 12.0
+
+
+def test_hub_source_without_huggingface_hub_names_the_extra(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails as when not installed
+    with pytest.raises(ConfigError, match=r"huggingface_hub.*foundation\[hub\]"):
+        convert_mpp("hf:org/repo/ckpt.tar", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
