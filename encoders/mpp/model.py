@@ -153,8 +153,9 @@ class InstanceNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        var, mean = torch.var_mean(x, dim=(-3, -2), keepdim=True, correction=0)
-        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+        xf = x.float()  # statistics in fp32 under bf16 autocast too, as LayerNorm's are
+        var, mean = torch.var_mean(xf, dim=(-3, -2), keepdim=True, correction=0)
+        return ((xf - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias).to(x.dtype)
 
 
 class RMSInstanceNorm(nn.Module):
@@ -167,8 +168,9 @@ class RMSInstanceNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        std = torch.std(x, dim=(-3, -2), keepdim=True)
-        return x / (std + self.eps) * self.weight
+        xf = x.float()
+        std = torch.std(xf, dim=(-3, -2), keepdim=True)
+        return (xf / (std + self.eps) * self.weight).to(x.dtype)
 
 
 def _norm(kind: Literal["layer", "instance", "rms_instance"], dim: int) -> nn.Module:
