@@ -38,6 +38,8 @@ ARCHITECTURE_KEYS = (
     "mlp_ratio",
     "bias_buckets",
     "bias_max_distance",
+    "variant",
+    "residual",
 )
 
 

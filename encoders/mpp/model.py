@@ -18,6 +18,14 @@ Deliberate differences from the reference code (PolymathicAI/multiple_physics_pr
   appending fields for fine-tuning leaves the outputs of existing fields bit-identical.
 - Only the last time step is decoded; by default (`residual`) the decoder predicts the change
   from the last input step, so an untrained model starts as persistence.
+
+`variant: reference` restores the released model's layers, so that converted published weights
+(`foundation convert mpp`) give the reference's outputs: instance norms over the spatial plane
+(the time block's mean-centring `InstanceNorm`, the space block's and stem's `RMSInstanceNorm`),
+a norm after attention (before the output projection), the space MLP post-normed instead of
+pre-normed, RevIN with the unbiased std + 1e-7, and the reference's periodic wrap of T5 buckets.
+The q/k/v layout (the reference interleaves q, k, v per head) is a permutation of weights that
+the converter applies; it needs no variant.
 """
 
 from __future__ import annotations
@@ -67,6 +75,11 @@ class MPPConfig:
     freeze: Literal["none", "middle", "processor"] = option(
         "none", "Fine-tune freezing: none, middle (only field embedding/head), processor."
     )
+    variant: Literal["foundation", "reference"] = option(
+        "foundation",
+        "Layer details: foundation (token LayerNorms, exact RevIN) or reference (the released MPP "
+        "AViT's instance norms and RevIN; set by `foundation convert mpp`).",
+    )
 
     def __post_init__(self) -> None:
         if self.embed_dim % 4 or self.embed_dim < 8:
@@ -81,6 +94,8 @@ class MPPConfig:
             raise ValueError(f"loss must be nmse or vmse, got {self.loss!r}")
         if self.freeze not in ("none", "middle", "processor"):
             raise ValueError(f"freeze must be none, middle or processor, got {self.freeze!r}")
+        if self.variant not in ("foundation", "reference"):
+            raise ValueError(f"variant must be foundation or reference, got {self.variant!r}")
         if len(set(self.fields)) != len(self.fields):
             raise ValueError(f"fields has duplicates: {self.fields}")
 
@@ -111,6 +126,57 @@ def revin_normalize(
     normalised = torch.where(constant, torch.zeros_like(x), centred / safe)
     scale = torch.where(constant, torch.zeros_like(std), std)
     return normalised, mean, scale
+
+
+def reference_revin_normalize(
+    x: torch.Tensor, field_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reference's RevIN: (x - mean) / (unbiased std + 1e-7) over time and space, the same
+    return values as `revin_normalize`. Absent fields get scale 0, so they come out as 0."""
+    x = x.float()
+    with torch.no_grad():
+        std, mean = torch.std_mean(x, dim=(1, 3, 4), keepdim=True)
+        std = std + 1e-7
+    normalised = (x - mean) / std
+    scale = std if field_mask is None else std * field_mask[:, None, :, None, None]
+    return normalised, mean, scale
+
+
+class InstanceNorm(nn.Module):
+    """torch's affine InstanceNorm2d on channels-last tokens (..., h, w, D): each channel centred
+    and scaled over the spatial plane (biased variance, eps 1e-5) — the reference's time-block norm."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()  # statistics in fp32 under bf16 autocast too, as LayerNorm's are
+        var, mean = torch.var_mean(xf, dim=(-3, -2), keepdim=True, correction=0)
+        return ((xf - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias).to(x.dtype)
+
+
+class RMSInstanceNorm(nn.Module):
+    """The reference's RMSInstanceNorm2d on channels-last tokens: x / (unbiased spatial std + 1e-8)
+    per channel, times a weight; no centring and no bias (the reference's unused bias is dropped)."""
+
+    def __init__(self, dim: int, eps: float = 1e-8):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        std = torch.std(xf, dim=(-3, -2), keepdim=True)
+        return (xf / (std + self.eps) * self.weight).to(x.dtype)
+
+
+def _norm(kind: Literal["layer", "instance", "rms_instance"], dim: int) -> nn.Module:
+    if kind == "layer":
+        return nn.LayerNorm(dim)
+    return InstanceNorm(dim) if kind == "instance" else RMSInstanceNorm(dim)
 
 
 # ----------------------------------------------------------------------------- embedding / stem
@@ -171,7 +237,7 @@ class PatchStem(nn.Module):
     """Hierarchical patch embedding (4×4, then 2×2 stages) as stride=kernel convolutions,
     written as patchify + linear (the same parameters, one matmul each)."""
 
-    def __init__(self, in_dim: int, dim: int, patch_size: int):
+    def __init__(self, in_dim: int, dim: int, patch_size: int, norm: str = "layer"):
         super().__init__()
         self.strides = _strides(patch_size)
         widths = [in_dim] * len(self.strides) + [dim]
@@ -180,7 +246,7 @@ class PatchStem(nn.Module):
         self.projs = nn.Sequential(
             *(nn.Linear(s * s * widths[i], widths[i + 1], bias=False) for i, s in enumerate(self.strides))
         )
-        self.norms = nn.Sequential(*(nn.LayerNorm(widths[i + 1]) for i in range(len(self.strides))))
+        self.norms = nn.Sequential(*(_norm(norm, widths[i + 1]) for i in range(len(self.strides))))
 
     def forward(self, x: torch.Tensor, first_projected: bool = False) -> torch.Tensor:
         """(N, H, W, in_dim) → (N, H/p, W/p, dim). With `first_projected`, x is already the output
@@ -196,14 +262,14 @@ class PatchDestem(nn.Module):
     """Mirror of the stem; the last 4×4 stage decodes only the requested fields (rows of a
     per-field weight gathered by vocabulary id)."""
 
-    def __init__(self, dim: int, out_dim: int, n_fields: int, patch_size: int):
+    def __init__(self, dim: int, out_dim: int, n_fields: int, patch_size: int, norm: str = "layer"):
         super().__init__()
         self.strides = _strides(patch_size)[::-1]  # e.g. 2, 2, 4
         widths = [dim] + [out_dim] * (len(self.strides) - 1)
         self.projs = nn.ModuleList(
             nn.Linear(widths[i], s * s * widths[i + 1], bias=False) for i, s in enumerate(self.strides[:-1])
         )
-        self.norms = nn.ModuleList(nn.LayerNorm(widths[i + 1]) for i in range(len(self.strides) - 1))
+        self.norms = nn.ModuleList(_norm(norm, widths[i + 1]) for i in range(len(self.strides) - 1))
         last = self.strides[-1]
         # Zero-initialised per-field head: an untrained model predicts "no change" (see `residual`).
         self.out_weight = nn.Parameter(torch.zeros(n_fields, last * last, widths[-1]))
@@ -236,10 +302,13 @@ class RelativePositionBias(nn.Module):
     """T5 bucketed relative-position bias per head; on periodic axes the relative position is the
     minimum-image displacement, so the bias matrix is circulant and wraps across the boundary."""
 
-    def __init__(self, num_heads: int, num_buckets: int = 32, max_distance: int = 128):
+    def __init__(
+        self, num_heads: int, num_buckets: int = 32, max_distance: int = 128, reference_wrap: bool = False
+    ):
         super().__init__()
         self.num_buckets = num_buckets
         self.max_distance = max_distance
+        self.reference_wrap = reference_wrap
         self.table = nn.Embedding(num_buckets, num_heads)
         self._cache: dict[tuple[int, bool, str], torch.Tensor] = {}
 
@@ -248,7 +317,9 @@ class RelativePositionBias(nn.Module):
         if key not in self._cache:
             pos = torch.arange(length, device=device)
             rel = pos[None, :] - pos[:, None]  # key − query
-            if periodic:
+            if periodic and self.reference_wrap:
+                rel = _reference_wrap(rel, length)
+            elif periodic:
                 rel = torch.remainder(rel + length // 2, length) - length // 2
             half = self.num_buckets // 2
             bucket = (rel > 0).long() * half
@@ -275,6 +346,15 @@ class RelativePositionBias(nn.Module):
         return self.table(both[periodic.long()]).permute(0, 3, 1, 2)
 
 
+def _reference_wrap(rel: torch.Tensor, length: int) -> torch.Tensor:
+    """The reference's periodic relative positions: beyond ±length//2 they are taken modulo
+    length//2 (not length), which equals the minimum image only for even lengths, and ±length/2
+    keep their sign."""
+    half = length // 2
+    rel = torch.where(rel < -half, torch.remainder(rel, half), rel)
+    return torch.where(rel > half, torch.remainder(rel, -half), rel)
+
+
 class DropPath(nn.Module):
     def __init__(self, p: float):
         super().__init__()
@@ -290,11 +370,11 @@ class DropPath(nn.Module):
 class _QKV(nn.Module):
     """Pre-norm, fused q/k/v projection and QK-LayerNorm, shared by the time and space blocks."""
 
-    def __init__(self, dim: int, num_heads: int):
+    def __init__(self, dim: int, num_heads: int, norm: str = "layer"):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.norm = nn.LayerNorm(dim)
+        self.norm = _norm(norm, dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.q_norm = nn.LayerNorm(self.head_dim)
         self.k_norm = nn.LayerNorm(self.head_dim)
@@ -327,8 +407,10 @@ class TimeAttention(nn.Module):
     def __init__(self, cfg: MPPConfig, drop_path: float = 0.0):
         super().__init__()
         dim = cfg.embed_dim
-        self.qkv = _QKV(dim, cfg.num_heads)
-        self.bias = RelativePositionBias(cfg.num_heads, cfg.bias_buckets, cfg.bias_max_distance)
+        reference = cfg.variant == "reference"
+        self.qkv = _QKV(dim, cfg.num_heads, "instance" if reference else "layer")
+        self.bias = RelativePositionBias(cfg.num_heads, cfg.bias_buckets, cfg.bias_max_distance, reference)
+        self.out_norm = InstanceNorm(dim) if reference else nn.Identity()
         self.proj = nn.Linear(dim, dim)
         self.gamma = nn.Parameter(cfg.layer_scale_init * torch.ones(dim))
         self.drop_path = DropPath(drop_path)
@@ -337,7 +419,7 @@ class TimeAttention(nn.Module):
         q, k, v = self.qkv(x)  # (B, T, h, w, heads, dh)
         (qt, perm), (kt, _), (vt, _) = _along(q, 1), _along(k, 1), _along(v, 1)
         out = attention(qt, kt, vt, attn_mask=self.bias(x.shape[1]).to(qt.dtype))
-        out = _back(out, perm, q.shape)
+        out = self.out_norm(_back(out, perm, q.shape))
         return x + self.drop_path(self.gamma * self.proj(out))
 
 
@@ -348,12 +430,17 @@ class AxialSpaceAttention(nn.Module):
     def __init__(self, cfg: MPPConfig, drop_path: float = 0.0):
         super().__init__()
         dim = cfg.embed_dim
-        self.qkv = _QKV(dim, cfg.num_heads)
-        self.bias = RelativePositionBias(cfg.num_heads, cfg.bias_buckets, cfg.bias_max_distance)
+        self.reference = cfg.variant == "reference"
+        norm = "rms_instance" if self.reference else "layer"
+        self.qkv = _QKV(dim, cfg.num_heads, norm)
+        self.bias = RelativePositionBias(
+            cfg.num_heads, cfg.bias_buckets, cfg.bias_max_distance, self.reference
+        )
+        self.out_norm = RMSInstanceNorm(dim) if self.reference else nn.Identity()
         self.proj = nn.Linear(dim, dim)
         self.gamma_att = nn.Parameter(cfg.layer_scale_init * torch.ones(dim))
         hidden = int(dim * cfg.mlp_ratio)
-        self.mlp_norm = nn.LayerNorm(dim)
+        self.mlp_norm = _norm(norm, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.gamma_mlp = nn.Parameter(cfg.layer_scale_init * torch.ones(dim))
         self.drop_path = DropPath(drop_path)
@@ -376,9 +463,11 @@ class AxialSpaceAttention(nn.Module):
         out_x = attention(qx, kx, vx, attn_mask=self._mask(h, periodic[0], t * w, qx.dtype))
         (qy, perm_y), (ky, _), (vy, _) = _along(q, 3), _along(k, 3), _along(v, 3)
         out_y = attention(qy, ky, vy, attn_mask=self._mask(w, periodic[1], t * h, qy.dtype))
-        out = 0.5 * (_back(out_x, perm_x, q.shape) + _back(out_y, perm_y, q.shape))
+        out = self.out_norm(0.5 * (_back(out_x, perm_x, q.shape) + _back(out_y, perm_y, q.shape)))
         x = x + self.drop_path(self.gamma_att * self.proj(out))
-        return x + self.drop_path(self.gamma_mlp * self.mlp(self.mlp_norm(x)))
+        # The reference normalises the MLP's output (post-norm); ours its input (pre-norm).
+        branch = self.mlp_norm(self.mlp(x)) if self.reference else self.mlp(self.mlp_norm(x))
+        return x + self.drop_path(self.gamma_mlp * branch)
 
 
 class SpaceTimeBlock(nn.Module):
@@ -414,11 +503,12 @@ class AViT(nn.Module):
         if not self.fields:
             raise ValueError("the model needs a field vocabulary (model.fields or the shard set's fields)")
         dim = cfg.embed_dim
+        stem_norm = "rms_instance" if cfg.variant == "reference" else "layer"
         self.embed = FieldEmbedding(len(self.fields), dim // 4)
-        self.stem = PatchStem(dim // 4, dim, cfg.patch_size)
+        self.stem = PatchStem(dim // 4, dim, cfg.patch_size, stem_norm)
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(SpaceTimeBlock(cfg, rate) for rate in rates)
-        self.destem = PatchDestem(dim, dim // 4, len(self.fields), cfg.patch_size)
+        self.destem = PatchDestem(dim, dim // 4, len(self.fields), cfg.patch_size, stem_norm)
 
     def field_ids(self, names: list[str]) -> list[int]:
         index = {name: i for i, name in enumerate(self.fields)}
@@ -456,9 +546,13 @@ class AViT(nn.Module):
         p = self.cfg.patch_size
         if height % p or width % p:
             raise ValueError(f"spatial size {height}x{width} is not a multiple of patch_size {p}")
+        if self.cfg.variant == "reference" and height * width < 2 * p * p:
+            # Its instance norms take a std over each token plane, undefined for a single token.
+            raise ValueError(f"the reference variant needs >= 2 tokens per frame; {height}x{width} gives 1")
         if field_mask is None:
             field_mask = torch.ones(b, c, dtype=torch.bool, device=x.device)
-        normalised, mean, scale = revin_normalize(x, field_mask)
+        normalise = reference_revin_normalize if self.cfg.variant == "reference" else revin_normalize
+        normalised, mean, scale = normalise(x, field_mask)
         tokens = self.embed_and_stem(normalised, field_ids, field_mask)
         tokens = tokens.reshape(b, t, *tokens.shape[1:])
         periodic = periodic_flags(bcs, b)

@@ -120,8 +120,11 @@ def load_pretrained(path: str | Path, *, map_location: str | torch.device = "cpu
     a tie). Raises ConfigError when the path holds none of these.
     """
     from foundation.train import checkpoint as ckpt
+    from pipelines.convert import is_converted, load_converted
 
     path = Path(path)
+    if is_converted(path):  # a `foundation convert` directory (released weights)
+        return load_converted(path, map_location)
     if path.is_dir() and (path / ckpt.META).exists() or path.name.startswith("step-"):
         return _from_checkpoint(path, map_location)
     if path.is_dir():
