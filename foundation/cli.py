@@ -29,6 +29,7 @@ GROUPS = {
     "search": "Build and query vector indexes over exported embeddings.",
     "runs": "Inspect training runs.",
     "config": "Show configuration keys and their meaning.",
+    "convert": "Convert released checkpoints into model directories.",
 }
 
 

@@ -120,7 +120,7 @@ def load_pretrained(path: str | Path, *, map_location: str | torch.device = "cpu
     a tie). Raises ConfigError when the path holds none of these.
     """
     from foundation.train import checkpoint as ckpt
-    from pipelines.convert import is_converted, load_converted
+    from foundation.weights import is_converted, load_converted
 
     path = Path(path)
     if is_converted(path):  # a `foundation convert` directory (released weights)

@@ -22,7 +22,8 @@ from encoders.mpp.model import AViT, MPPConfig
 from foundation.cli import main
 from foundation.errors import ConfigError, DataError
 from foundation.train import load_pretrained
-from pipelines.convert import convert_mpp, parse_hub_source
+from foundation.weights import parse_hub_source
+from pipelines.convert import convert_mpp
 
 GOLDEN = Path(__file__).parents[1] / "golden" / "mpp"
 CKPT = GOLDEN / "reference_ckpt.tar"
