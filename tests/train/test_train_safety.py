@@ -1,0 +1,289 @@
+"""Run folders as untrusted input and shared state: received checkpoints run no code, a refused
+resume changes nothing, one `pretrain` per run folder, full disks, damaged checkpoints."""
+
+from __future__ import annotations
+
+import errno
+import json
+import pickle
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import toyfamily
+import yaml
+from conftest import assert_bitwise_equal, child_env, config_dict, final_weights, write_config, write_shards
+
+from foundation.cli import main as cli_main
+from foundation.errors import ConfigError, DataError
+from foundation.lock import lock_path_for
+from foundation.train import checkpoint as ckpt
+from foundation.train import load_pretrained, trainer
+from foundation.train.metrics import MetricsWriter
+
+MODEL = {"model": {"width": 16, "depth": 2, "dropout": 0.1}}
+
+
+@pytest.fixture(scope="module")
+def finished(shards, tmp_path_factory) -> Path:
+    """A finished 12-step run (checkpoints at 8 and 12): tests copy it, never change it."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    path = write_config(run_dir.parent / "cfg.yaml", config_dict(shards, run_dir, **MODEL))
+    toyfamily._TRAIN_CALLS = 0
+    assert cli_main(["pretrain", str(path)]) == 0
+    return run_dir
+
+
+def copy_run(finished: Path, shards: Path, tmp_path: Path, **sections) -> tuple[Path, Path]:
+    """A copy of the finished run and a config pointing at it; (run dir, config path)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    data = config_dict(shards, run_dir, **MODEL)
+    for section, values in sections.items():
+        data[section].update(values)
+    return run_dir, write_config(tmp_path / "cfg.yaml", data)
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+class WritesMarker:
+    """Unpickling this creates the marker file: the payload a hostile checkpoint would carry."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+# ---------------------------------------------------------------------- no code from a checkpoint
+
+
+def test_crafted_dcp_metadata_runs_no_code_on_load_or_resume(finished, shards, tmp_path, capsys):
+    run_dir, cfg_path = copy_run(finished, shards, tmp_path)
+    marker = tmp_path / "marker"
+    for _, path in ckpt.list_checkpoints(run_dir):
+        (path / ".metadata").write_bytes(pickle.dumps(WritesMarker(marker)))
+    (run_dir / "model.pt").unlink()  # so that the run dir is read through its checkpoints
+
+    with pytest.raises(DataError, match="is not allowed in checkpoint metadata"):
+        load_pretrained(run_dir / "checkpoints" / "step-12")
+    with pytest.raises(DataError, match="not readable DCP metadata"):
+        load_pretrained(run_dir)
+    assert cli_main(["pretrain", str(cfg_path)]) == 2
+    assert "every checkpoint" in one_line_error(capsys)
+    assert not marker.exists()
+
+
+def test_crafted_non_tensor_entry_runs_no_code(tmp_path):
+    marker = tmp_path / "marker"
+    folder = tmp_path / "ckpt"
+    dcp = torch.distributed.checkpoint
+    dcp.save({"lr": WritesMarker(marker)}, checkpoint_id=str(folder), no_dist=True)
+    assert not marker.exists()
+    with pytest.raises((DataError, dcp.api.CheckpointException)):
+        ckpt._dcp_load({"lr": 0.0}, folder, no_dist=True)
+    assert not marker.exists()
+
+
+def test_crafted_legacy_rank_state_runs_no_code(finished, shards, tmp_path, capsys):
+    run_dir, cfg_path = copy_run(finished, shards, tmp_path)
+    marker = tmp_path / "marker"
+    for _, path in ckpt.list_checkpoints(run_dir):
+        (path / "rank-0.json").unlink()
+        torch.save({"schedule": {}, "rng": WritesMarker(marker)}, path / "rank-0.pt")
+    assert cli_main(["pretrain", str(cfg_path)]) == 2
+    assert "every checkpoint" in one_line_error(capsys)
+    assert not marker.exists()
+
+
+def test_a_family_module_named_by_a_received_file_is_not_imported(finished, tmp_path, monkeypatch):
+    marker = tmp_path / "marker"
+    (tmp_path / "shipped_family.py").write_text(f"open({str(marker)!r}, 'w')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    payload = torch.load(finished / "model.pt", weights_only=True)
+    payload["config"]["family"] = "shipped_family:FAMILY"
+    torch.save(payload, tmp_path / "model.pt")
+    with pytest.raises(ConfigError, match="not an installed family"):
+        load_pretrained(tmp_path / "model.pt")
+    assert not marker.exists()
+
+
+def test_older_checkpoints_with_a_pickled_rank_state_still_resume(finished, shards, tmp_path, monkeypatch):
+    """Version 1 wrote rank-<r>.pt (numpy's RNG array inside): it resumes, exactly."""
+    run_dir, cfg_path = copy_run(finished, shards, tmp_path)
+    shutil.rmtree(run_dir / "checkpoints" / "step-12")
+    step8 = run_dir / "checkpoints" / "step-8"
+    state = ckpt.read_rank_state(step8, 0)
+    torch.save(state, step8 / "rank-0.pt")
+    (step8 / "rank-0.json").unlink()
+    meta = json.loads((step8 / "meta.json").read_text())
+    meta["version"] = 1
+    del meta["files"]
+    (step8 / "meta.json").write_text(json.dumps(meta))
+    toyfamily._TRAIN_CALLS = 0
+    assert cli_main(["pretrain", str(cfg_path)]) == 0
+    assert_bitwise_equal(final_weights(run_dir), final_weights(finished))
+
+
+def test_rank_state_round_trips_through_json():
+    import numpy as np
+
+    state = {
+        "python": (3, tuple(range(5)), None),
+        "numpy": ("MT19937", np.arange(4, dtype=np.uint32), 1, 0, 0.0),
+        "torch": torch.arange(6, dtype=torch.uint8).reshape(2, 3),
+        "bf16": torch.ones(2, dtype=torch.bfloat16),
+        "ints": {1: "a", "__tuple__": 2},
+        "odd": {"__tuple__": [1]},
+        "inf": float("inf"),
+    }
+    back = ckpt.decode_state(json.loads(json.dumps(ckpt.encode_state(state), allow_nan=False)))
+    assert back["python"] == state["python"] and back["ints"] == state["ints"] and back["odd"] == state["odd"]
+    assert np.array_equal(back["numpy"][1], state["numpy"][1]) and back["numpy"][1].dtype == np.uint32
+    assert torch.equal(back["torch"], state["torch"]) and torch.equal(back["bf16"], state["bf16"])
+    assert back["inf"] == float("inf")
+    with pytest.raises(ValueError, match="does not match"):
+        ckpt.decode_state({"__tensor__": ["float32", [1000000], "AAAA"]})
+
+
+# ---------------------------------------------------------------------- check first, write after
+
+
+def test_resume_on_another_shard_set_is_refused_and_changes_nothing(finished, shards, tmp_path, capsys):
+    other = write_shards(tmp_path / "other", n_train=64)
+    run_dir, cfg_path = copy_run(finished, shards, tmp_path, data={"path": str(other)})
+    before = folder_bytes(run_dir)
+    assert cli_main(["pretrain", str(cfg_path)]) == 2
+    assert "another shard set" in one_line_error(capsys)
+    assert folder_bytes(run_dir) == before
+
+
+def test_resume_on_a_moved_copy_of_the_same_shard_set_is_accepted(finished, shards, tmp_path):
+    moved = tmp_path / "moved"
+    shutil.copytree(shards, moved)
+    run_dir, cfg_path = copy_run(finished, shards, tmp_path, data={"path": str(moved)})
+    assert cli_main(["pretrain", str(cfg_path)]) == 0
+    assert_bitwise_equal(final_weights(run_dir), final_weights(finished))
+
+
+def test_run_dir_that_is_a_file_is_one_line(shards, tmp_path, capsys):
+    (tmp_path / "run").write_text("not a folder")
+    path = write_config(tmp_path / "cfg.yaml", config_dict(shards, tmp_path / "run"))
+    assert cli_main(["pretrain", str(path)]) == 2
+    assert "is a file, not a folder" in one_line_error(capsys)
+
+
+# ---------------------------------------------------------------------- damaged checkpoints
+
+
+def _zero_distcp(path: Path) -> None:
+    for file in path.glob("*.distcp"):
+        file.write_bytes(bytes(file.stat().st_size))
+
+
+def _garble_meta(path: Path) -> None:
+    (path / "meta.json").write_text('{"format": "foundation.checkpoint", "step": ')
+
+
+def _truncate_distcp(path: Path) -> None:
+    for file in path.glob("*.distcp"):
+        file.write_bytes(file.read_bytes()[:100])
+
+
+@pytest.mark.parametrize("damage", [_zero_distcp, _garble_meta, _truncate_distcp])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(finished, shards, tmp_path, caplog, damage):
+    run_dir, cfg_path = copy_run(finished, shards, tmp_path)
+    damage(run_dir / "checkpoints" / "step-12")
+    toyfamily._TRAIN_CALLS = 0
+    assert cli_main(["pretrain", str(cfg_path)]) == 0
+    assert "step-12" in caplog.text and "trying the one before" in caplog.text
+    assert toyfamily._TRAIN_CALLS == 4  # steps 9..12 again, from step-8
+    assert_bitwise_equal(final_weights(run_dir), final_weights(finished))
+    assert [step for step, _ in ckpt.list_checkpoints(run_dir)] == [8, 12]
+    assert len(list((run_dir / "checkpoints").glob("damaged-step-12-*"))) == 1
+
+
+# ---------------------------------------------------------------------- full disk
+
+
+def test_a_full_disk_marks_the_run_failed_and_exits_with_one_line(shards, tmp_path, monkeypatch, capsys):
+    """Once the disk is full nothing can be written, not even status.json: the run must still
+    not read "running" afterwards (a scheduler would wait for it forever)."""
+    run_dir = tmp_path / "run"
+    path = write_config(tmp_path / "cfg.yaml", config_dict(shards, run_dir))
+    disk_full = OSError(errno.ENOSPC, "No space left on device", str(run_dir / "metrics.jsonl"))
+    real_write = trainer._write_atomically
+    full = []
+
+    def write_atomically(path, text):
+        if full:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_write(path, text)
+
+    def write_record(self, record):
+        full.append(True)
+        raise disk_full
+
+    monkeypatch.setattr(trainer, "_write_atomically", write_atomically)
+    monkeypatch.setattr(MetricsWriter, "write", write_record)
+    toyfamily._TRAIN_CALLS = 0
+    assert cli_main(["pretrain", str(path)]) == 2
+    assert "the disk is full" in one_line_error(capsys)
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "failed"
+
+
+# ---------------------------------------------------------------------- one pretrain per run folder
+
+
+def test_a_second_pretrain_on_a_busy_run_dir_is_refused_and_harms_nothing(shards, tmp_path):
+    run_dir = tmp_path / "run"
+    path = write_config(tmp_path / "cfg.yaml", config_dict(shards, run_dir, **MODEL))
+    command = [sys.executable, "-m", "foundation.cli", "pretrain", str(path)]
+    hold = tmp_path / "hold"  # the first run waits in its first step while this file exists
+    hold.touch()
+    first = subprocess.Popen(
+        command,
+        env=child_env(TOY_HOLD=str(hold)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "status.json").exists():  # it holds the lock and has started writing
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0][-3000:]
+            time.sleep(0.05)
+        second = subprocess.run(
+            command,
+            env=child_env(FOUNDATION_RUN_LOCK_WAIT_S="0.5"),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert first.poll() is None
+        hold.unlink()
+        out, _ = first.communicate(timeout=120)
+    finally:
+        first.kill()
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert "is in use by pid" in second.stderr and "Traceback" not in second.stderr
+    assert first.returncode == 0, out[-3000:]
+    steps = [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+    assert steps == [2, 4, 6, 6, 8, 10, 12, 12]  # training and validation records, none lost
+    assert [step for step, _ in ckpt.list_checkpoints(run_dir)] == [8, 12]
+    assert not lock_path_for(run_dir).exists()
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["run"]["dir"] == str(run_dir)
