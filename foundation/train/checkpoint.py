@@ -557,13 +557,13 @@ def verify_checkpoint(path: Path, rank: int) -> dict[str, Any]:
 def load_checkpoint(
     path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, dist_info: Distributed
 ) -> dict[str, Any]:
-    """Restore model and optimiser in place (collective); return this rank's saved state."""
-    rank_state = verify_checkpoint(path, dist_info.rank)["rank_state"]
+    """Restore model and optimiser in place (collective); return this rank's saved state.
+    Check the folder with `verify_checkpoint` first: a failure here leaves the model half loaded."""
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
     _dcp_load(state, path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    return rank_state
+    return read_rank_state(path, dist_info.rank)
 
 
 def load_model_weights(path: Path, model: nn.Module) -> None:

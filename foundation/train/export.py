@@ -35,13 +35,14 @@ MAX_EMBEDDED_BYTES = 64 * 2**20
 def snapshot_dataset(data_path: str | Path, dest: Path) -> None:
     """Copy the shard set's manifest.json and its extra files (tokenizer, ...) into `dest`, so the
     model can be rebuilt where the shards are not (export, evaluation on another machine)."""
+    from foundation.data import Manifest
+
     source = Path(data_path)
     dest.mkdir(parents=True, exist_ok=True)
-    manifest_file = source / "manifest.json"
-    if not manifest_file.is_file():
+    if not (source / "manifest.json").is_file():
         return
-    manifest = json.loads(manifest_file.read_text())
-    for name in [entry["name"] for entry in manifest.get("files", [])] + ["manifest.json"]:
+    manifest = Manifest.load(source)  # checks that every file it names is a plain name
+    for name in [*sorted(manifest.files), "manifest.json"]:
         tmp = dest / (name + ".tmp")
         shutil.copyfile(source / name, tmp)
         os.replace(tmp, dest / name)
@@ -119,6 +120,14 @@ def _manifest_from_payload(files: dict[str, torch.Tensor] | None):
     """Materialise an embedded dataset snapshot (kept until the process exits) and load it."""
     if not files:
         return None
+    if not isinstance(files, dict) or "manifest.json" not in files:
+        raise DataError("the model file's embedded dataset snapshot has no manifest.json")
+    for name, data in files.items():
+        # Names come from the file: a path would write outside the temporary folder.
+        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name:
+            raise DataError(f"the model file's dataset snapshot names the file {name!r}, not a plain name")
+        if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.ndim != 1:
+            raise DataError(f"the model file's dataset snapshot entry {name!r} is not a byte tensor")
     folder = Path(tempfile.mkdtemp(prefix="foundation-dataset-"))
     atexit.register(shutil.rmtree, folder, True)
     for name, data in files.items():

@@ -503,15 +503,16 @@ class Trainer:
         for step, path in candidates:
             if step != candidates[0][0]:
                 self._check_resume((step, path))
+            failure: BaseException | None = None
             try:
                 rank_state = ckpt.load_checkpoint(path, model, optimizer, self.dist)
             except (DataError, dcp.api.CheckpointException) as exc:
-                # DCP raises on every rank when any rank fails, so the ranks fall back together.
+                failure = exc  # DCP's own failures reach every rank; a bad rank state only this one
+            if all_reduce_sum([float(failure is not None)], self.dist)[0] > 0:
                 self._damaged.append(path)
                 if self.dist.is_main:
-                    _log.warning(
-                        "checkpoint %s does not load, trying the one before: %s", path, _one_line(exc)
-                    )
+                    reason = _one_line(failure) if failure is not None else "(another rank)"
+                    _log.warning("checkpoint %s does not load, trying the one before: %s", path, reason)
                 continue
             if self.dist.is_main:
                 for damaged in self._damaged:

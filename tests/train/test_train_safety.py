@@ -287,3 +287,27 @@ def test_a_second_pretrain_on_a_busy_run_dir_is_refused_and_harms_nothing(shards
     assert [step for step, _ in ckpt.list_checkpoints(run_dir)] == [8, 12]
     assert not lock_path_for(run_dir).exists()
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["run"]["dir"] == str(run_dir)
+
+
+def test_runs_plot_skips_lines_that_are_not_records(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    lines = [b"5", b"[1]", b'{"step": "x", "loss": 1}', b"[" * 100000, b"\x89PNG\r\n\x1a\n\xff"]
+    lines += [json.dumps({"step": s, "loss": 1.0 / s, "lr": 0.1}).encode() for s in (1, 2, 3)]
+    (run_dir / "metrics.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    assert cli_main(["runs", "plot", str(run_dir)]) == 0
+    assert (run_dir / "metrics.png").is_file()
+
+
+def test_a_model_file_cannot_write_outside_its_temporary_dataset_folder(finished, tmp_path):
+    payload = torch.load(finished / "model.pt", weights_only=True)
+    escape = tmp_path / "escaped.txt"
+    payload["dataset"][f"../../../../../../../..{escape}"] = torch.frombuffer(
+        bytearray(b"x"), dtype=torch.uint8
+    )
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    torch.save(payload, alone / "model.pt")
+    with pytest.raises(DataError, match="not a plain name"):
+        load_pretrained(alone / "model.pt")
+    assert not escape.exists()
