@@ -110,7 +110,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         ) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise ConfigError(f"{str(path / META)!r} is not a foundation checkpoint (format {found!r})")
+        raise DataError(f"{str(path / META)!r} is not the meta.json of a foundation checkpoint (format {found!r})")
     version = meta.get("version", 0)
     if not isinstance(version, int) or version > VERSION:
         raise ConfigError(
@@ -545,7 +545,10 @@ def verify_checkpoint(path: Path, rank: int) -> dict[str, Any]:
     """Check a checkpoint before any of it is loaded: its meta.json, the sizes it recorded, DCP's
     metadata and byte ranges, and this rank's state. {meta, rank_state}; DataError if damaged."""
     meta = read_meta(path)
-    for name, size in (meta.get("files") or {}).items():
+    files = meta.get("files") or {}  # absent in version 1
+    if not isinstance(files, dict):
+        raise DataError(f"{str(path / META)!r}: 'files' is not an object")
+    for name, size in files.items():
         file = path / str(name)
         actual = file.stat().st_size if file.is_file() else None
         if actual != size:

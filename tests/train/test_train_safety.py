@@ -311,3 +311,43 @@ def test_a_model_file_cannot_write_outside_its_temporary_dataset_folder(finished
     with pytest.raises(DataError, match="not a plain name"):
         load_pretrained(alone / "model.pt")
     assert not escape.exists()
+
+
+def _mutate(data: bytes, rng) -> bytes:
+    how = rng.integers(3)
+    if how == 0 and data:  # flip a few bytes
+        data = bytearray(data)
+        for at in rng.integers(0, len(data), size=int(rng.integers(1, 8))):
+            data[at] = int(rng.integers(256))
+        return bytes(data)
+    if how == 1:  # cut short
+        return data[: int(rng.integers(0, len(data) + 1))]
+    at = int(rng.integers(0, len(data) + 1))  # insert garbage
+    return data[:at] + rng.bytes(int(rng.integers(1, 64))) + data[at:]
+
+
+def test_randomly_damaged_checkpoints_load_or_fail_with_a_foundation_error(finished, tmp_path):
+    """Seeded mutations of every checkpoint file: loading either works or raises a FoundationError
+    (one line in the CLI), never another exception, and never runs anything."""
+    import numpy as np
+
+    from foundation.errors import FoundationError
+
+    rng = np.random.default_rng(1234)
+    source = finished / "checkpoints" / "step-12"
+    names = [".metadata", "meta.json", "rank-0.json", "__0_0.distcp"]
+    outcomes = {"ok": 0, "refused": 0}
+    for case in range(120):
+        folder = tmp_path / f"c{case}" / "checkpoints" / "step-12"
+        shutil.copytree(source, folder)
+        shutil.copytree(finished / "dataset", folder.parent.parent / "dataset")
+        file = folder / names[case % len(names)]
+        file.write_bytes(_mutate(file.read_bytes(), rng))
+        try:
+            ckpt.verify_checkpoint(folder, 0)
+            load_pretrained(folder)
+            outcomes["ok"] += 1
+        except FoundationError:
+            outcomes["refused"] += 1
+        shutil.rmtree(folder.parent.parent)
+    assert outcomes["refused"] > 60, outcomes
