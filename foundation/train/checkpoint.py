@@ -110,7 +110,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         ) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise DataError(f"{str(path / META)!r} is not the meta.json of a foundation checkpoint (format {found!r})")
+        raise DataError(f"{str(path / META)!r} is not a foundation checkpoint's meta.json (format {found!r})")
     version = meta.get("version", 0)
     if not isinstance(version, int) or version > VERSION:
         raise ConfigError(
@@ -343,8 +343,8 @@ class _MetadataUnpickler(pickle.Unpickler):
             return getattr(dcp_metadata if module.endswith(".metadata") else dcp_filesystem, name)
         if module == "torch" and name == "Size":
             return torch.Size
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype | torch.layout):
-            return getattr(torch, name)
+        if module == "torch" and isinstance(vars(torch).get(name), torch.dtype | torch.layout):
+            return vars(torch)[name]  # not getattr: torch's module __getattr__ imports on demand
         if module == "torch.serialization" and name == "_get_layout":
             return _layout_by_name
         if module in ("pathlib", "pathlib._local") and name in self._PATHS:

@@ -56,8 +56,9 @@ from foundation.train.preemption import StopRequest
 _log = logging.getLogger(__name__)
 
 #: How long `pretrain` waits for another process's lock on its run directory (a requeued job whose
-#: earlier incarnation is still saving its last checkpoint) before it gives up.
-RUN_LOCK_WAIT_S = float(os.environ.get("FOUNDATION_RUN_LOCK_WAIT_S", "60"))
+#: earlier incarnation is still saving its last checkpoint) before it gives up; the environment
+#: variable FOUNDATION_RUN_LOCK_WAIT_S overrides it.
+RUN_LOCK_WAIT_S = 60.0
 FAILED_SPARE = ".status.json.failed"
 
 #: Config keys that may change between a checkpoint and its resumption without `--force`: they
@@ -203,6 +204,19 @@ def global_grad_norm(params: list[torch.Tensor], max_norm: float | None) -> torc
     return norm
 
 
+def _lock_wait_s() -> float:
+    text = os.environ.get("FOUNDATION_RUN_LOCK_WAIT_S")
+    if text is None:
+        return RUN_LOCK_WAIT_S
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 <= seconds <= 7 * 86400:
+        raise ConfigError(f"FOUNDATION_RUN_LOCK_WAIT_S={text!r} is not a number of seconds from 0 to a week")
+    return seconds
+
+
 def _write_atomically(path: Path, text: str) -> None:
     """Replace `path` by `text` through a temporary file: a crash leaves the old or the new file."""
     tmp = path.with_name(path.name + ".tmp")
@@ -341,7 +355,7 @@ class Trainer:
         lock, error = None, None
         if self.dist.is_main:
             try:
-                lock = FolderLock(self.run_dir, command_line(), wait_s=RUN_LOCK_WAIT_S).acquire()
+                lock = FolderLock(self.run_dir, command_line(), wait_s=_lock_wait_s()).acquire()
             except FoundationError as exc:
                 error = exc
         if all_reduce_sum([float(error is not None)], self.dist)[0] > 0:
