@@ -316,7 +316,9 @@ def _read_legacy_rank_state(file: Path) -> Any:
 
 class _MetadataUnpickler(pickle.Unpickler):
     """Unpickles DCP's `.metadata` knowing only the classes DCP writes there; any other global
-    (the way a pickle runs code) is refused before it is looked up."""
+    (the way a pickle runs code) is refused before it is looked up. A pickle can still set
+    attributes on a class it names (BUILD), which would change that class process-wide:
+    `unpickle_metadata` undoes that and refuses the file."""
 
     _CLASSES = {
         "torch.distributed.checkpoint.metadata": {
@@ -354,6 +356,36 @@ class _MetadataUnpickler(pickle.Unpickler):
     def persistent_load(self, pid: Any) -> Any:
         raise pickle.UnpicklingError("persistent ids are not allowed in checkpoint metadata")
 
+    @classmethod
+    def reachable(cls) -> list[Any]:
+        """Everything `find_class` hands out that has attributes a pickle could set."""
+        classes = [getattr(dcp_metadata, n) for n in cls._CLASSES["torch.distributed.checkpoint.metadata"]]
+        return [*classes, dcp_filesystem._StorageInfo, *set(cls._PATHS.values()), _layout_by_name]
+
+
+def unpickle_metadata(raw: bytes) -> Any:
+    """`_MetadataUnpickler` on `raw`, with every class it can reach left exactly as it was."""
+    reachable = _MetadataUnpickler.reachable()
+    before = [dict(vars(obj)) for obj in reachable]
+    try:
+        return _MetadataUnpickler(io.BytesIO(raw)).load()
+    finally:
+        changed = [obj for obj, saved in zip(reachable, before, strict=True) if _restore(obj, saved)]
+        if changed:
+            raise pickle.UnpicklingError(f"the pickle changes {changed[0]!r}")  # noqa: B012 - on purpose
+
+
+def _restore(obj: Any, saved: dict[str, Any]) -> bool:
+    """Put `obj`'s attributes back to `saved`; whether anything had changed."""
+    now = dict(vars(obj))
+    changed = now.keys() != saved.keys() or any(now[k] is not v for k, v in saved.items())
+    for key in now.keys() - saved.keys():
+        delattr(obj, key)
+    for key, value in saved.items():
+        if now.get(key) is not value:
+            setattr(obj, key, value)
+    return changed
+
 
 def _layout_by_name(name: str) -> torch.layout:
     layouts = {str(v): v for v in vars(torch).values() if isinstance(v, torch.layout)}
@@ -369,7 +401,7 @@ def read_dcp_metadata(folder: Path, filename: str = ".metadata") -> dcp_metadata
         raise DataError(f"checkpoint {str(folder)!r} has no {filename} (DCP metadata)")
     raw = _read_bounded(file, MAX_DCP_METADATA_BYTES)
     try:
-        metadata = _MetadataUnpickler(io.BytesIO(raw)).load()
+        metadata = unpickle_metadata(raw)
     except Exception as exc:  # noqa: BLE001 - a damaged pickle fails in many ways; all mean the same
         raise DataError(f"{str(file)!r} is not readable DCP metadata ({exc})") from None
     _check_dcp_metadata(folder, file, metadata)

@@ -87,6 +87,7 @@ def test_crafted_dcp_metadata_runs_no_code_on_load_or_resume(finished, shards, t
     assert not marker.exists()
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 def test_crafted_non_tensor_entry_runs_no_code(tmp_path):
     marker = tmp_path / "marker"
     folder = tmp_path / "ckpt"
@@ -351,3 +352,23 @@ def test_randomly_damaged_checkpoints_load_or_fail_with_a_foundation_error(finis
             outcomes["refused"] += 1
         shutil.rmtree(folder.parent.parent)
     assert outcomes["refused"] > 60, outcomes
+
+
+def test_crafted_metadata_cannot_change_the_classes_it_names(finished, tmp_path):
+    """A pickle may BUILD onto a class it names: that must not outlive the refused load."""
+    import pathlib
+
+    from torch.distributed.checkpoint import metadata as dcp_metadata
+
+    folder = tmp_path / "step-12"
+    shutil.copytree(finished / "checkpoints" / "step-12", folder)
+    for module, name, cls in [
+        ("torch.distributed.checkpoint.metadata", "Metadata", dcp_metadata.Metadata),
+        ("pathlib", "PosixPath", pathlib.PurePosixPath),
+    ]:
+        # GLOBAL module.name; (None, {"injected": 1}); BUILD -> setattr(cls, "injected", 1)
+        raw = b"\x80\x02c" + f"{module}\n{name}\n".encode() + b"N}X\x08\x00\x00\x00injectedK\x01s\x86b."
+        (folder / ".metadata").write_bytes(raw)
+        with pytest.raises(DataError, match="changes"):
+            ckpt.read_dcp_metadata(folder)
+        assert not hasattr(cls, "injected")
