@@ -36,7 +36,7 @@ import shutil
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -57,10 +57,11 @@ FORMAT = "foundation.checkpoint"
 VERSION = 2  # 2: per-rank state in rank-<r>.json (1: rank-<r>.pt, a torch pickle)
 COMPLETE = "COMPLETE"
 META = "meta.json"
-#: Bounds on files read before they are parsed (a checkpoint's own are far smaller).
-MAX_META_BYTES = 64 * 2**20
-MAX_RANK_STATE_BYTES = 256 * 2**20
-MAX_DCP_METADATA_BYTES = 1024 * 2**20
+#: Bounds on files read before they are parsed (a checkpoint's own are far smaller: meta.json
+#: ~10 KiB, a rank's state ~20 KiB, DCP metadata ~1 KiB per tensor and rank).
+MAX_META_BYTES = 16 * 2**20
+MAX_RANK_STATE_BYTES = 16 * 2**20
+MAX_DCP_METADATA_BYTES = 512 * 2**20
 
 
 def checkpoints_root(run_dir: str | Path) -> Path:
@@ -88,10 +89,14 @@ def latest_checkpoint(run_dir: str | Path) -> tuple[int, Path] | None:
     return found[-1] if found else None
 
 
-def _read_bounded(path: Path, limit: int) -> bytes:
+def _check_size(path: Path, limit: int) -> None:
     size = path.stat().st_size
     if size > limit:
         raise DataError(f"{str(path)!r} is {size} bytes, more than the {limit} a checkpoint file may have")
+
+
+def _read_bounded(path: Path, limit: int) -> bytes:
+    _check_size(path, limit)
     return path.read_bytes()
 
 
@@ -301,6 +306,7 @@ def _read_legacy_rank_state(file: Path) -> Any:
             f"{str(file)!r} was written by an older foundation; resuming it needs torch >= 2.5 "
             "(or load only its weights: `foundation export`/`load_pretrained` read them)"
         )
+    _check_size(file, MAX_RANK_STATE_BYTES)
     try:
         with safe_globals(allowed):
             return torch.load(file, map_location="cpu", weights_only=True)
@@ -363,12 +369,12 @@ class _MetadataUnpickler(pickle.Unpickler):
         return [*classes, dcp_filesystem._StorageInfo, *set(cls._PATHS.values()), _layout_by_name]
 
 
-def unpickle_metadata(raw: bytes) -> Any:
-    """`_MetadataUnpickler` on `raw`, with every class it can reach left exactly as it was."""
+def unpickle_metadata(stream: IO[bytes]) -> Any:
+    """`_MetadataUnpickler` on `stream`, with every class it can reach left exactly as it was."""
     reachable = _MetadataUnpickler.reachable()
     before = [dict(vars(obj)) for obj in reachable]
     try:
-        return _MetadataUnpickler(io.BytesIO(raw)).load()
+        return _MetadataUnpickler(stream).load()
     finally:
         changed = [obj for obj, saved in zip(reachable, before, strict=True) if _restore(obj, saved)]
         if changed:
@@ -399,9 +405,10 @@ def read_dcp_metadata(folder: Path, filename: str = ".metadata") -> dcp_metadata
     file = folder / filename
     if not file.is_file():
         raise DataError(f"checkpoint {str(folder)!r} has no {filename} (DCP metadata)")
-    raw = _read_bounded(file, MAX_DCP_METADATA_BYTES)
+    _check_size(file, MAX_DCP_METADATA_BYTES)
     try:
-        metadata = unpickle_metadata(raw)
+        with open(file, "rb") as handle:  # streamed: a file of zeros fails at its first byte
+            metadata = unpickle_metadata(handle)
     except Exception as exc:  # noqa: BLE001 - a damaged pickle fails in many ways; all mean the same
         raise DataError(f"{str(file)!r} is not readable DCP metadata ({exc})") from None
     _check_dcp_metadata(folder, file, metadata)

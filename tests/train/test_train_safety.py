@@ -372,3 +372,24 @@ def test_crafted_metadata_cannot_change_the_classes_it_names(finished, tmp_path)
         with pytest.raises(DataError, match="changes"):
             ckpt.read_dcp_metadata(folder)
         assert not hasattr(cls, "injected")
+
+
+def test_sparse_giant_checkpoint_files_are_refused_without_reading_them(finished, tmp_path):
+    import os
+    import resource
+
+    folder = tmp_path / "step-12"
+    shutil.copytree(finished / "checkpoints" / "step-12", folder)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    metadata, rank_state = (lambda: ckpt.read_dcp_metadata(folder)), (lambda: ckpt.read_rank_state(folder, 0))
+    cases = [(".metadata", 400 * 2**20, metadata), (".metadata", 4 * 2**30, metadata)]
+    cases += [("rank-0.json", 15 * 2**20, rank_state), ("rank-0.json", 2**30, rank_state)]
+    for name, size, read in cases:  # below and above the size bounds
+        original = (folder / name).read_bytes()
+        os.truncate(folder / name, 0)
+        os.truncate(folder / name, size)  # all zeros, sparse: costs no disk
+        with pytest.raises(DataError):
+            read()
+        (folder / name).write_bytes(original)
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mb < 100, f"peak RSS grew by {grown_mb:.0f} MB"
