@@ -106,8 +106,12 @@ def export_model(path: Path, model: nn.Module, cfg: Any, step: int, dist_info: A
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in state.items()},
     }
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file behind
+        raise
 
 
 def _manifest_from_folder(folder: Path):

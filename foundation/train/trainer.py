@@ -220,8 +220,12 @@ def _lock_wait_s() -> float:
 def _write_atomically(path: Path, text: str) -> None:
     """Replace `path` by `text` through a temporary file: a crash leaves the old or the new file."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _one_line(exc: BaseException) -> str:

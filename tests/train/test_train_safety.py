@@ -247,6 +247,21 @@ def test_a_full_disk_marks_the_run_failed_and_exits_with_one_line(shards, tmp_pa
     assert status["state"] == "failed"
 
 
+def test_a_full_disk_during_a_checkpoint_save_is_one_line(shards, tmp_path, monkeypatch, capsys):
+    """DCP wraps the writer's OSError in its own CheckpointException (a BaseException)."""
+    from torch.distributed.checkpoint import filesystem
+
+    def no_space(self, plan, planner):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "x.distcp"))
+
+    monkeypatch.setattr(filesystem.FileSystemWriter, "write_data", no_space)
+    path = write_config(tmp_path / "cfg.yaml", config_dict(shards, tmp_path / "run"))
+    toyfamily._TRAIN_CALLS = 0
+    assert cli_main(["pretrain", str(path)]) == 2
+    assert "the disk is full" in one_line_error(capsys)
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "failed"
+
+
 # ---------------------------------------------------------------------- one pretrain per run folder
 
 
