@@ -289,9 +289,33 @@ def read_rank_state(path: Path, rank: int) -> dict[str, Any]:
         state = _read_legacy_rank_state(path / f"rank-{rank}.pt")
     else:
         raise DataError(f"checkpoint {str(path)!r} has no state for rank {rank} ({file.name})")
-    if not isinstance(state, dict) or not {"schedule", "rng"} <= state.keys():
-        raise DataError(f"the state of rank {rank} in {str(path)!r} lacks its schedule or RNG entries")
+    problem = _rank_state_problem(state)
+    if problem:
+        raise DataError(f"the state of rank {rank} in {str(path)!r} is malformed: {problem}")
     return state
+
+
+def _rank_state_problem(state: Any) -> str | None:
+    """What is wrong with the shape of a rank's state (as `Trainer._save` writes it), if anything."""
+    if not isinstance(state, dict) or not isinstance(state.get("schedule"), dict):
+        return "no schedule"
+    if not isinstance(state.get("loader"), dict | None) or not isinstance(
+        state.get("metrics_window"), dict | None
+    ):
+        return "loader or metrics window is not an object"
+    rng = state.get("rng")
+    if not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor):
+        return "no torch RNG state"
+    if rng["torch"].dtype != torch.uint8 or rng["torch"].ndim != 1:
+        return "the torch RNG state is not a byte vector"
+    python, numpy_state = rng.get("python"), rng.get("numpy")
+    if not (isinstance(python, tuple | list) and len(python) == 3 and isinstance(python[1], tuple | list)):
+        return "the python RNG state is not (version, state, gauss)"
+    if not (isinstance(numpy_state, tuple | list) and len(numpy_state) == 5):
+        return "the numpy RNG state is not (kind, keys, pos, has_gauss, gauss)"
+    if not isinstance(numpy_state[1], np.ndarray) or numpy_state[1].dtype != np.uint32:
+        return "the numpy RNG keys are not uint32"
+    return None
 
 
 def _read_legacy_rank_state(file: Path) -> Any:

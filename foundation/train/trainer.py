@@ -460,11 +460,18 @@ class Trainer:
         step = 0
         if candidates:
             step, rank_state = self._resume(candidates, model, optimizer)
-            schedule.load_state_dict(rank_state["schedule"])
-            if hasattr(loader, "load_state_dict"):
-                loader.load_state_dict(rank_state["loader"])
+            try:
+                schedule.load_state_dict(rank_state["schedule"])
+                if hasattr(loader, "load_state_dict"):
+                    loader.load_state_dict(rank_state["loader"])
+                self._window = _Window.from_state(rank_state.get("metrics_window"))
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+                raise DataError(
+                    f"the schedule/loader state of rank {dist_info.rank} in the checkpoint of step "
+                    f"{step} is malformed ({_one_line(exc)}); move that checkpoint aside to resume "
+                    "from the one before"
+                ) from None
             ckpt.set_rng_state(rank_state["rng"])
-            self._window = _Window.from_state(rank_state.get("metrics_window"))
         else:
             # Dropout and other in-model randomness: a stream per rank.
             self._seed(1, dist_info.rank)
