@@ -11,25 +11,32 @@ from foundation.errors import DataError
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """(training records, validation records) of a run's metrics.jsonl; cut-off lines are skipped."""
+    """(training records, validation records) of a run's metrics.jsonl; cut-off or foreign lines
+    (not a record with a numeric step and loss) are skipped."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise DataError(
             f"{str(run_dir)!r} has no metrics.jsonl (is it a run directory of `foundation pretrain`?)"
         )
     train, val = [], []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             continue
-        if "loss" in record:
+        if not isinstance(record, dict) or not _is_number(record.get("step")):
+            continue
+        if _is_number(record.get("loss")) and _is_number(record.get("lr")):
             train.append(record)
-        elif "val_loss" in record:
+        elif _is_number(record.get("val_loss")):
             val.append(record)
     if not train:
         raise DataError(f"{str(path)!r} holds no training records yet")
     return train, val
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def plot_run(run_dir: Path, out: Path) -> Path:

@@ -11,9 +11,11 @@
 from __future__ import annotations
 
 import atexit
+import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from foundation.errors import ConfigError
+from foundation.errors import ConfigError, DataError
 
 FORMAT = "foundation.model"
 VERSION = 1
@@ -33,16 +35,42 @@ MAX_EMBEDDED_BYTES = 64 * 2**20
 def snapshot_dataset(data_path: str | Path, dest: Path) -> None:
     """Copy the shard set's manifest.json and its extra files (tokenizer, ...) into `dest`, so the
     model can be rebuilt where the shards are not (export, evaluation on another machine)."""
+    from foundation.data import Manifest
+
     source = Path(data_path)
     dest.mkdir(parents=True, exist_ok=True)
-    manifest_file = source / "manifest.json"
-    if not manifest_file.is_file():
+    if not (source / "manifest.json").is_file():
         return
-    manifest = json.loads(manifest_file.read_text())
-    for name in [entry["name"] for entry in manifest.get("files", [])] + ["manifest.json"]:
+    manifest = Manifest.load(source)  # checks that every file it names is a plain name
+    for name in [*sorted(manifest.files), "manifest.json"]:
         tmp = dest / (name + ".tmp")
         shutil.copyfile(source / name, tmp)
         os.replace(tmp, dest / name)
+
+
+def dataset_fingerprint(folder: Path) -> str:
+    """Content identity of a shard set: its family, schema, statistics, and every shard and extra
+    file by name and SHA-256, as its manifest.json records them (paths and provenance left out,
+    so a copied or moved shard set keeps its identity)."""
+    file = folder / "manifest.json"
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+        identity = {
+            "family": manifest.get("family"),
+            "schema": manifest.get("schema"),
+            "stats": manifest.get("stats"),
+            "splits": {
+                name: [[s.get("name"), s.get("samples"), s.get("sha256")] for s in split.get("shards", [])]
+                for name, split in sorted(manifest.get("splits", {}).items())
+            },
+            "files": sorted([f.get("name"), f.get("sha256")] for f in manifest.get("files", [])),
+        }
+        text = json.dumps(identity, sort_keys=True, allow_nan=True)
+    except FileNotFoundError:
+        raise DataError(f"{str(folder)!r} has no manifest.json (is it a shard set?)") from None
+    except (UnicodeDecodeError, ValueError, RecursionError, AttributeError, TypeError) as exc:
+        raise DataError(f"{str(file)!r} is not a readable shard-set manifest ({exc})") from None
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _dataset_payload(run_dir: Path) -> dict[str, torch.Tensor] | None:
@@ -78,8 +106,12 @@ def export_model(path: Path, model: nn.Module, cfg: Any, step: int, dist_info: A
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in state.items()},
     }
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file behind
+        raise
 
 
 def _manifest_from_folder(folder: Path):
@@ -92,6 +124,14 @@ def _manifest_from_payload(files: dict[str, torch.Tensor] | None):
     """Materialise an embedded dataset snapshot (kept until the process exits) and load it."""
     if not files:
         return None
+    if not isinstance(files, dict) or "manifest.json" not in files:
+        raise DataError("the model file's embedded dataset snapshot has no manifest.json")
+    for name, data in files.items():
+        # Names come from the file: a path would write outside the temporary folder.
+        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name:
+            raise DataError(f"the model file's dataset snapshot names the file {name!r}, not a plain name")
+        if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.ndim != 1:
+            raise DataError(f"the model file's dataset snapshot entry {name!r} is not a byte tensor")
     folder = Path(tempfile.mkdtemp(prefix="foundation-dataset-"))
     atexit.register(shutil.rmtree, folder, True)
     for name, data in files.items():
@@ -99,11 +139,26 @@ def _manifest_from_payload(files: dict[str, torch.Tensor] | None):
     return _manifest_from_folder(folder)
 
 
+def _family_name_from_file(name: str) -> str:
+    """A family named in a saved file. `module:ATTRIBUTE` names are honoured only for modules
+    this process imported already: importing a module a received file names would run its code
+    (a `module.py` shipped beside the file, say)."""
+    module, sep, _ = name.partition(":")
+    if sep and module not in sys.modules:
+        raise ConfigError(
+            f"the checkpoint's model family {name!r} is not an installed family; import {module!r} "
+            "first (or register the family) if you trust it"
+        )
+    return name
+
+
 def _pretrain_config(cfg_dict: dict[str, Any]):
     from foundation import config, registry
 
+    if not isinstance(cfg_dict, dict) or not isinstance(cfg_dict.get("family"), str):
+        raise DataError("the saved config has no family name")
     data = dict(cfg_dict)
-    family = registry.get(str(data["family"]))
+    family = registry.get(_family_name_from_file(data["family"]))
     model_data = data.pop("model", None) or {}
     cfg = config.from_dict(config.PretrainConfig, data)
     cfg.model = config.from_dict(family.model_config, model_data, "model")
@@ -130,8 +185,7 @@ def load_pretrained(path: str | Path, *, map_location: str | torch.device = "cpu
     if path.is_dir():
         candidates: list[tuple[int, int, Path]] = []
         if (path / "model.pt").is_file():
-            step = torch.load(path / "model.pt", map_location="cpu", weights_only=True, mmap=True)["step"]
-            candidates.append((step, 1, path / "model.pt"))
+            candidates.append((_model_file_step(path / "model.pt"), 1, path / "model.pt"))
         latest = ckpt.latest_checkpoint(path)
         if latest is not None:
             candidates.append((latest[0], 0, latest[1]))
@@ -161,6 +215,16 @@ def load_pretrained(path: str | Path, *, map_location: str | torch.device = "cpu
     model = family.build_model(cfg.model, manifest)
     model.load_state_dict(payload["state_dict"])
     return model.to(map_location).eval(), cfg, family
+
+
+def _model_file_step(path: Path) -> int:
+    try:
+        step = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("step")
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise ConfigError(f"{str(path)!r} is not a foundation model file: {exc}") from None
+    if not isinstance(step, int):
+        raise ConfigError(f"{str(path)!r} is not a foundation model file (no step)")
+    return step
 
 
 def _from_checkpoint(path: Path, map_location):

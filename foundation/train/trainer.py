@@ -11,10 +11,15 @@ Run directory (`run.dir`):
                         can be rebuilt without the shards
     metrics.jsonl       metric records (see foundation.train.metrics)
     status.json         {"state": running|done|preempted|diverged|failed, "step": N, ...}
+    .status.json.failed a ready-made "failed" record, swapped in for status.json when a full disk
+                        leaves no room to write one (so a dead run never reads "running")
     checkpoints/step-N/ DCP checkpoints (see foundation.train.checkpoint)
     model.pt            final weights for inference (see foundation.train.export)
     tensorboard/        TensorBoard events, when tensorboard is installed
     STOP                create it to stop the run cleanly (train.stop_file)
+One `pretrain` writes a run directory at a time: rank 0 holds a `FolderLock` on it for the whole
+run (a requeued job waits up to `RUN_LOCK_WAIT_S` for its earlier incarnation to let go). Every
+check (config, world size, shard set, checkpoint integrity) is made before anything is written.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import random
 import time
 from collections import defaultdict
@@ -33,19 +39,27 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from foundation import attention, config, registry
 from foundation.errors import ConfigError, DataError, FoundationError
+from foundation.lock import FolderLock, LockedError, command_line
 from foundation.train import checkpoint as ckpt
 from foundation.train.data import batch_samples, build_loader, to_device
 from foundation.train.distributed import Distributed, all_reduce_sum, init_distributed
-from foundation.train.export import export_model, snapshot_dataset
+from foundation.train.export import dataset_fingerprint, export_model, snapshot_dataset
 from foundation.train.metrics import MetricsWriter, peak_flops, rss_mb
 from foundation.train.optim import build_optimizer, build_schedule, decay_split
 from foundation.train.preemption import StopRequest
 
 _log = logging.getLogger(__name__)
+
+#: How long `pretrain` waits for another process's lock on its run directory (a requeued job whose
+#: earlier incarnation is still saving its last checkpoint) before it gives up; the environment
+#: variable FOUNDATION_RUN_LOCK_WAIT_S overrides it.
+RUN_LOCK_WAIT_S = 60.0
+FAILED_SPARE = ".status.json.failed"
 
 #: Config keys that may change between a checkpoint and its resumption without `--force`: they
 #: move files, change logging/checkpoint cadence or kernels, but not the optimisation itself.
@@ -190,6 +204,39 @@ def global_grad_norm(params: list[torch.Tensor], max_norm: float | None) -> torc
     return norm
 
 
+def _lock_wait_s() -> float:
+    text = os.environ.get("FOUNDATION_RUN_LOCK_WAIT_S")
+    if text is None:
+        return RUN_LOCK_WAIT_S
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 <= seconds <= 7 * 86400:
+        raise ConfigError(f"FOUNDATION_RUN_LOCK_WAIT_S={text!r} is not a number of seconds from 0 to a week")
+    return seconds
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Replace `path` by `text` through a temporary file: a crash leaves the old or the new file."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _one_line(exc: BaseException) -> str:
+    failures = getattr(exc, "failures", None)  # DCP's CheckpointException: one entry per failed rank
+    if failures:
+        inner = next(iter(failures.values()))
+        exc = inner[0] if isinstance(inner, tuple) else inner
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
+
+
 def _derived_seed(seed: int, *parts: int) -> int:
     return int(np.random.SeedSequence([seed, *parts]).generate_state(1)[0])
 
@@ -211,6 +258,7 @@ class Trainer:
         self.cfg_dict = config.to_dict(cfg)
         self._custom_loader = train_loader
         self._step = 0  # last completed optimiser step (for status.json on a crash)
+        self._damaged: list[Path] = []  # checkpoints skipped on resume
         self._window = _Window()
 
     # ------------------------------------------------------------------ set-up
@@ -234,14 +282,15 @@ class Trainer:
                 f"{self.dist.world_size}; the data-loader position is per rank, so resume with "
                 f"{meta['world_size']} process(es), or start a new run.dir"
             )
-        saved_workers = meta["config"]["data"]["num_workers"]
+        saved_data = meta["config"].get("data")
+        saved_workers = saved_data.get("num_workers") if isinstance(saved_data, dict) else None
         if saved_workers != self.cfg.data.num_workers and self._custom_loader is None:
             raise ConfigError(
                 f"checkpoint {path} was written with data.num_workers={saved_workers}; the loader "
                 f"position it holds is per worker, so resume with data.num_workers={saved_workers} "
                 "(--force cannot change this one), or start a new run.dir"
             )
-        if meta["resume_hash"] != resume_hash(self.cfg_dict):
+        if meta.get("resume_hash") != resume_hash(self.cfg_dict):
             changes = config_changes(meta["config"], self.cfg_dict)
             message = (
                 f"the config differs from the one that wrote checkpoint {path} "
@@ -259,9 +308,28 @@ class Trainer:
             return
         record = {"state": state, "step": step, "total_steps": self.cfg.train.steps, "time": time.time()}
         record.update(extra)
-        tmp = self.run_dir / "status.json.tmp"
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
-        tmp.replace(self.run_dir / "status.json")
+        if state == "running":
+            # Written first, while there is room: what replaces "running" when the disk is full.
+            spare = {**record, "state": "failed", "error": "the run stopped and could not record why"}
+            _write_atomically(self.run_dir / FAILED_SPARE, json.dumps(spare, indent=1) + "\n")
+        _write_atomically(self.run_dir / "status.json", json.dumps(record, indent=1) + "\n")
+        if state != "running":
+            (self.run_dir / FAILED_SPARE).unlink(missing_ok=True)
+
+    def _record_failure(self, exc: BaseException) -> None:
+        """status.json says failed, whatever the disk allows: the detailed record, else the spare
+        written at the start (a rename needs no free space), else (read-only disk) a log line."""
+        if not self.dist.is_main:
+            return
+        try:
+            self._write_status("failed", self._step, error=f"{type(exc).__name__}: {exc}"[:2000])
+            return
+        except OSError as write_error:
+            _log.error("cannot write status.json (%s); using the spare failed record", write_error)
+        try:
+            os.replace(self.run_dir / FAILED_SPARE, self.run_dir / "status.json")
+        except OSError as rename_error:
+            _log.error("cannot mark %s as failed either: %s", self.run_dir / "status.json", rename_error)
 
     def _seed(self, *parts: int) -> None:
         seed = _derived_seed(self.cfg.run.seed, *parts)
@@ -276,16 +344,85 @@ class Trainer:
         # of killing the process (SIGUSR1's default action).
         stop = StopRequest(self.run_dir / self.cfg.train.stop_file, poll_file=self.dist.is_main).install()
         try:
-            return self._run(stop)
+            with self._run_lock():
+                return self._run(stop)
         finally:
             stop.close()
+
+    @contextlib.contextmanager
+    def _run_lock(self) -> Iterator[None]:
+        """Rank 0 holds the run directory's lock; every rank learns whether it got it."""
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ConfigError(
+                f"run.dir {str(self.run_dir)!r} is a file, not a folder; set run.dir to a folder"
+            )
+        lock, error = None, None
+        if self.dist.is_main:
+            try:
+                lock = FolderLock(self.run_dir, command_line(), wait_s=_lock_wait_s()).acquire()
+            except FoundationError as exc:
+                error = exc
+        if all_reduce_sum([float(error is not None)], self.dist)[0] > 0:
+            raise error or LockedError(f"rank 0 could not lock run.dir {str(self.run_dir)!r}")
+        try:
+            yield
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _check_dataset(self, resuming: bool) -> None:
+        """A run resumed or re-run on another data.path must see the shard set it was trained on
+        (same shards and files by content hash), or its dataset/ snapshot and model are wrong."""
+        snapshot = self.run_dir / "dataset"
+        if not (snapshot / "manifest.json").is_file():
+            return
+        if not resuming and not (self.run_dir / "model.pt").is_file():
+            return  # nothing trained from the snapshot yet
+        saved, given = dataset_fingerprint(snapshot), dataset_fingerprint(Path(self.cfg.data.path))
+        if saved != given:
+            raise ConfigError(
+                f"data.path {self.cfg.data.path!r} holds another shard set than the one run.dir "
+                f"{str(self.run_dir)!r} was trained on ({str(snapshot / 'manifest.json')!r}); point "
+                "data.path at that shard set, or use a new run.dir"
+            )
+
+    def _intact_checkpoints(self) -> list[tuple[int, Path]]:
+        """Complete checkpoints, newest first, that every rank found intact (meta.json, file sizes,
+        DCP metadata, its own state); damaged ones are skipped with a warning."""
+        found = list(reversed(ckpt.list_checkpoints(self.run_dir)))
+        problems = []
+        for _, path in found:
+            try:
+                ckpt.verify_checkpoint(path, self.dist.rank)
+                problems.append(None)
+            except DataError as exc:
+                problems.append(str(exc))
+        votes = all_reduce_sum([float(p is not None) for p in problems], self.dist) if found else []
+        intact = []
+        for (step, path), problem, vote in zip(found, problems, votes, strict=True):
+            if vote == 0:
+                intact.append((step, path))
+                continue
+            self._damaged.append(path)
+            if self.dist.is_main:
+                _log.warning(
+                    "checkpoint %s is damaged, trying the one before: %s", path, problem or "(another rank)"
+                )
+        return intact
 
     def _run(self, stop: StopRequest) -> TrainResult:
         cfg, dist_info = self.cfg, self.dist
         device = dist_info.device
         manifest = self._load_manifest()
-        latest = ckpt.latest_checkpoint(self.run_dir)
-        meta = self._check_resume(latest) if latest is not None else None
+        candidates = self._intact_checkpoints()
+        if self._damaged and not candidates:
+            raise DataError(
+                f"every checkpoint of {str(self.run_dir)!r} is damaged (see the warnings above); move "
+                f"{str(ckpt.checkpoints_root(self.run_dir))!r} aside to start over, or restore it"
+            )
+        if candidates:
+            self._check_resume(candidates[0])
+        self._check_dataset(resuming=bool(candidates))
         if dist_info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             ckpt.remove_partial(self.run_dir)
@@ -321,16 +458,20 @@ class Trainer:
                 )
 
         step = 0
-        if latest is not None:
-            rank_state = ckpt.load_checkpoint(latest[1], model, optimizer, dist_info)
-            schedule.load_state_dict(rank_state["schedule"])
-            if hasattr(loader, "load_state_dict"):
-                loader.load_state_dict(rank_state["loader"])
+        if candidates:
+            step, rank_state = self._resume(candidates, model, optimizer)
+            try:
+                schedule.load_state_dict(rank_state["schedule"])
+                if hasattr(loader, "load_state_dict"):
+                    loader.load_state_dict(rank_state["loader"])
+                self._window = _Window.from_state(rank_state.get("metrics_window"))
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+                raise DataError(
+                    f"the schedule/loader state of rank {dist_info.rank} in the checkpoint of step "
+                    f"{step} is malformed ({_one_line(exc)}); move that checkpoint aside to resume "
+                    "from the one before"
+                ) from None
             ckpt.set_rng_state(rank_state["rng"])
-            self._window = _Window.from_state(rank_state.get("metrics_window"))
-            step = meta["step"]
-            if dist_info.is_main:
-                _log.info("resumed from %s (step %d)", latest[1], step)
         else:
             # Dropout and other in-model randomness: a stream per rank.
             self._seed(1, dist_info.rank)
@@ -346,14 +487,6 @@ class Trainer:
             else None
         )
         peak = peak_flops(device, precision, cfg.train.peak_tflops)
-        writer = MetricsWriter(
-            self.run_dir,
-            enabled=dist_info.is_main,
-            resume_step=step,
-            total_steps=cfg.train.steps,
-            progress=cfg.train.progress,
-            tensorboard=cfg.train.tensorboard,
-        )
         if dist_info.is_main:
             _log.info(
                 "training %s (%.3g M parameters) on %d x %s, %s, %s, from step %d to %d",
@@ -369,16 +502,54 @@ class Trainer:
         self._write_status("running", step)
         state = _LoopState(model, optimizer, schedule, loader, val_loader, autocast, parallel, flops, peak)
         self._step = step
+        writer = None
         try:
+            writer = MetricsWriter(
+                self.run_dir,
+                enabled=dist_info.is_main,
+                resume_step=step,
+                total_steps=cfg.train.steps,
+                progress=cfg.train.progress,
+                tensorboard=cfg.train.tensorboard,
+            )
             return self._loop(state, step, writer, stop)
         except TrainingDiverged:
             raise
         except BaseException as exc:
             # A scheduler script must not take a crash for a finished or a preempted run.
-            self._write_status("failed", self._step, error=f"{type(exc).__name__}: {exc}"[:2000])
+            self._record_failure(exc)
             raise
         finally:
-            writer.close()
+            if writer is not None:
+                writer.close()
+
+    def _resume(self, candidates: list[tuple[int, Path]], model: nn.Module, optimizer: Any):
+        """Load the newest checkpoint whose data loads (collective); (step, this rank's state)."""
+        for step, path in candidates:
+            if step != candidates[0][0]:
+                self._check_resume((step, path))
+            failure: BaseException | None = None
+            try:
+                rank_state = ckpt.load_checkpoint(path, model, optimizer, self.dist)
+            except (DataError, dcp.api.CheckpointException) as exc:
+                failure = exc  # DCP's own failures reach every rank; a bad rank state only this one
+            if all_reduce_sum([float(failure is not None)], self.dist)[0] > 0:
+                self._damaged.append(path)
+                if self.dist.is_main:
+                    reason = _one_line(failure) if failure is not None else "(another rank)"
+                    _log.warning("checkpoint %s does not load, trying the one before: %s", path, reason)
+                continue
+            if self.dist.is_main:
+                for damaged in self._damaged:
+                    if damaged.exists() and int(damaged.name[5:]) > step:
+                        ckpt.set_aside(damaged)
+                _log.info("resumed from %s (step %d)", path, step)
+            self.dist.barrier()
+            return step, rank_state
+        raise DataError(
+            f"no checkpoint of {str(self.run_dir)!r} loads (see the warnings above); move "
+            f"{str(ckpt.checkpoints_root(self.run_dir))!r} aside to start over, or restore it"
+        )
 
     def _loop(self, s: _LoopState, step: int, writer: MetricsWriter, stop: StopRequest) -> TrainResult:
         cfg, dist_info, family = self.cfg, self.dist, self.family

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -180,3 +181,25 @@ def test_external_sigterm_to_torchrun_at_a_random_moment_resumes_exactly(ddp_run
 
     assert_ok(launch(path))
     assert_bitwise_equal(final_weights(run_dir), final_weights(ddp_run))
+
+
+def _garble_rank_1_state(path) -> None:
+    (path / "rank-1.json").write_text('{"schedule": ')  # only rank 1 finds this one damaged
+
+
+def _zero_data_files(path) -> None:
+    for file in path.glob("*.distcp"):  # sizes kept: found when DCP loads, on every rank
+        file.write_bytes(bytes(file.stat().st_size))
+
+
+@pytest.mark.parametrize("damage", [_garble_rank_1_state, _zero_data_files])
+def test_two_ranks_fall_back_together_from_a_damaged_checkpoint(ddp_run, shards, tmp_path, damage):
+    run_dir = tmp_path / "run"
+    shutil.copytree(ddp_run, run_dir)
+    damage(run_dir / "checkpoints" / "step-10")
+    path = write_config(tmp_path / "cfg.yaml", config_dict(shards, run_dir, **DDP))
+    results = launch(path)
+    assert_ok(results)
+    assert "trying the one before" in results[0].stdout
+    assert_bitwise_equal(final_weights(run_dir), final_weights(ddp_run))
+    assert [step for step, _ in ckpt.list_checkpoints(run_dir)] == [8, 10]

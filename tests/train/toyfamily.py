@@ -87,11 +87,16 @@ def _test_hook() -> None:
     """`TOY_ACTION=<call>:<action>[:<rank>]` fires at this process's <call>-th training loss call:
     action SIGUSR1/SIGTERM sends that signal to this very process (a scheduler's signal arriving
     mid-step), RAISE raises (a crash in model code), any other action is a path to create (the
-    stop file). `TOY_SLEEP=<seconds>` sleeps in every call (changes no number)."""
+    stop file). `TOY_SLEEP=<seconds>` sleeps in every call (changes no number); `TOY_HOLD=<path>`
+    waits in every call while that file exists (up to a minute), so a test can act mid-run."""
     global _TRAIN_CALLS
     _TRAIN_CALLS += 1
     if os.environ.get("TOY_SLEEP"):  # stretch a run so that a test can signal it from outside
         time.sleep(float(os.environ["TOY_SLEEP"]))
+    hold = os.environ.get("TOY_HOLD")
+    deadline = time.monotonic() + 60
+    while hold and Path(hold).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
     spec = os.environ.get("TOY_ACTION")
     if not spec:
         return
