@@ -75,6 +75,8 @@ def _index_shard(
         buf = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
     try:
         members = tario.walk(buf, path.name)
+        if not members:
+            raise DataError(f"shard {path.name} holds no members (an empty archive); remove it")
         keys = _sample_keys(members, path.name)
         for member in members:
             key, field, ext = tario.split_name(member.name)
