@@ -131,6 +131,17 @@ def _check_unique_keys(manifest: Manifest, split: str, hashes: list[np.ndarray],
             problem(f"split {split!r}: sample key {keys[0]!r} appears in both {names}")
 
 
+_CRC_CHUNK = 1 << 24
+
+
+def _member_crc32(reader: ShardReader, member) -> int:
+    """CRC-32 of a member's data, read in bounded chunks (a member may be gigabytes)."""
+    crc, end = 0, member.offset + member.size
+    for start in range(member.offset, end, _CRC_CHUNK):
+        crc = zlib.crc32(reader.read(start, min(_CRC_CHUNK, end - start)), crc)
+    return crc
+
+
 def _verify_shard(manifest: Manifest, shard, problem, report: VerifyReport) -> np.ndarray:
     empty = np.zeros(0, dtype=np.uint64)
     path = manifest.path / shard.name
@@ -158,8 +169,7 @@ def _verify_shard(manifest: Manifest, shard, problem, report: VerifyReport) -> n
         located = False
         if manifest.member_crc32 and reader.members is not None:
             for member in reader.members:
-                data = reader.read(member.offset, member.size)
-                if member.crc32 is not None and zlib.crc32(data) != member.crc32:
+                if member.crc32 is not None and _member_crc32(reader, member) != member.crc32:
                     located = True
                     also = "; sha256 does not match the manifest either" if not sha_ok else ""
                     problem(

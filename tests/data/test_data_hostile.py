@@ -406,6 +406,40 @@ def test_every_reader_refuses_a_hostile_shard_in_one_line(hostile_results, case)
             assert "\n" not in outcome
 
 
+def _two_shards_one_key(directory: Path) -> Path:
+    """Two shards of a split both holding sample "k0" (the second shard copied over the first's
+    bytes, its manifest entry updated to match)."""
+    import hashlib
+
+    with ShardWriter(directory, split="train", samples_per_shard=1) as writer:
+        for key in ("k0", "k1"):
+            writer.write({"__key__": key, "x": np.arange(3, dtype=np.float32), "y": 7})
+    raw = (directory / SHARD).read_bytes()
+    (directory / "train-000001.tar").write_bytes(raw)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    entry = manifest["splits"]["train"]["shards"][1]
+    entry["bytes"], entry["sha256"] = len(raw), hashlib.sha256(raw).hexdigest()
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    return directory
+
+
+def test_a_key_in_two_shards_of_a_split_is_refused_by_verify_and_index(tmp_path):
+    from foundation.data.index import index_shards
+    from foundation.data.verify import verify_shard_set
+
+    directory = _two_shards_one_key(tmp_path / "set")
+    report = verify_shard_set(directory, all_problems=True, progress=False)
+    assert report.problems == [
+        "split 'train': sample key 'k0' appears in both train-000000.tar and train-000001.tar"
+    ]
+    (directory / "manifest.json").unlink()
+    with pytest.raises(
+        DataError, match="sample key 'k0' appears in both train-000000.tar and train-000001.tar"
+    ):
+        index_shards(directory)
+    assert not (directory / "manifest.json").exists()
+
+
 def test_gnu_long_names_long_links_and_base256_sizes_are_read():
     """The formats hostile files imitate still work when they are honest."""
     long_key = b"k" * 150
