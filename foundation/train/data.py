@@ -7,6 +7,7 @@ records exactly which batch comes next for every rank and worker.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import threading
@@ -59,7 +60,9 @@ def build_loader(
             # An explicit generator: creating the loader's iterator must not consume the global RNG,
             # or a resumed run would draw different dropout masks than an uninterrupted one.
             generator=torch.Generator().manual_seed(cfg.run.seed),
-            worker_init_fn=loader_worker_init if workers > 0 else None,
+            worker_init_fn=functools.partial(loader_worker_init, loader_pid=os.getpid())
+            if workers > 0
+            else None,
             persistent_workers=workers > 0 and not train,
             prefetch_factor=cfg.data.prefetch if workers > 0 else None,
         )
@@ -78,7 +81,7 @@ def _plain_worker_errors(batches: Iterator[Any]) -> Iterator[Any]:
     try:
         yield from batches
     except FoundationError as exc:
-        raise type(exc)(worker_error_message(exc)) from None
+        raise type(exc)(worker_error_message(exc)) from exc  # (--verbose shows the worker's traceback)
 
 
 def worker_error_message(exc: BaseException) -> str:
@@ -93,7 +96,7 @@ def worker_error_message(exc: BaseException) -> str:
     return text[start + len(marker) :].strip() if start >= 0 else text
 
 
-def loader_worker_init(worker_id: int) -> None:
+def loader_worker_init(worker_id: int, loader_pid: int | None = None) -> None:
     """DataLoader `worker_init_fn`: stop signals are the trainer's, except the loader's own SIGTERM.
 
     SLURM (and a terminal's process group) delivers a job's signals to every process: SIGUSR1's
@@ -101,17 +104,19 @@ def loader_worker_init(worker_id: int) -> None:
     of letting the trainer stop cleanly, so workers ignore both. But the loader itself shuts its
     workers down with SIGTERM (multiprocessing terminates and then joins them when the process
     exits, e.g. after an error): a worker ignoring that signal would keep the run from ever
-    exiting. So SIGTERM is blocked and a thread takes it: from the parent it ends the worker (as
-    torch's own worker handler does), from anyone else it is dropped.
+    exiting. So SIGTERM is blocked and a thread takes it: from the loader's process (`loader_pid`,
+    default the parent: it differs under the forkserver start method) it ends the worker, as
+    torch's own worker handler does; from anyone else it is dropped.
     """
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit it
-    threading.Thread(target=_exit_on_parent_sigterm, args=(os.getppid(),), daemon=True).start()
+    loader = os.getppid() if loader_pid is None else loader_pid
+    threading.Thread(target=_exit_on_loader_sigterm, args=(loader,), daemon=True).start()
 
 
-def _exit_on_parent_sigterm(parent: int) -> None:
+def _exit_on_loader_sigterm(loader_pid: int) -> None:
     while True:
-        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == loader_pid:
             os._exit(0)  # as torch's worker handler: a clean exit, no "worker killed" report
 
 

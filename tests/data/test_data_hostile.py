@@ -678,7 +678,7 @@ def test_pretrain_exits_promptly_when_a_loader_worker_raises(tmp_path):
 
 
 def _child_workers(root: Path) -> None:
-    """A loader with the trainer's worker init: print the workers' pids after the first batch,
+    """A loader with the trainer's worker init: print the workers' pids after the first batches,
     wait for a line on stdin (the parent signals the workers meanwhile), then count the rest."""
     from torch.utils.data import DataLoader
 
@@ -687,7 +687,7 @@ def _child_workers(root: Path) -> None:
 
     dataset = ShardDataset(root, "train", batch_size=1, shuffle=False, drop_last=False)
     iterator = iter(DataLoader(dataset, batch_size=None, num_workers=2, worker_init_fn=loader_worker_init))
-    received = [next(iterator)]
+    received = [next(iterator), next(iterator)]  # one from each worker: both have run their init
     print(json.dumps({"pids": [w.pid for w in iterator._workers]}), flush=True)
     sys.stdin.readline()
     received.extend(iterator)
