@@ -316,9 +316,7 @@ def scan(
         elif typeflag == 103:  # "g": global PAX header
             where = f"{shard}: tar header at byte {pos}"
             global_pax.update(_pax_records(_metadata(pread, size, data, where), where))
-        elif (
-            typeflag != 75
-        ):  # directories, links...: not sample members ("K", a GNU long link name, is skipped)
+        elif typeflag != 75:  # directories, links...: no sample members ("K", a long link name: skipped)
             long_name = None
             pax = {}
         pos = end + (-size % BLOCK)
