@@ -112,7 +112,7 @@ def tar_cases() -> dict[str, tuple[bytes, str, set[str]]]:
     """name -> (shard bytes, regex every failing reader's message matches, readers that succeed)."""
     good = sample(b"k0")
     cases = {
-        # the 3 KiB tar of the report: a PAX size of minus the offset sent the walk back to byte 0
+        # a PAX size of minus the offset once sent the walk back to byte 0, forever, lists growing
         "pax-negative-size": (
             pax(pax_record(b"size", b"-1536")) + good + END,
             TAR_STRUCTURE + r": PAX size",
