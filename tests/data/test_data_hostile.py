@@ -440,6 +440,23 @@ def test_a_key_in_two_shards_of_a_split_is_refused_by_verify_and_index(tmp_path)
     assert not (directory / "manifest.json").exists()
 
 
+def test_a_manifest_claiming_more_samples_than_a_shard_can_hold_is_refused_before_planning(tmp_path):
+    """The epoch plan sizes its shuffle buffers from the manifest's counts: 2**40 samples claimed
+    for a 2 KiB shard would be an 8 TB permutation. (Iterating is left out: no bomb here either
+    way, the refusal must come from the constructor.)"""
+    from foundation.data import ShardDataset
+
+    directory = template_set(tmp_path / "set")
+    manifest = json.loads((directory / "manifest.json").read_text())
+    split = manifest["splits"]["train"]
+    split["samples"] = split["shards"][0]["samples"] = 1 << 40
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(
+        DataError, match=r"shard train-000000\.tar: the manifest records 1099511627776 samples"
+    ):
+        ShardDataset(directory, "train", batch_size=4)
+
+
 def test_gnu_long_names_long_links_and_base256_sizes_are_read():
     """The formats hostile files imitate still work when they are honest."""
     long_key = b"k" * 150
