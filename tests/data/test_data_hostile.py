@@ -96,7 +96,7 @@ def npy_dict(descr: str = "'<f4'", fortran: str = "False", shape: str = "(3,)") 
     return f"{{'descr': {descr}, 'fortran_order': {fortran}, 'shape': {shape}, }}"
 
 
-GOOD_X = npy("{'descr': '<f4', 'fortran_order': False, 'shape': (3,), }", np.arange(3, dtype="<f4").tobytes())
+GOOD_X = npy(npy_dict(), np.arange(3, dtype="<f4").tobytes())
 END = b"\0" * (2 * tario.BLOCK)
 
 
@@ -105,7 +105,7 @@ def sample(key: bytes, x: bytes = GOOD_X) -> bytes:
 
 
 TAR_STRUCTURE = r"train-000000\.tar: tar header at byte \d+"
-ONLY_NPY = {"scan", "reader"}  # these do not decode array members
+OPEN_ONLY = {"scan", "reader"}  # readers that open a shard without decoding its members
 
 
 def tar_cases() -> dict[str, tuple[bytes, str, set[str]]]:
@@ -238,23 +238,23 @@ def tar_cases() -> dict[str, tuple[bytes, str, set[str]]]:
         cases[name] = (
             sample(b"k0", npy(header, data)) + END,
             r"train-000000\.tar.*'k0\.x\.npy'|train-000000\.tar sample 'k0' field 'x'",
-            ONLY_NPY,
+            OPEN_ONLY,
         )
     huge_header = codec.NPY_MAGIC + b"\x02\x00" + (1 << 31).to_bytes(4, "little") + b"{" * 600
     cases["npy-header-length-huge"] = (
         sample(b"k0", huge_header) + END,
         r"train-000000\.tar.*header of 2147483648 bytes",
-        ONLY_NPY,
+        OPEN_ONLY,
     )
     cases["npy-bad-magic"] = (
         sample(b"k0", b"\x93NUMPX" + GOOD_X[6:]) + END,
         r"train-000000\.tar.*bad magic",
-        ONLY_NPY,
+        OPEN_ONLY,
     )
     cases["json-nested-deep"] = (
         member(b"k0.x.npy", GOOD_X) + member(b"k0.y.json", b"[" * 100000) + END,
         r"train-000000\.tar.*(field 'y'|'k0\.y\.json').*cannot decode",
-        ONLY_NPY,
+        OPEN_ONLY,
     )
     return cases
 
@@ -309,9 +309,10 @@ def _cli(*argv: str) -> str:
     lines = [line for line in err.getvalue().splitlines() if line.strip()]
     if code == 0:
         return "ok"
-    problems = [line for line in lines if line.startswith(("problem: ", "error: "))]
-    if code in (1, 2) and len(problems) == 1 and not any("Traceback" in line for line in lines):
-        return "DataError: " + problems[0].split(": ", 1)[1]
+    one_error = code == 2 and len(lines) == 1 and lines[0].startswith("error: ")
+    one_problem = code == 1 and len(lines) == 2 and lines[0].startswith("problem: ")  # + "FAILED: ..."
+    if one_error or one_problem:
+        return "DataError: " + lines[0].split(": ", 1)[1]
     return f"crash: exit {code}: " + "\n".join(lines)[-3000:]
 
 
