@@ -509,6 +509,28 @@ def _fuzz_base(directory: Path) -> Path:
     return directory
 
 
+def _fuzz_base_webdataset(directory: Path) -> Path:
+    """The same kinds of fields written by webdataset's TarWriter (PAX headers), then indexed."""
+    import webdataset as wds
+
+    from foundation.data.index import index_shards
+
+    directory.mkdir(parents=True)
+    with wds.TarWriter(str(directory / SHARD)) as sink:
+        for i in range(3):
+            sink.write(
+                {
+                    "__key__": f"obj-{i}",
+                    "x.npy": np.full((2, 3), i, np.float32),
+                    "cls": i,
+                    "name.txt": "é" * i,
+                    "meta.json": {"i": [i]},
+                }
+            )
+    index_shards(directory)
+    return directory
+
+
 def _mutate(raw: bytes, rng: random.Random) -> bytes:
     """One random damage: flipped bytes (mostly in headers), a truncation, a header block spliced
     in or over, a hostile size field or PAX header inserted before a member."""
@@ -547,17 +569,17 @@ def _mutate(raw: bytes, rng: random.Random) -> bytes:
         )
         data[at + 124 : at + 136] = field
     elif kind == 4:
-        record = rng.choice(
+        key, value = rng.choice(
             [
-                b"size=-%d" % rng.randrange(1 << 20),
-                b"size=%d" % rng.randrange(1 << 40),
-                b"path=../x.y.json",
-                b"path=",
-                b"size=abc",
+                (b"size", b"-%d" % rng.randrange(1 << 20)),
+                (b"size", b"%d" % rng.randrange(1 << 40)),
+                (b"path", b"../x.y.json"),
+                (b"path", b""),
+                (b"size", b"abc"),
             ]
         )
-        text = b"%d %s\n" % (len(record) + 4, record)
-        data[rng.randrange(blocks) * 512 : 0] = pax(text)
+        at = rng.randrange(blocks) * 512
+        data[at:at] = pax(pax_record(key, value))
     else:
         cut = rng.randrange(blocks) * 512
         data[cut:cut] = bytes(data[: rng.randrange(1, 4) * 512])
@@ -570,21 +592,21 @@ def _child_fuzz(root: Path) -> None:
     import foundation.data.index  # noqa: F401  (imports before the limit)
     import foundation.data.verify  # noqa: F401
 
-    base = root / "base"
-    manifest = Manifest.load(base)
-    shard = next(p for p in sorted(base.glob("*.tar")))
-    raw = shard.read_bytes()
+    bases = [root / "base", root / "wds"]
+    manifests = [Manifest.load(base) for base in bases]
+    raws = [(base / SHARD).read_bytes() for base in bases]
     rng = random.Random(1234)
     work = root / "work"
     counts = {"ok": 0, "DataError": 0}
     _limit_memory()
     for trial in range(300):
+        base, manifest, raw = bases[trial % 2], manifests[trial % 2], raws[trial % 2]
         mutant = _mutate(raw, rng)
         if work.exists():
             shutil.rmtree(work)
         shutil.copytree(base, work)
-        (work / shard.name).write_bytes(mutant)
-        for name, check in _fuzz_checks(work, shard.name, mutant, manifest.schema).items():
+        (work / SHARD).write_bytes(mutant)
+        for name, check in _fuzz_checks(work, SHARD, mutant, manifest.schema).items():
             outcome = _outcome(check)
             kind = outcome.split(":", 1)[0]
             if kind in counts:
@@ -626,8 +648,9 @@ def _fuzz_checks(work: Path, shard: str, mutant: bytes, schema) -> dict:
     }
 
 
-def test_random_mutations_of_a_valid_shard_succeed_or_raise_data_error(tmp_path):
+def test_random_mutations_of_valid_shards_succeed_or_raise_data_error(tmp_path):
     _fuzz_base(tmp_path / "base")
+    _fuzz_base_webdataset(tmp_path / "wds")
     lines, err = run_child("fuzz", tmp_path, timeout=120)
     failures = [line for line in lines if "trial" in line]
     assert not failures, "\n\n".join(f"trial {f['trial']} {f['check']}: {f['outcome']}" for f in failures[:5])
