@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import io
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,10 @@ from foundation.data.schema import ARRAY_DTYPE_KINDS, FieldSpec
 from foundation.errors import DataError
 
 NPY_MAGIC = b"\x93NUMPY"
+MAX_NPY_HEADER = 10000
+"""Longest `.npy` header parsed (numpy's own default limit): the header is a Python literal."""
+MAX_NPY_DIMS = 64
+"""Most dimensions an array may have (numpy's limit)."""
 
 
 def encode(spec: FieldSpec, value: Any) -> bytes:
@@ -45,7 +50,7 @@ class NpyHeader:
         self.shape = shape
         self.fortran = fortran
         self.data_offset = data_offset
-        self.nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        self.nbytes = math.prod(shape) * dtype.itemsize  # exact (Python ints): checked against the member
         self.native = dtype.isnative or dtype.itemsize == 1
 
 
@@ -54,28 +59,35 @@ _HEADER_CACHE_MAX = 4096
 
 
 def _parse_npy_header(raw: bytes, data_offset: int) -> NpyHeader:
+    """The header dict, checked field by field before anything is sized from it."""
     try:
         text = raw.decode("latin1")
         meta = ast.literal_eval(text)
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
         raise ValueError("unreadable .npy header") from None
     if not isinstance(meta, dict) or set(meta) != {"descr", "fortran_order", "shape"}:
-        raise ValueError("malformed .npy header")
+        raise ValueError("malformed .npy header (needs exactly descr, fortran_order and shape)")
     descr, fortran, shape = meta["descr"], meta["fortran_order"], meta["shape"]
     if not isinstance(descr, str):
         raise ValueError(f"structured .npy dtype {descr!r} is not supported")
     try:
         dtype = np.dtype(descr)
-    except TypeError:
-        raise ValueError(f"unknown .npy dtype {descr!r}") from None
-    if dtype.kind not in ARRAY_DTYPE_KINDS or dtype.hasobject:
-        raise ValueError(f".npy dtype {descr!r} is not numeric (object arrays need pickle; refused)")
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"unknown .npy dtype {descr[:40]!r}") from None
+    if dtype.kind not in ARRAY_DTYPE_KINDS or dtype.hasobject or dtype.fields is not None or dtype.subdtype:
+        raise ValueError(f".npy dtype {descr[:40]!r} is not numeric (object arrays need pickle; refused)")
+    if not isinstance(fortran, bool):
+        raise ValueError(f".npy fortran_order {fortran!r} is not True or False")
     if (
-        not isinstance(fortran, bool)
-        or not isinstance(shape, tuple)
-        or not all(isinstance(d, int) and d >= 0 for d in shape)
+        not isinstance(shape, tuple)
+        or len(shape) > MAX_NPY_DIMS
+        or not all(type(d) is int and 0 <= d < 2**63 for d in shape)
     ):
-        raise ValueError("malformed .npy header")
+        raise ValueError(
+            f".npy shape {str(shape)[:80]} is not a tuple of at most {MAX_NPY_DIMS} non-negative int64 sizes"
+        )
+    if math.prod(d for d in shape if d) * dtype.itemsize >= 2**63:  # numpy's limit, even at size 0
+        raise ValueError(f".npy shape {str(shape)[:80]} is too large for any array")
     return NpyHeader(dtype, shape, fortran, data_offset)
 
 
@@ -92,6 +104,8 @@ def npy_header(buf, offset: int, size: int) -> NpyHeader:
         hlen = int.from_bytes(buf[offset + 8 : offset + 12], "little")
     else:
         raise ValueError(f"unsupported .npy version {major}")
+    if hlen > MAX_NPY_HEADER:
+        raise ValueError(f".npy header of {hlen} bytes (more than {MAX_NPY_HEADER})")
     if start + hlen > offset + size:
         raise ValueError(".npy header runs past the member")
     raw = buf[offset : start + hlen]

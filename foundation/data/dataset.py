@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from foundation.data import codec, shm
+from foundation.data import codec, shm, tario
 from foundation.data.manifest import Manifest
 from foundation.data.plan import EpochPlan, _rng
 from foundation.data.reader import ShardReader
@@ -46,6 +46,25 @@ def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
         except ValueError:
             raise DataError("the RANK / WORLD_SIZE environment variables must be integers") from None
     return (int(rank) if rank is not None else r), (int(world_size) if world_size is not None else w)
+
+
+def _plausible_sample_counts(directory, shards) -> list[int]:
+    """The manifest's sample count of each shard, refused when its file could not hold that many
+    (each sample takes a 512-byte tar header at least): the epoch plan sizes its shuffle buffers
+    from these counts before any shard is opened, so a damaged manifest must not size them."""
+    counts = []
+    for shard in shards:
+        try:
+            size = os.stat(directory / shard.name).st_size
+        except FileNotFoundError:
+            size = None  # reported when the shard is opened
+        if size is not None and shard.samples * tario.BLOCK > size:
+            raise DataError(
+                f"shard {shard.name}: the manifest records {shard.samples} samples but the file's {size} "
+                "bytes cannot hold that many; the manifest is damaged: re-create it"
+            )
+        counts.append(shard.samples)
+    return counts
 
 
 def _accepts_rng(fn: Callable) -> bool:
@@ -134,7 +153,7 @@ class ShardDataset(IterableDataset):
                     "the default collate can only stack equal shapes: pass a collate_fn that pads, or "
                     "select other fields with fields=[...]"
                 )
-        sizes = [s.samples for s in self.split_info.shards]
+        sizes = _plausible_sample_counts(self.manifest.path, self.split_info.shards)
         typical = max(1, int(np.median([s for s in sizes if s > 0] or [1])))
         self.shuffle_window = int(shuffle_window) if shuffle_window else 4 * max(sizes)
         self.plan = EpochPlan(

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from foundation.data import codec, tario
 from foundation.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, SplitInfo, check_split_name
-from foundation.data.reader import file_sha256
+from foundation.data.reader import check_keys, file_sha256
 from foundation.data.schema import READ_EXTS, FieldSpec, check_field_name, merge_spec
+from foundation.data.verify import duplicate_keys, key_hashes
 from foundation.data.writer import RunningStats
 from foundation.errors import DataError
 
@@ -27,7 +28,6 @@ _INT_EXTS = {"cls", "cls2", "index", "inx", "id"}
 
 def _member_spec(buf, member: tario.Member, ext: str, shard: str) -> tuple[FieldSpec, object]:
     where = f"shard {shard} member {member.name!r}"
-    data = buf[member.offset : member.offset + member.size]
     if ext == "npy":
         try:
             header = codec.npy_header(buf, member.offset, member.size)
@@ -35,6 +35,7 @@ def _member_spec(buf, member: tario.Member, ext: str, shard: str) -> tuple[Field
             raise DataError(f"{where}: {exc}") from None
         value = codec.npy_view(buf, member.offset, header)
         return FieldSpec("npy", header.dtype.newbyteorder("=").name, tuple(header.shape)), value
+    data = buf[member.offset : member.offset + member.size]
     try:
         if ext in _INT_EXTS:
             return FieldSpec("scalar", "int64", ()), int(data)
@@ -49,8 +50,8 @@ def _member_spec(buf, member: tario.Member, ext: str, shard: str) -> tuple[Field
             if isinstance(value, float):
                 return FieldSpec("scalar", "float64", ()), value
             return FieldSpec("json"), value
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise DataError(f"{where}: cannot decode ({exc})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise DataError(f"{where}: cannot decode ({type(exc).__name__}: {str(exc)[:200]})") from None
     if ext in ("pyd", "pickle", "pkl", "pth"):
         raise DataError(
             f"{where}: pickled members are never read (they can run arbitrary code); re-write the field "
@@ -60,6 +61,78 @@ def _member_spec(buf, member: tario.Member, ext: str, shard: str) -> tuple[Field
         f"{where}: .{ext} members are not supported by foundation shards; store arrays as .npy, numbers and "
         "metadata as .json, text as .txt"
     )
+
+
+def _index_shard(
+    path: Path, schema: dict[str, FieldSpec], field_counts: dict[str, int], stats: dict[str, RunningStats]
+) -> list[str]:
+    """Add one shard's members to the inferred schema, counts and stats; its sample keys."""
+    if not path.is_file():
+        raise DataError(f"shard {path.name} is not a regular file")
+    if path.stat().st_size == 0:
+        raise DataError(f"shard {path.name} is empty (0 bytes); remove it or re-create it")
+    with open(path, "rb") as handle:
+        buf = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        members = tario.walk(buf, path.name)
+        if not members:
+            raise DataError(f"shard {path.name} holds no members (an empty archive); remove it")
+        keys = _sample_keys(members, path.name)
+        for member in members:
+            key, field, ext = tario.split_name(member.name)
+            spec, value = _member_spec(buf, member, ext, path.name)
+            old = schema.get(field)
+            schema[field] = spec if old is None else merge_spec(old, spec, field, key)
+            field_counts[field] = field_counts.get(field, 0) + 1
+            if spec.dtype is not None and spec.dtype.startswith(("int", "uint", "float")):
+                stats.setdefault(field, RunningStats()).update(value)
+            del value
+    finally:
+        buf.close()
+    return keys
+
+
+def _sample_keys(members: Sequence[tario.Member], shard: str) -> list[str]:
+    """The shard's sample keys, in order, after checking the layout the loader relies on: every
+    member is `<key>.<field>.<ext>`, a sample's members are adjacent, no key or field repeats."""
+    keys: list[str] = []
+    seen: set[str] = set()
+    fields: set[str] = set()
+    for member in members:
+        key, field, _ = tario.split_name(member.name)
+        if not field:
+            raise DataError(f"shard {shard} member {member.name!r}: no <key>.<field> structure")
+        check_field_name(field)
+        if not keys or keys[-1] != key:
+            if key in seen:
+                raise DataError(
+                    f"shard {shard}: sample key {key!r} appears twice (members are not grouped by key, or "
+                    "the key is duplicated); keys must be unique"
+                )
+            seen.add(key)
+            keys.append(key)
+            fields.clear()
+        if field in fields:
+            raise DataError(f"shard {shard} member {member.name!r}: sample {key!r} has field {field!r} twice")
+        fields.add(field)
+    check_keys(keys, shard)
+    return keys
+
+
+def _refuse_duplicate_keys(split: str, paths: Sequence[Path], hashes: Sequence) -> None:
+    """Keys are unique across the shards of a split (the loader and `verify` rely on it)."""
+    for (a, i), (b, j) in duplicate_keys(hashes, limit=100):
+        first, second = (_shard_keys(paths[a])[i], _shard_keys(paths[b])[j])
+        if first == second:  # (not a 64-bit hash collision)
+            raise DataError(
+                f"split {split!r}: sample key {first!r} appears in both {paths[a].name} and {paths[b].name}; "
+                "keys must be unique within a split"
+            )
+
+
+def _shard_keys(path: Path) -> list[str]:
+    with open(path, "rb") as handle:
+        return _sample_keys(tario.walk(handle.fileno(), path.name), path.name)
 
 
 def index_shards(
@@ -99,35 +172,16 @@ def index_shards(
     for split, paths in split_paths.items():
         shards: list[ShardInfo] = []
         stats: dict[str, RunningStats] = {}
+        hashes = []
         for path in paths:
             path = path if path.is_absolute() else directory / path
             if path.parent.resolve() != directory.resolve():
                 raise DataError(f"shard {path} must be inside {directory}")
-            with open(path, "rb") as handle:
-                buf = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-            try:
-                members = tario.walk(buf, path.name)
-                keys: list[str] = []
-                for member in members:
-                    key, field, ext = tario.split_name(member.name)
-                    if not field:
-                        raise DataError(
-                            f"shard {path.name} member {member.name!r}: no <key>.<field> structure"
-                        )
-                    check_field_name(field)
-                    if not keys or keys[-1] != key:
-                        keys.append(key)
-                    spec, value = _member_spec(buf, member, ext, path.name)
-                    old = schema.get(field)
-                    schema[field] = spec if old is None else merge_spec(old, spec, field, key)
-                    field_counts[field] = field_counts.get(field, 0) + 1
-                    if spec.dtype is not None and spec.dtype.startswith(("int", "uint", "float")):
-                        stats.setdefault(field, RunningStats()).update(value)
-                    del value
-            finally:
-                buf.close()
+            keys = _index_shard(path, schema, field_counts, stats)
+            hashes.append(key_hashes(keys))
             shards.append(ShardInfo(path.name, len(keys), path.stat().st_size, file_sha256(path)))
             total_samples += len(keys)
+        _refuse_duplicate_keys(split, [directory / s.name for s in shards], hashes)
         split_infos[split] = SplitInfo(split, shards, {f: s.to_dict() for f, s in sorted(stats.items())})
     if not schema:
         raise DataError(f"the shards in {directory} hold no members")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from foundation.data import codec, tario
-from foundation.data.schema import READ_EXTS, FieldSpec
+from foundation.data.schema import READ_EXTS, FieldSpec, check_key
 from foundation.errors import DataError
 
 PEEK = 256
@@ -32,6 +32,23 @@ def file_sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: handle.read(1 << 22), b""):
             sha.update(chunk)
     return sha.hexdigest()
+
+
+def check_keys(keys: Sequence[str], shard: str) -> None:
+    """Keys as the docs promise them (non-empty; no dots, slashes, whitespace): a key with `../`
+    or a leading `/` would turn into a path in any tool that unpacks the shard. All keys are
+    checked in one scan; the offender is looked for only if there is one."""
+    if "" not in keys:
+        try:
+            check_key("".join(keys) or "-")
+            return
+        except DataError:
+            pass
+    for key in keys:
+        try:
+            check_key(key)
+        except DataError as exc:
+            raise DataError(f"shard {shard}: {exc}") from None
 
 
 class ShardReader:
@@ -121,6 +138,7 @@ class ShardReader:
             offsets[col][-1] = offset
             sizes[col][-1] = size
             heads[col][-1] = head
+        check_keys(keys, self.name)
         self.keys = keys
         self.offsets = offsets
         self.sizes = sizes
@@ -192,8 +210,8 @@ class ShardReader:
                 if head[6] == 1
                 else (12 + int.from_bytes(head[8:12], "little"))
             )
-            if need > len(head):  # an unusually long header: read all of it
-                head = self.read(self.offsets[col][i], min(need, size))
+            if need > len(head):  # an unusually long header: read all of it (if not absurd)
+                head = self.read(self.offsets[col][i], min(need, size, codec.MAX_NPY_HEADER + 12))
         try:
             header = codec.npy_header(head, 0, size)
         except ValueError as exc:
@@ -229,8 +247,11 @@ class ShardReader:
             if spec.kind == "json":
                 return codec.decode_json(data)
             value = codec.decode_scalar(data, self.exts[col] or "json")
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise DataError(f"{self._where(i, field)}: cannot decode {spec.kind} member ({exc})") from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise DataError(
+                f"{self._where(i, field)}: cannot decode {spec.kind} member ({type(exc).__name__}: "
+                f"{str(exc)[:200]})"
+            ) from None
         problem = spec.check_scalar(value)
         if problem:
             raise DataError(f"{self._where(i, field)}: {problem}")

@@ -83,44 +83,95 @@ class Member:
     """The first bytes of the data, when the walk was asked to peek."""
 
 
+MAX_METADATA_BYTES = 1 << 20
+"""Largest GNU long name / PAX extended header read: real ones are a few hundred bytes."""
+
+
 def _octal(field: bytes, what: str, where: str) -> int:
-    if field and field[0] & 0x80:  # GNU base-256 for large values
-        value = int.from_bytes(field, "big") & ~(0x80 << (8 * (len(field) - 1)))
-        return value
+    """A numeric header field: NUL/space-terminated octal digits, or GNU base-256 (0x80 first)."""
+    if field and field[0] & 0x80:
+        if field[0] != 0x80:  # 0xFF: base-256 negative; no size, id or checksum is
+            raise DataError(
+                f"{where}: tar header has a negative or malformed {what} field; re-create the shard"
+            )
+        return int.from_bytes(field[1:], "big")
     text = field.split(b"\0", 1)[0].strip(b" ")
     if not text:
         return 0
+    if not text.isdigit():  # int() would also take signs, spaces and underscores
+        raise DataError(f"{where}: tar header has a malformed {what} field {field!r}; re-create the shard")
     try:
         return int(text, 8)
     except ValueError:
-        raise DataError(f"{where}: tar header has a malformed {what} field {field!r}") from None
+        raise DataError(
+            f"{where}: tar header has a malformed {what} field {field!r}; re-create the shard"
+        ) from None
 
 
 def _pax_records(data: bytes, where: str) -> dict[str, str]:
+    """`<length> <key>=<value>\\n` records; each record must fit the header and end in a newline."""
     records: dict[str, str] = {}
     pos = 0
     while pos < len(data):
-        space = data.find(b" ", pos)
-        if space < 0:
-            break
-        try:
-            length = int(data[pos:space])
-        except ValueError:
-            raise DataError(f"{where}: malformed PAX extended header") from None
-        if length <= 0:
-            raise DataError(f"{where}: malformed PAX extended header")
-        record = data[space + 1 : pos + length - 1]
-        key, _, value = record.partition(b"=")
+        space = data.find(b" ", pos, pos + 21)
+        digits = data[pos:space] if space > pos else b""
+        if not digits.isdigit():
+            if not data[pos:].strip(b"\0"):  # zero padding after the last record
+                break
+            raise DataError(
+                f"{where}: malformed PAX extended header (bad record length); re-create the shard"
+            )
+        end = pos + int(digits)
+        if end > len(data) or end <= space or data[end - 1] != 10:
+            raise DataError(
+                f"{where}: malformed PAX extended header (a record overruns it); re-create the shard"
+            )
+        key, sep, value = data[space + 1 : end - 1].partition(b"=")
+        if not sep:
+            raise DataError(
+                f"{where}: malformed PAX extended header (a record has no '='); re-create the shard"
+            )
         records[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
-        pos += length
+        pos = end
     return records
 
 
-def _size(hdr: bytes, pos: int, shard: str) -> int:
+def _pax_size(pax: dict[str, str], where: str) -> int:
+    text = pax["size"]
+    if not (text.isascii() and text.isdigit()):
+        raise DataError(
+            f"{where}: PAX size record {text[:40]!r} is not a non-negative integer; re-create the shard"
+        )
+    return int(text)
+
+
+def _metadata(pread, size: int, data: int, where: str) -> bytes:
+    """The data of a long-name or PAX header, refused when implausibly large."""
+    if size > MAX_METADATA_BYTES:
+        raise DataError(
+            f"{where}: an extended tar header of {size} bytes (more than {MAX_METADATA_BYTES}); "
+            "the shard is corrupted or hostile; re-create it"
+        )
+    return pread(size, data)
+
+
+def _bad_member(hdr: bytes, pos: int, shard: str, problem: str) -> DataError:
+    """The error for a header whose size or type cannot be right: a checksum failure if the header
+    is damaged (the clearer diagnosis), else `problem`."""
+    block = np.frombuffer(hdr, dtype=np.uint8)
+    computed = int(block.sum(dtype=np.int64) - block[148:156].sum(dtype=np.int64)) + 8 * 32
+    signed = block.view(np.int8)
+    signed_sum = int(signed.sum(dtype=np.int64) - signed[148:156].sum(dtype=np.int64)) + 8 * 32
     try:
-        return int(hdr[124:135], 8)  # fast path: 11 octal digits (+ NUL), as tar writers do
-    except ValueError:
-        return _octal(hdr[124:136], "size", f"{shard}: tar header at byte {pos}")
+        stored = _octal(hdr[148:156], "checksum", f"{shard}: tar header at byte {pos}")
+    except DataError:
+        stored = None
+    if stored not in (computed, signed_sum):
+        return DataError(
+            f"{shard}: tar header at byte {pos} fails its checksum: the shard is corrupted; re-create it "
+            "(run `foundation shards verify` to list every damaged shard)"
+        )
+    return DataError(f"{shard}: tar header at byte {pos}: {problem}")
 
 
 @dataclass(slots=True)
@@ -164,9 +215,11 @@ def scan(
     """Every regular-file member of a tar, in order. `source` is the archive in memory (bytes,
     mmap) or an open file descriptor (int), read with pread: only headers are touched.
 
-    Understands ustar, GNU (long names via ././@LongLink) and PAX (`path`, `size` records, as
-    written by Python's tarfile and webdataset's TarWriter). Raises DataError naming the shard and
-    offset on a truncated archive, a malformed header or (optionally) a header checksum mismatch.
+    Understands ustar, GNU (long names via ././@LongLink, base-256 sizes) and PAX (`path`, `size`
+    records, as written by Python's tarfile and webdataset's TarWriter). Raises DataError naming
+    the shard and offset on a truncated archive, a malformed header or (optionally) a header
+    checksum mismatch. The file is hostile until checked: every size is checked against the file
+    before it is used (to read, or to move on), and every step moves forward by a block at least.
     With `peek` > 0 each member keeps its first `peek` data bytes in `heads` (fetched with
     the header in the same read: small members need no further read at all).
     """
@@ -197,13 +250,13 @@ def scan(
     pax: dict[str, str] = {}
     global_pax: dict[str, str] = {}
     while True:
-        if pos + BLOCK > total:
+        chunk = pread(want, pos) if pos + BLOCK <= total else b""
+        hdr = chunk[:BLOCK] if peek else chunk
+        if len(hdr) < BLOCK:
             raise DataError(
                 f"{shard}: truncated tar archive (ends inside a header at byte {pos} of {total}); "
                 "re-create the shard"
             )
-        chunk = pread(want, pos)
-        hdr = chunk[:BLOCK] if peek else chunk
         if hdr[0] == 0 and hdr == _ZERO_BLOCK:
             break  # end of archive
         add_block(hdr)
@@ -215,11 +268,13 @@ def scan(
         typeflag = hdr[156]
         data = pos + BLOCK
         end = data + size
-        if end > total:
-            raise DataError(
-                f"{shard}: truncated tar archive: member at byte {pos} needs {size} bytes but the file "
-                f"ends at byte {total}; re-create the shard (or restore it from the source)"
+        if size < 0 or end > total:
+            problem = (
+                f"malformed size field {hdr[124:136]!r}"
+                if size < 0
+                else f"the member needs {size} bytes but the file ends at byte {total}"
             )
+            raise _bad_member(hdr, pos, shard, f"{problem} (truncated or damaged); re-create the shard")
         if typeflag in _REGULAR:
             if long_name is not None:
                 name = long_name
@@ -231,15 +286,13 @@ def scan(
                 nul = hdr.find(0, 0, 100)
                 name = hdr[: nul if nul >= 0 else 100].decode("utf-8", "replace")
             if "size" in pax:
-                try:
-                    size = int(pax["size"])
-                except ValueError:
-                    raise DataError(
-                        f"{shard}: tar header at byte {pos}: PAX size record is not a number"
-                    ) from None
+                size = _pax_size(pax, f"{shard}: tar header at byte {pos}")
                 end = data + size
                 if end > total:
-                    raise DataError(f"{shard}: truncated tar archive: member {name!r} runs past the end")
+                    raise DataError(
+                        f"{shard}: tar header at byte {pos}: member {name!r} needs {size} bytes (PAX size "
+                        f"record) but the file ends at byte {total}; re-create the shard"
+                    )
             if crcs is not None:
                 where = f"{shard}: tar header at byte {pos}"
                 crcs.append(
@@ -255,12 +308,15 @@ def scan(
             if pax:
                 pax = {}
         elif typeflag == 76:  # "L": GNU long name of the next member
-            long_name = pread(size, data).split(b"\0", 1)[0].decode("utf-8", "replace")
+            raw = _metadata(pread, size, data, f"{shard}: tar header at byte {pos}")
+            long_name = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
         elif typeflag == 120:  # "x": PAX header of the next member
-            pax = _pax_records(pread(size, data), f"{shard}: tar header at byte {pos}")
+            where = f"{shard}: tar header at byte {pos}"
+            pax = _pax_records(_metadata(pread, size, data, where), where)
         elif typeflag == 103:  # "g": global PAX header
-            global_pax = _pax_records(pread(size, data), f"{shard}: tar header at byte {pos}")
-        else:  # directories, links, GNU long link names: not sample members
+            where = f"{shard}: tar header at byte {pos}"
+            global_pax.update(_pax_records(_metadata(pread, size, data, where), where))
+        elif typeflag != 75:  # directories, links...: no sample members ("K", a long link name: skipped)
             long_name = None
             pax = {}
         pos = end + (-size % BLOCK)

@@ -87,35 +87,59 @@ def verify_shard_set(
     return report
 
 
-def _key_hashes(keys: Sequence[str]) -> np.ndarray:
+def key_hashes(keys: Sequence[str]) -> np.ndarray:
+    """64-bit hashes of sample keys (for uniqueness checks over splits too large to hold the keys)."""
     return np.array(
         [int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "little") for k in keys],
         dtype=np.uint64,
     )
 
 
-def _check_unique_keys(manifest: Manifest, split: str, hashes: list[np.ndarray], problem) -> None:
-    """Keys must be unique across the shards of a split (each shard was checked on its own).
-    Memory: 8 bytes per sample, not the keys themselves."""
+def duplicate_keys(
+    hashes: Sequence[np.ndarray], limit: int = 20
+) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """Pairs of places ((shard, index in shard), ...) whose key hashes (`key_hashes`, one array per
+    shard) are equal, at most `limit`. Memory: 8 bytes per sample, not the keys themselves."""
     if not hashes:
-        return
+        return []
     everything = np.concatenate(hashes)
     order = np.argsort(everything, kind="stable")
     ordered = everything[order]
     dup = np.nonzero(ordered[1:] == ordered[:-1])[0]
-    if not len(dup):
-        return
     bounds = np.cumsum([0] + [len(h) for h in hashes])
-    shards = manifest.splits[split].shards
-    for d in dup[:20]:
+    pairs = []
+    for d in dup[:limit]:
         places = []
         for flat in (order[d], order[d + 1]):
             s = int(np.searchsorted(bounds, flat, side="right") - 1)
-            places.append((shards[s].name, int(flat - bounds[s])))
-        reader = ShardReader(manifest.path / places[0][0], manifest.schema)
-        key = reader.keys[places[0][1]]
-        reader.close()
-        problem(f"split {split!r}: sample key {key!r} appears in both {places[0][0]} and {places[1][0]}")
+            places.append((s, int(flat - bounds[s])))
+        pairs.append((places[0], places[1]))
+    return pairs
+
+
+def _check_unique_keys(manifest: Manifest, split: str, hashes: list[np.ndarray], problem) -> None:
+    """Keys must be unique across the shards of a split (each shard was checked on its own)."""
+    shards = manifest.splits[split].shards
+    for (a, i), (b, j) in duplicate_keys(hashes):
+        keys = []
+        for shard, index in ((a, i), (b, j)):
+            reader = ShardReader(manifest.path / shards[shard].name, manifest.schema)
+            keys.append(reader.keys[index])
+            reader.close()
+        if keys[0] == keys[1]:  # (not a 64-bit hash collision)
+            names = f"{shards[a].name} and {shards[b].name}"
+            problem(f"split {split!r}: sample key {keys[0]!r} appears in both {names}")
+
+
+_CRC_CHUNK = 1 << 24
+
+
+def _member_crc32(reader: ShardReader, member) -> int:
+    """CRC-32 of a member's data, read in bounded chunks (a member may be gigabytes)."""
+    crc, end = 0, member.offset + member.size
+    for start in range(member.offset, end, _CRC_CHUNK):
+        crc = zlib.crc32(reader.read(start, min(_CRC_CHUNK, end - start)), crc)
+    return crc
 
 
 def _verify_shard(manifest: Manifest, shard, problem, report: VerifyReport) -> np.ndarray:
@@ -145,8 +169,7 @@ def _verify_shard(manifest: Manifest, shard, problem, report: VerifyReport) -> n
         located = False
         if manifest.member_crc32 and reader.members is not None:
             for member in reader.members:
-                data = reader.read(member.offset, member.size)
-                if member.crc32 is not None and zlib.crc32(data) != member.crc32:
+                if member.crc32 is not None and _member_crc32(reader, member) != member.crc32:
                     located = True
                     also = "; sha256 does not match the manifest either" if not sha_ok else ""
                     problem(
@@ -163,6 +186,6 @@ def _verify_shard(manifest: Manifest, shard, problem, report: VerifyReport) -> n
             except DataError as exc:
                 problem(str(exc))
             report.samples += 1
-        return _key_hashes(reader.keys)
+        return key_hashes(reader.keys)
     finally:
         reader.close()

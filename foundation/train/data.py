@@ -7,14 +7,19 @@ records exactly which batch comes next for every rank and worker.
 
 from __future__ import annotations
 
+import functools
+import os
+import signal
+import threading
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from foundation.errors import FoundationError
 from foundation.train.distributed import Distributed
-from foundation.train.preemption import ignore_stop_signals_in_worker
 
 
 def build_loader(
@@ -47,7 +52,7 @@ def build_loader(
     with warnings.catch_warnings():
         # torchdata 0.11 calls a deprecated torch API in every constructor; nothing to act on.
         warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
-        return StatefulDataLoader(
+        return _Loader(
             dataset,
             batch_size=None,
             num_workers=workers,
@@ -55,10 +60,64 @@ def build_loader(
             # An explicit generator: creating the loader's iterator must not consume the global RNG,
             # or a resumed run would draw different dropout masks than an uninterrupted one.
             generator=torch.Generator().manual_seed(cfg.run.seed),
-            worker_init_fn=ignore_stop_signals_in_worker if workers > 0 else None,
+            worker_init_fn=functools.partial(loader_worker_init, loader_pid=os.getpid())
+            if workers > 0
+            else None,
             persistent_workers=workers > 0 and not train,
             prefetch_factor=cfg.data.prefetch if workers > 0 else None,
         )
+
+
+class _Loader(StatefulDataLoader):
+    """StatefulDataLoader whose worker errors read as the worker raised them: torch re-raises a
+    worker's exception with the worker's whole traceback as its message, and a FoundationError's
+    message must stay the one sentence the CLI prints."""
+
+    def __iter__(self) -> Iterator[Any]:
+        return _plain_worker_errors(super().__iter__())
+
+
+def _plain_worker_errors(batches: Iterator[Any]) -> Iterator[Any]:
+    try:
+        yield from batches
+    except FoundationError as exc:
+        raise type(exc)(worker_error_message(exc)) from exc  # (--verbose shows the worker's traceback)
+
+
+def worker_error_message(exc: BaseException) -> str:
+    """The original message of an exception torch re-raised from a loader worker
+    ("Caught X in DataLoader worker process N.\nOriginal Traceback ...\n<module>.X: message")."""
+    text = str(exc)
+    if not text.startswith("Caught ") or "Original Traceback" not in text:
+        return text
+    kind = type(exc)
+    marker = f"{kind.__module__}.{kind.__qualname__}: "
+    start = text.rfind(marker)
+    return text[start + len(marker) :].strip() if start >= 0 else text
+
+
+def loader_worker_init(worker_id: int, loader_pid: int | None = None) -> None:
+    """DataLoader `worker_init_fn`: stop signals are the trainer's, except the loader's own SIGTERM.
+
+    SLURM (and a terminal's process group) delivers a job's signals to every process: SIGUSR1's
+    default action would kill a worker, and a worker killed by SIGTERM crashes the loader instead
+    of letting the trainer stop cleanly, so workers ignore both. But the loader itself shuts its
+    workers down with SIGTERM (multiprocessing terminates and then joins them when the process
+    exits, e.g. after an error): a worker ignoring that signal would keep the run from ever
+    exiting. So SIGTERM is blocked and a thread takes it: from the loader's process (`loader_pid`,
+    default the parent: it differs under the forkserver start method) it ends the worker, as
+    torch's own worker handler does; from anyone else it is dropped.
+    """
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit it
+    loader = os.getppid() if loader_pid is None else loader_pid
+    threading.Thread(target=_exit_on_loader_sigterm, args=(loader,), daemon=True).start()
+
+
+def _exit_on_loader_sigterm(loader_pid: int) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == loader_pid:
+            os._exit(0)  # as torch's worker handler: a clean exit, no "worker killed" report
 
 
 def batch_samples(batch: Any) -> int:
