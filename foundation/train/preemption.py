@@ -68,13 +68,3 @@ class StopRequest:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
-
-
-def ignore_stop_signals_in_worker(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: workers leave stop signals to the trainer process.
-
-    SLURM delivers a job's signal to every process of the step; SIGUSR1's default action would
-    kill a loader worker and crash the run instead of stopping it cleanly.
-    """
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
