@@ -166,7 +166,7 @@ def read_checkpoint(path: str | Path, what: str) -> Mapping[str, Any]:
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         named = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        culprit = named.group(1) if named else str(exc).strip().splitlines()[0]
+        culprit = named.group(1) if named else "an object that is not plain data"
         raise DataError(
             f"{str(path)!r} refers to {culprit}, which is neither data nor a class of the reference "
             f"code ({', '.join(m.rstrip('.') for m in REFERENCE_MODULES)}); it is not loaded, since "
@@ -457,6 +457,7 @@ def convert_astroclip_state(
     def part(prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
+    query = _require(state, image_ref + "cross_attention.query", 3, where, "an AstroCLIP")
     image_state = _unchunk(part(image_ref + "backbone."))
     spectrum_state = part(spectrum_ref + "backbone.")
     image_heads = _stand_in_attribute(hparams.get("image_encoder"), "DinoVisionTransformer", "num_heads")
@@ -464,7 +465,6 @@ def convert_astroclip_state(
     head_heads = _stand_in_attribute(hparams.get("image_encoder"), "MultiheadAttention", "num_heads")
     image = image_config(image_state, where, _int_or(image_heads, 0) or None)
     spectrum = spectrum_config(spectrum_state, where, _int_or(spectrum_heads, 0) or None, {})
-    query = _require(state, image_ref + "cross_attention.query", 3, where, "an AstroCLIP")
     embed_dim = query.shape[-1]
     hidden = _require(state, image_ref + "mlp.encoder.weight", 2, where, "an AstroCLIP").shape[0]
 
