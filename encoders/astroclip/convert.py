@@ -80,6 +80,7 @@ REFERENCE_MODULES = (
     "lightning.",
     "lightning_fabric.",
     "pytorch_lightning.",
+    "jsonargparse.",
 )
 #: The pickle of a checkpoint's objects (not its tensors) is small; refuse to scan a larger one.
 MAX_PICKLE_BYTES = 512 * 2**20
