@@ -83,7 +83,7 @@ REFERENCE_MODULES = (
     "jsonargparse.",
 )
 #: The pickle of a checkpoint's objects (not its tensors) is small; refuse to scan a larger one.
-MAX_PICKLE_BYTES = 512 * 2**20
+MAX_PICKLE_BYTES = 64 * 2**20
 #: Channels per attention head where a checkpoint does not say (DINOv2 ViTs; the released SpecFormer).
 DINO_HEAD_WIDTH = 64
 SPECFORMER_HEAD_WIDTH = 128
@@ -191,10 +191,13 @@ def _tensor_state(state: Any, where: str, what: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def _walk(obj: Any, depth: int = 0) -> Iterator[Any]:
-    """Every object reachable through stand-ins' state, dicts, lists and tuples (bounded)."""
-    if depth > 64:
+def _walk(obj: Any, seen: set[int] | None = None, depth: int = 0) -> Iterator[Any]:
+    """Every object reachable through stand-ins' state, dicts, lists and tuples, each once (a
+    pickle may share or nest objects in cycles), to a bounded depth."""
+    seen = set() if seen is None else seen
+    if depth > 64 or id(obj) in seen:
         return
+    seen.add(id(obj))
     yield obj
     if isinstance(obj, _Opaque):
         children: list[Any] = [obj.state, list(obj.args)]
@@ -205,7 +208,7 @@ def _walk(obj: Any, depth: int = 0) -> Iterator[Any]:
     else:
         return
     for child in children:
-        yield from _walk(child, depth + 1)
+        yield from _walk(child, seen, depth + 1)
 
 
 def _stand_in_attribute(obj: Any, class_name: str, attribute: str) -> Any:
@@ -481,11 +484,13 @@ def convert_astroclip_state(
     rekeyed |= {k: v for k, v in state.items() if not k.startswith(image_ref + "backbone.")}
     _check_keys(rekeyed, expected | ({"logit_scale"} if learnable else set()), where, "an AstroCLIP")
 
-    logit_scale = (
-        float(state["logit_scale"].exp())
-        if learnable
-        else float(hparams.get("logit_scale", REFERENCE_LOGIT_SCALE) or REFERENCE_LOGIT_SCALE)
-    )
+    saved = hparams.get("logit_scale")
+    if learnable:
+        logit_scale = float(state["logit_scale"].exp())
+    elif isinstance(saved, (int, float)) and not isinstance(saved, bool) and saved > 0:
+        logit_scale = float(saved)
+    else:
+        logit_scale = REFERENCE_LOGIT_SCALE
     try:
         cfg = AstroCLIPConfig(
             stage="align",

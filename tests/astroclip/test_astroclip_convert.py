@@ -4,6 +4,7 @@ benchmarks/golden/make_astroclip_golden.py), refusal of truncated, mismatched an
 files, the `foundation convert` verbs and converted directories as tower initialisations."""
 
 import os
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -283,3 +284,23 @@ def test_the_reference_variant_trains(astroclip, stage):
         assert model.image.patch_embed.weight.grad is not None
     else:
         assert model.spectrum.embed.weight.grad is not None
+
+
+def test_cyclic_hyper_parameters_are_walked_once(tmp_path):
+    """A pickle may nest objects in cycles: reading head counts from them must still end."""
+    state = read_checkpoint(ASTROCLIP, "an AstroCLIP")["state_dict"]
+    cycle: list = []
+    cycle.extend([cycle, cycle])
+    ckpt = tmp_path / "cyclic.ckpt"
+    torch.save(
+        {"state_dict": state, "hyper_parameters": {"image_encoder": cycle, "spectrum_encoder": cycle}}, ckpt
+    )
+    code = (
+        "import sys; from encoders.astroclip.convert import convert_astroclip_checkpoint as c; "
+        "print(c(sys.argv[1]).cfg.head_heads)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(ckpt)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "4"
