@@ -4,6 +4,7 @@ benchmarks/golden/make_astroclip_golden.py), refusal of truncated, mismatched an
 files, the `foundation convert` verbs and converted directories as tower initialisations."""
 
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -304,3 +305,20 @@ def test_cyclic_hyper_parameters_are_walked_once(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "4"
+
+
+def test_hub_source_from_a_prepared_offline_cache(tmp_path, monkeypatch):
+    """`hf:polymathic-ai/astroclip` resolved from huggingface_hub's cache in offline mode."""
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    repo = tmp_path / "hub" / "models--polymathic-ai--astroclip"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    shutil.copyfile(ASTROCLIP, repo / "snapshots" / commit / "astroclip.ckpt")
+    assert main(["convert", "astroclip", "hf:polymathic-ai/astroclip", "--out", str(tmp_path / "m")]) == 0
+    model, cfg, _ = load_pretrained(tmp_path / "m")
+    assert cfg.model.variant == "reference"
+    assert bool((_cosines(model, "image", "astroclip_image") >= 0.9999).all())
