@@ -1,6 +1,9 @@
 """`foundation convert`: released checkpoints → an ordinary model directory.
 
     foundation convert mpp CKPT --out DIR [--velocity-slots compressible|incompressible] [--history N]
+    foundation convert astroclip CKPT --out DIR
+    foundation convert astrodino CKPT --out DIR [--heads N]
+    foundation convert specformer CKPT --out DIR
 
 CKPT is a local file or `hf:ORG/REPO[/FILE][@REVISION]`, fetched with huggingface_hub (its cache,
 and `HF_HUB_OFFLINE=1` to use only the cache). DIR receives the
@@ -12,6 +15,7 @@ DIR and renamed; an existing DIR is never overwritten. `evaluate rollout --check
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 from foundation.cli import Command
@@ -74,11 +78,79 @@ def _run_mpp(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- foundation convert astroclip
+
+
+def convert_astroclip(kind: str, checkpoint: str, out: str | Path, heads: int | None = None) -> Path:
+    """Convert a released AstroCLIP, AstroDINO or SpecFormer checkpoint (`kind`) into `out`;
+    `heads` sets AstroDINO's attention heads (default: 64 channels each, as DINOv2's ViTs)."""
+    from encoders.astroclip import convert
+    from foundation.config import DataSection, PretrainConfig
+
+    out = Path(out)
+    if out.exists():
+        raise ConfigError(f"{str(out)!r} already exists; choose a new --out folder (nothing was written)")
+    if heads is not None and heads < 1:
+        raise ConfigError(f"--heads must be >= 1, got {heads}")
+    local = resolve_checkpoint(checkpoint)
+    if kind == "astroclip":
+        model = convert.convert_astroclip_checkpoint(local)
+    elif kind == "astrodino":
+        model = convert.convert_astrodino_checkpoint(local, heads)
+    else:
+        model = convert.convert_specformer_checkpoint(local)
+    cfg = PretrainConfig(family="astroclip", data=DataSection(path=""), model=model.cfg)
+    source = {
+        "checkpoint": checkpoint,
+        "sha256": sha256_file(local),
+        "reference": convert.REFERENCE_REPO,
+        "release": kind,
+    }
+    write_converted(out, "astroclip", cfg, model.state_dict(), source)
+    return out
+
+
+def _astroclip_arguments(kind: str) -> Callable[[argparse.ArgumentParser], None]:
+    def add(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("checkpoint", help=f"released {kind}.ckpt, or hf:ORG/REPO[/FILE][@REVISION]")
+        parser.add_argument("--out", required=True, help="new model directory (must not exist)")
+        if kind == "astrodino":
+            parser.add_argument(
+                "--heads", type=int, default=None, help="attention heads (default: width / 64, as DINOv2)"
+            )
+
+    return add
+
+
+def _astroclip_runner(kind: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        out = convert_astroclip(kind, args.checkpoint, args.out, getattr(args, "heads", None))
+        print(f"wrote {out} (AstroCLIP family, {kind}, variant reference)")
+        return 0
+
+    return run
+
+
+_RELEASES = {
+    "astroclip": "the released AstroCLIP model (both towers and heads)",
+    "astrodino": "the released AstroDINO image ViT",
+    "specformer": "the released SpecFormer spectrum model",
+}
+
 COMMANDS = [
     Command(
         ("convert", "mpp"),
         "Convert a released MPP AViT checkpoint into a model directory.",
         _add_mpp_arguments,
         _run_mpp,
-    )
+    ),
+    *(
+        Command(
+            ("convert", kind),
+            f"Convert {what} checkpoint into a model directory.",
+            _astroclip_arguments(kind),
+            _astroclip_runner(kind),
+        )
+        for kind, what in _RELEASES.items()
+    ),
 ]

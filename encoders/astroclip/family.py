@@ -82,7 +82,7 @@ def check_manifest(cfg: AstroCLIPConfig, manifest: Any) -> None:
 
 def _set_normalisation(model: AstroCLIP, manifest: Any) -> None:
     """Copy the data set's normalisation statistics (from prepare) into the towers' buffers."""
-    if manifest is None:
+    if manifest is None or model.cfg.variant == "reference":  # the released towers use fixed constants
         return
     stats = getattr(manifest, "stats", None) or {}
     missing = []

@@ -6,6 +6,9 @@ As in Parker et al.: multi-head cross-attention from a learned query, LayerNorm,
 carry the positional embeddings and the class/statistics tokens, and `forward(...,
 return_weights=True)` returns the real attention probabilities (B, heads, T) — not a batch
 element, which is what the reference returned.
+
+The released AstroCLIP heads differ (`input_norm=False`: the tokens enter the attention as they
+are; `residual=False` for its image head, whose MLP output replaces its input); both are options.
 """
 
 from __future__ import annotations
@@ -20,14 +23,22 @@ from foundation.attention import attention, attention_weights
 
 class AttentionPoolHead(nn.Module):
     def __init__(
-        self, in_width: int, width: int, heads: int = 4, mlp_ratio: float = 4.0, dropout: float = 0.0
+        self,
+        in_width: int,
+        width: int,
+        heads: int = 4,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        input_norm: bool = True,
+        residual: bool = True,
     ):
         super().__init__()
         if width % heads:
             raise ValueError(f"embedding width {width} is not divisible by {heads} heads")
         self.heads = heads
         self.query = nn.Parameter(torch.randn(1, 1, width) / math.sqrt(width))
-        self.norm_in = nn.LayerNorm(in_width)
+        self.norm_in = nn.LayerNorm(in_width) if input_norm else nn.Identity()
+        self.residual = residual
         self.q = nn.Linear(width, width)
         self.kv = nn.Linear(in_width, 2 * width)
         self.proj = nn.Linear(width, width)
@@ -53,7 +64,7 @@ class AttentionPoolHead(nn.Module):
         q, k, v = self._qkv(tokens)
         pooled = attention(q, k, v).transpose(1, 2).reshape(len(tokens), -1)
         x = self.norm(self.dropout(self.proj(pooled)))
-        x = x + self.mlp(x)
+        x = x + self.mlp(x) if self.residual else self.mlp(x)
         if return_weights:
             return x, attention_weights(q, k)[:, :, 0]
         return x

@@ -5,6 +5,10 @@ One family, three kinds of runs, chosen by `model.stage`:
 - `image_masked`: masked-patch pretraining of the image ViT (only the image tower);
 - `align`: both towers + attention-pooling heads trained with symmetric InfoNCE; towers can
   start from earlier runs (`spectrum_init` / `image_init`) and be trainable or frozen.
+
+`variant: reference` builds the architecture of the released AstroCLIP models (converted by
+`foundation convert astroclip|astrodino|specformer`, see encoders/astroclip/convert.py) with the
+preprocessing the reference applies before them, so that the same shards give its embeddings.
 """
 
 from __future__ import annotations
@@ -20,13 +24,22 @@ from torch import nn
 
 from encoders.astroclip.heads import AttentionPoolHead
 from encoders.astroclip.survey import DESI_GRID, wavelength_grid
-from encoders.astroclip.towers import ImageViT, SpecFormer, VisiblePatchDecoder, spectrum_tokens
+from encoders.astroclip.towers import (
+    RGB_SCALES,
+    ImageViT,
+    ReferenceImageViT,
+    ReferenceSpecFormer,
+    SpecFormer,
+    VisiblePatchDecoder,
+    spectrum_tokens,
+)
 from foundation.config import option
 from foundation.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 Stage = Literal["spectrum_masked", "image_masked", "align"]
+Variant = Literal["foundation", "reference"]
 
 
 @dataclass
@@ -160,6 +173,13 @@ class AstroCLIPConfig:
     image_init: str | None = option(None, "Start the image tower from this run dir / checkpoint / model.pt.")
     freeze_spectrum: bool = option(False, "Keep the spectrum tower fixed during alignment.")
     freeze_image: bool = option(False, "Keep the image tower fixed during alignment.")
+    variant: Variant = option(
+        "foundation",
+        "Architecture: foundation (ours) or reference (the released AstroCLIP: DINOv2 image tower on "
+        "the Legacy Survey viewer's RGB with rows and columns swapped, no class token or positions "
+        "inside AstroCLIP; SpecFormer with its (mean, std) features in token 0; heads without input "
+        "LayerNorm, the image head without its MLP residual). Set by `foundation convert`.",
+    )
 
     def __post_init__(self) -> None:
         if self.embed_dim % self.head_heads:
@@ -168,6 +188,13 @@ class AstroCLIPConfig:
             raise ValueError(
                 f"need 0 < min_temperature ({self.min_temperature}) <= temperature ({self.temperature})"
             )
+        if self.variant == "reference" and self.uses_images:
+            planes = [RGB_SCALES[b][0] for b in self.image.bands if b in RGB_SCALES]
+            if len(self.image.bands) != 3 or sorted(planes) != [0, 1, 2]:
+                raise ValueError(
+                    f"variant reference needs three bands that fill the RGB planes of {sorted(RGB_SCALES)} "
+                    f"(released: g, r, z), got image.bands {list(self.image.bands)}"
+                )
 
     @property
     def uses_images(self) -> bool:
@@ -178,7 +205,19 @@ class AstroCLIPConfig:
         return self.stage in ("align", "spectrum_masked")
 
 
-def build_spectrum_tower(cfg: SpectrumTowerConfig) -> SpecFormer:
+def build_spectrum_tower(cfg: SpectrumTowerConfig, variant: Variant = "foundation") -> nn.Module:
+    if variant == "reference":
+        return ReferenceSpecFormer(
+            cfg.length,
+            cfg.patch,
+            cfg.stride,
+            cfg.width,
+            cfg.depth,
+            cfg.heads,
+            cfg.mlp_ratio,
+            cfg.dropout,
+            cfg.std_floor,
+        )
     return SpecFormer(
         cfg.length,
         cfg.patch,
@@ -193,7 +232,21 @@ def build_spectrum_tower(cfg: SpectrumTowerConfig) -> SpecFormer:
     )
 
 
-def build_image_tower(cfg: ImageTowerConfig) -> ImageViT:
+def build_image_tower(cfg: ImageTowerConfig, variant: Variant = "foundation", class_token: bool = True):
+    """Our ViT, or the released DINOv2 one (`class_token`: as AstroDINO alone, else as inside
+    AstroCLIP, which reads the patch tokens without class token or positions)."""
+    if variant == "reference":
+        return ReferenceImageViT(
+            cfg.bands,
+            cfg.size,
+            cfg.patch,
+            cfg.width,
+            cfg.depth,
+            cfg.heads,
+            cfg.mlp_ratio,
+            cfg.dropout,
+            class_token,
+        )
     return ImageViT(
         len(cfg.bands), cfg.size, cfg.patch, cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.dropout
     )
@@ -206,19 +259,27 @@ class AstroCLIP(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.stage = cfg.stage
-        self.spectrum = build_spectrum_tower(cfg.spectrum) if cfg.uses_spectra else None
-        self.image = build_image_tower(cfg.image) if cfg.uses_images else None
+        reference = cfg.variant == "reference"
+        self.spectrum = build_spectrum_tower(cfg.spectrum, cfg.variant) if cfg.uses_spectra else None
+        self.image = (
+            build_image_tower(cfg.image, cfg.variant, class_token=cfg.stage != "align")
+            if cfg.uses_images
+            else None
+        )
         # A tower's mask token only exists for its own masked stage's loss; elsewhere it is kept
         # (checkpoints stay interchangeable) but not trained, so DDP sees no unused parameter.
         if self.spectrum is not None:
             self.spectrum.mask_token.requires_grad_(cfg.stage == "spectrum_masked")
         if self.image is not None:
             self.image.mask_token.requires_grad_(
-                cfg.stage == "image_masked" and not cfg.image.encode_visible_only
+                cfg.stage == "image_masked" and not cfg.image.encode_visible_only and not reference
             )
+            if reference and cfg.stage == "align":  # AstroCLIP reads DINOv2 without them
+                self.image.cls.requires_grad_(False)
+                self.image.pos.requires_grad_(False)
         if cfg.stage == "spectrum_masked":
             self.spectrum_decoder = nn.Linear(cfg.spectrum.width, cfg.spectrum.patch)
-        if cfg.stage == "image_masked":
+        if cfg.stage == "image_masked" and not reference:
             i = cfg.image
             pixels = len(i.bands) * i.patch**2
             self.image_decoder = (
@@ -229,9 +290,16 @@ class AstroCLIP(nn.Module):
                 else nn.Linear(i.width, pixels)
             )
         if cfg.stage == "align":
-            head = dict(heads=cfg.head_heads, mlp_ratio=cfg.head_mlp_ratio, dropout=cfg.head_dropout)
+            head = dict(
+                heads=cfg.head_heads,
+                mlp_ratio=cfg.head_mlp_ratio,
+                dropout=cfg.head_dropout,
+                input_norm=not reference,
+            )
             self.spectrum_head = AttentionPoolHead(cfg.spectrum.width, cfg.embed_dim, **head)
-            self.image_head = AttentionPoolHead(cfg.image.width, cfg.embed_dim, **head)
+            self.image_head = AttentionPoolHead(
+                cfg.image.width, cfg.embed_dim, residual=not reference, **head
+            )
             log_scale = torch.tensor(math.log(1.0 / cfg.temperature))
             if cfg.learn_temperature:
                 self.log_logit_scale = nn.Parameter(log_scale)
@@ -295,6 +363,11 @@ class AstroCLIP(nn.Module):
                 "token_mask": mask,
             }
         if self.stage == "image_masked":
+            if self.cfg.variant == "reference":
+                raise ConfigError(
+                    "stage image_masked with variant reference embeds only (the released tower was "
+                    "trained by DINOv2 self-distillation): align with model.image_init set to it instead"
+                )
             mask = batch["image_token_mask"]
             if self.cfg.image.encode_visible_only:
                 out = self._image_tokens(batch, mask, drop_masked=True)
@@ -325,17 +398,24 @@ class AstroCLIP(nn.Module):
             out["spectrum"] = self.spectrum_head(tokens) if self.stage == "align" else tokens.mean(dim=1)
         if self.image is not None and "image" in batch:
             tokens = self.image(batch["image"])["tokens"]
-            out["image"] = self.image_head(tokens) if self.stage == "align" else tokens.mean(dim=1)
+            if self.stage == "align":
+                out["image"] = self.image_head(tokens)
+            else:  # DINOv2's embedding is its class token
+                out["image"] = tokens[:, 0] if self.cfg.variant == "reference" else tokens.mean(dim=1)
         return {k: nn.functional.normalize(v.float(), dim=-1) for k, v in out.items()}
 
 
 # ----------------------------------------------------------------------------- pretrained towers
 
 
-def load_tower_state(path: str, tower: str, expected: Any) -> dict[str, torch.Tensor]:
-    """The state dict of `tower` ("spectrum" or "image") from an earlier run or a state-dict file.
+def load_tower_state(
+    path: str, tower: str, expected: Any, variant: str | None = None
+) -> dict[str, torch.Tensor]:
+    """The state dict of `tower` ("spectrum" or "image") from an earlier run, a converted model
+    directory or a state-dict file.
 
-    `expected` is this run's tower config: shapes must match, or a ConfigError says what differs.
+    `expected` is this run's tower config (and `variant` its model variant): they must match, or a
+    ConfigError says what differs.
     """
     from pathlib import Path
 
@@ -376,6 +456,11 @@ def load_tower_state(path: str, tower: str, expected: Any) -> dict[str, torch.Te
             for name in fields_to_check
             if getattr(theirs, name) != getattr(expected, name)
         ]
+        if variant is not None and source_cfg.variant != variant:
+            raise ConfigError(
+                f"model.{tower}_init: {path} is a variant {source_cfg.variant!r} model and this config "
+                f"builds variant {variant!r}; set model.variant={source_cfg.variant}"
+            )
         if diff:
             raise ConfigError(
                 f"model.{tower}_init: the {tower} tower in {path} does not match this config's model.{tower} "
@@ -400,7 +485,7 @@ def init_towers(model: AstroCLIP) -> None:
         module = getattr(model, tower)
         if module is None:
             raise ConfigError(f"model.{tower}_init is set but stage {model.stage!r} has no {tower} tower")
-        state = load_tower_state(path, tower, getattr(model.cfg, tower))
+        state = load_tower_state(path, tower, getattr(model.cfg, tower), model.cfg.variant)
         missing, unexpected = module.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ConfigError(

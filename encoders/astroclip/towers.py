@@ -42,19 +42,37 @@ class SelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block: x + attn(LN(x)), then x + MLP(LN(x))."""
+    """Pre-LN transformer block: x + attn(LN(x)), then x + MLP(LN(x)).
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0):
+    `layer_scale` multiplies each branch by a learned per-channel gain (`ls1`, `ls2`; DINOv2's
+    LayerScale), `eps` is the LayerNorms' epsilon (DINOv2: 1e-6)."""
+
+    def __init__(
+        self,
+        width: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        eps: float = 1e-5,
+        layer_scale: bool = False,
+    ):
         super().__init__()
         hidden = int(width * mlp_ratio)
-        self.norm1 = nn.LayerNorm(width)
+        self.norm1 = nn.LayerNorm(width, eps=eps)
         self.attn = SelfAttention(width, heads, dropout)
-        self.norm2 = nn.LayerNorm(width)
+        self.norm2 = nn.LayerNorm(width, eps=eps)
         self.mlp = nn.Sequential(
             nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width), nn.Dropout(dropout)
         )
+        if layer_scale:
+            self.ls1 = nn.Parameter(torch.full((width,), 1e-5))
+            self.ls2 = nn.Parameter(torch.full((width,), 1e-5))
+        self.layer_scale = layer_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layer_scale:
+            x = x + self.ls1 * self.attn(self.norm1(x))
+            return x + self.ls2 * self.mlp(self.norm2(x))
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
@@ -84,10 +102,21 @@ def sinusoidal(positions: torch.Tensor, width: int) -> torch.Tensor:
 class Encoder(nn.Module):
     """A stack of blocks and a final LayerNorm."""
 
-    def __init__(self, width: int, depth: int, heads: int, mlp_ratio: float, dropout: float):
+    def __init__(
+        self,
+        width: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: float,
+        dropout: float,
+        eps: float = 1e-5,
+        layer_scale: bool = False,
+    ):
         super().__init__()
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, dropout) for _ in range(depth))
-        self.norm = nn.LayerNorm(width)
+        self.blocks = nn.ModuleList(
+            Block(width, heads, mlp_ratio, dropout, eps, layer_scale) for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(width, eps=eps)
         _init_weights(self.blocks, depth)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -338,3 +367,152 @@ def grid_positions(grid: int, width: int) -> torch.Tensor:
         ],
         dim=1,
     )
+
+
+# ----------------------------------------------------------------------------- the released towers
+
+#: The released SpecFormer's statistics features: ((mean - 2) / 2, (std - 2) / 8).
+REFERENCE_STAT_SHIFT = (2.0, 2.0)
+REFERENCE_STAT_SCALE = (2.0, 8.0)
+#: Legacy Survey viewer colours (the reference's `ToRGB`): band → (RGB plane, scale).
+RGB_SCALES = {"u": (2, 1.5), "g": (2, 6.0), "r": (1, 3.4), "i": (0, 1.0), "z": (0, 2.2)}
+RGB_SOFTENING = 0.03  # `m`
+RGB_STRETCH = 20.0  # `Q`
+
+
+class ReferenceSpecFormer(nn.Module):
+    """SpecFormer as released with AstroCLIP (Parker et al. 2024), input featurisation included.
+
+    Each spectrum is standardised over all its pixels (unbiased std, floored at `std_floor`); every
+    token has 2 + patch features: token 0 carries ((mean - 2) / 2, (std - 2) / 8) and zeros, the
+    slice tokens two zeros and their pixels. One linear embedding, learned positions, a pre-LN
+    encoder (LayerNorm eps 1e-5). Bad-pixel masks are ignored, as the reference ignores them.
+    """
+
+    def __init__(
+        self,
+        length: int,
+        patch: int,
+        stride: int,
+        width: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        std_floor: float = 0.2,
+    ):
+        super().__init__()
+        self.length, self.patch, self.stride, self.std_floor = length, patch, stride, std_floor
+        self.tokens = spectrum_tokens(length, patch, stride)
+        if self.tokens < 1:
+            raise ValueError(f"spectra of {length} pixels are shorter than one {patch}-pixel slice")
+        self.embed = nn.Linear(2 + patch, width)
+        self.pos = nn.Parameter(torch.zeros(1, self.tokens + 1, width))
+        # The reference masks by zeroing a token's features, whose embedding is the bias: the
+        # converter sets the mask token to it.
+        self.mask_token = nn.Parameter(torch.zeros(width))
+        self.dropout = nn.Dropout(dropout)
+        self.encoder = Encoder(width, depth, heads, mlp_ratio, dropout)
+
+    def features(self, flux: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L) flux → token features (B, 1+T, 2+patch) and the standardised slices (B, T, patch)."""
+        std = flux.std(dim=1, keepdim=True).clamp_min(self.std_floor)
+        mean = flux.mean(dim=1, keepdim=True)
+        slices = ((flux - mean) / std).unfold(1, self.patch, self.stride)
+        shift = flux.new_tensor(REFERENCE_STAT_SHIFT)
+        scale = flux.new_tensor(REFERENCE_STAT_SCALE)
+        stats = (torch.cat([mean, std], dim=1) - shift) / scale
+        first = torch.cat([stats, flux.new_zeros(len(flux), self.patch)], dim=1)[:, None]
+        rest = torch.cat([slices.new_zeros(*slices.shape[:2], 2), slices], dim=-1)
+        return torch.cat([first, rest], dim=1), slices
+
+    def forward(
+        self, flux: torch.Tensor, bad: torch.Tensor | None = None, token_mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """tokens (B, 1+T, W), the standardised slices as targets and unit weights."""
+        if flux.shape[1] != self.length:
+            raise ValueError(
+                f"spectra have {flux.shape[1]} pixels; this SpecFormer expects {self.length} (the model's "
+                "wavelength grid): re-run `foundation prepare astroclip` with the model's --grid"
+            )
+        features, target = self.features(flux)
+        h = self.embed(features)
+        if token_mask is not None:
+            slices = torch.where(token_mask[..., None], self.mask_token.to(h.dtype), h[:, 1:])
+            h = torch.cat([h[:, :1], slices], dim=1)
+        h = self.dropout(h + self.pos)
+        return {"tokens": self.encoder(h), "target": target, "weight": torch.ones_like(target)}
+
+
+def lupton_rgb(image: torch.Tensor, bands: list[str]) -> torch.Tensor:
+    """(B, 3, H, W) fluxes (nanomaggies) → the reference's RGB in [0, 1] (B, 3, H, W).
+
+    The Legacy Survey viewer's asinh colour stretch as AstroCLIP's `ToRGB` computes it: per band
+    scale and soften, stretch the mean intensity, clip; band g lands in plane 2, r in 1, z in 0."""
+    scales = image.new_tensor([RGB_SCALES[b][1] for b in bands])[None, :, None, None]
+    scaled = image * scales + RGB_SOFTENING
+    intensity = scaled.clamp_min(0).sum(dim=1) / len(bands)
+    stretched = torch.asinh(RGB_STRETCH * intensity) / math.sqrt(RGB_STRETCH)
+    intensity = intensity + (intensity == 0) * 1e-6
+    rgb = torch.zeros_like(scaled)
+    planes = [RGB_SCALES[b][0] for b in bands]
+    rgb[:, planes] = scaled * stretched[:, None] / intensity[:, None]
+    return rgb.clamp(0, 1)
+
+
+class ReferenceImageViT(nn.Module):
+    """The released image tower: AstroDINO's DINOv2 ViT, with AstroCLIP's image preprocessing.
+
+    Input (B, 3, S, S) fluxes in the bands of `RGB_SCALES` are turned into the viewer's RGB
+    (`lupton_rgb`) with rows and columns swapped, as the reference collator's `permute(0, 3, 2, 1)`
+    does. DINOv2: conv patch embedding, blocks with LayerScale, LayerNorm eps 1e-6. With
+    `class_token` (AstroDINO alone) the tokens are [cls, patches] plus learned positions and the
+    embedding is the class token; without it (inside AstroCLIP) the patch embeddings go through
+    the blocks with neither class token nor positions, as AstroCLIP's image head calls them.
+    """
+
+    def __init__(
+        self,
+        bands: list[str],
+        size: int,
+        patch: int,
+        width: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        class_token: bool = True,
+    ):
+        super().__init__()
+        if size % patch:
+            raise ValueError(f"image size {size} is not a multiple of the patch size {patch}")
+        self.band_names, self.size, self.patch = list(bands), size, patch
+        self.bands = len(bands)
+        self.grid = size // patch
+        self.class_token = class_token
+        self.patch_embed = nn.Conv2d(3, width, patch, stride=patch)
+        self.cls = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos = nn.Parameter(torch.zeros(1, 1 + self.grid**2, width))
+        self.mask_token = nn.Parameter(torch.zeros(width))
+        self.encoder = Encoder(width, depth, heads, mlp_ratio, dropout, eps=1e-6, layer_scale=True)
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid**2
+
+    def forward(
+        self, image: torch.Tensor, token_mask: torch.Tensor | None = None, drop_masked: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """tokens (B, 1+N, W) with the class token, else (B, N, W)."""
+        if token_mask is not None:
+            raise ValueError("the released image tower is for embedding and alignment, not masked training")
+        if image.shape[1:] != (self.bands, self.size, self.size):
+            raise ValueError(
+                f"images have shape {tuple(image.shape[1:])}; this tower expects "
+                f"({self.bands}, {self.size}, {self.size}) (bands, crop size)"
+            )
+        x = lupton_rgb(image, self.band_names).transpose(-1, -2)
+        h = self.patch_embed(x).flatten(2).transpose(1, 2)
+        if self.class_token:
+            h = torch.cat([self.cls.expand(len(h), -1, -1), h], dim=1) + self.pos
+        return {"tokens": self.encoder(h)}
