@@ -374,6 +374,23 @@ def describe(cls: type, prefix: str = "") -> list[str]:
     return lines
 
 
+# ----------------------------------------------------------------------------- shared model bounds
+
+# Sanity bounds of the model families' hyperparameters: generous beyond any model that fits a
+# machine, tight enough that a typo (an extra few zeros) is refused before anything is allocated.
+MAX_WIDTH = 1 << 16
+"""Largest width (d_model, embed_dim) of a transformer."""
+MAX_DEPTH = 1024
+"""Largest number of blocks or attention heads."""
+MAX_MLP_RATIO = 64
+"""Largest MLP hidden width as a multiple of the model width."""
+MAX_TOKENS = 1 << 20
+"""Largest sequence length, patch/stride in pixels, or other per-sample count."""
+MAX_VOCAB = 1 << 24
+"""Largest vocabulary size."""
+MAX_IMAGE_SIZE = 1 << 16
+"""Largest image side, pixels."""
+
 # ----------------------------------------------------------------------------- pretraining config
 
 #: Upper bound of step counts and intervals: far beyond any run, far below overflow.
