@@ -6,7 +6,8 @@ h5py, faiss) inside their `run` functions so that `foundation --help` stays fast
 Errors derived from `FoundationError` are printed as one line, without a traceback, and so are
 command-line mistakes. Every numeric option is checked as it is parsed: integers are counts
 (>= 1; >= 0 for the names in `ZERO_ALLOWED_OPTIONS`, and seeds) below `MAX_COUNT`, and floats
-are finite and positive, so that no verb starts work with a count of 0, -1 or 10**12.
+are finite and positive, so that no verb starts work with a count of 0, -1 or 10**12; `--device`
+must name a device that exists.
 """
 
 from __future__ import annotations
@@ -118,10 +119,34 @@ def positive_float(text: str) -> float:
 positive_float.__name__ = "number"
 
 
+def device_option(text: str) -> str:
+    """An argparse `type` for `--device`: auto, cpu, cuda or cuda:N, where that device exists."""
+    kind, _, index = text.partition(":")
+    if text in ("auto", "cpu"):
+        return text
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text[:40]!r}")
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise argparse.ArgumentTypeError(
+            f"{text} was asked for but torch sees no CUDA device; use cpu or auto"
+        )
+    if index and int(index) >= count:
+        raise argparse.ArgumentTypeError(
+            f"{text} does not exist: torch sees {count} CUDA device(s), cuda:0.."
+        )
+    return text
+
+
 def guard_numeric_options(parser: argparse.ArgumentParser) -> None:
-    """Give every plain `int`/`float` option of `parser` the range checks of the module docstring."""
+    """Give every plain `int`/`float` option of `parser` the range checks of the module docstring,
+    and every `--device` option a check that the device exists."""
     for action in parser._actions:
-        if action.type is int:
+        if action.dest == "device" and action.type is None and action.choices is None:
+            action.type = device_option
+        elif action.type is int:
             if action.dest == "seed" or action.dest.endswith("_seed"):
                 action.type = bounded_int(0, MAX_SEED)
             else:
