@@ -250,13 +250,11 @@ def _coerce_int(value: Any, where: str) -> int:
             value = int(text) if text.lstrip("+-").isdigit() else float(text)
         except ValueError:
             raise ConfigError(f"{where}: expected an integer, got {_short(value)}") from None
-    if isinstance(value, float):
-        if not math.isfinite(value) or value != int(value):
-            raise ConfigError(f"{where}: expected an integer, got {_short(value)}")
-        value = int(value)
+    if isinstance(value, float) and (not math.isfinite(value) or value != int(value)):
+        raise ConfigError(f"{where}: expected an integer, got {_short(value)}")
     if abs(value) > INT_LIMIT:
         raise ConfigError(f"{where} must be within +-(2**63 - 1) (a 64-bit integer), got {_short(value)}")
-    return value
+    return int(value)
 
 
 def _coerce_float(value: Any, where: str) -> float:

@@ -304,9 +304,15 @@ def _paths(node: Any, prefix: tuple = ()) -> list[tuple]:
     return out
 
 
-def mutate_tree(tree: Any, rng: random.Random) -> str:
-    """Change, delete or add one value somewhere in a parsed JSON/YAML tree, in place."""
-    paths = _paths(tree)
+def mutate_tree(
+    tree: Any, rng: random.Random, frozen: Sequence[tuple] = (), keep_keys_under: Sequence[tuple] = ()
+) -> str:
+    """Change, delete or add one value somewhere in a parsed JSON/YAML tree, in place.
+
+    Paths in `frozen` are never touched, keys under a path in `keep_keys_under` never deleted
+    (so that a mutated config still describes a small, fast run).
+    """
+    paths = [p for p in _paths(tree) if p not in frozen]
     if not paths:
         return "empty tree left as is"
     path = rng.choice(paths)
@@ -316,7 +322,8 @@ def mutate_tree(tree: Any, rng: random.Random) -> str:
     key = path[-1]
     where = ".".join(map(str, path))
     action = rng.random()
-    if action < 0.12 and isinstance(parent, dict):
+    deletable = not any(path[: len(prefix)] == prefix for prefix in keep_keys_under)
+    if action < 0.12 and isinstance(parent, dict) and deletable:
         del parent[key]
         return f"deleted {where}"
     if action < 0.2 and isinstance(parent, dict):
