@@ -227,17 +227,24 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return _coerce_float(value, where)
     if tp is str:
         if isinstance(value, str):
-            return value
+            return _no_nul(value, where)
         if isinstance(value, int | float) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{where}: expected a string, got {_short(value)}")
     if tp is Path:
         if isinstance(value, str | Path):
-            return Path(value)
+            return Path(_no_nul(str(value), where))
         raise ConfigError(f"{where}: expected a path, got {_short(value)}")
     if isinstance(value, tp):
         return value
     raise ConfigError(f"{where}: expected {_type_name(tp)}, got {_short(value)}")
+
+
+def _no_nul(text: str, where: str) -> str:
+    """`text`, unless it holds a NUL character, which no file name or setting can contain."""
+    if "\x00" in text:
+        raise ConfigError(f"{where}: {_short(text)} contains a NUL character")
+    return text
 
 
 def _coerce_int(value: Any, where: str) -> int:
