@@ -625,6 +625,7 @@ def _scaled(n: int) -> int:
     return max(1, round(n * SCALE))
 
 
+@pytest.mark.slow
 def test_every_verb_fails_cleanly_on_mutated_inputs(inputs, tmp_path):
     rng = random.Random(BASE_SEED)
     cases = [
@@ -652,3 +653,54 @@ def test_every_verb_fails_cleanly_on_mutated_inputs(inputs, tmp_path):
         f"{len(failures)} of {len(outcomes)} fuzz cases failed ({summary}; all in {report_path}):\n\n"
         + "\n\n".join(o.report() for o in failures[:40])
     )
+
+
+def _misbehaving_commands():
+    """Verbs that fail in each way the harness must tell apart (forked children inherit them)."""
+    from foundation.cli import Command
+    from foundation.errors import DataError
+
+    def clean(args):
+        raise DataError("the input is bad")
+
+    def bug(args):
+        raise KeyError("a bug")
+
+    def hang(args):
+        import time
+
+        while True:
+            time.sleep(0.05)
+
+    def bomb(args):
+        blocks = []
+        while True:
+            blocks.append(bytearray(64 << 20))  # touched pages: resident memory grows
+
+    def two_lines(args):
+        print("error: one", file=sys.stderr)
+        print("error: two", file=sys.stderr)
+        return 2
+
+    noop = lambda parser: None  # noqa: E731
+    runs = {"ok": lambda args: 0, "clean": clean, "bug": bug, "hang": hang, "bomb": bomb, "two": two_lines}
+    return [Command((name,), name, noop, run) for name, run in runs.items()]
+
+
+def test_harness_tells_success_clean_errors_tracebacks_hangs_and_memory_bombs_apart(monkeypatch, tmp_path):
+    from foundation import cli
+
+    monkeypatch.setattr(cli, "discover_commands", _misbehaving_commands)
+    names = ["ok", "clean", "bug", "hang", "bomb", "two"]
+    cases = [fz.Case(name, [name], tmp_path / name, "-", 0) for name in names]
+    outcomes = fz.run_cases(cases, jobs=2, timeout_s=2, rss_limit=fz.current_rss() + (256 << 20))
+    got = {o.case.verb: (o.kind, o.reason.split(":")[0].split(" (")[0]) for o in outcomes}
+    assert got == {
+        "ok": ("ok", "exit 0"),
+        "clean": ("clean", "exit 2"),
+        "bug": ("failure", "traceback"),
+        "hang": ("failure", "hang"),
+        "bomb": ("failure", "memory"),
+        "two": ("failure", "exit 2 with 2 'error"),
+    }
+    assert "error: the input is bad" in next(o for o in outcomes if o.case.verb == "clean").stderr
