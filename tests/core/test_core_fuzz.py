@@ -15,6 +15,7 @@ import json
 import os
 import random
 import shutil
+import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -92,13 +93,9 @@ def _warm_matplotlib() -> None:
     plt.close(fig)
 
 
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    return build_inputs(tmp_path_factory.mktemp("fuzz-inputs"))
-
-
 def build_inputs(base: Path) -> dict:
     """The valid inputs every case starts from (built by forked children: the parent stays torch-idle)."""
+    base.mkdir(parents=True, exist_ok=True)
     _import_everything()
     limit = fz.current_rss() + RSS_MARGIN
     synth = fz.run_one(
@@ -621,38 +618,62 @@ def argv_cases(inputs: dict, cases_dir: Path) -> list[fz.Case]:
     return cases
 
 
-def _scaled(n: int) -> int:
-    return max(1, round(n * SCALE))
-
-
-@pytest.mark.slow
-def test_every_verb_fails_cleanly_on_mutated_inputs(inputs, tmp_path):
-    rng = random.Random(BASE_SEED)
+def run_fuzz(base: Path, seed: int, scale: float) -> tuple[list[fz.Outcome], Path]:
+    """Build the inputs under `base`, run every case, return the outcomes and the failure report."""
+    inputs = build_inputs(base / "inputs")
+    cases_dir = base / "cases"
+    rng = random.Random(seed)
+    count = lambda n: max(1, round(n * scale))  # noqa: E731
     cases = [
-        *argv_cases(inputs, tmp_path),
-        *shard_cases(inputs, tmp_path, rng, _scaled(120)),
-        *config_cases(inputs, tmp_path, rng, _scaled(40)),
-        *override_cases(inputs, tmp_path, rng, _scaled(25)),
-        *embeddings_cases(inputs, tmp_path, rng, _scaled(36)),
-        *shard_training_cases(inputs, tmp_path, rng, _scaled(8)),
-        *run_cases_for_checkpoints(inputs, tmp_path, rng, _scaled(9)),
+        *argv_cases(inputs, cases_dir),
+        *shard_cases(inputs, cases_dir, rng, count(120)),
+        *config_cases(inputs, cases_dir, rng, count(40)),
+        *override_cases(inputs, cases_dir, rng, count(25)),
+        *embeddings_cases(inputs, cases_dir, rng, count(36)),
+        *shard_training_cases(inputs, cases_dir, rng, count(8)),
+        *run_cases_for_checkpoints(inputs, cases_dir, rng, count(9)),
     ]
-    limit = fz.current_rss() + RSS_MARGIN
 
     def tidy(outcome: fz.Outcome) -> None:
         if outcome.kind != "failure":
             shutil.rmtree(outcome.case.workdir, ignore_errors=True)
 
+    limit = fz.current_rss() + RSS_MARGIN
     outcomes = fz.run_cases(cases, jobs=2, timeout_s=TIMEOUT_S, rss_limit=limit, on_outcome=tidy)
-    kinds = Counter(o.kind for o in outcomes)
+    report = base / "fuzz-failures.txt"
+    report.write_text("\n\n".join(o.report(12) for o in outcomes if o.kind == "failure"))
+    return outcomes, report
+
+
+def main(argv: list[str]) -> int:
+    """`python tests/core/test_core_fuzz.py DIR [SEED [SCALE]]`: run the fuzz cases, print a summary.
+
+    The test runs this in a fresh interpreter, so that no thread of an earlier test (torch, loader
+    or logging threads) is alive when the cases are forked."""
+    base = Path(argv[0])
+    seed = int(argv[1]) if len(argv) > 1 else BASE_SEED
+    scale = float(argv[2]) if len(argv) > 2 else SCALE
+    outcomes, report = run_fuzz(base, seed, scale)
     failures = [o for o in outcomes if o.kind == "failure"]
+    kinds = Counter(o.kind for o in outcomes)
     summary = ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
-    report_path = tmp_path / "fuzz-failures.txt"
-    report_path.write_text("\n\n".join(o.report(12) for o in failures))
-    assert not failures, (
-        f"{len(failures)} of {len(outcomes)} fuzz cases failed ({summary}; all in {report_path}):\n\n"
-        + "\n\n".join(o.report() for o in failures[:40])
+    print(f"{len(failures)} of {len(outcomes)} fuzz cases failed ({summary}; all in {report})")
+    for outcome in failures[:40]:
+        print("\n" + outcome.report())
+    return 1 if failures else 0
+
+
+@pytest.mark.slow
+def test_every_verb_fails_cleanly_on_mutated_inputs(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    result = subprocess.run(
+        [sys.executable, __file__, str(tmp_path), str(BASE_SEED), str(SCALE)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1200,
     )
+    assert result.returncode == 0, result.stdout[-20000:] + result.stderr[-5000:]
 
 
 def _misbehaving_commands():
@@ -704,3 +725,7 @@ def test_harness_tells_success_clean_errors_tracebacks_hangs_and_memory_bombs_ap
         "two": ("failure", "exit 2 with 2 'error"),
     }
     assert "error: the input is bad" in next(o for o in outcomes if o.case.verb == "clean").stderr
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
