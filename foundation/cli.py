@@ -140,7 +140,7 @@ def device_option(text: str) -> str:
     return text
 
 
-def guard_numeric_options(parser: argparse.ArgumentParser) -> None:
+def guard_options(parser: argparse.ArgumentParser) -> None:
     """Give every plain `int`/`float` option of `parser` the range checks of the module docstring,
     and every `--device` option a check that the device exists."""
     for action in parser._actions:
@@ -182,7 +182,7 @@ def build_parser(commands: Sequence[Command]) -> argparse.ArgumentParser:
             command.path[-1], help=command.help, description=command.help
         )
         command.add_arguments(sub)
-        guard_numeric_options(sub)
+        guard_options(sub)
         sub.set_defaults(_run=command.run)
         parsers[command.path] = sub
     return parser
