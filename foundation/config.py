@@ -524,7 +524,8 @@ def load_pretrain_config(path: str | Path | None, overrides: Iterable[str] = ())
     if "family" not in data:
         raise ConfigError(f"config is missing 'family' (one of: {', '.join(registry.available())})")
     family = registry.get(str(data["family"]))
-    model_data = data.pop("model", None) or {}
+    model_data = data.pop("model", None)
+    model_data = {} if model_data is None else model_data  # `model: false` or `0` is refused, not a default
     cfg = from_dict(PretrainConfig, data)
     cfg.model = _coerce(model_data, family.model_config, "model")
     return cfg

@@ -140,6 +140,7 @@ def test_describe_shows_the_allowed_range():
         ("model.d_model=1000000000", r"model\.d_model must lie in \[1, 65536\]"),
         ("model.n_heads=0", r"model\.n_heads must lie in \[1, 1024\], got 0"),
         ("a..b=1", r"the key 'a\.\.b' has an empty part"),
+        ("model=false", r"model: expected a section \(mapping\), got False"),
         ('run.dir="a\\0b"', r"run\.dir: 'a\\x00b' contains a NUL character"),
     ],
 )
