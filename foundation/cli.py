@@ -3,7 +3,11 @@
 Each module in `pipelines/` declares its verbs in a module-level `COMMANDS` list of `Command`s;
 this file only assembles them into argparse. Pipeline modules keep their heavy imports (torch,
 h5py, faiss) inside their `run` functions so that `foundation --help` stays fast.
-Errors derived from `FoundationError` are printed as one line, without a traceback.
+Errors derived from `FoundationError` are printed as one line, without a traceback, and so are
+command-line mistakes. Every numeric option is checked as it is parsed: integers are counts
+(>= 1; >= 0 for the names in `ZERO_ALLOWED_OPTIONS`, and seeds) below `MAX_COUNT`, and floats
+are finite and positive, so that no verb starts work with a count of 0, -1 or 10**12; `--device`
+must name a device that exists.
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ import argparse
 import errno
 import importlib
 import logging
+import math
 import pkgutil
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -31,6 +37,21 @@ GROUPS = {
     "config": "Show configuration keys and their meaning.",
     "convert": "Convert released checkpoints into model directories.",
 }
+
+
+#: Integer options for which 0 is meaningful (an index, "none", "no minimum").
+ZERO_ALLOWED_OPTIONS = frozenset({"part", "num_workers", "exact_max", "min_field_count"})
+#: Largest count an integer option takes (seeds excepted): beyond it no run fits any machine.
+MAX_COUNT = 2**31 - 1
+#: Largest seed: what numpy and torch accept.
+MAX_SEED = 2**63 - 1
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a command-line mistake in one `error: ...` line (exit 2), like other errors."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
 
 
 @dataclass(frozen=True)
@@ -69,8 +90,74 @@ def discover_commands() -> list[Command]:
     return commands
 
 
+def bounded_int(low: int, high: int) -> Callable[[str], int]:
+    """An argparse `type` for an integer in [low, high]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text[:40]!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must lie in [{low}, {high}], got {text[:40]}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """An argparse `type` for a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text[:40]!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text[:40]}")
+    return value
+
+
+positive_float.__name__ = "number"
+
+
+def device_option(text: str) -> str:
+    """An argparse `type` for `--device`: auto, cpu, cuda or cuda:N, where that device exists."""
+    kind, _, index = text.partition(":")
+    if text in ("auto", "cpu"):
+        return text
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text[:40]!r}")
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise argparse.ArgumentTypeError(
+            f"{text} was asked for but torch sees no CUDA device; use cpu or auto"
+        )
+    if index and int(index) >= count:
+        raise argparse.ArgumentTypeError(
+            f"{text} does not exist: torch sees {count} CUDA device(s), cuda:0.."
+        )
+    return text
+
+
+def guard_options(parser: argparse.ArgumentParser) -> None:
+    """Give every plain `int`/`float` option of `parser` the range checks of the module docstring,
+    and every `--device` option a check that the device exists."""
+    for action in parser._actions:
+        if action.dest == "device" and action.type is None and action.choices is None:
+            action.type = device_option
+        elif action.type is int:
+            if action.dest == "seed" or action.dest.endswith("_seed"):
+                action.type = bounded_int(0, MAX_SEED)
+            else:
+                action.type = bounded_int(0 if action.dest in ZERO_ALLOWED_OPTIONS else 1, MAX_COUNT)
+        elif action.type is float:
+            action.type = positive_float
+
+
 def build_parser(commands: Sequence[Command]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="foundation",
         description="Pretrain, export and evaluate scientific foundation models (xVal, AstroCLIP, MPP).",
     )
@@ -96,6 +183,7 @@ def build_parser(commands: Sequence[Command]) -> argparse.ArgumentParser:
             command.path[-1], help=command.help, description=command.help
         )
         command.add_arguments(sub)
+        guard_options(sub)
         sub.set_defaults(_run=command.run)
         parsers[command.path] = sub
     return parser

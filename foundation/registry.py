@@ -8,6 +8,7 @@ this with small models). The trainer only ever sees the `Family` interface.
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -50,6 +51,7 @@ class Family:
 
 
 _REGISTERED: dict[str, Family] = {}
+_DOTTED_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 ENTRY_POINT_GROUP = "foundation.families"
 
 
@@ -76,6 +78,11 @@ def get(name: str) -> Family:
         return _REGISTERED[name]
     if ":" in name:
         module_name, _, attribute = name.partition(":")
+        if not _DOTTED_NAME.fullmatch(module_name) or not attribute.isidentifier():
+            raise ConfigError(
+                f"model family {name!r} is not of the form package.module:ATTRIBUTE "
+                f"(or one of: {', '.join(available()) or 'none'})"
+            )
         try:
             family = getattr(importlib.import_module(module_name), attribute)
         except (ImportError, AttributeError) as exc:

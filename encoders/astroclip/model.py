@@ -33,10 +33,15 @@ from encoders.astroclip.towers import (
     VisiblePatchDecoder,
     spectrum_tokens,
 )
-from foundation.config import option
+from foundation.config import MAX_DEPTH, MAX_IMAGE_SIZE, MAX_MLP_RATIO, MAX_TOKENS, MAX_WIDTH, option
 from foundation.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+MAX_WAVELENGTH = 1e5
+"""Largest wavelength of the spectrum grid, Å (10 µm)."""
+MIN_WAVE_STEP = 0.01
+"""Smallest pixel width of the spectrum grid, Å: with MAX_WAVELENGTH, at most 10**7 pixels."""
 
 Stage = Literal["spectrum_masked", "image_masked", "align"]
 Variant = Literal["foundation", "reference"]
@@ -45,25 +50,36 @@ Variant = Literal["foundation", "reference"]
 @dataclass
 class SpectrumTowerConfig:
     wave_min: float = option(
-        DESI_GRID[0], "First pixel centre of the model's wavelength grid, Å (DESI: 3600)."
+        DESI_GRID[0],
+        "First pixel centre of the model's wavelength grid, Å (DESI: 3600).",
+        gt=0,
+        le=MAX_WAVELENGTH,
     )
-    wave_max: float = option(DESI_GRID[1], "Last pixel centre, Å (DESI: 9824).")
+    wave_max: float = option(DESI_GRID[1], "Last pixel centre, Å (DESI: 9824).", gt=0, le=MAX_WAVELENGTH)
     wave_step: float = option(
-        DESI_GRID[2], "Pixel width, Å (DESI: 0.8). Shards must be prepared on this grid."
+        DESI_GRID[2], "Pixel width, Å (DESI: 0.8). Shards must be prepared on this grid.", ge=MIN_WAVE_STEP
     )
-    patch: int = option(20, "Pixels per slice (token).")
-    stride: int = option(10, "Pixels between the starts of consecutive slices (overlap = patch - stride).")
-    width: int = option(768, "Transformer width.")
-    depth: int = option(6, "Transformer blocks.")
-    heads: int = option(6, "Attention heads.")
-    mlp_ratio: float = option(4.0, "MLP hidden width / width.")
+    patch: int = option(20, "Pixels per slice (token).", ge=1, le=MAX_TOKENS)
+    stride: int = option(
+        10, "Pixels between the starts of consecutive slices (overlap = patch - stride).", ge=1, le=MAX_TOKENS
+    )
+    width: int = option(768, "Transformer width.", ge=1, le=MAX_WIDTH)
+    depth: int = option(6, "Transformer blocks.", ge=1, le=MAX_DEPTH)
+    heads: int = option(6, "Attention heads.", ge=1, le=MAX_DEPTH)
+    mlp_ratio: float = option(4.0, "MLP hidden width / width.", gt=0, le=MAX_MLP_RATIO)
     dropout: float = option(
         0.1,
         "Residual and MLP dropout (attention weights are never dropped, so SDPA stays on its fused kernels).",
+        ge=0,
+        lt=1,
     )
-    std_floor: float = option(0.2, "Floor of the per-spectrum standard deviation (flux units).")
-    mask_segments: int = option(6, "Masked pretraining: segments the token sequence is split into.")
-    mask_length: int = option(50, "Masked pretraining: contiguous tokens masked in each segment.")
+    std_floor: float = option(0.2, "Floor of the per-spectrum standard deviation (flux units).", gt=0)
+    mask_segments: int = option(
+        6, "Masked pretraining: segments the token sequence is split into.", ge=1, le=MAX_TOKENS
+    )
+    mask_length: int = option(
+        50, "Masked pretraining: contiguous tokens masked in each segment.", ge=1, le=MAX_TOKENS
+    )
 
     @property
     def length(self) -> int:
@@ -102,18 +118,24 @@ class ImageTowerConfig:
     bands: list[str] = option(
         doc="Bands, in order, the tower reads (must be in the shards).", factory=lambda: ["g", "r", "z"]
     )
-    size: int = option(144, "Crop size the tower sees, pixels (paper: 144 from 152 cutouts).")
-    patch: int = option(12, "Patch size, pixels.")
-    width: int = option(1024, "Transformer width (ViT-L: 1024).")
-    depth: int = option(24, "Transformer blocks (ViT-L: 24).")
-    heads: int = option(16, "Attention heads.")
-    mlp_ratio: float = option(4.0, "MLP hidden width / width.")
-    dropout: float = option(0.0, "Residual and MLP dropout.")
-    max_shift: int = option(4, "Training augmentation: largest shift of the crop window, pixels.")
+    size: int = option(
+        144, "Crop size the tower sees, pixels (paper: 144 from 152 cutouts).", ge=1, le=MAX_IMAGE_SIZE
+    )
+    patch: int = option(12, "Patch size, pixels.", ge=1, le=MAX_IMAGE_SIZE)
+    width: int = option(1024, "Transformer width (ViT-L: 1024).", ge=1, le=MAX_WIDTH)
+    depth: int = option(24, "Transformer blocks (ViT-L: 24).", ge=1, le=MAX_DEPTH)
+    heads: int = option(16, "Attention heads.", ge=1, le=MAX_DEPTH)
+    mlp_ratio: float = option(4.0, "MLP hidden width / width.", gt=0, le=MAX_MLP_RATIO)
+    dropout: float = option(0.0, "Residual and MLP dropout.", ge=0, lt=1)
+    max_shift: int = option(
+        4, "Training augmentation: largest shift of the crop window, pixels.", ge=0, le=MAX_IMAGE_SIZE
+    )
     rotate: bool = option(True, "Training augmentation: random rotations by multiples of 90 degrees.")
     flip: bool = option(True, "Training augmentation: random mirror flips.")
-    noise: float = option(0.0, "Training augmentation: extra Gaussian noise, in units of each pixel's sigma.")
-    mask_ratio: float = option(0.5, "image_masked stage: fraction of patches masked.")
+    noise: float = option(
+        0.0, "Training augmentation: extra Gaussian noise, in units of each pixel's sigma.", ge=0
+    )
+    mask_ratio: float = option(0.5, "image_masked stage: fraction of patches masked.", gt=0, lt=1)
     encode_visible_only: bool = option(
         True,
         "image_masked stage: the encoder sees only the unmasked patches and a light decoder predicts "
@@ -122,9 +144,14 @@ class ImageTowerConfig:
         "DINOv2's iBOT).",
     )
     decoder_width: int | None = option(
-        None, "image_masked with encode_visible_only: decoder width (default: width // 2)."
+        None,
+        "image_masked with encode_visible_only: decoder width (default: width // 2).",
+        ge=1,
+        le=MAX_WIDTH,
     )
-    decoder_depth: int = option(2, "image_masked with encode_visible_only: decoder blocks.")
+    decoder_depth: int = option(
+        2, "image_masked with encode_visible_only: decoder blocks.", ge=1, le=MAX_DEPTH
+    )
 
     def __post_init__(self) -> None:
         if not self.bands:
@@ -154,15 +181,19 @@ class AstroCLIPConfig:
     )
     spectrum: SpectrumTowerConfig = option(doc="Spectrum tower (SpecFormer).", factory=SpectrumTowerConfig)
     image: ImageTowerConfig = option(doc="Image tower (ViT).", factory=ImageTowerConfig)
-    embed_dim: int = option(1024, "Shared embedding dimension (width of the pooling heads).")
-    head_heads: int = option(4, "Attention heads of each pooling head.")
-    head_mlp_ratio: float = option(4.0, "MLP hidden width / embed_dim in the pooling heads.")
-    head_dropout: float = option(0.0, "Dropout in the pooling heads.")
+    embed_dim: int = option(
+        1024, "Shared embedding dimension (width of the pooling heads).", ge=1, le=MAX_WIDTH
+    )
+    head_heads: int = option(4, "Attention heads of each pooling head.", ge=1, le=MAX_DEPTH)
+    head_mlp_ratio: float = option(
+        4.0, "MLP hidden width / embed_dim in the pooling heads.", gt=0, le=MAX_MLP_RATIO
+    )
+    head_dropout: float = option(0.0, "Dropout in the pooling heads.", ge=0, lt=1)
     temperature: float = option(
-        1.0 / 15.5, "Initial InfoNCE temperature tau (logits = cos / tau); paper: 1/15.5."
+        1.0 / 15.5, "Initial InfoNCE temperature tau (logits = cos / tau); paper: 1/15.5.", gt=0
     )
     learn_temperature: bool = option(True, "Learn the temperature (its log is a parameter), clamped below.")
-    min_temperature: float = option(0.01, "Smallest temperature the learned one may reach.")
+    min_temperature: float = option(0.01, "Smallest temperature the learned one may reach.", gt=0)
     gather_negatives: bool = option(
         True, "Use every rank's embeddings as negatives (all-gather with gradients)."
     )

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from foundation.attention import attention
-from foundation.config import option
+from foundation.config import MAX_DEPTH, MAX_MLP_RATIO, MAX_TOKENS, MAX_WIDTH, option
 
 PERIODIC = 2  # The Well's boundary code for periodic axes
 
@@ -49,16 +49,22 @@ class MPPConfig:
     """AViT hyperparameters (the `model:` section of an MPP config). Paper sizes: Ti 192/3/12,
     S 384/6/12, B 768/12/12, L 1024/16/24 (embed_dim/num_heads/depth), patch 16."""
 
-    embed_dim: int = option(192, "Token width D (Ti 192, S 384, B 768, L 1024).")
-    num_heads: int = option(3, "Attention heads (Ti 3, S 6, B 12, L 16).")
-    depth: int = option(12, "Space-time blocks (12; L uses 24).")
+    embed_dim: int = option(192, "Token width D (Ti 192, S 384, B 768, L 1024).", ge=8, le=MAX_WIDTH)
+    num_heads: int = option(3, "Attention heads (Ti 3, S 6, B 12, L 16).", ge=1, le=MAX_DEPTH)
+    depth: int = option(12, "Space-time blocks (12; L uses 24).", ge=1, le=MAX_DEPTH)
     patch_size: int = option(16, "Pixels per token side: 4, 8 or 16 (16 in the paper).")
-    mlp_ratio: float = option(4.0, "MLP hidden width as a multiple of embed_dim.")
-    layer_scale_init: float = option(1e-6, "Initial layer-scale of every residual branch.")
-    drop_path: float = option(0.0, "Stochastic-depth rate of the last block (linear ramp from 0).")
-    bias_buckets: int = option(32, "T5 relative-position buckets (both directions together).")
-    bias_max_distance: int = option(128, "Distance beyond which relative positions share a bucket.")
-    history: int = option(4, "Input time steps per sample (16 in the paper).")
+    mlp_ratio: float = option(4.0, "MLP hidden width as a multiple of embed_dim.", gt=0, le=MAX_MLP_RATIO)
+    layer_scale_init: float = option(1e-6, "Initial layer-scale of every residual branch.", ge=0)
+    drop_path: float = option(
+        0.0, "Stochastic-depth rate of the last block (linear ramp from 0).", ge=0, lt=1
+    )
+    bias_buckets: int = option(
+        32, "T5 relative-position buckets (both directions together).", ge=1, le=MAX_TOKENS
+    )
+    bias_max_distance: int = option(
+        128, "Distance beyond which relative positions share a bucket.", ge=1, le=MAX_TOKENS
+    )
+    history: int = option(4, "Input time steps per sample (16 in the paper).", ge=1, le=MAX_TOKENS)
     residual: bool = option(
         True,
         "Predict the change from the last input step (in RevIN units); false = the state itself (paper).",

@@ -24,31 +24,37 @@ from torch import nn
 
 from encoders.xval.encodings import ENCODINGS, get_encoding
 from foundation.attention import attention
-from foundation.config import option
+from foundation.config import MAX_DEPTH, MAX_MLP_RATIO, MAX_TOKENS, MAX_VOCAB, MAX_WIDTH, option
 
 
 @dataclass
 class XValConfig:
     """The `model:` section of an xVal pretraining config."""
 
-    d_model: int = option(768, "Width of the residual stream (the paper: 768).")
-    n_layers: int = option(6, "Transformer blocks (the paper: 6).")
-    n_heads: int = option(6, "Attention heads; d_model must be divisible by it (the paper: 6 x 128).")
-    mlp_ratio: float = option(4.0, "MLP hidden width as a multiple of d_model.")
-    max_len: int = option(512, "Longest token sequence (learned positions); longer samples are cut.")
-    dropout: float = option(0.0, "Dropout on attention weights and residual branches.")
+    d_model: int = option(768, "Width of the residual stream (the paper: 768).", ge=1, le=MAX_WIDTH)
+    n_layers: int = option(6, "Transformer blocks (the paper: 6).", ge=1, le=MAX_DEPTH)
+    n_heads: int = option(
+        6, "Attention heads; d_model must be divisible by it (the paper: 6 x 128).", ge=1, le=MAX_DEPTH
+    )
+    mlp_ratio: float = option(4.0, "MLP hidden width as a multiple of d_model.", gt=0, le=MAX_MLP_RATIO)
+    max_len: int = option(
+        512, "Longest token sequence (learned positions); longer samples are cut.", ge=1, le=MAX_TOKENS
+    )
+    dropout: float = option(0.0, "Dropout on attention weights and residual branches.", ge=0, lt=1)
     mode: Literal["mlm", "causal"] = option(
         "mlm", "mlm: masked-token prediction (bidirectional); causal: next-token prediction."
     )
     encoding: Literal["xval", "p10", "p1000", "b1999", "fp15"] = option(
         "xval", "How numbers are tokenised: xval ([NUM] scaled by value) or a text baseline."
     )
-    mask_prob: float = option(0.2, "MLM: probability that a token (or a whole number) is masked.")
-    number_loss_weight: float = option(1.0, "lambda in loss = CE + lambda * MSE (xval encoding only).")
+    mask_prob: float = option(0.2, "MLM: probability that a token (or a whole number) is masked.", gt=0, lt=1)
+    number_loss_weight: float = option(1.0, "lambda in loss = CE + lambda * MSE (xval encoding only).", ge=0)
     pack: bool = option(
         True, "Training batches pack several samples per row of max_len (no padding compute)."
     )
-    text_vocab_size: int = option(0, "Text vocabulary size; 0 = read from the shard set's tokenizer.")
+    text_vocab_size: int = option(
+        0, "Text vocabulary size; 0 = read from the shard set's tokenizer.", ge=0, le=MAX_VOCAB
+    )
 
     def __post_init__(self) -> None:
         for name in ("d_model", "n_layers", "n_heads", "max_len"):

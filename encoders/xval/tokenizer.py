@@ -16,13 +16,28 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from encoders.xval.numbers import ParsedText
-from foundation.errors import DataError
+from foundation.errors import ConfigError, DataError
 
 TOKENIZER_FILE = "tokenizer.json"
 """Name of the tokenizer file inside an xVal shard set."""
 PAD, UNK, MASK, NUM = "[PAD]", "[UNK]", "[MASK]", "[NUM]"
 SPECIAL_TOKENS = (PAD, UNK, MASK, NUM)
 PAD_ID, UNK_ID, MASK_ID, NUM_ID = range(4)
+MAX_VOCAB_SIZE = 1 << 20
+"""Largest BPE vocabulary `train` builds (4x the largest in use): the trainer allocates ~70 bytes
+per requested token up front, so 10**9 would abort the process from inside the Rust library."""
+
+
+def check_vocab_size(vocab_size: int) -> None:
+    """Refuse a BPE vocabulary size outside [1, MAX_VOCAB_SIZE] (call it before reading any data)."""
+    if (
+        isinstance(vocab_size, bool)
+        or not isinstance(vocab_size, int)
+        or not 1 <= vocab_size <= MAX_VOCAB_SIZE
+    ):
+        raise ConfigError(
+            f"the vocabulary size (--vocab-size) must lie in [1, {MAX_VOCAB_SIZE}], got {vocab_size!r}"
+        )
 
 
 class TextTokenizer:
@@ -43,7 +58,10 @@ class TextTokenizer:
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2) -> TextTokenizer:
         """Train on `texts` (templates: each piece between `[NUM]` markers is encoded on its own,
-        so training sees the same pieces)."""
+        so training sees the same pieces). Sizes beyond `MAX_VOCAB_SIZE` are refused."""
+        check_vocab_size(vocab_size)
+        if min_frequency < 0:
+            raise ConfigError(f"the minimum pair frequency must be >= 0, got {min_frequency}")
         tok = Tokenizer(models.BPE(unk_token=UNK))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tok.decoder = decoders.ByteLevel()

@@ -1,6 +1,9 @@
 """Family registry and the CLI's assembly of pipeline verbs."""
 
 import dataclasses
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -76,3 +79,86 @@ def test_duplicate_commands_are_refused():
 def test_real_cli_assembles():
     parser = cli.build_parser(cli.discover_commands())
     assert parser.parse_args(["config", "describe"]).verb == "config"
+
+
+@pytest.mark.parametrize("name", [":FAMILY", "..x:FAMILY", "a b:FAMILY", "tests:", "os:system()"])
+def test_malformed_family_import_paths_are_config_errors(name):
+    with pytest.raises(ConfigError, match="not of the form package.module:ATTRIBUTE"):
+        registry.get(name)
+
+
+def _numeric_commands(seen):
+    def add(parser):
+        parser.add_argument("--rows", type=int, default=10)
+        parser.add_argument("--part", type=int, default=0)
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--fraction", type=float, default=0.5)
+        parser.add_argument("--device", default="auto")
+
+    return [cli.Command(("numbers",), "Numbers.", add, lambda args: seen.append(args) or 0)]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--rows", "0"], r"argument --rows: must lie in \[1, 2147483647\], got 0"),
+        (["--rows", "-5"], r"argument --rows: must lie in \[1, 2147483647\], got -5"),
+        (["--rows", "99999999999"], r"argument --rows: must lie in \[1, 2147483647\]"),
+        (["--rows", "1e3"], r"argument --rows: expected an integer, got '1e3'"),
+        (["--part", "-1"], r"argument --part: must lie in \[0, 2147483647\], got -1"),
+        (["--seed", "-1"], r"argument --seed: must lie in \[0, 9223372036854775807\], got -1"),
+        (["--fraction", "nan"], r"argument --fraction: must be a finite number > 0, got nan"),
+        (["--fraction", "inf"], r"argument --fraction: must be a finite number > 0, got inf"),
+        (["--fraction", "0"], r"argument --fraction: must be a finite number > 0, got 0"),
+        (["--device", "bogus"], r"argument --device: expected auto, cpu, cuda or cuda:N, got 'bogus'"),
+        (["--nosuch"], r"unrecognized arguments: --nosuch"),
+    ],
+)
+def test_command_line_mistakes_are_one_error_line(monkeypatch, capsys, argv, message):
+    seen = []
+    monkeypatch.setattr(cli, "discover_commands", lambda: _numeric_commands(seen))
+    with pytest.raises(SystemExit) as info:
+        cli.main(["numbers", *argv])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and not seen
+    assert err.count("\n") == 1 and err.startswith("error: foundation"), err
+    assert re.search(message, err), err
+
+
+def test_a_cuda_device_torch_cannot_see_is_refused(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    seen = []
+    monkeypatch.setattr(cli, "discover_commands", lambda: _numeric_commands(seen))
+    assert cli.main(["numbers", "--device", "cuda:0"]) == 0 and seen[0].device == "cuda:0"
+    with pytest.raises(SystemExit):
+        cli.main(["numbers", "--device", "cuda:7"])
+    assert "cuda:7 does not exist: torch sees 1 CUDA device(s)" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        cli.main(["numbers", "--device", "cuda"])
+    assert "torch sees no CUDA device; use cpu or auto" in capsys.readouterr().err
+
+
+def test_valid_numbers_pass_through(monkeypatch):
+    seen = []
+    monkeypatch.setattr(cli, "discover_commands", lambda: _numeric_commands(seen))
+    assert (
+        cli.main(["numbers", "--rows", "3", "--part", "0", "--seed", str(2**40), "--fraction", "0.25"]) == 0
+    )
+    assert (seen[0].rows, seen[0].part, seen[0].seed, seen[0].fraction) == (3, 0, 2**40, 0.25)
+
+
+def test_huge_bpe_vocabulary_is_refused_before_the_rust_trainer_aborts():
+    # Run in a child: before the check, the tokenizers library aborted the whole process.
+    code = (
+        "from encoders.xval.tokenizer import TextTokenizer\n"
+        "from foundation.errors import ConfigError\n"
+        "try:\n"
+        "    TextTokenizer.train(['a b c'] * 5, vocab_size=1_000_000_000)\n"
+        "except ConfigError as exc:\n"
+        "    print(exc)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "vocabulary size (--vocab-size) must lie in [1, 1048576], got 1000000000" in result.stdout
