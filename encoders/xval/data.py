@@ -25,7 +25,7 @@ import numpy as np
 
 from encoders.xval.normalizer import Kind, Normalizer
 from encoders.xval.numbers import MAX_MAGNITUDE, ThousandsPolicy, extract_numbers
-from encoders.xval.tokenizer import TOKENIZER_FILE, TextTokenizer
+from encoders.xval.tokenizer import TOKENIZER_FILE, TextTokenizer, check_vocab_size
 from foundation.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -207,6 +207,8 @@ def prepare(paths: Sequence[str | Path], out: str | Path, opts: PrepareOptions |
     from foundation.data import Manifest, ShardSetWriter, split_for_key
 
     opts = opts or PrepareOptions()
+    if not opts.vocab_from:
+        check_vocab_size(opts.vocab_size)  # before two passes over the data, not after
     fractions = dict(opts.split_fractions)
 
     def split_of(record: Record) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import fcntl
 import hashlib
 import logging
 import os
@@ -349,9 +348,8 @@ class ShardSetWriter:
                     state.current = None
                 self._check_duplicate_keys(state)
             self._check_degenerate()
-            with self._lock():
-                self._recheck_target()
-                manifest = self._publish()
+            self._recheck_target()
+            manifest = self._publish()
         except BaseException:
             self._cleanup()
             raise
@@ -746,15 +744,6 @@ class ShardSetWriter:
             moves.append((tmp, self.out_dir / name))
         return out, moves
 
-    @contextlib.contextmanager
-    def _lock(self):
-        with open(self.out_dir / ".manifest.lock", "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
     def _cleanup(self) -> None:
         for state in self._splits.values():
             if state.current is not None:
@@ -769,7 +758,6 @@ class ShardSetWriter:
                 leftover.unlink()
         if self._created_dir:  # leave no empty folder behind a failed first write
             with contextlib.suppress(OSError):
-                (self.out_dir / ".manifest.lock").unlink(missing_ok=True)
                 self.out_dir.rmdir()
 
 
