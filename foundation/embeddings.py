@@ -42,6 +42,12 @@ FORMAT_VERSION = 1
 PARTIAL_SUFFIX = ".partial"
 RESERVED = ("object_id", "targets", "split")
 _NORM_TOLERANCE = 1e-3
+#: Sane bounds on what a file may declare, checked before anything is allocated or read.
+MAX_ROWS = 1 << 34
+MAX_DIM = 1 << 20
+#: A filtered (compressed) dataset may not declare more than this many bytes per stored byte:
+#: floats and ids compress a few-fold, a dataset of zeros declaring gigabytes is a bomb.
+MAX_COMPRESSION_RATIO = 256
 
 
 def _h5py():
@@ -345,6 +351,9 @@ class Embeddings:
         self._file = open_hdf5(self.path)
         try:
             self._validate(allow_partial)
+        except OSError as exc:  # HDF5 could not read what the headers point at
+            self._file.close()
+            raise DataError(f"malformed embeddings file {self.path}: cannot read it ({exc})") from None
         except Exception:
             self._file.close()
             raise
@@ -359,7 +368,7 @@ class Embeddings:
         fmt = attrs.get("format")
         if fmt is not None and _text(fmt) != FORMAT:
             self._fail(f"format attribute is {_text(fmt)!r}, expected {FORMAT!r}")
-        version = int(attrs.get("format_version", FORMAT_VERSION))
+        version = self._int_attr("format_version", FORMAT_VERSION)
         if version > FORMAT_VERSION:
             self._fail(
                 f"format version {version} is newer than this foundation (reads <= {FORMAT_VERSION}); upgrade"
@@ -373,9 +382,14 @@ class Embeddings:
         ids_ds = f["object_id"]
         if ids_ds.ndim != 1:
             self._fail(f"'object_id' must be 1-D, it has shape {ids_ds.shape}")
-        rows = int(attrs["rows"]) if "rows" in attrs else ids_ds.shape[0]
+        rows = self._int_attr("rows", ids_ds.shape[0])
+        if not 0 <= rows <= MAX_ROWS:
+            self._fail(f"it declares {rows} rows (expected 0 to {MAX_ROWS})")
         if ids_ds.shape[0] < rows:
             self._fail(f"'object_id' has {ids_ds.shape[0]} rows, attribute 'rows' says {rows}")
+        if rows == 0:
+            self._fail("it holds no rows (an export of an empty selection?); export some objects first")
+        self._check_stored("object_id", ids_ds, rows)
         if ids_ds.dtype.kind in "SOU":
             ids = ids_ds.asstr()[:rows] if ids_ds.dtype.kind != "U" else ids_ds[:rows]
             ids = np.asarray(ids, dtype=object)
@@ -389,7 +403,7 @@ class Embeddings:
             dup = sorted(_dupes(ids.tolist()))
             self._fail(f"{len(dup)} object ids appear more than once (e.g. {dup[:3]})")
         if "modalities" in attrs:
-            mods = json.loads(_text(attrs["modalities"]))
+            mods = self._modalities_attr()
             for m in mods:
                 if m not in f:
                     self._fail(f"attribute 'modalities' names {m!r} but there is no such dataset")
@@ -407,6 +421,9 @@ class Embeddings:
                 self._fail(f"modality {m!r} must be a 2-D float dataset, got {getattr(ds, 'shape', ds)}")
             if ds.shape[0] < rows:
                 self._fail(f"modality {m!r} has {ds.shape[0]} rows but there are {rows} object ids")
+            if not 1 <= ds.shape[1] <= MAX_DIM:
+                self._fail(f"modality {m!r} has dimension {ds.shape[1]} (expected 1 to {MAX_DIM})")
+            self._check_stored(m, ds, rows)
         self.modalities = list(mods)
         targets = []
         if "targets" in f:
@@ -417,11 +434,45 @@ class Embeddings:
                     self._fail(f"target {name!r} must be a 1-D numeric dataset")
                 if ds.shape[0] < rows:
                     self._fail(f"target {name!r} has {ds.shape[0]} values but there are {rows} object ids")
+                self._check_stored(f"targets/{name}", ds, rows)
                 targets.append(name)
         self.target_names = sorted(targets)
-        if "split" in f and f["split"].shape[0] < rows:
-            self._fail(f"'split' has {f['split'].shape[0]} values but there are {rows} object ids")
+        if "split" in f:
+            split_ds = f["split"]
+            if (
+                not isinstance(split_ds, h5py.Dataset)
+                or split_ds.ndim != 1
+                or split_ds.dtype.kind not in "SOU"
+            ):
+                self._fail("'split' must be a 1-D dataset of strings")
+            if split_ds.shape[0] < rows:
+                self._fail(f"'split' has {split_ds.shape[0]} values but there are {rows} object ids")
+            self._check_stored("split", split_ds, rows)
         self._row_of: dict[str, int] | None = None
+
+    def _int_attr(self, key: str, default: int) -> int:
+        value = self._file.attrs.get(key, default)
+        if isinstance(value, np.ndarray) and value.size == 1:
+            value = value.reshape(-1)[0]
+        if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
+            self._fail(f"attribute {key!r} must be an integer, it is {value!r:.80}")
+        return int(value)
+
+    def _modalities_attr(self) -> list[str]:
+        try:
+            mods = json.loads(_text(self._file.attrs["modalities"]))
+        except (ValueError, RecursionError, UnicodeDecodeError):
+            mods = None
+        if not isinstance(mods, list) or not all(isinstance(m, str) and m for m in mods):
+            self._fail("attribute 'modalities' must be a JSON list of dataset names")
+        return mods
+
+    def _check_stored(self, name: str, ds: Any, rows: int) -> None:
+        """Refuse a dataset whose first `rows` rows are not really on disk (a sparse file declaring
+        billions of rows reads back as fill values: gigabytes from a few kilobytes), before it is read."""
+        problem = stored_rows_problem(ds, rows)
+        if problem:
+            self._fail(f"dataset {name!r} {problem}; the file is truncated, sparse or not an export")
 
     # -- access
 
@@ -457,6 +508,17 @@ class Embeddings:
     def vectors(self, modality: str, rows: np.ndarray | slice | None = None) -> np.ndarray:
         """(n, D) float32 vectors of `modality` (all rows, a slice, or sorted/unsorted row indices)."""
         ds = self._dataset(modality)
+        try:
+            out = self._read_rows(ds, rows)
+        except OSError as exc:
+            self._fail(f"cannot read modality {modality!r} ({exc})")
+        out = np.asarray(out, dtype=np.float32)
+        if not np.all(np.isfinite(out)):
+            bad = int((~np.isfinite(out).all(axis=1)).sum())
+            self._fail(f"modality {modality!r} holds {bad} vectors with NaN or infinite values")
+        return out
+
+    def _read_rows(self, ds: Any, rows: np.ndarray | slice | None) -> np.ndarray:
         if rows is None:
             out = ds[: self.rows]
         elif isinstance(rows, slice):
@@ -471,10 +533,6 @@ class Embeddings:
             got = ds[uniq] if len(uniq) else np.zeros((0, ds.shape[1]), ds.dtype)
             out = np.empty((len(rows), ds.shape[1]), dtype=ds.dtype)
             out[order] = got[inverse]
-        out = np.asarray(out, dtype=np.float32)
-        if not np.all(np.isfinite(out)):
-            bad = int((~np.isfinite(out).all(axis=1)).sum())
-            self._fail(f"modality {modality!r} holds {bad} vectors with NaN or infinite values")
         return out
 
     def iter_vectors(self, modality: str, batch_rows: int = 65536) -> Iterable[tuple[int, np.ndarray]]:
@@ -525,6 +583,35 @@ class Embeddings:
     def __repr__(self) -> str:
         dims = ", ".join(f"{m}: {self.dim(m)}" for m in self.modalities)
         return f"Embeddings({str(self.path)!r}, rows={self.rows}, {dims}, targets={self.target_names})"
+
+
+def stored_rows_problem(ds: Any, rows: int) -> str | None:
+    """Why dataset `ds` cannot hold `rows` real rows on disk, or None when it can.
+
+    Contiguous data must have its bytes allocated; chunked data every chunk that the rows touch
+    (HDF5 returns the fill value for a missing chunk without reading anything); compressed data may
+    not declare more than MAX_COMPRESSION_RATIO times what it stores.
+    """
+    if rows == 0:
+        return None
+    tail = [int(n) for n in ds.shape[1:]]
+    item = int(ds.id.get_type().get_size())
+    declared = rows * item * int(np.prod(tail, dtype=np.int64)) if tail else rows * item
+    stored = int(ds.id.get_storage_size())
+    if ds.chunks is None:
+        if stored < declared:
+            return f"declares {rows} rows ({declared} bytes) but stores {stored} bytes"
+        return None
+    chunks = [int(c) for c in ds.chunks]
+    needed = -(-rows // chunks[0])
+    for size, chunk in zip(tail, chunks[1:], strict=True):
+        needed *= -(-size // chunk)
+    have = int(ds.id.get_num_chunks())
+    if have < needed:
+        return f"declares {rows} rows but stores {have} of the {needed} chunks they need"
+    if ds.id.get_create_plist().get_nfilters() and declared > MAX_COMPRESSION_RATIO * max(stored, 1):
+        return f"declares {declared} bytes compressed into {stored} (more than {MAX_COMPRESSION_RATIO}:1)"
+    return None
 
 
 def open_embeddings(path: str | Path, *, allow_partial: bool = False) -> Embeddings:
