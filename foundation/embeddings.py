@@ -24,10 +24,12 @@ too (every 2-D float dataset at the root is taken as a modality).
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
 import re
+import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,10 @@ MAX_DIM = 1 << 20
 #: A filtered (compressed) dataset may not declare more than this many bytes per stored byte:
 #: floats and ids compress a few-fold, a dataset of zeros declaring gigabytes is a bomb.
 MAX_COMPRESSION_RATIO = 256
+#: Free space kept in hand beyond a chunk's estimated size: HDF5 allocates whole chunks and
+#: metadata, and a write that fails for want of space leaves HDF5's cache unusable (h5py then
+#: crashes the process on the next flush), so a chunk is only written when it surely fits.
+_SPACE_MARGIN_BYTES = 4 << 20
 
 
 def _h5py():
@@ -108,6 +114,9 @@ class EmbeddingsWriter:
         if self.chunk_rows < 1:
             raise ValueError("chunk_rows must be >= 1")
         self._attrs = {k: _jsonable(v) for k, v in (attrs or {}).items() if v is not None}
+        for candidate in (self.path, self.partial):
+            if candidate.is_dir():
+                raise DataError(f"{candidate} is a directory; give the path of an embeddings file to write")
         if self.path.exists() and not overwrite:
             raise DataError(
                 f"{self.path} already exists; pass --overwrite to replace it, or choose another --out"
@@ -246,6 +255,7 @@ class EmbeddingsWriter:
         new = [m for m in vectors if m not in self.modalities]
         if new and self.rows:
             raise DataError(f"modalities {new} appear after {self.rows} rows were written without them")
+        self._ensure_space(ids, vectors, targets, split)
         start = self.rows
         stop = start + n
         arrays = {}
@@ -290,6 +300,30 @@ class EmbeddingsWriter:
         self._file.flush()
         self._done.update(ids)
 
+    def _ensure_space(
+        self,
+        ids: Sequence[str],
+        vectors: Mapping[str, np.ndarray],
+        targets: Mapping[str, np.ndarray] | None,
+        split: Sequence[str] | None,
+    ) -> None:
+        """Raise ENOSPC before writing a chunk that may not fit on the disk (see _SPACE_MARGIN_BYTES)."""
+        n = len(ids)
+        per_row = sum(int(np.prod(np.shape(v)[1:], dtype=np.int64)) * 4 for v in vectors.values())
+        per_row += 8 * len(targets or {}) + 32 * (2 if split is not None else 1)
+        text = sum(len(i.encode()) for i in ids) + sum(len(str(s).encode()) for s in split or ())
+        datasets = len(vectors) + len(targets or {}) + 2
+        needed = n * per_row + text + datasets * (1 << 20) + _SPACE_MARGIN_BYTES
+        free = free_bytes(self.partial.parent)
+        if free < needed:
+            raise OSError(
+                errno.ENOSPC,
+                f"not enough free space for the next {n} rows of embeddings (about {needed >> 20} MiB "
+                f"needed, {free >> 20} MiB free); {self.rows} rows are kept in the partial file, "
+                "re-run the export after freeing space to resume",
+                str(self.partial),
+            )
+
     @property
     def modalities(self) -> list[str]:
         raw = self._file.attrs.get("modalities")
@@ -310,11 +344,23 @@ class EmbeddingsWriter:
         if self._file.id.valid:
             self._file.close()
 
+    def discard_if_empty(self) -> None:
+        """Close, and delete the `.partial` file when it holds no committed row (nothing to resume)."""
+        empty = self._file.id.valid and self.rows == 0
+        self.close()
+        if empty:
+            self.partial.unlink(missing_ok=True)
+
     def __enter__(self) -> EmbeddingsWriter:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def free_bytes(folder: str | Path) -> int:
+    """Bytes an unprivileged writer may still use on the file system of `folder`."""
+    return int(shutil.disk_usage(folder).free)
 
 
 def _dupes(values: Sequence[str]) -> set[str]:
@@ -489,6 +535,13 @@ class Embeddings:
                     pass
             out[key] = value.item() if isinstance(value, np.generic) else value
         return out
+
+    def recorded(self, key: str) -> str | None:
+        """Root attribute `key` as the text it was stored as (None when absent), for comparisons."""
+        value = self._file.attrs.get(key)
+        if value is None:
+            return None
+        return _text(value.item() if isinstance(value, np.generic) else value)
 
     def dim(self, modality: str) -> int:
         return int(self._dataset(modality).shape[1])
