@@ -319,8 +319,13 @@ class EmbeddingsWriter:
             raise OSError(
                 errno.ENOSPC,
                 f"not enough free space for the next {n} rows of embeddings (about {needed >> 20} MiB "
-                f"needed, {free >> 20} MiB free); {self.rows} rows are kept in the partial file, "
-                "re-run the export after freeing space to resume",
+                f"needed, {free >> 20} MiB free); "
+                + (
+                    f"{self.rows} rows are kept in the partial file, re-run the export after freeing "
+                    "space to resume"
+                    if self.rows
+                    else "nothing was written"
+                ),
                 str(self.partial),
             )
 

@@ -409,7 +409,15 @@ class VectorIndex:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tmp = directory / (INDEX_FILE + ".tmp")
-        faiss.write_index(self.index, str(tmp))
+        # Serialised here and written by Python: faiss's own writer reports a full disk as a
+        # RuntimeError, and leaves the half-written temporary behind.
+        blob = faiss.serialize_index(self.index)
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(blob.data)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
         tmp.replace(directory / INDEX_FILE)
         tmp_meta = directory / (META_FILE + ".tmp")
         tmp_meta.write_text(json.dumps(asdict(self.meta), indent=2) + "\n")

@@ -3,11 +3,14 @@ memory bound, instead of allocating what a tiny file declares or printing a trac
 
 from __future__ import annotations
 
+import os
+
 import h5py
 import numpy as np
 import pytest
 from bounded_run import assert_one_line_error, run_foundation
 
+from foundation.cli import main
 from foundation.embeddings import open_embeddings
 from foundation.errors import DataError
 
@@ -100,3 +103,28 @@ def test_reader_verbs_answer_a_bomb_in_one_line_within_a_memory_bound(tmp_path, 
     path = _sparse_bomb(tmp_path / "bomb.h5")
     result = run_foundation(_verbs(path, tmp_path / "out")[verb], rss_limit_mb=1500, timeout_s=120)
     assert_one_line_error(result, "bomb.h5", "declares 2147483648 rows")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux) for a real ENOSPC")
+def test_search_build_on_a_full_disk_is_one_line_and_leaves_no_index(
+    tmp_path, make_embeddings, monkeypatch, capsys
+):
+    import pipelines.search
+
+    path, _ = make_embeddings()
+    real_open = open
+    # faiss's own writer raised a RuntimeError (a traceback) on a full disk; writes go through
+    # Python now, and /dev/full fails them with a real ENOSPC.
+    monkeypatch.setattr(
+        pipelines.search,
+        "open",
+        lambda file, mode="r", *a, **k: (
+            real_open("/dev/full", mode) if str(file).endswith(".tmp") else real_open(file, mode, *a, **k)
+        ),
+        raising=False,
+    )
+    out = tmp_path / "idx"
+    assert main(["search", "build", "--embeddings", str(path), "--modality", "image", "--out", str(out)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "No space left on device" in err[0], err
+    assert not any(out.iterdir())
