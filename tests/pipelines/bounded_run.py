@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,13 +36,17 @@ def run_foundation(
     """`python -m foundation.cli ARGS`, killed as soon as its RSS passes `rss_limit_mb` or it runs
     past `timeout_s` (a memory bomb or a hang fails the test instead of the machine)."""
     code = "import sys; from foundation.cli import main; sys.exit(main(sys.argv[1:]))"
-    child = subprocess.Popen(
-        [sys.executable, "-c", code, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=cwd,
-    )
+    # Output goes to files, not pipes: a child filling an unread pipe would block and look hung.
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        child = subprocess.Popen([sys.executable, "-c", code, *args], stdout=out, stderr=err, cwd=cwd)
+        peak, killed_for = _watch(child, rss_limit_mb, timeout_s)
+        out.seek(0)
+        err.seek(0)
+        return BoundedResult(child.returncode, out.read(), err.read(), peak, killed_for)
+
+
+def _watch(child: subprocess.Popen, rss_limit_mb: float, timeout_s: float) -> tuple[float, str | None]:
+    """Wait for `child`, killing it when it breaks a bound; (peak RSS in MB, why it was killed)."""
     peak, killed_for = 0.0, None
     deadline = time.monotonic() + timeout_s
     while child.poll() is None:
@@ -54,8 +59,8 @@ def run_foundation(
             child.kill()
             break
         time.sleep(0.02)
-    stdout, stderr = child.communicate()
-    return BoundedResult(child.returncode, stdout, stderr, peak, killed_for)
+    child.wait()
+    return peak, killed_for
 
 
 def assert_one_line_error(result: BoundedResult, *fragments: str) -> None:

@@ -3,6 +3,7 @@ memory bound, instead of allocating what a tiny file declares or printing a trac
 
 from __future__ import annotations
 
+import json
 import os
 
 import h5py
@@ -128,3 +129,79 @@ def test_search_build_on_a_full_disk_is_one_line_and_leaves_no_index(
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and "No space left on device" in err[0], err
     assert not any(out.iterdir())
+
+
+def _one_line(capsys, fragment):
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--kind", "ivf", "--param", "nlist=1000000000"], "nlist=1000000000 is beyond any sensible value"),
+        (["--kind", "hnsw", "--param", "M=100000000"], "M=100000000 is beyond any sensible value"),
+        (["--kind", "ivf", "--param", "nlist=1000"], "IVF with nlist=1000 needs at least that many vectors"),
+        (["--kind", "hnsw", "--tune-k", "0"], "--tune-k must be >= 1"),
+        (["--kind", "hnsw", "--tune-sample", "0"], "--tune-sample must be >= 1"),
+        (["--exact-max", "-1"], "--exact-max must be >= 0"),
+    ],
+)
+def test_search_build_refuses_unbounded_or_meaningless_options(
+    tmp_path, make_embeddings, capsys, flags, fragment
+):
+    # Huge nlist / M made faiss raise std::bad_alloc (a MemoryError traceback).
+    path, _ = make_embeddings()
+    args = ["search", "build", "--embeddings", str(path), "--modality", "image", "--out", str(tmp_path / "i")]
+    assert main([*args, *flags]) == 2
+    _one_line(capsys, fragment)
+
+
+def test_search_query_huge_k_and_binary_ids_file(tmp_path, make_embeddings, capsys):
+    path, data = make_embeddings(n=60)
+    index = tmp_path / "idx"
+    assert (
+        main(["search", "build", "--embeddings", str(path), "--modality", "image", "--out", str(index)]) == 0
+    )
+    capsys.readouterr()
+    base = ["search", "query", "--index", str(index), "--embeddings", str(path), "--query-modality", "image"]
+    # k beyond the index size: every neighbour, not an allocation of a billion results.
+    assert main([*base, "--id", data["ids"][0], "--k", "1000000000", "--json"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    assert len(result["neighbours"]) == 59
+    png = tmp_path / "ids.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    assert main([*base, "--ids-file", str(png)]) == 2
+    _one_line(capsys, "is not a UTF-8 text file")
+
+
+def test_plot_field_that_is_not_in_the_samples_is_named():
+    from pipelines.search_plot import _field_for
+
+    with pytest.raises(DataError, match="--plot-fields image=nope: the samples have no array field 'nope'"):
+        _field_for("image", {"image": np.zeros(3)}, {"image": "nope"})
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--raw-pca", "0"], "--raw-pca must be >= 1"),
+        (["--test-fraction", "1.5"], "--test-fraction must be in (0, 1)"),
+        (["--test-fraction", "nan"], "--test-fraction must be in (0, 1)"),
+    ],
+)
+def test_zero_shot_refuses_meaningless_options(tmp_path, make_embeddings, capsys, flags, fragment):
+    path, _ = make_embeddings(n=60)
+    assert (
+        main(["evaluate", "zero-shot", "--embeddings", str(path), "--out", str(tmp_path / "z"), *flags]) == 2
+    )
+    _one_line(capsys, fragment)
+
+
+def test_zero_shot_k_beyond_the_training_rows_is_clamped(tmp_path, make_embeddings, capsys):
+    # k larger than a cross-validation fold made scikit-learn raise (a traceback).
+    path, _ = make_embeddings(n=80)
+    args = ["evaluate", "zero-shot", "--embeddings", str(path), "--out", str(tmp_path / "z"), "--k", "100000"]
+    assert main([*args, "--no-mlp", "--no-cross-modal", "--targets", "redshift"]) == 0
+    report = json.loads((tmp_path / "z" / "report.json").read_text())
+    assert all(r["k"] <= r["n_train"] for r in report["results"])
