@@ -24,13 +24,14 @@ too (every 2-D float dataset at the root is taken as a modality).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import json
 import os
 import re
 import shutil
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,10 @@ MAX_COMPRESSION_RATIO = 256
 #: metadata, and a write that fails for want of space leaves HDF5's cache unusable (h5py then
 #: crashes the process on the next flush), so a chunk is only written when it surely fits.
 _SPACE_MARGIN_BYTES = 4 << 20
+#: What h5py raises when HDF5 cannot make sense of a damaged file: OSError for data, RuntimeError
+#: and KeyError for headers, heaps and links, ValueError/TypeError for garbled datatypes and
+#: UnicodeDecodeError for garbled text. Caught only around reads of the file.
+_DAMAGED_FILE_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, UnicodeDecodeError)
 
 
 def _h5py():
@@ -401,16 +406,27 @@ class Embeddings:
             )
         self._file = open_hdf5(self.path)
         try:
-            self._validate(allow_partial)
-        except OSError as exc:  # HDF5 could not read what the headers point at
-            self._file.close()
-            raise DataError(f"malformed embeddings file {self.path}: cannot read it ({exc})") from None
+            with self._reading("it"):
+                self._validate(allow_partial)
         except Exception:
             self._file.close()
             raise
 
     def _fail(self, what: str) -> None:
         raise DataError(f"malformed embeddings file {self.path}: {what}")
+
+    @contextlib.contextmanager
+    def _reading(self, what: str) -> Iterator[None]:
+        """HDF5's errors on a damaged file, as one DataError naming the file and what was read."""
+        try:
+            yield
+        except DataError:
+            raise
+        except _DAMAGED_FILE_ERRORS as exc:
+            message = " ".join(str(exc).split())[:300]
+            raise DataError(
+                f"malformed embeddings file {self.path}: cannot read {what} ({message})"
+            ) from None
 
     def _validate(self, allow_partial: bool) -> None:
         h5py = _h5py()
@@ -521,7 +537,7 @@ class Embeddings:
     def _check_stored(self, name: str, ds: Any, rows: int) -> None:
         """Refuse a dataset whose first `rows` rows are not really on disk (a sparse file declaring
         billions of rows reads back as fill values: gigabytes from a few kilobytes), before it is read."""
-        problem = stored_rows_problem(ds, rows)
+        problem = stored_rows_problem(ds, rows) or vlen_lengths_problem(ds, self.path)
         if problem:
             self._fail(f"dataset {name!r} {problem}; the file is truncated, sparse or not an export")
 
@@ -531,7 +547,9 @@ class Embeddings:
     def attrs(self) -> dict[str, Any]:
         """Root attributes (JSON-encoded ones decoded)."""
         out = {}
-        for key, value in self._file.attrs.items():
+        with self._reading("its attributes"):
+            items = list(self._file.attrs.items())
+        for key, value in items:
             value = _text(value) if isinstance(value, bytes | str) else value
             if isinstance(value, str) and value[:1] in "[{":
                 try:
@@ -543,10 +561,11 @@ class Embeddings:
 
     def recorded(self, key: str) -> str | None:
         """Root attribute `key` as the text it was stored as (None when absent), for comparisons."""
-        value = self._file.attrs.get(key)
-        if value is None:
-            return None
-        return _text(value.item() if isinstance(value, np.generic) else value)
+        with self._reading(f"attribute {key!r}"):
+            value = self._file.attrs.get(key)
+            if value is None:
+                return None
+            return _text(value.item() if isinstance(value, np.generic) else value)
 
     def dim(self, modality: str) -> int:
         return int(self._dataset(modality).shape[1])
@@ -554,9 +573,10 @@ class Embeddings:
     def normalized(self, modality: str) -> bool:
         """Whether the file records the vectors of `modality` as L2-normalised."""
         ds = self._dataset(modality)
-        if "normalized" in ds.attrs:
-            return bool(ds.attrs["normalized"])
-        return bool(self._file.attrs.get("normalized", False))
+        with self._reading(f"the attributes of {modality!r}"):
+            if "normalized" in ds.attrs:
+                return bool(ds.attrs["normalized"])
+            return bool(self._file.attrs.get("normalized", False))
 
     def _dataset(self, modality: str) -> Any:
         if modality not in self.modalities:
@@ -566,11 +586,8 @@ class Embeddings:
     def vectors(self, modality: str, rows: np.ndarray | slice | None = None) -> np.ndarray:
         """(n, D) float32 vectors of `modality` (all rows, a slice, or sorted/unsorted row indices)."""
         ds = self._dataset(modality)
-        try:
-            out = self._read_rows(ds, rows)
-        except OSError as exc:
-            self._fail(f"cannot read modality {modality!r} ({exc})")
-        out = np.asarray(out, dtype=np.float32)
+        with self._reading(f"modality {modality!r}"):
+            out = np.asarray(self._read_rows(ds, rows), dtype=np.float32)
         if not np.all(np.isfinite(out)):
             bad = int((~np.isfinite(out).all(axis=1)).sum())
             self._fail(f"modality {modality!r} holds {bad} vectors with NaN or infinite values")
@@ -603,14 +620,16 @@ class Embeddings:
             raise DataError(
                 f"{self.path} has no target {name!r}; it has: {', '.join(self.target_names) or 'none'}"
             )
-        return np.asarray(self._file["targets"][name][: self.rows], dtype=np.float64)
+        with self._reading(f"target {name!r}"):
+            return np.asarray(self._file["targets"][name][: self.rows], dtype=np.float64)
 
     @property
     def split(self) -> np.ndarray | None:
         """Per-row split names, or None when the file does not record them."""
-        if "split" not in self._file:
-            return None
-        return np.asarray(self._file["split"].asstr()[: self.rows], dtype=object)
+        with self._reading("'split'"):
+            if "split" not in self._file:
+                return None
+            return np.asarray(self._file["split"].asstr()[: self.rows], dtype=object)
 
     def rows_of(self, ids: Iterable[str]) -> np.ndarray:
         """Row index of every id (DataError naming the ids that are not in the file)."""
@@ -669,6 +688,38 @@ def stored_rows_problem(ds: Any, rows: int) -> str | None:
         return f"declares {rows} rows but stores {have} of the {needed} chunks they need"
     if ds.id.get_create_plist().get_nfilters() and declared > MAX_COMPRESSION_RATIO * max(stored, 1):
         return f"declares {declared} bytes compressed into {stored} (more than {MAX_COMPRESSION_RATIO}:1)"
+    return None
+
+
+#: A variable-length string as HDF5 stores it in a dataset: its byte length, then the global heap
+#: object holding the bytes (heap collection address, object index).
+_VLEN_REFERENCE = np.dtype([("length", "<u4"), ("heap", "<u8"), ("index", "<u4")])
+
+
+def vlen_lengths_problem(ds: Any, path: Path) -> str | None:
+    """Why the strings of a variable-length dataset cannot be what its references declare, or None.
+
+    HDF5 allocates the length a reference declares before it finds the heap object to be of
+    another size: one damaged length makes it allocate gigabytes. The references of an unfiltered
+    chunked dataset are read raw (without following them) and their lengths checked against the
+    file's size.
+    """
+    h5py = _h5py()
+    if h5py.check_string_dtype(ds.dtype) is None or ds.chunks is None:
+        return None
+    if ds.id.get_create_plist().get_nfilters():
+        return None  # compressed references: bounded by the compression ratio check instead
+    limit = path.stat().st_size
+    total = 0
+    for i in range(ds.id.get_num_chunks()):
+        info = ds.id.get_chunk_info(i)
+        raw = ds.id.read_direct_chunk(info.chunk_offset)[1]
+        if len(raw) % _VLEN_REFERENCE.itemsize:
+            return None  # not the 16-byte reference layout (8-byte heap addresses): not checked
+        lengths = np.frombuffer(raw, dtype=_VLEN_REFERENCE)["length"]
+        total += int(lengths.sum(dtype=np.int64))
+        if total > limit:
+            return f"declares strings of {total} bytes in all, more than the file's {limit} bytes"
     return None
 
 

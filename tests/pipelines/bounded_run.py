@@ -36,6 +36,13 @@ def run_foundation(
     """`python -m foundation.cli ARGS`, killed as soon as its RSS passes `rss_limit_mb` or it runs
     past `timeout_s` (a memory bomb or a hang fails the test instead of the machine)."""
     code = "import sys; from foundation.cli import main; sys.exit(main(sys.argv[1:]))"
+    return run_python(code, args, rss_limit_mb=rss_limit_mb, timeout_s=timeout_s, cwd=cwd)
+
+
+def run_python(
+    code: str, args: list[str], *, rss_limit_mb: float, timeout_s: float, cwd: Path | None = None
+) -> BoundedResult:
+    """`python -c CODE ARGS` under the same bounds as `run_foundation`."""
     # Output goes to files, not pipes: a child filling an unread pipe would block and look hung.
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         child = subprocess.Popen([sys.executable, "-c", code, *args], stdout=out, stderr=err, cwd=cwd)
