@@ -339,6 +339,17 @@ class EmbeddingsWriter:
         raw = self._file.attrs.get("modalities")
         return json.loads(raw) if raw else []
 
+    def targets_without_values(self, block_rows: int = 1 << 20) -> list[str]:
+        """Targets that are NaN in every committed row (a name no sample carries), read in blocks."""
+        if "targets" not in self._file:
+            return []
+        empty = []
+        for name, ds in self._file["targets"].items():
+            blocks = range(0, self.rows, block_rows)
+            if not any(np.isfinite(ds[start : min(self.rows, start + block_rows)]).any() for start in blocks):
+                empty.append(name)
+        return sorted(empty)
+
     def finish(self) -> Path:
         """Mark complete, close and rename into place; returns the final path."""
         f = self._file

@@ -596,6 +596,14 @@ def export_embeddings(
         writer.discard_if_empty()
         raise DataError(f"no samples to export from {data} (splits {splits}, part {part} of {parts})")
     rows = writer.rows
+    for name in writer.targets_without_values():
+        _log.warning(
+            "target %r has no value in any of the %d exported samples (NaN throughout); "
+            "check --targets against the fields of %s",
+            name,
+            rows,
+            data,
+        )
     path = writer.finish()
     return ExportResult(path, rows, new_rows, seconds, chosen or [])
 

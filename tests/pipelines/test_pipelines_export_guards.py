@@ -144,3 +144,13 @@ def test_full_disk_stops_before_hdf5_fails_and_resumes(
     assert f"({120 - kept} new" in capsys.readouterr().out
     with open_embeddings(out) as emb:
         assert emb.rows == 120
+
+
+def test_a_target_no_sample_carries_is_reported(tmp_path, tiny_shards, tiny_checkpoint, caplog):
+    # The shards have a JSON field, so an unknown target name cannot be refused up front; it was
+    # written as NaN throughout without a word.
+    ckpt, _ = tiny_checkpoint
+    out = tmp_path / "emb.h5"
+    assert _export(ckpt, tiny_shards, out, "--targets", "redshift,no_such_target") == 0
+    assert "target 'no_such_target' has no value in any of the 120 exported samples" in caplog.text
+    assert "'redshift'" not in caplog.text
