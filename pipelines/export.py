@@ -218,7 +218,10 @@ def load_model(
     from foundation.train import load_pretrained
 
     checkpoint = Path(checkpoint)
-    model, cfg, family = load_pretrained(checkpoint)
+    try:
+        model, cfg, family = load_pretrained(checkpoint)
+    except ConfigError as exc:  # torch's reasons span many lines; the CLI promises one
+        raise ConfigError(" ".join(str(exc).split())[:600]) from None
     source = str(checkpoint.resolve())
     if overrides and not random_init:
         raise ConfigError("--override only applies with --random-init (a trained model keeps its config)")

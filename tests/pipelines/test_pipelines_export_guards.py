@@ -154,3 +154,10 @@ def test_a_target_no_sample_carries_is_reported(tmp_path, tiny_shards, tiny_chec
     assert _export(ckpt, tiny_shards, out, "--targets", "redshift,no_such_target") == 0
     assert "target 'no_such_target' has no value in any of the 120 exported samples" in caplog.text
     assert "'redshift'" not in caplog.text
+
+
+def test_a_png_as_checkpoint_is_one_line(tmp_path, tiny_shards, capsys):
+    png = tmp_path / "model.pt"
+    png.write_bytes(PNG)
+    assert _export(png, tiny_shards, tmp_path / "emb.h5") == 2
+    _one_error_line(capsys, "model.pt")
