@@ -24,11 +24,14 @@ too (every 2-D float dataset at the root is taken as a modality).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import glob
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+import shutil
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +45,20 @@ FORMAT_VERSION = 1
 PARTIAL_SUFFIX = ".partial"
 RESERVED = ("object_id", "targets", "split")
 _NORM_TOLERANCE = 1e-3
+#: Sane bounds on what a file may declare, checked before anything is allocated or read.
+MAX_ROWS = 1 << 34
+MAX_DIM = 1 << 20
+#: A filtered (compressed) dataset may not declare more than this many bytes per stored byte:
+#: floats and ids compress a few-fold, a dataset of zeros declaring gigabytes is a bomb.
+MAX_COMPRESSION_RATIO = 256
+#: Free space kept in hand beyond a chunk's estimated size: HDF5 allocates whole chunks and
+#: metadata, and a write that fails for want of space leaves HDF5's cache unusable (h5py then
+#: crashes the process on the next flush), so a chunk is only written when it surely fits.
+_SPACE_MARGIN_BYTES = 4 << 20
+#: What h5py raises when HDF5 cannot make sense of a damaged file: OSError for data, RuntimeError
+#: and KeyError for headers, heaps and links, ValueError/TypeError for garbled datatypes and
+#: UnicodeDecodeError for garbled text. Caught only around reads of the file.
+_DAMAGED_FILE_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, UnicodeDecodeError)
 
 
 def _h5py():
@@ -102,6 +119,9 @@ class EmbeddingsWriter:
         if self.chunk_rows < 1:
             raise ValueError("chunk_rows must be >= 1")
         self._attrs = {k: _jsonable(v) for k, v in (attrs or {}).items() if v is not None}
+        for candidate in (self.path, self.partial):
+            if candidate.is_dir():
+                raise DataError(f"{candidate} is a directory; give the path of an embeddings file to write")
         if self.path.exists() and not overwrite:
             raise DataError(
                 f"{self.path} already exists; pass --overwrite to replace it, or choose another --out"
@@ -240,6 +260,7 @@ class EmbeddingsWriter:
         new = [m for m in vectors if m not in self.modalities]
         if new and self.rows:
             raise DataError(f"modalities {new} appear after {self.rows} rows were written without them")
+        self._ensure_space(ids, vectors, targets, split)
         start = self.rows
         stop = start + n
         arrays = {}
@@ -284,10 +305,50 @@ class EmbeddingsWriter:
         self._file.flush()
         self._done.update(ids)
 
+    def _ensure_space(
+        self,
+        ids: Sequence[str],
+        vectors: Mapping[str, np.ndarray],
+        targets: Mapping[str, np.ndarray] | None,
+        split: Sequence[str] | None,
+    ) -> None:
+        """Raise ENOSPC before writing a chunk that may not fit on the disk (see _SPACE_MARGIN_BYTES)."""
+        n = len(ids)
+        per_row = sum(int(np.prod(np.shape(v)[1:], dtype=np.int64)) * 4 for v in vectors.values())
+        per_row += 8 * len(targets or {}) + 32 * (2 if split is not None else 1)
+        text = sum(len(i.encode()) for i in ids) + sum(len(str(s).encode()) for s in split or ())
+        datasets = len(vectors) + len(targets or {}) + 2
+        needed = n * per_row + text + datasets * (1 << 20) + _SPACE_MARGIN_BYTES
+        free = free_bytes(self.partial.parent)
+        if free < needed:
+            raise OSError(
+                errno.ENOSPC,
+                f"not enough free space for the next {n} rows of embeddings (about {needed >> 20} MiB "
+                f"needed, {free >> 20} MiB free); "
+                + (
+                    f"{self.rows} rows are kept in the partial file, re-run the export after freeing "
+                    "space to resume"
+                    if self.rows
+                    else "nothing was written"
+                ),
+                str(self.partial),
+            )
+
     @property
     def modalities(self) -> list[str]:
         raw = self._file.attrs.get("modalities")
         return json.loads(raw) if raw else []
+
+    def targets_without_values(self, block_rows: int = 1 << 20) -> list[str]:
+        """Targets that are NaN in every committed row (a name no sample carries), read in blocks."""
+        if "targets" not in self._file:
+            return []
+        empty = []
+        for name, ds in self._file["targets"].items():
+            blocks = range(0, self.rows, block_rows)
+            if not any(np.isfinite(ds[start : min(self.rows, start + block_rows)]).any() for start in blocks):
+                empty.append(name)
+        return sorted(empty)
 
     def finish(self) -> Path:
         """Mark complete, close and rename into place; returns the final path."""
@@ -304,11 +365,23 @@ class EmbeddingsWriter:
         if self._file.id.valid:
             self._file.close()
 
+    def discard_if_empty(self) -> None:
+        """Close, and delete the `.partial` file when it holds no committed row (nothing to resume)."""
+        empty = self._file.id.valid and self.rows == 0
+        self.close()
+        if empty:
+            self.partial.unlink(missing_ok=True)
+
     def __enter__(self) -> EmbeddingsWriter:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def free_bytes(folder: str | Path) -> int:
+    """Bytes an unprivileged writer may still use on the file system of `folder`."""
+    return int(shutil.disk_usage(folder).free)
 
 
 def _dupes(values: Sequence[str]) -> set[str]:
@@ -344,13 +417,27 @@ class Embeddings:
             )
         self._file = open_hdf5(self.path)
         try:
-            self._validate(allow_partial)
+            with self._reading("it"):
+                self._validate(allow_partial)
         except Exception:
             self._file.close()
             raise
 
     def _fail(self, what: str) -> None:
         raise DataError(f"malformed embeddings file {self.path}: {what}")
+
+    @contextlib.contextmanager
+    def _reading(self, what: str) -> Iterator[None]:
+        """HDF5's errors on a damaged file, as one DataError naming the file and what was read."""
+        try:
+            yield
+        except DataError:
+            raise
+        except _DAMAGED_FILE_ERRORS as exc:
+            message = " ".join(str(exc).split())[:300]
+            raise DataError(
+                f"malformed embeddings file {self.path}: cannot read {what} ({message})"
+            ) from None
 
     def _validate(self, allow_partial: bool) -> None:
         h5py = _h5py()
@@ -359,7 +446,7 @@ class Embeddings:
         fmt = attrs.get("format")
         if fmt is not None and _text(fmt) != FORMAT:
             self._fail(f"format attribute is {_text(fmt)!r}, expected {FORMAT!r}")
-        version = int(attrs.get("format_version", FORMAT_VERSION))
+        version = self._int_attr("format_version", FORMAT_VERSION)
         if version > FORMAT_VERSION:
             self._fail(
                 f"format version {version} is newer than this foundation (reads <= {FORMAT_VERSION}); upgrade"
@@ -373,9 +460,14 @@ class Embeddings:
         ids_ds = f["object_id"]
         if ids_ds.ndim != 1:
             self._fail(f"'object_id' must be 1-D, it has shape {ids_ds.shape}")
-        rows = int(attrs["rows"]) if "rows" in attrs else ids_ds.shape[0]
+        rows = self._int_attr("rows", ids_ds.shape[0])
+        if not 0 <= rows <= MAX_ROWS:
+            self._fail(f"it declares {rows} rows (expected 0 to {MAX_ROWS})")
         if ids_ds.shape[0] < rows:
             self._fail(f"'object_id' has {ids_ds.shape[0]} rows, attribute 'rows' says {rows}")
+        if rows == 0:
+            self._fail("it holds no rows (an export of an empty selection?); export some objects first")
+        self._check_stored("object_id", ids_ds, rows)
         if ids_ds.dtype.kind in "SOU":
             ids = ids_ds.asstr()[:rows] if ids_ds.dtype.kind != "U" else ids_ds[:rows]
             ids = np.asarray(ids, dtype=object)
@@ -389,7 +481,7 @@ class Embeddings:
             dup = sorted(_dupes(ids.tolist()))
             self._fail(f"{len(dup)} object ids appear more than once (e.g. {dup[:3]})")
         if "modalities" in attrs:
-            mods = json.loads(_text(attrs["modalities"]))
+            mods = self._modalities_attr()
             for m in mods:
                 if m not in f:
                     self._fail(f"attribute 'modalities' names {m!r} but there is no such dataset")
@@ -407,6 +499,9 @@ class Embeddings:
                 self._fail(f"modality {m!r} must be a 2-D float dataset, got {getattr(ds, 'shape', ds)}")
             if ds.shape[0] < rows:
                 self._fail(f"modality {m!r} has {ds.shape[0]} rows but there are {rows} object ids")
+            if not 1 <= ds.shape[1] <= MAX_DIM:
+                self._fail(f"modality {m!r} has dimension {ds.shape[1]} (expected 1 to {MAX_DIM})")
+            self._check_stored(m, ds, rows)
         self.modalities = list(mods)
         targets = []
         if "targets" in f:
@@ -417,11 +512,45 @@ class Embeddings:
                     self._fail(f"target {name!r} must be a 1-D numeric dataset")
                 if ds.shape[0] < rows:
                     self._fail(f"target {name!r} has {ds.shape[0]} values but there are {rows} object ids")
+                self._check_stored(f"targets/{name}", ds, rows)
                 targets.append(name)
         self.target_names = sorted(targets)
-        if "split" in f and f["split"].shape[0] < rows:
-            self._fail(f"'split' has {f['split'].shape[0]} values but there are {rows} object ids")
+        if "split" in f:
+            split_ds = f["split"]
+            if (
+                not isinstance(split_ds, h5py.Dataset)
+                or split_ds.ndim != 1
+                or split_ds.dtype.kind not in "SOU"
+            ):
+                self._fail("'split' must be a 1-D dataset of strings")
+            if split_ds.shape[0] < rows:
+                self._fail(f"'split' has {split_ds.shape[0]} values but there are {rows} object ids")
+            self._check_stored("split", split_ds, rows)
         self._row_of: dict[str, int] | None = None
+
+    def _int_attr(self, key: str, default: int) -> int:
+        value = self._file.attrs.get(key, default)
+        if isinstance(value, np.ndarray) and value.size == 1:
+            value = value.reshape(-1)[0]
+        if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
+            self._fail(f"attribute {key!r} must be an integer, it is {value!r:.80}")
+        return int(value)
+
+    def _modalities_attr(self) -> list[str]:
+        try:
+            mods = json.loads(_text(self._file.attrs["modalities"]))
+        except (ValueError, RecursionError, UnicodeDecodeError):
+            mods = None
+        if not isinstance(mods, list) or not all(isinstance(m, str) and m for m in mods):
+            self._fail("attribute 'modalities' must be a JSON list of dataset names")
+        return mods
+
+    def _check_stored(self, name: str, ds: Any, rows: int) -> None:
+        """Refuse a dataset whose first `rows` rows are not really on disk (a sparse file declaring
+        billions of rows reads back as fill values: gigabytes from a few kilobytes), before it is read."""
+        problem = stored_rows_problem(ds, rows) or vlen_lengths_problem(ds, self.path)
+        if problem:
+            self._fail(f"dataset {name!r} {problem}; the file is truncated, sparse or not an export")
 
     # -- access
 
@@ -429,7 +558,9 @@ class Embeddings:
     def attrs(self) -> dict[str, Any]:
         """Root attributes (JSON-encoded ones decoded)."""
         out = {}
-        for key, value in self._file.attrs.items():
+        with self._reading("its attributes"):
+            items = list(self._file.attrs.items())
+        for key, value in items:
             value = _text(value) if isinstance(value, bytes | str) else value
             if isinstance(value, str) and value[:1] in "[{":
                 try:
@@ -439,15 +570,24 @@ class Embeddings:
             out[key] = value.item() if isinstance(value, np.generic) else value
         return out
 
+    def recorded(self, key: str) -> str | None:
+        """Root attribute `key` as the text it was stored as (None when absent), for comparisons."""
+        with self._reading(f"attribute {key!r}"):
+            value = self._file.attrs.get(key)
+            if value is None:
+                return None
+            return _text(value.item() if isinstance(value, np.generic) else value)
+
     def dim(self, modality: str) -> int:
         return int(self._dataset(modality).shape[1])
 
     def normalized(self, modality: str) -> bool:
         """Whether the file records the vectors of `modality` as L2-normalised."""
         ds = self._dataset(modality)
-        if "normalized" in ds.attrs:
-            return bool(ds.attrs["normalized"])
-        return bool(self._file.attrs.get("normalized", False))
+        with self._reading(f"the attributes of {modality!r}"):
+            if "normalized" in ds.attrs:
+                return bool(ds.attrs["normalized"])
+            return bool(self._file.attrs.get("normalized", False))
 
     def _dataset(self, modality: str) -> Any:
         if modality not in self.modalities:
@@ -457,6 +597,14 @@ class Embeddings:
     def vectors(self, modality: str, rows: np.ndarray | slice | None = None) -> np.ndarray:
         """(n, D) float32 vectors of `modality` (all rows, a slice, or sorted/unsorted row indices)."""
         ds = self._dataset(modality)
+        with self._reading(f"modality {modality!r}"):
+            out = np.asarray(self._read_rows(ds, rows), dtype=np.float32)
+        if not np.all(np.isfinite(out)):
+            bad = int((~np.isfinite(out).all(axis=1)).sum())
+            self._fail(f"modality {modality!r} holds {bad} vectors with NaN or infinite values")
+        return out
+
+    def _read_rows(self, ds: Any, rows: np.ndarray | slice | None) -> np.ndarray:
         if rows is None:
             out = ds[: self.rows]
         elif isinstance(rows, slice):
@@ -471,10 +619,6 @@ class Embeddings:
             got = ds[uniq] if len(uniq) else np.zeros((0, ds.shape[1]), ds.dtype)
             out = np.empty((len(rows), ds.shape[1]), dtype=ds.dtype)
             out[order] = got[inverse]
-        out = np.asarray(out, dtype=np.float32)
-        if not np.all(np.isfinite(out)):
-            bad = int((~np.isfinite(out).all(axis=1)).sum())
-            self._fail(f"modality {modality!r} holds {bad} vectors with NaN or infinite values")
         return out
 
     def iter_vectors(self, modality: str, batch_rows: int = 65536) -> Iterable[tuple[int, np.ndarray]]:
@@ -487,14 +631,16 @@ class Embeddings:
             raise DataError(
                 f"{self.path} has no target {name!r}; it has: {', '.join(self.target_names) or 'none'}"
             )
-        return np.asarray(self._file["targets"][name][: self.rows], dtype=np.float64)
+        with self._reading(f"target {name!r}"):
+            return np.asarray(self._file["targets"][name][: self.rows], dtype=np.float64)
 
     @property
     def split(self) -> np.ndarray | None:
         """Per-row split names, or None when the file does not record them."""
-        if "split" not in self._file:
-            return None
-        return np.asarray(self._file["split"].asstr()[: self.rows], dtype=object)
+        with self._reading("'split'"):
+            if "split" not in self._file:
+                return None
+            return np.asarray(self._file["split"].asstr()[: self.rows], dtype=object)
 
     def rows_of(self, ids: Iterable[str]) -> np.ndarray:
         """Row index of every id (DataError naming the ids that are not in the file)."""
@@ -525,6 +671,67 @@ class Embeddings:
     def __repr__(self) -> str:
         dims = ", ".join(f"{m}: {self.dim(m)}" for m in self.modalities)
         return f"Embeddings({str(self.path)!r}, rows={self.rows}, {dims}, targets={self.target_names})"
+
+
+def stored_rows_problem(ds: Any, rows: int) -> str | None:
+    """Why dataset `ds` cannot hold `rows` real rows on disk, or None when it can.
+
+    Contiguous data must have its bytes allocated; chunked data every chunk that the rows touch
+    (HDF5 returns the fill value for a missing chunk without reading anything); compressed data may
+    not declare more than MAX_COMPRESSION_RATIO times what it stores.
+    """
+    if rows == 0:
+        return None
+    tail = [int(n) for n in ds.shape[1:]]
+    item = int(ds.id.get_type().get_size())
+    declared = rows * item * int(np.prod(tail, dtype=np.int64)) if tail else rows * item
+    stored = int(ds.id.get_storage_size())
+    if ds.chunks is None:
+        if stored < declared:
+            return f"declares {rows} rows ({declared} bytes) but stores {stored} bytes"
+        return None
+    chunks = [int(c) for c in ds.chunks]
+    needed = -(-rows // chunks[0])
+    for size, chunk in zip(tail, chunks[1:], strict=True):
+        needed *= -(-size // chunk)
+    have = int(ds.id.get_num_chunks())
+    if have < needed:
+        return f"declares {rows} rows but stores {have} of the {needed} chunks they need"
+    if ds.id.get_create_plist().get_nfilters() and declared > MAX_COMPRESSION_RATIO * max(stored, 1):
+        return f"declares {declared} bytes compressed into {stored} (more than {MAX_COMPRESSION_RATIO}:1)"
+    return None
+
+
+#: A variable-length string as HDF5 stores it in a dataset: its byte length, then the global heap
+#: object holding the bytes (heap collection address, object index).
+_VLEN_REFERENCE = np.dtype([("length", "<u4"), ("heap", "<u8"), ("index", "<u4")])
+
+
+def vlen_lengths_problem(ds: Any, path: Path) -> str | None:
+    """Why the strings of a variable-length dataset cannot be what its references declare, or None.
+
+    HDF5 allocates the length a reference declares before it finds the heap object to be of
+    another size: one damaged length makes it allocate gigabytes. The references of an unfiltered
+    chunked dataset are read raw (without following them) and their lengths checked against the
+    file's size.
+    """
+    h5py = _h5py()
+    if h5py.check_string_dtype(ds.dtype) is None or ds.chunks is None:
+        return None
+    if ds.id.get_create_plist().get_nfilters():
+        return None  # compressed references: bounded by the compression ratio check instead
+    limit = path.stat().st_size
+    total = 0
+    for i in range(ds.id.get_num_chunks()):
+        info = ds.id.get_chunk_info(i)
+        raw = ds.id.read_direct_chunk(info.chunk_offset)[1]
+        if len(raw) % _VLEN_REFERENCE.itemsize:
+            return None  # not the 16-byte reference layout (8-byte heap addresses): not checked
+        lengths = np.frombuffer(raw, dtype=_VLEN_REFERENCE)["length"]
+        total += int(lengths.sum(dtype=np.int64))
+        if total > limit:
+            return f"declares strings of {total} bytes in all, more than the file's {limit} bytes"
+    return None
 
 
 def open_embeddings(path: str | Path, *, allow_partial: bool = False) -> Embeddings:

@@ -217,8 +217,9 @@ def evaluate(
             pred = model.predict(query.x[te])
             cv = None
             if is_knn and fit is query:
+                k_cv = min(k_used, len(tr) - -(-len(tr) // settings.folds))  # a fold fits on fewer rows
                 cv = cross_validated_r2(
-                    lambda make=make, k_used=k_used: make(k_used),
+                    lambda make=make, k_cv=k_cv: make(k_cv),
                     fit.x[tr],
                     y_all[tr],
                     settings.seed,
@@ -482,6 +483,12 @@ def _run(args: argparse.Namespace) -> int:
             raise DataError(f"--k must be an integer or 'auto', got {args.k!r}") from None
         if k < 1:
             raise DataError("--k must be >= 1")
+    if args.raw_pca < 1:
+        raise DataError(
+            f"--raw-pca must be >= 1 (principal components of the raw inputs), got {args.raw_pca}"
+        )
+    if not 0.0 < args.test_fraction < 1.0:
+        raise DataError(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
     inputs = parse_labelled(args.embeddings, default_label="embeddings")
     raw = None
     if args.raw_data:

@@ -143,12 +143,20 @@ def choose_device(name: str, local_rank: int = 0) -> Any:
 
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
+    kind, colon, index = name.partition(":")
+    if kind == "cuda" and (not colon or index.isdigit()):
         if not torch.cuda.is_available():
-            raise ConfigError("--device cuda but torch sees no CUDA device; use --device auto or cpu")
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
+            raise ConfigError(f"--device {name} but torch sees no CUDA device; use --device auto or cpu")
+        count = torch.cuda.device_count()
+        if not colon:
+            return torch.device("cuda", local_rank % count)
+        if int(index) >= count:
+            raise ConfigError(
+                f"--device {name} but torch sees {count} CUDA device(s): cuda:0 to cuda:{count - 1}"
+            )
+        return torch.device("cuda", int(index))
     if name != "cpu":
-        raise ConfigError(f"--device must be auto, cpu or cuda, got {name!r}")
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
     return torch.device("cpu")
 
 
@@ -210,7 +218,10 @@ def load_model(
     from foundation.train import load_pretrained
 
     checkpoint = Path(checkpoint)
-    model, cfg, family = load_pretrained(checkpoint)
+    try:
+        model, cfg, family = load_pretrained(checkpoint)
+    except ConfigError as exc:  # torch's reasons span many lines; the CLI promises one
+        raise ConfigError(" ".join(str(exc).split())[:600]) from None
     source = str(checkpoint.resolve())
     if overrides and not random_init:
         raise ConfigError("--override only applies with --random-init (a trained model keeps its config)")
@@ -232,7 +243,47 @@ def load_model(
         source = f"random-init:{source}" + (f" ({' '.join(overrides)})" if overrides else "")
     for p in model.parameters():
         p.requires_grad_(False)
-    return LoadedModel(model, cfg, family, source)
+    return LoadedModel(model, cfg, family, source, training_manifest(checkpoint, cfg))
+
+
+def training_manifest(checkpoint: Path, cfg: Any) -> Any:
+    """The manifest of the shard set the model was trained on: the run's snapshot first (it is
+    what the run really read), then `data.path` of its config; None when neither is there."""
+    from foundation.data import Manifest
+
+    if checkpoint.is_file():
+        run_dir = checkpoint.parent
+    elif checkpoint.name.startswith("step-"):
+        run_dir = checkpoint.parent.parent
+    else:
+        run_dir = checkpoint
+    for folder in (run_dir / "dataset", Path(cfg.data.path)):
+        if (folder / "manifest.json").is_file():
+            return Manifest.load(folder)
+    return None
+
+
+def check_same_data_files(trained_on: Any, data: Any) -> None:
+    """The shard set to embed must carry the training data's extra files (an xVal tokenizer) with the
+    same content: ids from another tokenizer embed as garbage without any error."""
+    if trained_on is None:
+        if data.files:
+            _log.warning(
+                "cannot find the model's training shard set; assuming %s uses the same %s",
+                data.path,
+                ", ".join(sorted(data.files)),
+            )
+        return
+    for name, info in sorted(trained_on.files.items()):
+        theirs = data.files.get(name)
+        if theirs is None or theirs.sha256 != info.sha256:
+            found = "has none" if theirs is None else f"has sha256 {theirs.sha256[:12]}"
+            raise DataError(
+                f"{data.path} was prepared with another {name} than the model's training data "
+                f"({trained_on.path}: sha256 {info.sha256[:12]}; {data.path} {found}); prepare it with the "
+                f"training set's {name} (for xVal: `foundation prepare xval ... --vocab-from "
+                f"{trained_on.path}`)"
+            )
 
 
 # ----------------------------------------------------------------------------- the export
@@ -245,6 +296,8 @@ class ExportResult:
     new_rows: int
     seconds: float
     modalities: list[str]
+    complete_already: bool = False
+    """The output existed, finished, from this very checkpoint, data and selection: nothing done."""
 
     @property
     def samples_per_s(self) -> float:
@@ -287,6 +340,60 @@ def _split_dataset(
     )
 
 
+#: What makes two exports the same: an existing output or partial file must agree on all of them.
+IDENTITY_KEYS = (
+    "checkpoint",
+    "weights_sha256",
+    "config_hash",
+    "family",
+    "data",
+    "data_manifest_sha256",
+    "selection",
+)
+
+
+def check_output_path(out: Path) -> None:
+    """`--out` must be (or become) an HDF5 file: a directory or another kind of file is refused,
+    even with --overwrite, rather than trusted or replaced."""
+    import h5py
+
+    for path in (out, partial_path_of(out)):
+        if path.is_dir():
+            raise ConfigError(
+                f"--out {path} is a directory; give the embeddings file to write, e.g. {path}/embeddings.h5"
+            )
+        if path.exists() and not h5py.is_hdf5(path):
+            raise DataError(
+                f"--out {path} exists and is not an HDF5 file; refusing to replace it (choose another --out)"
+            )
+
+
+def partial_path_of(out: Path) -> Path:
+    from foundation.embeddings import partial_path
+
+    return partial_path(out)
+
+
+def existing_export(out: Path, attrs: dict[str, Any]) -> ExportResult:
+    """The finished `out` as this export's result, if it was made from the same checkpoint, config,
+    data and selection; else a DataError naming every attribute that differs."""
+    from foundation.embeddings import _jsonable, open_embeddings
+
+    with open_embeddings(out) as emb:
+        differ = []
+        for key in IDENTITY_KEYS:
+            old, new = emb.recorded(key), str(_jsonable(attrs[key]))
+            if old != new:
+                was = "not recorded" if old is None else repr(old[:80])
+                differ.append(f"{key} {was} (now {new[:80]!r})")
+        if differ:
+            raise DataError(
+                f"{out} exists but is not this export: it differs in {'; '.join(differ)}; choose another "
+                "--out, or pass --overwrite to replace it"
+            )
+        return ExportResult(out, emb.rows, 0, 0.0, list(emb.modalities), complete_already=True)
+
+
 def export_embeddings(
     loaded: LoadedModel,
     data: str | Path,
@@ -327,8 +434,16 @@ def export_embeddings(
         raise ConfigError(f"--part must be in [0, --parts={parts}), got {part}")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    if chunk_rows < 1:
+        raise ConfigError(f"--chunk-rows must be >= 1, got {chunk_rows}")
+    if num_workers is not None and num_workers < 0:
+        raise ConfigError(f"--num-workers must be >= 0, got {num_workers}")
+    out = Path(out)
+    check_output_path(out)
     data = Path(data)
     manifest = Manifest.load(data)
+    if not loaded.source.startswith("random-init:"):
+        check_same_data_files(loaded.manifest, manifest)
     splits = list(splits or sorted(manifest.splits))
     for s in splits:
         manifest.split(s)  # DataError naming the available splits
@@ -367,20 +482,10 @@ def export_embeddings(
         "torch_version": torch.__version__,
         "command": " ".join(sys.argv),
     }
+    if out.exists() and not overwrite:
+        return existing_export(out, attrs)
     writer = EmbeddingsWriter(
-        out,
-        attrs=attrs,
-        overwrite=overwrite,
-        chunk_rows=chunk_rows,
-        resume_keys=(
-            "checkpoint",
-            "weights_sha256",
-            "config_hash",
-            "family",
-            "data",
-            "data_manifest_sha256",
-            "selection",
-        ),
+        out, attrs=attrs, overwrite=overwrite, chunk_rows=chunk_rows, resume_keys=IDENTITY_KEYS
     )
     inner = loaded.family.make_collate(cfg.model, manifest, False) if loaded.family.make_collate else None
     done = frozenset(writer.done_ids)
@@ -480,18 +585,28 @@ def export_embeddings(
         finished = True
     except _Stopped:
         pass
+    except BaseException:
+        writer.discard_if_empty()  # a run that failed before its first chunk leaves nothing behind
+        raise
     finally:
         bar.close()
-        if not finished:
-            rows = writer.rows
-            writer.close()
     seconds = time.perf_counter() - start
     if not finished:
+        rows = writer.rows
+        writer.close()
         return ExportResult(writer.partial, rows, new_rows, seconds, chosen or [])
     if writer.rows == 0:
-        writer.close()
+        writer.discard_if_empty()
         raise DataError(f"no samples to export from {data} (splits {splits}, part {part} of {parts})")
     rows = writer.rows
+    for name in writer.targets_without_values():
+        _log.warning(
+            "target %r has no value in any of the %d exported samples (NaN throughout); "
+            "check --targets against the fields of %s",
+            name,
+            rows,
+            data,
+        )
     path = writer.finish()
     return ExportResult(path, rows, new_rows, seconds, chosen or [])
 
@@ -555,6 +670,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from foundation.embeddings import find_parts, merge_embeddings, part_path
+    from foundation.lock import FolderLock, command_line
     from foundation.train.distributed import read_launch
 
     missing = [f"--{name}" for name in ("checkpoint", "data", "out") if not getattr(args, name)]
@@ -565,12 +681,14 @@ def _run(args: argparse.Namespace) -> int:
     parts = args.parts if args.parts is not None else (launch.world_size if args.part is None else 1)
     if parts < 1 or not 0 <= part < parts:
         raise ConfigError(f"--part {part} is not in [0, --parts {parts})")
+    for option, value, least in (("--chunk-rows", args.chunk_rows, 1), ("--batch-size", args.batch_size, 1)):
+        if value < least:
+            raise ConfigError(f"{option} must be >= {least}, got {value}")
+    choose_device(args.device, launch.local_rank)  # a bad --device is refused before the model loads
     out = Path(args.out)
     target = part_path(out, part, parts) if parts > 1 else out
-    if target.exists() and not args.overwrite:
-        print(f"{target} is complete already (pass --overwrite to export again)")
-        result = None
-    else:
+    check_output_path(target)
+    with FolderLock(target, command_line()):
         loaded = load_model(
             args.checkpoint, random_init=args.random_init, seed=args.seed, overrides=args.override
         )
@@ -593,6 +711,12 @@ def _run(args: argparse.Namespace) -> int:
             chunk_rows=args.chunk_rows,
             progress=progress_enabled(args.progress),
         )
+    if result.complete_already:
+        print(
+            f"{target} is complete already, from this checkpoint, data and selection "
+            "(pass --overwrite to export again)"
+        )
+    else:
         print(
             f"exported {result.rows} objects ({result.new_rows} new, {', '.join(result.modalities)}) "
             f"-> {result.path} "
@@ -647,12 +771,15 @@ def _add_merge_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_merge(args: argparse.Namespace) -> int:
     from foundation.embeddings import find_parts, merge_embeddings, open_embeddings
+    from foundation.lock import FolderLock, command_line
 
     out = Path(args.out)
     parts = [Path(p) for p in args.parts] if args.parts else find_parts(out)
     if args.parts_expected is not None and len(parts) != args.parts_expected:
         raise DataError(f"found {len(parts)} parts of {out}, expected {args.parts_expected}")
-    merged = merge_embeddings(parts, out, overwrite=args.overwrite)
+    check_output_path(out)
+    with FolderLock(out, command_line()):
+        merged = merge_embeddings(parts, out, overwrite=args.overwrite)
     with open_embeddings(merged) as emb:
         print(f"merged {len(parts)} parts -> {merged} ({emb.rows} objects, {', '.join(emb.modalities)})")
     if args.delete_parts:

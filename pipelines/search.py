@@ -127,6 +127,17 @@ def default_params(kind: str, n: int) -> dict[str, Any]:
     raise DataError(f"unknown index kind {kind!r}; choose auto or one of {', '.join(KINDS)}")
 
 
+#: Upper bounds of index parameters: beyond them faiss allocates without limit (std::bad_alloc).
+_PARAM_MAX = {
+    "M": 512,
+    "efConstruction": 1 << 16,
+    "efSearch": 1 << 16,
+    "nlist": 1 << 24,
+    "nprobe": 1 << 24,
+    "train_points": 1 << 31,
+}
+
+
 def _check_params(kind: str, params: dict[str, Any]) -> None:
     allowed = set(default_params(kind, 10_000))
     unknown = sorted(set(params) - allowed)
@@ -138,6 +149,8 @@ def _check_params(kind: str, params: dict[str, Any]) -> None:
     for key, value in params.items():
         if not isinstance(value, int) or value < 1:
             raise DataError(f"--param {key}={value!r} must be a positive integer")
+        if value > _PARAM_MAX[key]:
+            raise DataError(f"--param {key}={value} is beyond any sensible value (at most {_PARAM_MAX[key]})")
 
 
 def _factory_string(kind: str, p: dict[str, Any]) -> str:
@@ -327,13 +340,13 @@ class VectorIndex:
         knob = query_knob(kind)
         if knob is not None and n < 10:
             raise DataError(f"a {kind} index needs at least 10 vectors (got {n}); use --kind flat")
+        if kind.startswith("ivf") and n < p["nlist"]:
+            raise DataError(f"IVF with nlist={p['nlist']} needs at least that many vectors, got {n}")
         start = time.perf_counter()
         index = faiss.index_factory(dim, _factory_string(kind, p), faiss.METRIC_INNER_PRODUCT)
         if kind.startswith("hnsw"):
             index.hnsw.efConstruction = int(p["efConstruction"])
         if kind.startswith("ivf"):
-            if n < p["nlist"]:
-                raise DataError(f"IVF with nlist={p['nlist']} needs at least that many vectors, got {n}")
             faiss.extract_index_ivf(index).cp.seed = seed
         if not index.is_trained:
             train = vectors
@@ -409,7 +422,15 @@ class VectorIndex:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tmp = directory / (INDEX_FILE + ".tmp")
-        faiss.write_index(self.index, str(tmp))
+        # Serialised here and written by Python: faiss's own writer reports a full disk as a
+        # RuntimeError, and leaves the half-written temporary behind.
+        blob = faiss.serialize_index(self.index)
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(blob.data)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
         tmp.replace(directory / INDEX_FILE)
         tmp_meta = directory / (META_FILE + ".tmp")
         tmp_meta.write_text(json.dumps(asdict(self.meta), indent=2) + "\n")
@@ -685,6 +706,11 @@ def _add_build_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_build(args: argparse.Namespace) -> int:
+    for option, value in (("--tune-k", args.tune_k), ("--tune-sample", args.tune_sample)):
+        if value < 1:
+            raise DataError(f"{option} must be >= 1, got {value}")
+    if args.exact_max is not None and args.exact_max < 0:
+        raise DataError(f"--exact-max must be >= 0, got {args.exact_max}")
     out = Path(args.out)
     if (out / META_FILE).exists() and not args.overwrite:
         raise DataError(f"{out} already holds an index; pass --overwrite to rebuild it")
@@ -756,7 +782,8 @@ def query(
             exclude_self = query_modality == index.meta.modality
         rows = emb.rows_of(ids)
         queries = emb.vectors(query_modality, rows)
-        sims, found = index.search(queries, k + (1 if exclude_self else 0))
+        # More neighbours than the index holds cannot be returned; faiss would allocate them all.
+        sims, found = index.search(queries, min(k + (1 if exclude_self else 0), index.meta.n))
         targets = {t: emb.target(t) for t in emb.target_names}
         results = []
         for qi, oid in enumerate(ids):
@@ -828,7 +855,11 @@ def _read_ids_file(path: str) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"--ids-file {path} does not exist")
-    ids = [line.strip() for line in p.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"--ids-file {path} is not a UTF-8 text file (one object id per line)") from None
+    ids = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     if not ids:
         raise DataError(f"--ids-file {path} lists no object ids (one per line)")
     return ids

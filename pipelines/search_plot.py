@@ -63,9 +63,14 @@ def _short_targets(targets: dict[str, Any], limit: int = 2) -> str:
 
 
 def _field_for(modality: str, sample: dict[str, Any], fields: dict[str, str] | None) -> str:
-    if fields and modality in fields:
-        return fields[modality]
     arrays = [k for k, v in sample.items() if isinstance(v, np.ndarray)]
+    if fields and modality in fields:
+        if fields[modality] not in arrays:
+            raise DataError(
+                f"--plot-fields {modality}={fields[modality]}: the samples have no array field "
+                f"{fields[modality]!r} (array fields: {', '.join(arrays) or 'none'})"
+            )
+        return fields[modality]
     if modality in arrays:
         return modality
     guesses = [k for k in arrays if modality in k]

@@ -47,3 +47,17 @@ def test_file_being_written_by_another_process_is_explained(tmp_path):
             open_hdf5(path)
     finally:
         writer.communicate("")
+
+
+def test_truncated_file_is_called_truncated_not_locked(tmp_path):
+    # h5py's truncation message contains "sblock", which a loose match on "lock" took for a lock.
+    whole = tmp_path / "whole.h5"
+    with h5py.File(whole, "w") as f:
+        f["x"] = np.zeros(1000)
+    data = whole.read_bytes()
+    for keep in (len(data) // 2, 100):
+        cut = tmp_path / f"cut-{keep}.h5"
+        cut.write_bytes(data[:keep])
+        with pytest.raises(DataError, match=r"cut-\d+\.h5 is truncated") as caught:
+            open_hdf5(cut)
+        assert "locked" not in str(caught.value)

@@ -67,7 +67,9 @@ if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))  # export_test_family, also for child processes
 
 
-def write_shards(out: Path, n: int = 120, seed: int = 0, samples_per_shard: int = 16) -> Path:
+def write_shards(
+    out: Path, n: int = 120, seed: int = 0, samples_per_shard: int = 16, files: dict | None = None
+) -> Path:
     """A shard set of galaxies-in-miniature: image (3,4,4), spectrum (20,), redshift, JSON meta."""
     from foundation.data import ShardSetWriter
 
@@ -78,6 +80,7 @@ def write_shards(out: Path, n: int = 120, seed: int = 0, samples_per_shard: int 
         samples_per_shard=samples_per_shard,
         family="export_test_family:FAMILY",
         extra={"targets": ["redshift", "stellar_mass"]},
+        files=files,
     ) as w:
         for i in range(n):
             z = float(rng.uniform(0, 1))
