@@ -202,8 +202,11 @@ class FolderLock:
         try:
             os.write(fd, json.dumps(record).encode())
             os.fsync(fd)
-        finally:
+        except OSError:
             os.close(fd)
+            path.unlink(missing_ok=True)  # an empty lock would block the folder until it went stale
+            raise
+        os.close(fd)
         return True
 
     @staticmethod

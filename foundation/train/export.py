@@ -28,6 +28,8 @@ from foundation.errors import ConfigError, DataError
 
 FORMAT = "foundation.model"
 VERSION = 1
+#: Environment variable naming the modules whose `module:ATTRIBUTE` families saved files may load.
+TRUSTED_FAMILY_MODULES = "FOUNDATION_FAMILY_MODULES"
 #: Dataset snapshot files (manifest, tokenizer, ...) up to this size travel inside model.pt.
 MAX_EMBEDDED_BYTES = 64 * 2**20
 
@@ -140,14 +142,16 @@ def _manifest_from_payload(files: dict[str, torch.Tensor] | None):
 
 
 def _family_name_from_file(name: str) -> str:
-    """A family named in a saved file. `module:ATTRIBUTE` names are honoured only for modules
-    this process imported already: importing a module a received file names would run its code
-    (a `module.py` shipped beside the file, say)."""
+    """A family named in a saved file. `module:ATTRIBUTE` names are honoured only for modules this
+    process imported already or that the user named in `FOUNDATION_FAMILY_MODULES`: importing a
+    module a received file names would run its code (a `module.py` shipped beside the file, say)."""
     module, sep, _ = name.partition(":")
-    if sep and module not in sys.modules:
+    trusted = {m.strip() for m in os.environ.get(TRUSTED_FAMILY_MODULES, "").split(",") if m.strip()}
+    if sep and module not in sys.modules and module not in trusted:
         raise ConfigError(
-            f"the checkpoint's model family {name!r} is not an installed family; import {module!r} "
-            "first (or register the family) if you trust it"
+            f"the checkpoint's model family {name!r} is not an installed family; if you trust the "
+            f"module {module!r}, name it in {TRUSTED_FAMILY_MODULES} (comma-separated) or register the "
+            "family with an entry point"
         )
     return name
 

@@ -251,7 +251,8 @@ def test_torchrun_two_ranks_write_parts_and_merge(tmp_path, tiny_shards, tiny_ch
     out = tmp_path / "emb.h5"
     args = ["export", "--checkpoint", str(ckpt), "--data", str(tiny_shards), "--out", str(out)]
     pythonpath = os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])
-    proc = torchrun([*args, "--num-workers", "0", "--device", "cpu"], env={"PYTHONPATH": pythonpath})
+    env = {"PYTHONPATH": pythonpath, "FOUNDATION_FAMILY_MODULES": "export_test_family"}
+    proc = torchrun([*args, "--num-workers", "0", "--device", "cpu"], env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "merged 2 parts" in proc.stdout
     with open_embeddings(out) as emb:
