@@ -13,6 +13,11 @@ machine; the ratio is the number that matters (target >= 0.8).
 Without --data/--checkpoint it makes its own data: `foundation synth astroclip` + `prepare` (--n
 objects, the demo's recipe) in a temporary directory, and a randomly initialised model built from
 --config (default configs/astroclip/align-tiny.yaml, with no pretrained tower to load).
+
+`--released` measures the released AstroCLIP instead: the architecture `foundation convert
+astroclip` makes of the published checkpoint (DINOv2 ViT-L/12 + SpecFormer, variant `reference`),
+with random weights (the same computation), on data prepared for it (use
+`--config configs/astroclip/align-paper.yaml`: 152-pixel cutouts, the DESI grid).
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ def load(args: argparse.Namespace, shards: Path):
 
     if args.checkpoint:
         return load_model(args.checkpoint)
+    if args.released:
+        return released_astroclip(shards)
     data = config.read_yaml(args.config)
     model_section = data.get("model") or {}
     model_section.pop("spectrum_init", None)
@@ -60,6 +67,43 @@ def load(args: argparse.Namespace, shards: Path):
     for p in model.parameters():
         p.requires_grad_(False)
     return LoadedModel(model, cfg, family, f"random-init:{args.config}")
+
+
+def released_astroclip(shards: Path):
+    """The released AstroCLIP's architecture and variant (as converted), random weights."""
+    import torch
+
+    from encoders.astroclip.convert import (
+        REFERENCE_HEAD_DROPOUT,
+        REFERENCE_HEAD_HEADS,
+        REFERENCE_LOGIT_SCALE,
+        RELEASED_BANDS,
+    )
+    from encoders.astroclip.model import AstroCLIPConfig, ImageTowerConfig, SpectrumTowerConfig
+    from foundation import config, registry
+    from pipelines.export import LoadedModel
+
+    model_cfg = AstroCLIPConfig(
+        stage="align",
+        spectrum=SpectrumTowerConfig(dropout=0.0),
+        image=ImageTowerConfig(bands=list(RELEASED_BANDS), dropout=0.0),
+        embed_dim=1024,
+        head_heads=REFERENCE_HEAD_HEADS,
+        head_mlp_ratio=4.0,
+        head_dropout=REFERENCE_HEAD_DROPOUT,
+        temperature=1.0 / REFERENCE_LOGIT_SCALE,
+        freeze_spectrum=True,
+        freeze_image=True,
+        variant="reference",
+    )
+    cfg = config.load_pretrain_config(None, ["family=astroclip", f"data.path={shards}"])
+    cfg.model = model_cfg
+    family = registry.get("astroclip")
+    torch.manual_seed(0)
+    model = family.build_model(model_cfg, None).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return LoadedModel(model, cfg, family, "released-architecture:random-weights")
 
 
 def bare_batches(loaded, shards: Path, batch_size: int) -> list:
@@ -121,6 +165,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", help="Shard set (default: make one with synth + prepare).")
     parser.add_argument("--checkpoint", help="Model to export with (default: random init from --config).")
     parser.add_argument("--config", default=str(REPO / "configs/astroclip/align-tiny.yaml"))
+    parser.add_argument(
+        "--released", action="store_true", help="The released AstroCLIP's architecture (see above)."
+    )
     parser.add_argument("--n", type=int, default=1024, help="Objects to synthesise when --data is not given.")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", default="0,1,2", help="Loader worker counts to measure.")

@@ -117,10 +117,9 @@ def _numeric_commands(seen):
 def test_command_line_mistakes_are_one_error_line(monkeypatch, capsys, argv, message):
     seen = []
     monkeypatch.setattr(cli, "discover_commands", lambda: _numeric_commands(seen))
-    with pytest.raises(SystemExit) as info:
-        cli.main(["numbers", *argv])
+    assert cli.main(["numbers", *argv]) == 2
     err = capsys.readouterr().err
-    assert info.value.code == 2 and not seen
+    assert not seen
     assert err.count("\n") == 1 and err.startswith("error: foundation"), err
     assert re.search(message, err), err
 
@@ -131,12 +130,10 @@ def test_a_cuda_device_torch_cannot_see_is_refused(monkeypatch, capsys):
     seen = []
     monkeypatch.setattr(cli, "discover_commands", lambda: _numeric_commands(seen))
     assert cli.main(["numbers", "--device", "cuda:0"]) == 0 and seen[0].device == "cuda:0"
-    with pytest.raises(SystemExit):
-        cli.main(["numbers", "--device", "cuda:7"])
+    assert cli.main(["numbers", "--device", "cuda:7"]) == 2
     assert "cuda:7 does not exist: torch sees 1 CUDA device(s)" in capsys.readouterr().err
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(SystemExit):
-        cli.main(["numbers", "--device", "cuda"])
+    assert cli.main(["numbers", "--device", "cuda"]) == 2
     assert "torch sees no CUDA device; use cpu or auto" in capsys.readouterr().err
 
 

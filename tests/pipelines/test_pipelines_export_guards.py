@@ -8,7 +8,7 @@ import re
 import export_test_family
 import numpy as np
 import pytest
-from conftest import write_shards
+from pipeline_data import write_shards
 
 import foundation.embeddings
 from foundation.cli import main
@@ -95,10 +95,10 @@ def test_shards_tokenised_with_another_tokenizer_are_refused(tmp_path, capsys):
 @pytest.mark.parametrize(
     "flags, fragment",
     [
-        (["--chunk-rows", "0"], "--chunk-rows must be >= 1"),
-        (["--batch-size", "0"], "--batch-size must be >= 1"),
-        (["--device", "bogus"], "--device must be auto, cpu, cuda or cuda:N"),
-        (["--device", "cuda:7"], "--device cuda:7"),
+        (["--chunk-rows", "0"], "--chunk-rows: must lie in [1, "),
+        (["--batch-size", "0"], "--batch-size: must lie in [1, "),
+        (["--device", "bogus"], "expected auto, cpu, cuda or cuda:N"),
+        (["--device", "cuda:7"], "cuda:7 was asked for but torch sees no CUDA device"),
     ],
 )
 def test_bad_options_are_one_line(tmp_path, tiny_shards, tiny_checkpoint, capsys, flags, fragment):
