@@ -41,9 +41,13 @@ import numpy as np
 
 from foundation.cli import Command
 from foundation.errors import DataError
+from foundation.isolated import run_isolated
 
 INDEX_FILE = "index.faiss"
 META_FILE = "index.json"
+#: Memory (beyond FOUNDATION_CHECK_MB) that reading an index may take, per byte of its file: a
+#: genuine index holds what its file stores, and faiss may copy a buffer once while reading.
+INDEX_MEMORY_FACTOR = 3
 EXACT_MAX_BYTES = 1 << 30  # auto: exact search while the float32 vectors fit in 1 GiB
 KINDS = ("flat", "hnsw", "ivf", "hnsw-sq8", "ivf-sq8")
 DEFAULT_TARGET_RECALL = 0.95
@@ -454,22 +458,30 @@ class VectorIndex:
             raise DataError(f"{meta_path} is malformed: {exc}") from None
         if meta.kind not in KINDS:
             raise DataError(f"{meta_path} names an unknown index kind {meta.kind!r}")
-        try:
-            index = faiss.read_index(str(index_path))
-        except RuntimeError as exc:
-            raise DataError(
-                f"{index_path} is not a readable faiss index: {str(exc).splitlines()[0]}"
-            ) from None
-        if index.ntotal != meta.n or index.d != meta.dim:
-            raise DataError(
-                f"{index_path} holds {index.ntotal}x{index.d} vectors but {meta_path} says "
-                f"{meta.n}x{meta.dim}"
-            )
-        out = cls(index, meta)
+        # faiss trusts the sizes in the file: a damaged one makes it allocate without bound, loop or
+        # crash. A bounded child reads it first, with memory for what a genuine index of this size needs.
+        extra_mb = INDEX_MEMORY_FACTOR * index_path.stat().st_size / 2**20
+        run_isolated(
+            lambda: _read_index(faiss, index_path, meta, meta_path), str(index_path), extra_mb=extra_mb
+        )
+        out = cls(_read_index(faiss, index_path, meta, meta_path), meta)
         knob = query_knob(meta.kind)
         if knob in meta.params:
             out.set_search_params(**{knob: int(meta.params[knob])})
         return out
+
+
+def _read_index(faiss: Any, index_path: Path, meta: IndexParams, meta_path: Path) -> Any:
+    """`faiss.read_index`, as a DataError when faiss refuses the file or it disagrees with its metadata."""
+    try:
+        index = faiss.read_index(str(index_path))
+    except RuntimeError as exc:
+        raise DataError(f"{index_path} is not a readable faiss index: {str(exc).splitlines()[0]}") from None
+    if index.ntotal != meta.n or index.d != meta.dim:
+        raise DataError(
+            f"{index_path} holds {index.ntotal}x{index.d} vectors but {meta_path} says {meta.n}x{meta.dim}"
+        )
+    return index
 
 
 def _build_tuned(
