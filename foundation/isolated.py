@@ -13,6 +13,7 @@ and `FOUNDATION_CHECK_MB` (memory the child may add, default 2048). Where `os.fo
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import os
 import select
 import signal
@@ -101,7 +102,9 @@ def _child(task: Callable[[], None], write_end: int, megabytes: float) -> None:
 
 
 def _silence_output() -> None:
-    """Point the child's fds 1 and 2 at /dev/null: only the parent speaks to the user."""
+    """Point the child's fds 1 and 2 at /dev/null, and stop faulthandler's crash reports (written to
+    a descriptor of its own): only the parent speaks to the user."""
+    faulthandler.disable()
     null = os.open(os.devnull, os.O_WRONLY)
     os.dup2(null, 1)
     os.dup2(null, 2)
@@ -163,7 +166,7 @@ def _judge(
         raise DataError(reason)
     if code == _NO_MEMORY:
         raise DataError(
-            f"{where}: reading it needs more than {megabytes:g} MB (a damaged size?); if the file is "
+            f"{where}: reading it needs more than {megabytes:.0f} MB (a damaged size?); if the file is "
             f"genuine, raise {MEGABYTES_ENV}"
         )
     if code == _UNEXPECTED:
