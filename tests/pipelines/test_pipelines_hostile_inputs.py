@@ -213,14 +213,17 @@ from pathlib import Path
 from foundation.embeddings import open_embeddings
 from foundation.errors import DataError
 
-valid, scratch, seed, cases = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+valid, scratch, seed = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+chosen = {int(case) for case in sys.argv[4].split(",")}
 raw = valid.read_bytes()
 rng = random.Random(seed)
 refused = 0
-for case in range(cases):
+for case in range(max(chosen) + 1):
     data = bytearray(raw)
     for _ in range(rng.randint(1, 8)):
         data[rng.randrange(len(data))] = rng.randrange(256)
+    if case not in chosen:
+        continue
     scratch.write_bytes(data)
     try:
         with open_embeddings(scratch) as emb:
@@ -232,21 +235,30 @@ for case in range(cases):
     except DataError as exc:
         refused += 1
         assert "\\n" not in str(exc), (case, str(exc))
-print(refused, "of", cases, "refused")
+print(refused, "of", len(chosen), "refused")
 """
+
+#: Seed 2's mutants of the fixture below that broke HDF5 itself before the bounded child: 275 and
+#: 506 looped forever inside an attribute read, 702 recorded an uncompressed chunk larger than its
+#: layout (HDF5 overran its buffer and the process crashed at exit). All 1000 cases of seed 2 pass.
+_KNOWN_BAD = [275, 506, 702]
 
 
 def test_fuzzed_embeddings_files_are_read_or_refused_in_one_line(tmp_path, embeddings_writer):
-    # Seeded random byte mutations of a valid file: every outcome is a read or a DataError, never
-    # an HDF5 OSError/RuntimeError/KeyError traceback, within a time and memory bound. The first
-    # 150 cases of seed 2 are used: a few mutations in a thousand make the HDF5 C library itself
-    # spin inside an attribute read, which no Python code can interrupt (docs/embeddings.md).
+    # Seeded random byte mutations of a valid file: every outcome is a read or a one-line
+    # DataError, never a traceback, a hang or a crash, within a time and memory bound (the process
+    # tree's RSS: the bounded checker counts too). A loop inside HDF5 costs the check's time bound.
     from conftest import latent_embeddings
 
     valid = embeddings_writer(tmp_path / "valid.h5", latent_embeddings(n=50, dim=4), chunk=16)
+    cases = sorted({*range(300), *_KNOWN_BAD})
     result = run_python(
-        _FUZZ, [str(valid), str(tmp_path / "mutant.h5"), "2", "150"], rss_limit_mb=1500, timeout_s=60
+        _FUZZ,
+        [str(valid), str(tmp_path / "mutant.h5"), "2", ",".join(map(str, cases))],
+        rss_limit_mb=1500,
+        timeout_s=120,
+        env={"FOUNDATION_CHECK_SECONDS": "2", "FOUNDATION_CHECK_MB": "512"},
     )
     assert result.killed_for is None and result.returncode == 0, result.stderr[-2000:]
     refused = int(result.stdout.split()[0])
-    assert 15 < refused < 150  # the mutations do damage, and some files stay readable
+    assert 30 < refused < len(cases)  # the mutations do damage, and some files stay readable
