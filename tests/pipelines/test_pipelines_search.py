@@ -176,3 +176,75 @@ def test_query_errors_are_clear(make_embeddings, tmp_path):
     (tmp_path / "idx" / "index.faiss").write_bytes(b"garbage")
     with pytest.raises(DataError, match="not a readable faiss index"):
         VectorIndex.load(tmp_path / "idx")
+
+
+_INDEX_FUZZ = """
+import random, sys
+from pathlib import Path
+from foundation.errors import DataError
+from pipelines.search import INDEX_FILE, VectorIndex
+
+folders, seed, cases = [Path(p) for p in sys.argv[1].split(",")], int(sys.argv[2]), int(sys.argv[3])
+rng = random.Random(seed)
+refused = 0
+for folder in folders:
+    raw = (folder / INDEX_FILE).read_bytes()
+    for _ in range(cases):
+        data = bytearray(raw)
+        for _ in range(rng.randint(1, 8)):
+            # Mostly the headers (sizes, counts, fourccs), sometimes anywhere.
+            span = 400 if rng.random() < 0.7 else len(data)
+            data[rng.randrange(min(span, len(data)))] = rng.randrange(256)
+        (folder / INDEX_FILE).write_bytes(data)
+        try:
+            VectorIndex.load(folder)
+        except DataError as exc:
+            refused += 1
+            assert "\\\\n" not in str(exc), str(exc)
+print(refused)
+"""
+
+
+def _small_indexes(tmp_path, make_embeddings) -> list:
+    """One saved index of each kind we build (flat, HNSW, IVF), of 300 8-d vectors."""
+    path, _ = make_embeddings(n=300, dim=8)
+    folders = []
+    for kind, params in [("flat", None), ("hnsw", {"M": 8}), ("ivf", {"nlist": 4})]:
+        build_from_file(path, "image", tmp_path / kind, kind=kind, params=params)
+        folders.append(tmp_path / kind)
+    return folders
+
+
+def test_damaged_index_files_are_refused_in_one_line_within_bounds(tmp_path, make_embeddings):
+    # faiss trusts the sizes in an index file: mutated IVF headers made it allocate gigabytes
+    # (std::bad_alloc, or a zero-filled buffer filling memory). A bounded child reads the file first.
+    from bounded_run import run_python
+
+    folders = _small_indexes(tmp_path, make_embeddings)
+    result = run_python(
+        _INDEX_FUZZ,
+        [",".join(map(str, folders)), "0", "60"],
+        rss_limit_mb=1500,
+        timeout_s=120,
+        env={"FOUNDATION_CHECK_SECONDS": "10", "FOUNDATION_CHECK_MB": "512"},
+    )
+    assert result.killed_for is None and result.returncode == 0, result.stderr[-2000:]
+    assert 20 < int(result.stdout) < 180  # the mutations do damage, and some files stay readable
+
+
+def test_index_header_declaring_a_huge_vector_buffer_is_one_line(tmp_path, make_embeddings):
+    # faiss's flat index: fourcc, d (int32), ntotal (int64), two unused int64, is_trained (1 byte),
+    # metric (int32), then the vectors: their float count (uint64) and the floats. 8 GiB of floats
+    # declared in a 10 KB file: faiss allocates and zero-fills them before it reads.
+    from bounded_run import assert_one_line_error, run_foundation
+
+    path, data = make_embeddings(n=300, dim=8)
+    index = tmp_path / "flat"
+    build_from_file(path, "image", index, kind="flat")
+    raw = bytearray((index / "index.faiss").read_bytes())
+    assert raw[:4] == b"IxFI" and int.from_bytes(raw[37:45], "little") == 300 * 8
+    raw[37:45] = (2 << 30).to_bytes(8, "little")
+    (index / "index.faiss").write_bytes(raw)
+    args = ["search", "query", "--index", str(index), "--embeddings", str(path), "--query-modality", "image"]
+    result = run_foundation([*args, "--id", data["ids"][0]], rss_limit_mb=1500, timeout_s=120)
+    assert_one_line_error(result, "index.faiss")
