@@ -8,6 +8,7 @@ gigabytes for a damaged size, and no Python code can interrupt it.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -30,13 +31,30 @@ def open_hdf5(path: str | Path, context: str = "", check: Callable[[Any], None] 
     came from); a file another process holds open for writing gets HDF5's lock explained, and a
     truncated file is called truncated.
 
-    Before the file is opened here, a bounded child reads every object header and attribute (and
-    runs `check(file)`, for reads a reader adds): a file on which they loop, blow up or crash is
-    refused in one line instead.
+    Before the file is first opened by this process, a bounded child reads every object header and
+    attribute (and runs `check(file)`, for reads a reader adds): a file on which they loop, blow up
+    or crash is refused in one line instead.
     """
     where = f"{context}: {path}" if context else str(path)
-    run_isolated(lambda: read_all_metadata(path, where, check), where)
+    identity = _identity(path)
+    if identity is None or (identity, check) not in _CHECKED:
+        run_isolated(lambda: read_all_metadata(path, where, check), where)
+        if identity is not None:
+            _CHECKED.add((identity, check))
     return _open(path, where)
+
+
+#: Files this process has checked, by identity: readers that reopen a file per batch pay once.
+_CHECKED: set[tuple[tuple[int, ...], Any]] = set()
+
+
+def _identity(path: str | Path) -> tuple[int, ...] | None:
+    """(device, inode, size, mtime) of `path`: a file rewritten since its check is checked again."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _open(path: str | Path, where: str) -> Any:
