@@ -402,6 +402,10 @@ class VectorIndex:
             raise DataError(f"query vectors have dimension {queries.shape[1]}, the index has {self.meta.dim}")
         k = min(int(k), self.meta.n)
         sims, rows = self.index.search(queries, k)
+        if rows.size and (rows.min() < -1 or rows.max() >= self.meta.n):
+            raise DataError(
+                f"the index answered rows outside 0..{self.meta.n - 1}: its file is damaged; rebuild it"
+            )
         return sims, rows
 
     def set_search_params(self, **params: Any) -> None:
@@ -462,7 +466,9 @@ class VectorIndex:
         # crash. A bounded child reads it first, with memory for what a genuine index of this size needs.
         extra_mb = INDEX_MEMORY_FACTOR * index_path.stat().st_size / 2**20
         run_isolated(
-            lambda: _read_index(faiss, index_path, meta, meta_path), str(index_path), extra_mb=extra_mb
+            lambda: _check_graph(faiss, _read_index(faiss, index_path, meta, meta_path), index_path),
+            str(index_path),
+            extra_mb=extra_mb,
         )
         out = cls(_read_index(faiss, index_path, meta, meta_path), meta)
         knob = query_knob(meta.kind)
@@ -482,6 +488,41 @@ def _read_index(faiss: Any, index_path: Path, meta: IndexParams, meta_path: Path
             f"{index_path} holds {index.ntotal}x{index.d} vectors but {meta_path} says {meta.n}x{meta.dim}"
         )
     return index
+
+
+def _check_graph(faiss: Any, index: Any, index_path: Path) -> None:
+    """Refuse an HNSW graph that would make a search read outside its arrays (faiss follows the
+    neighbour ids and offsets in the file unchecked: one damaged id crashed the process)."""
+    # `inner` does not own its memory: `index` must stay referenced while it is used.
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    if not isinstance(inner, faiss.IndexHNSW):
+        return
+    problem = _graph_problem(faiss, inner.hnsw, int(inner.ntotal))
+    if problem is None and inner.storage is not None and inner.storage.ntotal != inner.ntotal:
+        problem = f"its storage holds {inner.storage.ntotal} vectors, the graph {inner.ntotal}"
+    if problem:
+        raise DataError(f"{index_path} is not a sound HNSW index: {problem}; rebuild it")
+
+
+def _graph_problem(faiss: Any, hnsw: Any, n: int) -> str | None:
+    """What is inconsistent in an HNSW graph of `n` nodes, or None."""
+    neighbours = faiss.vector_to_array(hnsw.neighbors)
+    offsets = faiss.vector_to_array(hnsw.offsets).astype(np.int64)
+    levels = faiss.vector_to_array(hnsw.levels).astype(np.int64)
+    per_level = faiss.vector_to_array(hnsw.cum_nneighbor_per_level).astype(np.int64)
+    if len(levels) != n or len(offsets) != n + 1:
+        return f"{len(levels)} levels and {len(offsets)} offsets for {n} nodes"
+    if n == 0:
+        return None
+    if levels.min() < 1 or levels.max() >= len(per_level) or hnsw.max_level != levels.max() - 1:
+        return "node levels outside the levels the graph declares"
+    if offsets[0] != 0 or offsets[-1] != len(neighbours) or np.any(np.diff(offsets) != per_level[levels]):
+        return "neighbour offsets that disagree with the node levels"
+    if neighbours.size and (neighbours.min() < -1 or neighbours.max() >= n):
+        return f"neighbour ids outside 0..{n - 1}"
+    if not 0 <= hnsw.entry_point < n:
+        return f"entry point {hnsw.entry_point} outside 0..{n - 1}"
+    return None
 
 
 def _build_tuned(

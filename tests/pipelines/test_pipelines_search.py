@@ -248,3 +248,59 @@ def test_index_header_declaring_a_huge_vector_buffer_is_one_line(tmp_path, make_
     args = ["search", "query", "--index", str(index), "--embeddings", str(path), "--query-modality", "image"]
     result = run_foundation([*args, "--id", data["ids"][0]], rss_limit_mb=1500, timeout_s=120)
     assert_one_line_error(result, "index.faiss")
+
+
+def test_hnsw_graph_with_a_neighbour_beyond_the_index_is_one_line(tmp_path, make_embeddings):
+    # A search follows the neighbour ids of the graph unchecked: one id past the end crashes it
+    # (SIGSEGV). Recent faiss (1.15 here) refuses such a file when reading it; with older faiss
+    # the bounded child's own graph check (tested below) refuses it.
+    import faiss
+    from bounded_run import assert_one_line_error, run_foundation
+
+    path, data = make_embeddings(n=300, dim=8)
+    folder = tmp_path / "hnsw"
+    build_from_file(path, "image", folder, kind="hnsw", params={"M": 8})
+    index = faiss.read_index(str(folder / "index.faiss"))
+    graph = faiss.downcast_index(index.index).hnsw
+    neighbours = faiss.vector_to_array(graph.neighbors)
+    neighbours[neighbours >= 0] = 10**8
+    faiss.copy_array_to_vector(neighbours, graph.neighbors)
+    faiss.write_index(index, str(folder / "index.faiss"))
+    args = ["search", "query", "--index", str(folder), "--embeddings", str(path), "--query-modality", "image"]
+    result = run_foundation([*args, "--id", data["ids"][0]], rss_limit_mb=1500, timeout_s=120)
+    assert_one_line_error(result, "index.faiss is not a ")
+    assert "neighbo" in result.stderr, result.stderr
+
+
+def test_graph_check_finds_what_would_crash_a_search(tmp_path):
+    import faiss
+
+    from pipelines.search import _check_graph
+
+    index = VectorIndex.build(_clustered(300, 8), kind="hnsw", params={"M": 8}).index
+    _check_graph(faiss, index, tmp_path / "index.faiss")  # a sound graph passes
+    graph = faiss.downcast_index(index.index if isinstance(index, faiss.IndexIDMap) else index).hnsw
+    neighbours = faiss.vector_to_array(graph.neighbors)
+    neighbours[neighbours >= 0] = 10**8
+    faiss.copy_array_to_vector(neighbours, graph.neighbors)
+    with pytest.raises(
+        DataError, match=r"index\.faiss is not a sound HNSW index: neighbour ids outside 0\.\.299"
+    ):
+        _check_graph(faiss, index, tmp_path / "index.faiss")
+
+
+def test_index_answering_rows_beyond_the_embeddings_is_one_line(tmp_path, make_embeddings):
+    # The ids an IVF/HNSW index answers come from its file (the IDMap): a damaged one indexed past
+    # the embeddings' rows (an IndexError traceback, or a wrong neighbour through a negative index).
+    import faiss
+    from bounded_run import assert_one_line_error, run_foundation
+
+    path, data = make_embeddings(n=300, dim=8)
+    folder = tmp_path / "hnsw"
+    build_from_file(path, "image", folder, kind="hnsw", params={"M": 8})
+    index = faiss.read_index(str(folder / "index.faiss"))
+    faiss.copy_array_to_vector(np.full(index.ntotal, 10**6, dtype=np.int64), index.id_map)
+    faiss.write_index(index, str(folder / "index.faiss"))
+    args = ["search", "query", "--index", str(folder), "--embeddings", str(path), "--query-modality", "image"]
+    result = run_foundation([*args, "--id", data["ids"][0]], rss_limit_mb=1500, timeout_s=120)
+    assert_one_line_error(result, "the index answered rows outside 0..299: its file is damaged")
