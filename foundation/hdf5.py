@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,26 +25,26 @@ _TRUNCATED = re.compile(r"\btruncated file\b", re.IGNORECASE)
 _UNREADABLE = (OSError, RuntimeError, KeyError, ValueError, UnicodeDecodeError, MemoryError)
 
 
-def open_hdf5(path: str | Path, context: str = "", check: Callable[[Any], None] | None = None) -> Any:
+def open_hdf5(path: str | Path, context: str = "") -> Any:
     """`h5py.File(path, "r")`, or a DataError naming the file (after `context`, e.g. the option it
     came from); a file another process holds open for writing gets HDF5's lock explained, and a
     truncated file is called truncated.
 
     Before the file is first opened by this process, a bounded child reads every object header and
-    attribute (and runs `check(file)`, for reads a reader adds): a file on which they loop, blow up
-    or crash is refused in one line instead.
+    attribute and walks every chunk index: a file on which these loop, blow up or crash is refused
+    in one line instead.
     """
     where = f"{context}: {path}" if context else str(path)
     identity = _identity(path)
-    if identity is None or (identity, check) not in _CHECKED:
-        run_isolated(lambda: read_all_metadata(path, where, check), where)
+    if identity is None or identity not in _CHECKED:
+        run_isolated(lambda: read_all_metadata(path, where), where)
         if identity is not None:
-            _CHECKED.add((identity, check))
+            _CHECKED.add(identity)
     return _open(path, where)
 
 
 #: Files this process has checked, by identity: readers that reopen a file per batch pay once.
-_CHECKED: set[tuple[tuple[int, ...], Any]] = set()
+_CHECKED: set[tuple[int, ...]] = set()
 
 
 def _identity(path: str | Path) -> tuple[int, ...] | None:
@@ -66,9 +65,9 @@ def _open(path: str | Path, where: str) -> Any:
         raise hdf5_open_error(where, exc) from None
 
 
-def read_all_metadata(path: str | Path, where: str, check: Callable[[Any], None] | None = None) -> None:
+def read_all_metadata(path: str | Path, where: str) -> None:
     """Open `path` and read what any reader may: every object's header and attributes, and the
-    chunk index of chunked datasets; then `check(file)`. A DataError when HDF5 cannot."""
+    chunk index of chunked datasets. A DataError when HDF5 cannot, or a chunk is unsafe to read."""
     with _open(path, where) as f:
         try:
             _read_attributes(f)
@@ -76,8 +75,6 @@ def read_all_metadata(path: str | Path, where: str, check: Callable[[Any], None]
         except _UNREADABLE as exc:
             message = " ".join(str(exc).split())[:300]
             raise DataError(f"{where}: damaged HDF5 metadata ({type(exc).__name__}: {message})") from None
-        if check is not None:
-            check(f)
 
 
 def _read_object(name: str, obj: Any, where: str) -> None:

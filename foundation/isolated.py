@@ -7,7 +7,9 @@ crashes only it dies. The parent then reads the file itself, knowing the same re
 
 Bounds come from the environment: `FOUNDATION_CHECK_SECONDS` (default 60; 0 turns the checks off)
 and `FOUNDATION_CHECK_MB` (memory the child may add, default 2048). Where `os.fork` is missing
-(Windows) the check runs in-process, unguarded.
+(Windows) the check runs in-process, unguarded. Forking a process with other threads is safe for
+these checks unless another thread holds a lock the check needs at that instant (h5py's global
+lock, say): the child then stalls and the file is reported as not read within the time bound.
 """
 
 from __future__ import annotations
