@@ -1,30 +1,145 @@
-"""Opening HDF5 inputs for reading, with errors that name the file and say what to do."""
+"""Opening HDF5 inputs for reading, with errors that name the file and say what to do.
+
+An untrusted file's metadata is read first in a short-lived child (`foundation.isolated`): a
+damaged file can make the HDF5 C library loop forever inside an attribute read or allocate
+gigabytes for a damaged size, and no Python code can interrupt it.
+"""
 
 from __future__ import annotations
 
+import math
+import os
 import re
 from pathlib import Path
 from typing import Any
 
 from foundation.errors import DataError
+from foundation.isolated import run_isolated
 
 #: HDF5's own wording when its file lock is held by another process ("unable to lock file, errno = 11").
 _LOCKED = re.compile(r"\bunable to lock file\b", re.IGNORECASE)
 #: HDF5's wording for a file shorter than its superblock says ("truncated file: eof = ..., stored_eof = ...").
 _TRUNCATED = re.compile(r"\btruncated file\b", re.IGNORECASE)
+#: What h5py raises when HDF5 cannot make sense of damaged metadata (TypeError: a type h5py cannot
+#: map, MemoryError: an allocation past the child's bound).
+_UNREADABLE = (OSError, RuntimeError, KeyError, ValueError, UnicodeDecodeError, MemoryError)
 
 
 def open_hdf5(path: str | Path, context: str = "") -> Any:
     """`h5py.File(path, "r")`, or a DataError naming the file (after `context`, e.g. the option it
     came from); a file another process holds open for writing gets HDF5's lock explained, and a
-    truncated file is called truncated."""
+    truncated file is called truncated.
+
+    Before the file is first opened by this process, a bounded child reads every object header and
+    attribute and walks every chunk index: a file on which these loop, blow up or crash is refused
+    in one line instead.
+    """
+    where = f"{context}: {path}" if context else str(path)
+    identity = _identity(path)
+    if identity is None or identity not in _CHECKED:
+        run_isolated(lambda: read_all_metadata(path, where), where)
+        if identity is not None:
+            _CHECKED.add(identity)
+    return _open(path, where)
+
+
+#: Files this process has checked, by identity: readers that reopen a file per batch pay once.
+_CHECKED: set[tuple[int, ...]] = set()
+
+
+def _identity(path: str | Path) -> tuple[int, ...] | None:
+    """(device, inode, size, mtime) of `path`: a file rewritten since its check is checked again."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _open(path: str | Path, where: str) -> Any:
     import h5py  # lazily: `foundation.embeddings` readers should not pay for it at CLI start-up
 
-    where = f"{context}: {path}" if context else str(path)
     try:
         return h5py.File(path, "r")
     except OSError as exc:
         raise hdf5_open_error(where, exc) from None
+
+
+def read_all_metadata(path: str | Path, where: str) -> None:
+    """Open `path` and read what any reader may: every object's header and attributes, and the
+    chunk index of chunked datasets. A DataError when HDF5 cannot, or a chunk is unsafe to read."""
+    with _open(path, where) as f:
+        try:
+            _read_attributes(f)
+            f.visititems(lambda name, obj: _read_object(name, obj, where))
+        except _UNREADABLE as exc:
+            message = " ".join(str(exc).split())[:300]
+            raise DataError(f"{where}: damaged HDF5 metadata ({type(exc).__name__}: {message})") from None
+
+
+def _read_object(name: str, obj: Any, where: str) -> None:
+    import h5py
+
+    _read_attributes(obj)
+    if isinstance(obj, h5py.Dataset):
+        problem = _storage_problem(obj)
+        if problem:
+            raise DataError(f"{where}: dataset {name!r} {problem}; the file is damaged")
+
+
+def _storage_problem(ds: Any) -> str | None:
+    """Why the stored bytes of `ds` cannot be read safely, or None. HDF5 reads an unfiltered chunk
+    whole into a buffer of the chunk's size, whatever size the chunk index records: a damaged size
+    overruns the buffer and corrupts memory (a crash later, or wrong data)."""
+    file_size = ds.file.id.get_filesize()
+    if ds.chunks is None:
+        offset = ds.id.get_offset()
+        if offset is not None and offset + ds.id.get_storage_size() > file_size:
+            return f"stores {ds.id.get_storage_size()} bytes at offset {offset}, past the file's end"
+        return None
+    filtered = ds.id.get_create_plist().get_nfilters() > 0
+    expected = None if filtered else _chunk_bytes(ds)
+    for chunk in _chunks(ds):
+        if chunk.byte_offset + chunk.size > file_size:
+            return f"has a chunk at offset {chunk.byte_offset} of {chunk.size} bytes, past the file's end"
+        if expected is not None and chunk.size != expected:
+            return f"has an uncompressed chunk of {chunk.size} bytes where its layout needs {expected}"
+    return None
+
+
+def _chunk_bytes(ds: Any) -> int | None:
+    """Bytes of one whole unfiltered chunk on disk, or None for element types not checked here."""
+    import h5py
+
+    kind = ds.id.get_type()
+    if (
+        isinstance(kind, h5py.h5t.TypeStringID)
+        and kind.is_variable_str()
+        or isinstance(kind, h5py.h5t.TypeVlenID)
+    ):
+        element = 8 + ds.file.id.get_create_plist().get_sizes()[0]  # length, heap address, index
+    elif isinstance(kind, (h5py.h5t.TypeIntegerID, h5py.h5t.TypeFloatID, h5py.h5t.TypeStringID)):
+        element = kind.get_size()
+    else:
+        return None
+    return element * math.prod(int(c) for c in ds.chunks)
+
+
+def _chunks(ds: Any) -> list[Any]:
+    """The chunk index of `ds` (offset, size), in one pass where h5py offers it."""
+    if hasattr(ds.id, "chunk_iter"):
+        found: list[Any] = []
+        ds.id.chunk_iter(found.append)
+        return found
+    return [ds.id.get_chunk_info(i) for i in range(ds.id.get_num_chunks())]
+
+
+def _read_attributes(obj: Any) -> None:
+    for key in obj.attrs:
+        try:
+            obj.attrs[key]
+        except TypeError:
+            pass  # a type h5py has no NumPy equivalent for: no reader can read it either
 
 
 def hdf5_open_error(where: str, exc: OSError) -> DataError:

@@ -41,9 +41,13 @@ import numpy as np
 
 from foundation.cli import Command
 from foundation.errors import DataError
+from foundation.isolated import run_isolated
 
 INDEX_FILE = "index.faiss"
 META_FILE = "index.json"
+#: Memory (beyond FOUNDATION_CHECK_MB) that reading an index may take, per byte of its file: a
+#: genuine index holds what its file stores, and faiss may copy a buffer once while reading.
+INDEX_MEMORY_FACTOR = 3
 EXACT_MAX_BYTES = 1 << 30  # auto: exact search while the float32 vectors fit in 1 GiB
 KINDS = ("flat", "hnsw", "ivf", "hnsw-sq8", "ivf-sq8")
 DEFAULT_TARGET_RECALL = 0.95
@@ -398,6 +402,10 @@ class VectorIndex:
             raise DataError(f"query vectors have dimension {queries.shape[1]}, the index has {self.meta.dim}")
         k = min(int(k), self.meta.n)
         sims, rows = self.index.search(queries, k)
+        if rows.size and (rows.min() < -1 or rows.max() >= self.meta.n):
+            raise DataError(
+                f"the index answered rows outside 0..{self.meta.n - 1}: its file is damaged; rebuild it"
+            )
         return sims, rows
 
     def set_search_params(self, **params: Any) -> None:
@@ -454,22 +462,67 @@ class VectorIndex:
             raise DataError(f"{meta_path} is malformed: {exc}") from None
         if meta.kind not in KINDS:
             raise DataError(f"{meta_path} names an unknown index kind {meta.kind!r}")
-        try:
-            index = faiss.read_index(str(index_path))
-        except RuntimeError as exc:
-            raise DataError(
-                f"{index_path} is not a readable faiss index: {str(exc).splitlines()[0]}"
-            ) from None
-        if index.ntotal != meta.n or index.d != meta.dim:
-            raise DataError(
-                f"{index_path} holds {index.ntotal}x{index.d} vectors but {meta_path} says "
-                f"{meta.n}x{meta.dim}"
-            )
-        out = cls(index, meta)
+        # faiss trusts the sizes in the file: a damaged one makes it allocate without bound, loop or
+        # crash. A bounded child reads it first, with memory for what a genuine index of this size needs.
+        extra_mb = INDEX_MEMORY_FACTOR * index_path.stat().st_size / 2**20
+        run_isolated(
+            lambda: _check_graph(faiss, _read_index(faiss, index_path, meta, meta_path), index_path),
+            str(index_path),
+            extra_mb=extra_mb,
+        )
+        out = cls(_read_index(faiss, index_path, meta, meta_path), meta)
         knob = query_knob(meta.kind)
         if knob in meta.params:
             out.set_search_params(**{knob: int(meta.params[knob])})
         return out
+
+
+def _read_index(faiss: Any, index_path: Path, meta: IndexParams, meta_path: Path) -> Any:
+    """`faiss.read_index`, as a DataError when faiss refuses the file or it disagrees with its metadata."""
+    try:
+        index = faiss.read_index(str(index_path))
+    except RuntimeError as exc:
+        raise DataError(f"{index_path} is not a readable faiss index: {str(exc).splitlines()[0]}") from None
+    if index.ntotal != meta.n or index.d != meta.dim:
+        raise DataError(
+            f"{index_path} holds {index.ntotal}x{index.d} vectors but {meta_path} says {meta.n}x{meta.dim}"
+        )
+    return index
+
+
+def _check_graph(faiss: Any, index: Any, index_path: Path) -> None:
+    """Refuse an HNSW graph that would make a search read outside its arrays (faiss follows the
+    neighbour ids and offsets in the file unchecked: one damaged id crashed the process)."""
+    # `inner` does not own its memory: `index` must stay referenced while it is used.
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    if not isinstance(inner, faiss.IndexHNSW):
+        return
+    problem = _graph_problem(faiss, inner.hnsw, int(inner.ntotal))
+    if problem is None and inner.storage is not None and inner.storage.ntotal != inner.ntotal:
+        problem = f"its storage holds {inner.storage.ntotal} vectors, the graph {inner.ntotal}"
+    if problem:
+        raise DataError(f"{index_path} is not a sound HNSW index: {problem}; rebuild it")
+
+
+def _graph_problem(faiss: Any, hnsw: Any, n: int) -> str | None:
+    """What is inconsistent in an HNSW graph of `n` nodes, or None."""
+    neighbours = faiss.vector_to_array(hnsw.neighbors)
+    offsets = faiss.vector_to_array(hnsw.offsets).astype(np.int64)
+    levels = faiss.vector_to_array(hnsw.levels).astype(np.int64)
+    per_level = faiss.vector_to_array(hnsw.cum_nneighbor_per_level).astype(np.int64)
+    if len(levels) != n or len(offsets) != n + 1:
+        return f"{len(levels)} levels and {len(offsets)} offsets for {n} nodes"
+    if n == 0:
+        return None
+    if levels.min() < 1 or levels.max() >= len(per_level) or hnsw.max_level != levels.max() - 1:
+        return "node levels outside the levels the graph declares"
+    if offsets[0] != 0 or offsets[-1] != len(neighbours) or np.any(np.diff(offsets) != per_level[levels]):
+        return "neighbour offsets that disagree with the node levels"
+    if neighbours.size and (neighbours.min() < -1 or neighbours.max() >= n):
+        return f"neighbour ids outside 0..{n - 1}"
+    if not 0 <= hnsw.entry_point < n:
+        return f"entry point {hnsw.entry_point} outside 0..{n - 1}"
+    return None
 
 
 def _build_tuned(

@@ -1,6 +1,8 @@
-"""foundation.hdf5.open_hdf5: every HDF5 reader's errors name the file and say what to do."""
+"""foundation.hdf5.open_hdf5: every HDF5 reader's errors name the file and say what to do, and a
+file on which HDF5 would loop, blow up or crash is refused by a bounded child (foundation.isolated)."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -8,8 +10,9 @@ import h5py
 import numpy as np
 import pytest
 
-from foundation.errors import DataError
+from foundation.errors import ConfigError, DataError
 from foundation.hdf5 import open_hdf5
+from foundation.isolated import MEGABYTES_ENV, SECONDS_ENV, run_isolated
 
 
 def test_opens_and_names_bad_files(tmp_path):
@@ -35,7 +38,8 @@ def test_file_being_written_by_another_process_is_explained(tmp_path):
         [
             sys.executable,
             "-c",
-            f"import h5py, sys; f = h5py.File({str(path)!r}, 'w'); print('open', flush=True); sys.stdin.read()",
+            f"import h5py, sys; f = h5py.File({str(path)!r}, 'w'); print('open', flush=True); "
+            "sys.stdin.read()",
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -61,3 +65,88 @@ def test_truncated_file_is_called_truncated_not_locked(tmp_path):
         with pytest.raises(DataError, match=r"cut-\d+\.h5 is truncated") as caught:
             open_hdf5(cut)
         assert "locked" not in str(caught.value)
+
+
+def test_unfiltered_chunk_of_the_wrong_size_is_refused_before_it_is_read(tmp_path):
+    # HDF5 reads an uncompressed chunk whole into a buffer of the layout's chunk size, whatever size
+    # the chunk index records: a larger recorded size overran the buffer (a crash at exit).
+    path = tmp_path / "overrun.h5"
+    with h5py.File(path, "w") as f:
+        ds = f.create_dataset("x", shape=(32,), dtype="f8", chunks=(16,))
+        ds.id.write_direct_chunk((0,), np.zeros(16).tobytes())
+        ds.id.write_direct_chunk((16,), np.zeros(40).tobytes())
+    with pytest.raises(
+        DataError, match=r"dataset 'x' has an uncompressed chunk of 320 bytes where its layout needs 128"
+    ):
+        open_hdf5(path)
+
+
+def test_walk_reads_every_attribute_and_accepts_a_sound_file(tmp_path):
+    path = tmp_path / "sound.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["title"] = "x" * 1000
+        g = f.create_group("a/b")
+        g.attrs["n"] = np.arange(10)
+        g.create_dataset("v", data=np.arange(100.0).reshape(10, 10), chunks=(3, 3), compression="gzip")
+        g.create_dataset(
+            "s", data=np.asarray(["p", "q"], dtype=object).astype(h5py.string_dtype()), chunks=(1,)
+        )
+    with open_hdf5(path) as f:
+        assert f["a/b/v"][2, 2] == 22.0
+
+
+@pytest.fixture
+def fast_checks(monkeypatch):
+    monkeypatch.setenv(SECONDS_ENV, "1")
+    monkeypatch.setenv(MEGABYTES_ENV, "200")
+
+
+def _loop_forever():
+    while True:
+        pass
+
+
+def _allocate_4_gib():
+    bytearray(4 << 30)
+
+
+def _crash():
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def _refuse():
+    raise DataError("the file is wrong in this way")
+
+
+def _bug():
+    return 1 // 0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="the bounded child needs os.fork")
+@pytest.mark.parametrize(
+    "task, message",
+    [
+        (_loop_forever, r"where\.h5: reading it did not finish within 1 s .*raise FOUNDATION_CHECK_SECONDS"),
+        (_allocate_4_gib, r"where\.h5: reading it needs more than 200 MB .*raise FOUNDATION_CHECK_MB"),
+        (_crash, r"where\.h5: the library reading it crashed \(signal 11\)"),
+        (_refuse, r"^the file is wrong in this way$"),
+    ],
+)
+def test_isolated_check_turns_loops_blowups_and_crashes_into_one_line(fast_checks, task, message):
+    with pytest.raises(DataError, match=message):
+        run_isolated(task, "where.h5")
+
+
+def test_isolated_check_shows_a_bug_with_its_own_exception(fast_checks):
+    with pytest.raises(ZeroDivisionError):
+        run_isolated(_bug, "where.h5")
+
+
+def test_isolated_checks_can_be_turned_off_and_refuse_a_bad_setting(monkeypatch):
+    ran = []
+    monkeypatch.setenv(SECONDS_ENV, "0")
+    run_isolated(lambda: ran.append(os.getpid()), "where.h5")
+    assert ran == [os.getpid()]  # in-process
+    monkeypatch.setenv(SECONDS_ENV, "nan")
+    with pytest.raises(ConfigError, match="FOUNDATION_CHECK_SECONDS='nan' must be a number >= 0"):
+        run_isolated(lambda: None, "where.h5")

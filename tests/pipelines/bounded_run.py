@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -21,31 +22,53 @@ class BoundedResult:
 
 
 def _rss_mb(pid: int) -> float:
+    """Resident memory of `pid` and all its descendants (a forked checker counts too)."""
+    total = 0.0
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
+                total += int(line.split()[1]) / 1024
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                total += _rss_mb(int(child))
+    except (OSError, ValueError):
         pass
-    return 0.0
+    return total
 
 
 def run_foundation(
-    args: list[str], *, rss_limit_mb: float = 1500, timeout_s: float = 120, cwd: Path | None = None
+    args: list[str],
+    *,
+    rss_limit_mb: float = 1500,
+    timeout_s: float = 120,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> BoundedResult:
     """`python -m foundation.cli ARGS`, killed as soon as its RSS passes `rss_limit_mb` or it runs
     past `timeout_s` (a memory bomb or a hang fails the test instead of the machine)."""
     code = "import sys; from foundation.cli import main; sys.exit(main(sys.argv[1:]))"
-    return run_python(code, args, rss_limit_mb=rss_limit_mb, timeout_s=timeout_s, cwd=cwd)
+    return run_python(code, args, rss_limit_mb=rss_limit_mb, timeout_s=timeout_s, cwd=cwd, env=env)
 
 
 def run_python(
-    code: str, args: list[str], *, rss_limit_mb: float, timeout_s: float, cwd: Path | None = None
+    code: str,
+    args: list[str],
+    *,
+    rss_limit_mb: float,
+    timeout_s: float,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> BoundedResult:
-    """`python -c CODE ARGS` under the same bounds as `run_foundation`."""
+    """`python -c CODE ARGS` under the same bounds as `run_foundation`; `env` is added to os.environ."""
     # Output goes to files, not pipes: a child filling an unread pipe would block and look hung.
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        child = subprocess.Popen([sys.executable, "-c", code, *args], stdout=out, stderr=err, cwd=cwd)
+        child = subprocess.Popen(
+            [sys.executable, "-c", code, *args],
+            stdout=out,
+            stderr=err,
+            cwd=cwd,
+            env={**os.environ, **(env or {})},
+        )
         peak, killed_for = _watch(child, rss_limit_mb, timeout_s)
         out.seek(0)
         err.seek(0)

@@ -132,6 +132,14 @@ def test_search_build_on_a_full_disk_is_one_line_and_leaves_no_index(
     assert not any(out.iterdir())
 
 
+def _exit_code(args: list[str]) -> int:
+    """`main(args)`, with an option the parser refuses (SystemExit, one line already printed) as its code."""
+    try:
+        return main(args)
+    except SystemExit as exc:
+        return exc.code
+
+
 def _one_line(capsys, fragment):
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err
@@ -143,9 +151,9 @@ def _one_line(capsys, fragment):
         (["--kind", "ivf", "--param", "nlist=1000000000"], "nlist=1000000000 is beyond any sensible value"),
         (["--kind", "hnsw", "--param", "M=100000000"], "M=100000000 is beyond any sensible value"),
         (["--kind", "ivf", "--param", "nlist=1000"], "IVF with nlist=1000 needs at least that many vectors"),
-        (["--kind", "hnsw", "--tune-k", "0"], "--tune-k: must lie in [1, "),
-        (["--kind", "hnsw", "--tune-sample", "0"], "--tune-sample: must lie in [1, "),
-        (["--exact-max", "-1"], "--exact-max: must lie in [0, "),
+        (["--kind", "hnsw", "--tune-k", "0"], "--tune-k: must lie in [1, 2147483647], got 0"),
+        (["--kind", "hnsw", "--tune-sample", "0"], "--tune-sample: must lie in [1, 2147483647], got 0"),
+        (["--exact-max", "-1"], "--exact-max: must lie in [0, 2147483647], got -1"),
     ],
 )
 def test_search_build_refuses_unbounded_or_meaningless_options(
@@ -154,7 +162,7 @@ def test_search_build_refuses_unbounded_or_meaningless_options(
     # Huge nlist / M made faiss raise std::bad_alloc (a MemoryError traceback).
     path, _ = make_embeddings()
     args = ["search", "build", "--embeddings", str(path), "--modality", "image", "--out", str(tmp_path / "i")]
-    assert main([*args, *flags]) == 2
+    assert _exit_code([*args, *flags]) == 2
     _one_line(capsys, fragment)
 
 
@@ -186,16 +194,15 @@ def test_plot_field_that_is_not_in_the_samples_is_named():
 @pytest.mark.parametrize(
     "flags, fragment",
     [
-        (["--raw-pca", "0"], "--raw-pca: must lie in [1, "),
+        (["--raw-pca", "0"], "--raw-pca: must lie in [1, 2147483647], got 0"),
         (["--test-fraction", "1.5"], "--test-fraction must be in (0, 1)"),
-        (["--test-fraction", "nan"], "--test-fraction: must be a finite number > 0"),
+        (["--test-fraction", "nan"], "--test-fraction: must be a finite number > 0, got nan"),
     ],
 )
 def test_zero_shot_refuses_meaningless_options(tmp_path, make_embeddings, capsys, flags, fragment):
     path, _ = make_embeddings(n=60)
-    assert (
-        main(["evaluate", "zero-shot", "--embeddings", str(path), "--out", str(tmp_path / "z"), *flags]) == 2
-    )
+    args = ["evaluate", "zero-shot", "--embeddings", str(path), "--out", str(tmp_path / "z")]
+    assert _exit_code([*args, *flags]) == 2
     _one_line(capsys, fragment)
 
 
@@ -214,14 +221,17 @@ from pathlib import Path
 from foundation.embeddings import open_embeddings
 from foundation.errors import DataError
 
-valid, scratch, seed, cases = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+valid, scratch, seed = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+chosen = {int(case) for case in sys.argv[4].split(",")}
 raw = valid.read_bytes()
 rng = random.Random(seed)
 refused = 0
-for case in range(cases):
+for case in range(max(chosen) + 1):
     data = bytearray(raw)
     for _ in range(rng.randint(1, 8)):
         data[rng.randrange(len(data))] = rng.randrange(256)
+    if case not in chosen:
+        continue
     scratch.write_bytes(data)
     try:
         with open_embeddings(scratch) as emb:
@@ -233,19 +243,28 @@ for case in range(cases):
     except DataError as exc:
         refused += 1
         assert "\\n" not in str(exc), (case, str(exc))
-print(refused, "of", cases, "refused")
+print(refused, "of", len(chosen), "refused")
 """
+
+#: Seed 2's mutants of the fixture below that broke HDF5 itself before the bounded child: 275 and
+#: 506 looped forever inside an attribute read, 702 recorded an uncompressed chunk larger than its
+#: layout (HDF5 overran its buffer and the process crashed at exit). All 1000 cases of seed 2 pass.
+_KNOWN_BAD = [275, 506, 702]
 
 
 def test_fuzzed_embeddings_files_are_read_or_refused_in_one_line(tmp_path, embeddings_writer):
-    # Seeded random byte mutations of a valid file: every outcome is a read or a DataError, never
-    # an HDF5 OSError/RuntimeError/KeyError traceback, within a time and memory bound. The first
-    # 150 cases of seed 2 are used: a few mutations in a thousand make the HDF5 C library itself
-    # spin inside an attribute read, which no Python code can interrupt (docs/embeddings.md).
+    # Seeded random byte mutations of a valid file: every outcome is a read or a one-line
+    # DataError, never a traceback, a hang or a crash, within a time and memory bound (the process
+    # tree's RSS: the bounded checker counts too). A loop inside HDF5 costs the check's time bound.
     valid = embeddings_writer(tmp_path / "valid.h5", latent_embeddings(n=50, dim=4), chunk=16)
+    cases = sorted({*range(300), *_KNOWN_BAD})
     result = run_python(
-        _FUZZ, [str(valid), str(tmp_path / "mutant.h5"), "2", "150"], rss_limit_mb=1500, timeout_s=60
+        _FUZZ,
+        [str(valid), str(tmp_path / "mutant.h5"), "2", ",".join(map(str, cases))],
+        rss_limit_mb=1500,
+        timeout_s=120,
+        env={"FOUNDATION_CHECK_SECONDS": "2", "FOUNDATION_CHECK_MB": "512"},
     )
     assert result.killed_for is None and result.returncode == 0, result.stderr[-2000:]
     refused = int(result.stdout.split()[0])
-    assert 15 < refused < 150  # the mutations do damage, and some files stay readable
+    assert 30 < refused < len(cases)  # the mutations do damage, and some files stay readable

@@ -176,3 +176,131 @@ def test_query_errors_are_clear(make_embeddings, tmp_path):
     (tmp_path / "idx" / "index.faiss").write_bytes(b"garbage")
     with pytest.raises(DataError, match="not a readable faiss index"):
         VectorIndex.load(tmp_path / "idx")
+
+
+_INDEX_FUZZ = """
+import random, sys
+from pathlib import Path
+from foundation.errors import DataError
+from pipelines.search import INDEX_FILE, VectorIndex
+
+folders, seed, cases = [Path(p) for p in sys.argv[1].split(",")], int(sys.argv[2]), int(sys.argv[3])
+rng = random.Random(seed)
+refused = 0
+for folder in folders:
+    raw = (folder / INDEX_FILE).read_bytes()
+    for _ in range(cases):
+        data = bytearray(raw)
+        for _ in range(rng.randint(1, 8)):
+            # Mostly the headers (sizes, counts, fourccs), sometimes anywhere.
+            span = 400 if rng.random() < 0.7 else len(data)
+            data[rng.randrange(min(span, len(data)))] = rng.randrange(256)
+        (folder / INDEX_FILE).write_bytes(data)
+        try:
+            VectorIndex.load(folder)
+        except DataError as exc:
+            refused += 1
+            assert "\\\\n" not in str(exc), str(exc)
+print(refused)
+"""
+
+
+def _small_indexes(tmp_path, make_embeddings) -> list:
+    """One saved index of each kind we build (flat, HNSW, IVF), of 300 8-d vectors."""
+    path, _ = make_embeddings(n=300, dim=8)
+    folders = []
+    for kind, params in [("flat", None), ("hnsw", {"M": 8}), ("ivf", {"nlist": 4})]:
+        build_from_file(path, "image", tmp_path / kind, kind=kind, params=params)
+        folders.append(tmp_path / kind)
+    return folders
+
+
+def test_damaged_index_files_are_refused_in_one_line_within_bounds(tmp_path, make_embeddings):
+    # faiss trusts the sizes in an index file: mutated IVF headers made it allocate gigabytes
+    # (std::bad_alloc, or a zero-filled buffer filling memory). A bounded child reads the file first.
+    from bounded_run import run_python
+
+    folders = _small_indexes(tmp_path, make_embeddings)
+    result = run_python(
+        _INDEX_FUZZ,
+        [",".join(map(str, folders)), "0", "60"],
+        rss_limit_mb=1500,
+        timeout_s=120,
+        env={"FOUNDATION_CHECK_SECONDS": "10", "FOUNDATION_CHECK_MB": "512"},
+    )
+    assert result.killed_for is None and result.returncode == 0, result.stderr[-2000:]
+    assert 20 < int(result.stdout) < 180  # the mutations do damage, and some files stay readable
+
+
+def test_index_header_declaring_a_huge_vector_buffer_is_one_line(tmp_path, make_embeddings):
+    # faiss's flat index: fourcc, d (int32), ntotal (int64), two unused int64, is_trained (1 byte),
+    # metric (int32), then the vectors: their float count (uint64) and the floats. 8 GiB of floats
+    # declared in a 10 KB file: faiss allocates and zero-fills them before it reads.
+    from bounded_run import assert_one_line_error, run_foundation
+
+    path, data = make_embeddings(n=300, dim=8)
+    index = tmp_path / "flat"
+    build_from_file(path, "image", index, kind="flat")
+    raw = bytearray((index / "index.faiss").read_bytes())
+    assert raw[:4] == b"IxFI" and int.from_bytes(raw[37:45], "little") == 300 * 8
+    raw[37:45] = (2 << 30).to_bytes(8, "little")
+    (index / "index.faiss").write_bytes(raw)
+    args = ["search", "query", "--index", str(index), "--embeddings", str(path), "--query-modality", "image"]
+    result = run_foundation([*args, "--id", data["ids"][0]], rss_limit_mb=1500, timeout_s=120)
+    assert_one_line_error(result, "index.faiss")
+
+
+def test_hnsw_graph_with_a_neighbour_beyond_the_index_is_one_line(tmp_path, make_embeddings):
+    # A search follows the neighbour ids of the graph unchecked: one id past the end crashes it
+    # (SIGSEGV). Recent faiss (1.15 here) refuses such a file when reading it; with older faiss
+    # the bounded child's own graph check (tested below) refuses it.
+    import faiss
+    from bounded_run import assert_one_line_error, run_foundation
+
+    path, data = make_embeddings(n=300, dim=8)
+    folder = tmp_path / "hnsw"
+    build_from_file(path, "image", folder, kind="hnsw", params={"M": 8})
+    index = faiss.read_index(str(folder / "index.faiss"))
+    graph = faiss.downcast_index(index.index).hnsw
+    neighbours = faiss.vector_to_array(graph.neighbors)
+    neighbours[neighbours >= 0] = 10**8
+    faiss.copy_array_to_vector(neighbours, graph.neighbors)
+    faiss.write_index(index, str(folder / "index.faiss"))
+    args = ["search", "query", "--index", str(folder), "--embeddings", str(path), "--query-modality", "image"]
+    result = run_foundation([*args, "--id", data["ids"][0]], rss_limit_mb=1500, timeout_s=120)
+    assert_one_line_error(result, "index.faiss is not a ")
+    assert "neighbo" in result.stderr, result.stderr
+
+
+def test_graph_check_finds_what_would_crash_a_search(tmp_path):
+    import faiss
+
+    from pipelines.search import _check_graph
+
+    index = VectorIndex.build(_clustered(300, 8), kind="hnsw", params={"M": 8}).index
+    _check_graph(faiss, index, tmp_path / "index.faiss")  # a sound graph passes
+    graph = faiss.downcast_index(index.index if isinstance(index, faiss.IndexIDMap) else index).hnsw
+    neighbours = faiss.vector_to_array(graph.neighbors)
+    neighbours[neighbours >= 0] = 10**8
+    faiss.copy_array_to_vector(neighbours, graph.neighbors)
+    with pytest.raises(
+        DataError, match=r"index\.faiss is not a sound HNSW index: neighbour ids outside 0\.\.299"
+    ):
+        _check_graph(faiss, index, tmp_path / "index.faiss")
+
+
+def test_index_answering_rows_beyond_the_embeddings_is_one_line(tmp_path, make_embeddings):
+    # The ids an IVF/HNSW index answers come from its file (the IDMap): a damaged one indexed past
+    # the embeddings' rows (an IndexError traceback, or a wrong neighbour through a negative index).
+    import faiss
+    from bounded_run import assert_one_line_error, run_foundation
+
+    path, data = make_embeddings(n=300, dim=8)
+    folder = tmp_path / "hnsw"
+    build_from_file(path, "image", folder, kind="hnsw", params={"M": 8})
+    index = faiss.read_index(str(folder / "index.faiss"))
+    faiss.copy_array_to_vector(np.full(index.ntotal, 10**6, dtype=np.int64), index.id_map)
+    faiss.write_index(index, str(folder / "index.faiss"))
+    args = ["search", "query", "--index", str(folder), "--embeddings", str(path), "--query-modality", "image"]
+    result = run_foundation([*args, "--id", data["ids"][0]], rss_limit_mb=1500, timeout_s=120)
+    assert_one_line_error(result, "the index answered rows outside 0..299: its file is damaged")
