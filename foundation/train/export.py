@@ -44,10 +44,36 @@ def snapshot_dataset(data_path: str | Path, dest: Path) -> None:
     if not (source / "manifest.json").is_file():
         return
     manifest = Manifest.load(source)  # checks that every file it names is a plain name
+    for name, info in sorted(manifest.files.items()):
+        _check_extra_file(source / name, info.bytes, info.sha256)
     for name in [*sorted(manifest.files), "manifest.json"]:
         tmp = dest / (name + ".tmp")
         shutil.copyfile(source / name, tmp)
         os.replace(tmp, dest / name)
+
+
+def _check_extra_file(path: Path, size: int, sha256: str) -> None:
+    """An extra file of a shard set (a tokenizer, say) is the one its manifest names."""
+    if not path.is_file():
+        raise DataError(f"{str(path)!r} is listed in the shard set's manifest but missing")
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    if path.stat().st_size != size or digest.hexdigest() != sha256:
+        raise DataError(
+            f"{str(path)!r} differs from the file the shard set's manifest records (size or sha256); "
+            "restore it, or prepare the shard set again"
+        )
+
+
+def _bytes_tensor(data: bytes) -> torch.Tensor:
+    """A uint8 tensor of `data`, empty files included (`torch.frombuffer` refuses those)."""
+    return (
+        torch.empty(0, dtype=torch.uint8)
+        if not data
+        else torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    )
 
 
 def dataset_fingerprint(folder: Path) -> str:
@@ -82,12 +108,8 @@ def _dataset_payload(run_dir: Path) -> dict[str, torch.Tensor] | None:
         return None
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.endswith(".tmp"))
     if sum(p.stat().st_size for p in files) > MAX_EMBEDDED_BYTES:
-        return {
-            "manifest.json": torch.frombuffer(
-                bytearray((folder / "manifest.json").read_bytes()), dtype=torch.uint8
-            )
-        }
-    return {p.name: torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in files}
+        return {"manifest.json": _bytes_tensor((folder / "manifest.json").read_bytes())}
+    return {p.name: _bytes_tensor(p.read_bytes()) for p in files}
 
 
 def export_model(path: Path, model: nn.Module, cfg: Any, step: int, dist_info: Any) -> None:

@@ -408,3 +408,27 @@ def test_sparse_giant_checkpoint_files_are_refused_without_reading_them(finished
         (folder / name).write_bytes(original)
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert grown_mb < 100, f"peak RSS grew by {grown_mb:.0f} MB"
+
+
+def test_an_extra_file_changed_since_prepare_is_refused_before_training(tmp_path):
+    """A tokenizer (or other extra file) that is not the one the manifest records stops the run at
+    its start; an extra file that was empty when prepared travels into model.pt as it is."""
+    import numpy as np
+
+    from foundation.data import ShardSetWriter
+    from foundation.train.export import _dataset_payload, snapshot_dataset
+
+    extra, empty = tmp_path / "tokenizer.json", tmp_path / "empty.txt"
+    extra.write_text('{"vocab": {"a": 0}}')
+    empty.write_bytes(b"")
+    shards = tmp_path / "shards"
+    with ShardSetWriter(shards, {"train": 1.0}, files=[extra, empty], field_stats=False) as writer:
+        writer.write({"__key__": "k0", "x": np.arange(3, dtype=np.float32)})
+    run = tmp_path / "run"
+    snapshot_dataset(shards, run / "dataset")
+    payload = _dataset_payload(run)
+    assert payload["empty.txt"].numel() == 0
+    assert bytes(payload["tokenizer.json"].numpy()) == extra.read_bytes()
+    (shards / "tokenizer.json").write_text('{"vocab": {"b": 0}}')
+    with pytest.raises(DataError, match="differs from the file the shard set's manifest records"):
+        snapshot_dataset(shards, tmp_path / "other" / "dataset")
