@@ -160,3 +160,16 @@ def load_converted(path: str | Path, map_location: Any = "cpu"):
         )
     model.load_state_dict(state)
     return model.float().to(map_location).eval(), cfg, family
+
+
+def load_converted_state(model: Any, state: dict[str, Any], where: str) -> None:
+    """Load a converter's mapped `state` into `model` with every shape checked first, so that a
+    mis-sized tensor of a mismatched checkpoint is named instead of raising a size traceback."""
+    target = model.state_dict()
+    for key, value in state.items():
+        if key in target and target[key].shape != value.shape:
+            raise DataError(
+                f"{where}: converted {key!r} has shape {tuple(value.shape)}, the architecture "
+                f"read from the checkpoint needs {tuple(target[key].shape)} (mismatched checkpoint)"
+            )
+    model.load_state_dict(state, strict=True)  # a miss here is a bug in the tables, not bad input

@@ -69,6 +69,7 @@ import torch
 
 from encoders.astroclip.model import AstroCLIP, AstroCLIPConfig, ImageTowerConfig, SpectrumTowerConfig
 from foundation.errors import DataError
+from foundation.weights import load_converted_state
 
 REFERENCE_REPO = "PolymathicAI/AstroCLIP"
 #: Modules whose classes a released checkpoint's hyper_parameters may name; they become stand-ins.
@@ -373,15 +374,7 @@ def image_config(state: Mapping[str, torch.Tensor], where: str, heads: int | Non
 
 
 def _load_checked(model: AstroCLIP, ours: dict[str, torch.Tensor], where: str) -> AstroCLIP:
-    """Load with every shape checked, so a mis-sized tensor is named instead of a size traceback."""
-    target = model.state_dict()
-    for key, value in ours.items():
-        if key in target and target[key].shape != value.shape:
-            raise DataError(
-                f"{where}: converted {key!r} has shape {tuple(value.shape)}, the architecture "
-                f"read from the checkpoint needs {tuple(target[key].shape)} (mismatched checkpoint)"
-            )
-    model.load_state_dict(ours, strict=True)  # a miss here is a bug in the tables, not bad input
+    load_converted_state(model, ours, where)
     return model.eval()
 
 

@@ -41,6 +41,7 @@ import torch
 
 from encoders.mpp.model import AViT, MPPConfig
 from foundation.errors import DataError
+from foundation.weights import load_converted_state
 
 REFERENCE_REPO = "PolymathicAI/multiple_physics_pretraining"
 #: The reference's state slots: (slot, dataset class, its field name, our field name).
@@ -293,7 +294,7 @@ def convert_reference_state(
     ours["embed.reference_size"] = torch.tensor(float(n_states))
     ours["destem.out_weight"] = kernel[:, index].permute(1, 2, 3, 0).reshape(len(slots), -1, kernel.shape[0])
     ours["destem.out_bias"] = state["debed.out_bias"].float()[index]
-    _load_checked(model, ours, where)
+    load_converted_state(model, ours, where)
     return model.eval()
 
 
@@ -307,18 +308,6 @@ def _transformed(
             f"{where}: {key!r} has shape {tuple(state[key].shape)}, which does not fit the "
             "architecture read from the checkpoint (mismatched checkpoint)"
         ) from None
-
-
-def _load_checked(model: AViT, ours: dict[str, torch.Tensor], where: str) -> None:
-    """Load with every shape checked, so a mis-sized tensor is named instead of a size traceback."""
-    target = model.state_dict()
-    for key, value in ours.items():
-        if key in target and target[key].shape != value.shape:
-            raise DataError(
-                f"{where}: converted {key!r} has shape {tuple(value.shape)}, the architecture "
-                f"read from the checkpoint needs {tuple(target[key].shape)} (mismatched checkpoint)"
-            )
-    model.load_state_dict(ours, strict=True)  # a miss here is a bug in the table, not bad input
 
 
 def convert_reference_checkpoint(path: str | Path, velocity_slots: str = "compressible") -> AViT:
