@@ -50,7 +50,8 @@ def job_env(config: Path, **extra: str) -> dict[str, str]:
     """The job's variables; VENV only where this is not the repository's .venv (the scripts'
     default, which the jobs then find by themselves)."""
     pythonpath = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH", "")) if p)
-    env = {"CONFIG": str(config), "PYTHONPATH": pythonpath, **extra}
+    # The toy family is a module:ATTRIBUTE family: saved runs may load it once it is named trusted.
+    env = {"CONFIG": str(config), "PYTHONPATH": pythonpath, "FOUNDATION_FAMILY_MODULES": "slurm_toy", **extra}
     if Path(sys.prefix).resolve() != (REPO / ".venv").resolve():
         env["VENV"] = sys.prefix
     return env
