@@ -313,6 +313,8 @@ class WellFile:
         if key not in node:
             hint = f" ({what})" if what else ""
             raise self._err(f"missing {key!r} in {where}{hint}; not a valid Well file")
+        if isinstance(node.get(key, getlink=True), h5py.ExternalLink):
+            raise self._err(f"{key!r} in {where} is a link to another file; copy its data into the file")
         item = node.get(key)
         if not isinstance(item, kind):
             raise self._err(f"{key!r} in {where} is not a {'group' if kind is h5py.Group else 'dataset'}")
