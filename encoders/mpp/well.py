@@ -204,6 +204,12 @@ def check_stored(ds: h5py.Dataset, where: str) -> None:
         )
     if kind not in "fiub":
         raise DataError(f"{where}: values of type {ds.dtype} are not real numbers")
+    check_storage(ds, where)
+
+
+def check_storage(ds: h5py.Dataset, where: str) -> None:
+    """Refuse data that is not all in this file: virtual or external storage, chunks too large to
+    inflate, or a declared shape whose chunks or bytes are not all stored (sparse or truncated)."""
     if ds.is_virtual:
         raise DataError(f"{where}: a virtual dataset (its data lives in other files); copy it into the file")
     if ds.external:
