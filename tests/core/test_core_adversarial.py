@@ -103,3 +103,21 @@ def test_index_of_a_relative_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     manifest = index_shards("shards")
     assert manifest.splits["train"].samples == 1
+
+
+@pytest.mark.parametrize("content", ["empty", "code"])
+def test_an_unloadable_model_file_is_one_clear_line_without_unsafe_advice(tmp_path, content, capsys):
+    from foundation.cli import main
+
+    marker, model = tmp_path / "ran", tmp_path / "model.pt"
+    if content == "empty":
+        model.write_bytes(b"")
+    else:
+        with open(model, "wb") as handle:
+            pickle.dump({"format": _RunsCode(marker)}, handle)
+    out = tmp_path / "e.h5"
+    code = main(["export", "--checkpoint", str(model), "--data", str(tmp_path), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and not marker.exists()
+    assert err.startswith("error: ") and "\n" not in err and not err.endswith(":")
+    assert "weights_only" not in err
