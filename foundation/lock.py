@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import sys
 import threading
 import time
@@ -92,12 +93,20 @@ def _holder_record(command: str) -> dict[str, Any]:
 def _read_holder(path: Path) -> dict[str, Any] | None:
     """The holder record of a lock file; None if it vanished; {} if it is unreadable."""
     try:
-        with open(path, "rb") as handle:
-            raw = handle.read(_MAX_LOCK_BYTES + 1)
+        # Non-blocking and not through a link: a FIFO planted as the lock must not hang us.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
     except FileNotFoundError:
         return None
     except OSError:
         return {}
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return {}
+        raw = os.read(fd, _MAX_LOCK_BYTES + 1)
+    except OSError:
+        return {}
+    finally:
+        os.close(fd)
     if len(raw) > _MAX_LOCK_BYTES:
         return {}
     try:
@@ -214,6 +223,7 @@ class FolderLock:
         aside = path.with_name(f"{path.name}.stale-{uuid.uuid4().hex[:8]}")
         with contextlib.suppress(FileNotFoundError):
             os.replace(path, aside)
+        with contextlib.suppress(OSError):  # a directory planted as the lock stays aside
             aside.unlink()
 
     def _heartbeat(self) -> None:

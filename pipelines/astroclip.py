@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import re
 import sys
 from collections.abc import Sequence
@@ -35,6 +36,8 @@ TARGET_UNITS = {
     "ssfr": "log10 1/yr",
 }
 SPLITS = {"train": 0.8, "valid": 0.1, "test": 0.1}
+#: Most pixels a --grid may give (DESI's spectra have 7781; each sample stores one float per pixel).
+MAX_GRID_PIXELS = 1_000_000
 #: Resamplers kept (one per distinct source wavelength grid); the oldest is dropped beyond that.
 RESAMPLER_CACHE = 64
 
@@ -132,8 +135,13 @@ def parse_grid(text: str) -> tuple[float, float, float]:
         start, stop, step = (float(v) for v in text.split(":"))
     except ValueError:
         raise DataError(f"--grid must be START:STOP:STEP in Å (e.g. 3600:9824:0.8), got {text!r}") from None
-    if not (step > 0 and stop > start):
-        raise DataError(f"--grid {text!r}: need STOP > START and STEP > 0")
+    if not (math.isfinite(start) and math.isfinite(stop) and step > 0 and stop > start):
+        raise DataError(f"--grid {text!r}: need finite numbers with STOP > START and STEP > 0")
+    pixels = math.floor((stop - start) / step + 1e-6) + 1  # as wavelength_grid counts them
+    if not 2 <= pixels <= MAX_GRID_PIXELS:
+        raise DataError(
+            f"--grid {text!r} gives {pixels} pixel(s); it must give 2 to {MAX_GRID_PIXELS} (check STEP)"
+        )
     return start, stop, step
 
 

@@ -39,6 +39,7 @@ import numpy as np
 from astropy import units as u
 from astropy.io import fits
 
+from encoders.mpp.well import check_storage
 from foundation.errors import DataError
 from foundation.hdf5 import open_hdf5
 
@@ -346,8 +347,20 @@ def _scalar_columns_hdf5(f: h5py.File, n: int, skip: set[str]) -> dict[str, np.n
     return out
 
 
+def _check_hdf5_storage(f: h5py.File, path: Path) -> None:
+    """Every top-level dataset is stored whole in this file: a link or storage elsewhere would read
+    another file's bytes (/dev/zero, /etc/passwd) as data, a sparse one declare rows never written."""
+    for name in f:
+        if isinstance(f.get(name, getlink=True), h5py.ExternalLink):
+            raise DataError(f"{path}: {name!r} is a link to another file; copy its data into the file")
+        obj = f.get(name)
+        if isinstance(obj, h5py.Dataset):
+            check_storage(obj, f"{path}: {name}")
+
+
 def _hdf5_rows(path: Path, index: int, what: str) -> Rows:
     with open_hdf5(path, what) as f:
+        _check_hdf5_storage(f, path)
         names = list(f.keys())
         id_col = _require(names, ID_COLUMNS, path, "object id")
         ra_col = _require(names, RA_COLUMNS, path, "right ascension (ra)")

@@ -102,6 +102,8 @@ class PDEBenchFile:
         return SkippedSource(self.path, name, reason)
 
     def _checked(self, f: h5py.File, key: str) -> h5py.Dataset:
+        if isinstance(f.get(key, getlink=True), h5py.ExternalLink):
+            raise self._err(f"{key!r} is a link to another file; copy its data into the file")
         ds = f.get(key)
         if not isinstance(ds, h5py.Dataset):
             raise self._err(f"{key!r} is not a dataset")

@@ -204,6 +204,12 @@ def check_stored(ds: h5py.Dataset, where: str) -> None:
         )
     if kind not in "fiub":
         raise DataError(f"{where}: values of type {ds.dtype} are not real numbers")
+    check_storage(ds, where)
+
+
+def check_storage(ds: h5py.Dataset, where: str) -> None:
+    """Refuse data that is not all in this file: virtual or external storage, chunks too large to
+    inflate, or a declared shape whose chunks or bytes are not all stored (sparse or truncated)."""
     if ds.is_virtual:
         raise DataError(f"{where}: a virtual dataset (its data lives in other files); copy it into the file")
     if ds.external:
@@ -313,6 +319,8 @@ class WellFile:
         if key not in node:
             hint = f" ({what})" if what else ""
             raise self._err(f"missing {key!r} in {where}{hint}; not a valid Well file")
+        if isinstance(node.get(key, getlink=True), h5py.ExternalLink):
+            raise self._err(f"{key!r} in {where} is a link to another file; copy its data into the file")
         item = node.get(key)
         if not isinstance(item, kind):
             raise self._err(f"{key!r} in {where} is not a {'group' if kind is h5py.Group else 'dataset'}")

@@ -159,7 +159,7 @@ def index_shards(
                     f"cannot tell the split of {path.name}: name shards <split>-<NNNNNN>.tar (e.g. "
                     "train-000000.tar) or pass --split NAME=GLOB"
                 ) from None
-            found.setdefault(prefix, []).append(path)
+            found.setdefault(prefix, []).append(Path(path.name))  # relative to `directory`, as --split gives
         if not found:
             raise DataError(f"no .tar shards in {directory}")
         split_paths = found

@@ -499,6 +499,8 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 
 
 def _dcp_load(state: dict[str, Any], path: Path, **kwargs: Any) -> None:
+    # Checked before torch sees it: DCP logs a traceback for unreadable metadata before it fails.
+    read_dcp_metadata(path)
     dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner(), **kwargs)
 
 

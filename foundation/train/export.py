@@ -14,6 +14,7 @@ import atexit
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import sys
 import tempfile
@@ -226,7 +227,7 @@ def load_pretrained(path: str | Path, *, map_location: str | torch.device = "cpu
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise ConfigError(f"{str(path)!r} is not a foundation model file: {exc}") from None
+        raise ConfigError(f"{str(path)!r} is not a foundation model file: {_load_failure(exc)}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ConfigError(f"{str(path)!r} is not a foundation model file (format {FORMAT!r} expected)")
     if payload.get("version", 0) > VERSION:
@@ -247,10 +248,19 @@ def _model_file_step(path: Path) -> int:
     try:
         step = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("step")
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise ConfigError(f"{str(path)!r} is not a foundation model file: {exc}") from None
+        raise ConfigError(f"{str(path)!r} is not a foundation model file: {_load_failure(exc)}") from None
     if not isinstance(step, int):
         raise ConfigError(f"{str(path)!r} is not a foundation model file (no step)")
     return step
+
+
+def _load_failure(exc: BaseException) -> str:
+    """Why `torch.load` refused a file, in one line; never torch's advice to retry with
+    weights_only=False, which would run whatever code the file carries."""
+    if isinstance(exc, pickle.UnpicklingError):
+        return "it holds Python objects other than tensors and plain data, never loaded (they can run code)"
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else f"{type(exc).__name__} (an empty or truncated file)"
 
 
 def _from_checkpoint(path: Path, map_location):

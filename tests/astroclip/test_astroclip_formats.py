@@ -157,6 +157,59 @@ def test_missing_columns_give_clear_errors(tmp_path):
         formats.SpectrumSource(tmp_path / "nowhere")
 
 
+def _image_file(path, n=2):
+    formats.write_hdf5_atomic(
+        path,
+        {
+            "object_id": np.array([b"a", b"b"][:n]),
+            "ra": np.zeros(n),
+            "dec": np.zeros(n),
+            "image_array": np.ones((n, 1, 4, 4), np.float32),
+            "image_band": np.array([[b"r"]] * n),
+        },
+    )
+
+
+def _replace(path, name, make):
+    with h5py.File(path, "a") as f:
+        shape, dtype = f[name].shape, f[name].dtype
+        del f[name]
+        make(f, name, shape, dtype)
+
+
+@pytest.mark.parametrize(
+    "column, make, message",
+    [
+        # Raw bytes of another file (here /dev/zero) read as the images.
+        (
+            "image_array",
+            lambda f, n, shape, dtype: f.create_dataset(
+                n, shape=shape, dtype=dtype, external=[("/dev/zero", 0, h5py.h5f.UNLIMITED)]
+            ),
+            "image_array: data stored in external raw files",
+        ),
+        # A link to a dataset of another file.
+        (
+            "image_array",
+            lambda f, n, shape, dtype: f.__setitem__(n, h5py.ExternalLink("/elsewhere.h5", "x")),
+            "'image_array' is a link to another file",
+        ),
+        # A few KiB declaring 2**31 rows: read whole, it took tens of GB.
+        (
+            "ra",
+            lambda f, n, shape, dtype: f.create_dataset(n, shape=(2**31,), dtype=dtype, chunks=(4096,)),
+            "ra: declares shape",
+        ),
+    ],
+)
+def test_hdf5_data_not_stored_in_the_file_is_refused(tmp_path, column, make, message):
+    path = tmp_path / "img.hdf5"
+    _image_file(path)
+    _replace(path, column, make)
+    with pytest.raises(DataError, match=message):
+        formats.ImageSource(path, ["r"])
+
+
 def test_hdf5_unit_attribute_is_honoured(tmp_path):
     values = np.ones((1, 1, 4, 4), np.float32)
     path = tmp_path / "img.hdf5"

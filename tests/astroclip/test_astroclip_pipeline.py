@@ -9,6 +9,7 @@ import torch
 
 from foundation.cli import main
 from foundation.data import Manifest, ShardDataset
+from foundation.errors import DataError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "astroclip"
 # Tiny overrides: shapes small enough for seconds of CPU, same code paths as the shipped configs.
@@ -333,3 +334,11 @@ def test_mae_image_pretraining_on_two_processes_then_alignment_from_it(data, tmp
     aligned, _, _ = load_pretrained(tmp_path / "align")
     for name, value in pretrained.image.state_dict().items():
         assert torch.equal(aligned.image.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("grid", ["3600:3600.5:1", "3600:inf:1", "0:1e9:1e-9", "nan:9824:0.8"])
+def test_grid_of_under_two_or_unbounded_pixels_is_refused(grid):
+    from pipelines.astroclip import parse_grid
+
+    with pytest.raises(DataError, match="--grid"):
+        parse_grid(grid)

@@ -179,3 +179,13 @@ def test_a_directory_is_not_a_config(tmp_path):
 def test_deeply_nested_override_value_is_refused_not_a_recursion_error():
     with pytest.raises(ConfigError, match=r"sizes: expected a list, got '\[\[\["):
         config.load(Outer, None, ["name=x", "sizes=" + "[" * 100_000])
+
+
+def test_a_key_given_twice_is_refused_not_silently_replaced(tmp_path):
+    """YAML keeps the last of two equal keys: a second `train:` section dropped the first's settings."""
+    path = tmp_path / "twice.yaml"
+    path.write_text("family: xval\ntrain:\n  steps: 50\n  log_every: 10\ntrain:\n  steps: 3\n")
+    with pytest.raises(ConfigError, match="twice.yaml.*the key 'train' twice"):
+        config.read_yaml(path)
+    merged = config.parse_yaml("a: &a {x: 1, y: 2}\nb:\n  <<: *a\n  y: 3\n", "merge keys")
+    assert merged["b"] == {"x": 1, "y": 3}  # overriding a merged key is what << is for

@@ -271,6 +271,26 @@ def test_shape_mismatch_and_non_hdf5_are_data_errors(tmp_path):
     assert main(["prepare", "mpp", str(text), "--out", str(tmp_path / "s")]) == 2
 
 
+def test_a_field_linked_to_another_file_is_refused(tmp_path):
+    """An external link would read data from wherever it points (not the file named), unchecked."""
+    path, elsewhere = tmp_path / "linked.hdf5", tmp_path / "elsewhere.hdf5"
+
+    def link_out(f):
+        with h5py.File(elsewhere, "w") as other:
+            f.copy(f["t0_fields"]["profile"], other, "profile")
+        del f["t0_fields"]["profile"]
+        f["t0_fields"]["profile"] = h5py.ExternalLink(str(elsewhere), "profile")
+
+    _hand_written_well(path, broken=link_out)
+    with pytest.raises(DataError, match="'profile' in /t0_fields is a link to another file"):
+        WellFile(path)
+    pde = tmp_path / "2D_diff-react_NA_NA.h5"
+    with h5py.File(pde, "w") as f:
+        f.create_group("0000")["data"] = h5py.ExternalLink(str(elsewhere), "profile")
+    with pytest.raises(DataError, match="is a link to another file"):
+        open_source(pde)
+
+
 # ----------------------------------------------------------------------------- PDEBench
 
 
