@@ -22,6 +22,8 @@ _LOCKED = re.compile(r"\bunable to lock file\b", re.IGNORECASE)
 _TRUNCATED = re.compile(r"\btruncated file\b", re.IGNORECASE)
 #: What h5py raises when HDF5 cannot make sense of damaged metadata (TypeError: a type h5py cannot
 #: map, MemoryError: an allocation past the child's bound).
+#: Largest chunk a reader inflates: HDF5 inflates a whole chunk to read any part of it.
+MAX_CHUNK_BYTES = 1 << 30
 _UNREADABLE = (OSError, RuntimeError, KeyError, ValueError, UnicodeDecodeError, MemoryError)
 
 
@@ -140,6 +142,44 @@ def _read_attributes(obj: Any) -> None:
             obj.attrs[key]
         except TypeError:
             pass  # a type h5py has no NumPy equivalent for: no reader can read it either
+
+
+def check_storage(ds: Any, where: str) -> None:
+    """Refuse data that is not all in this file: virtual or external storage, chunks too large to
+    inflate, or a declared shape whose chunks or bytes are not all stored (sparse or truncated).
+    For readers that read whole datasets of an untrusted file (`ds`: an `h5py.Dataset`)."""
+    import h5py
+    import numpy as np
+
+    if ds.is_virtual:
+        raise DataError(f"{where}: a virtual dataset (its data lives in other files); copy it into the file")
+    if ds.external:
+        raise DataError(f"{where}: data stored in external raw files; copy it into the HDF5 file")
+    if ds.size == 0:
+        return
+    if ds.chunks is not None:
+        chunk_bytes = int(np.prod(ds.chunks, dtype=np.int64)) * ds.dtype.itemsize
+        if chunk_bytes > MAX_CHUNK_BYTES:
+            raise DataError(
+                f"{where}: chunks of {chunk_bytes / 2**20:.0f} MiB exceed the {MAX_CHUNK_BYTES >> 20} MiB "
+                "this reader inflates; rechunk the file (e.g. h5repack -l CHUNK=...)"
+            )
+        expected = 1
+        for size, chunk in zip(ds.shape, ds.chunks, strict=True):
+            expected *= -(-size // chunk)
+        stored = ds.id.get_num_chunks()
+        if stored < expected:
+            raise DataError(
+                f"{where}: declares shape {ds.shape} but only {stored} of its {expected} chunks are "
+                "stored (a sparse or truncated file); refusing to read fill values as data"
+            )
+    elif ds.id.get_storage_size() < ds.size * ds.dtype.itemsize and ds.id.get_create_plist().get_layout() != (
+        h5py.h5d.COMPACT
+    ):
+        raise DataError(
+            f"{where}: declares shape {ds.shape} ({ds.size * ds.dtype.itemsize} bytes) but stores only "
+            f"{ds.id.get_storage_size()} bytes (a sparse or truncated file)"
+        )
 
 
 def hdf5_open_error(where: str, exc: OSError) -> DataError:

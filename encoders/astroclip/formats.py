@@ -39,9 +39,8 @@ import numpy as np
 from astropy import units as u
 from astropy.io import fits
 
-from encoders.mpp.well import check_storage
 from foundation.errors import DataError
-from foundation.hdf5 import open_hdf5
+from foundation.hdf5 import check_storage, open_hdf5
 
 log = logging.getLogger(__name__)
 

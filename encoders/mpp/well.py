@@ -34,7 +34,7 @@ import yaml
 
 from encoders.mpp.solvers import Simulation
 from foundation.errors import DataError
-from foundation.hdf5 import open_hdf5
+from foundation.hdf5 import check_storage, open_hdf5
 
 WALL, OPEN, PERIODIC = 0, 1, 2
 BC_CODES = {"WALL": WALL, "OPEN": OPEN, "PERIODIC": PERIODIC}
@@ -176,7 +176,6 @@ def write_stats(stats: dict[str, Any], path: str | Path) -> None:
 # ----------------------------------------------------------------------------- reading
 
 SUPPORTED_GRIDS = ("cartesian", "equiangular")
-MAX_CHUNK_BYTES = 1 << 30  # HDF5 inflates a whole chunk to read any part of it
 MAX_TRAJECTORIES = 10_000_000
 
 
@@ -205,40 +204,6 @@ def check_stored(ds: h5py.Dataset, where: str) -> None:
     if kind not in "fiub":
         raise DataError(f"{where}: values of type {ds.dtype} are not real numbers")
     check_storage(ds, where)
-
-
-def check_storage(ds: h5py.Dataset, where: str) -> None:
-    """Refuse data that is not all in this file: virtual or external storage, chunks too large to
-    inflate, or a declared shape whose chunks or bytes are not all stored (sparse or truncated)."""
-    if ds.is_virtual:
-        raise DataError(f"{where}: a virtual dataset (its data lives in other files); copy it into the file")
-    if ds.external:
-        raise DataError(f"{where}: data stored in external raw files; copy it into the HDF5 file")
-    if ds.size == 0:
-        return
-    if ds.chunks is not None:
-        chunk_bytes = int(np.prod(ds.chunks, dtype=np.int64)) * ds.dtype.itemsize
-        if chunk_bytes > MAX_CHUNK_BYTES:
-            raise DataError(
-                f"{where}: chunks of {chunk_bytes / 2**20:.0f} MiB exceed the {MAX_CHUNK_BYTES >> 20} MiB "
-                "this reader inflates; rechunk the file (e.g. h5repack -l CHUNK=...)"
-            )
-        expected = 1
-        for size, chunk in zip(ds.shape, ds.chunks, strict=True):
-            expected *= -(-size // chunk)
-        stored = ds.id.get_num_chunks()
-        if stored < expected:
-            raise DataError(
-                f"{where}: declares shape {ds.shape} but only {stored} of its {expected} chunks are "
-                "stored (a sparse or truncated file); refusing to read fill values as data"
-            )
-    elif ds.id.get_storage_size() < ds.size * ds.dtype.itemsize and ds.id.get_create_plist().get_layout() != (
-        h5py.h5d.COMPACT
-    ):
-        raise DataError(
-            f"{where}: declares shape {ds.shape} ({ds.size * ds.dtype.itemsize} bytes) but stores only "
-            f"{ds.id.get_storage_size()} bytes (a sparse or truncated file)"
-        )
 
 
 def _names(raw: Any) -> list[str]:
