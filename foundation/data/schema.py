@@ -35,7 +35,9 @@ READ_EXTS = {
 ARRAY_DTYPE_KINDS = "biufc"
 SCALAR_DTYPES = ("bool", "int64", "float64")
 
-_KEY_FORBIDDEN = re.compile(r"[./\\\s\x00]")
+#: Dots, slashes, whitespace, and control or invisible formatting characters (NUL, C1 controls,
+#: zero-width and bidirectional overrides such as U+202E, which make a key display as another).
+_KEY_FORBIDDEN = re.compile(r"[./\\\s\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u206f\ufeff]")
 _FIELD_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _INT64 = (-(2**63), 2**63 - 1)
 
@@ -47,8 +49,9 @@ def check_key(key: Any) -> str:
     bad = _KEY_FORBIDDEN.search(key)
     if bad:
         raise DataError(
-            f"sample key {key!r} contains {bad.group()!r}: keys may not contain dots, slashes or "
-            "whitespace (the tar member name is <key>.<field>.<ext>); replace them, e.g. with '_' or '-'"
+            f"sample key {key!r} contains {bad.group()!r}: keys may not contain dots, slashes, "
+            "whitespace or control/invisible characters (the tar member name is <key>.<field>.<ext>); "
+            "replace them, e.g. with '_' or '-'"
         )
     return key
 

@@ -203,6 +203,11 @@ def tar_cases() -> dict[str, tuple[bytes, str, set[str]]]:
         ),
         "key-absolute": (sample(b"/abs") + END, r"train-000000\.tar.*key '/abs'", {"scan"}),
         "key-whitespace": (sample(b"a b") + END, r"train-000000\.tar.*key 'a b'", {"scan"}),
+        "key-bidi-override": (  # U+202E makes a key display as another
+            sample("a\u202eb".encode()) + END,
+            r"train-000000\.tar.*key 'a\\u202eb'",
+            {"scan"},
+        ),
         "key-empty": (
             sample(b"") + END,
             r"train-000000\.tar: sample key must be a non-empty string",
