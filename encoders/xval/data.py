@@ -96,7 +96,8 @@ def read_records(paths: Sequence[str | Path], opts: PrepareOptions) -> Iterator[
     """Records of JSONL / text files, with clear errors naming file and line."""
     for path in map(Path, paths):
         if not path.is_file():
-            raise DataError(f"input file {str(path)!r} does not exist")
+            what = "is not a regular file" if path.exists() else "does not exist"
+            raise DataError(f"input file {str(path)!r} {what}")
         suffix = "".join(path.suffixes[-1:]).lower()
         if suffix not in (".jsonl", ".ndjson", ".txt"):
             raise DataError(
