@@ -44,7 +44,7 @@ from torch import nn
 
 from foundation import attention, config, registry
 from foundation.errors import ConfigError, DataError, FoundationError
-from foundation.lock import FolderLock, LockedError, command_line
+from foundation.lock import STALE_AFTER_S, FolderLock, LockedError, command_line
 from foundation.train import checkpoint as ckpt
 from foundation.train.data import batch_samples, build_loader, to_device
 from foundation.train.distributed import Distributed, all_reduce_sum, init_distributed
@@ -205,9 +205,14 @@ def global_grad_norm(params: list[torch.Tensor], max_norm: float | None) -> torc
 
 
 def _lock_wait_s() -> float:
+    """FOUNDATION_RUN_LOCK_WAIT_S, else 60 s; a requeued SLURM job (SLURM_RESTART_COUNT > 0) waits
+    until a lock from an earlier incarnation killed on another node would go stale (its heartbeat
+    stops), so that the requeue takes the run over instead of failing."""
     text = os.environ.get("FOUNDATION_RUN_LOCK_WAIT_S")
     if text is None:
-        return RUN_LOCK_WAIT_S
+        restarts = os.environ.get("SLURM_RESTART_COUNT", "0").strip()
+        requeued = restarts.isdigit() and int(restarts) > 0
+        return STALE_AFTER_S + RUN_LOCK_WAIT_S if requeued else RUN_LOCK_WAIT_S
     try:
         seconds = float(text)
     except ValueError:

@@ -432,3 +432,17 @@ def test_an_extra_file_changed_since_prepare_is_refused_before_training(tmp_path
     (shards / "tokenizer.json").write_text('{"vocab": {"b": 0}}')
     with pytest.raises(DataError, match="differs from the file the shard set's manifest records"):
         snapshot_dataset(shards, tmp_path / "other" / "dataset")
+
+
+def test_a_requeued_slurm_job_waits_until_a_dead_incarnations_lock_goes_stale(monkeypatch):
+    from foundation.lock import STALE_AFTER_S
+
+    monkeypatch.delenv("FOUNDATION_RUN_LOCK_WAIT_S", raising=False)
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    assert trainer._lock_wait_s() == trainer.RUN_LOCK_WAIT_S
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    assert trainer._lock_wait_s() == trainer.RUN_LOCK_WAIT_S
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    assert trainer._lock_wait_s() > STALE_AFTER_S
+    monkeypatch.setenv("FOUNDATION_RUN_LOCK_WAIT_S", "5")
+    assert trainer._lock_wait_s() == 5
