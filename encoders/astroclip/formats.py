@@ -234,25 +234,43 @@ def _attr_text(attrs: Mapping[str, Any], key: str) -> str | None:
     return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
+def _declared_meaning(
+    path: Path, option: str | None, option_name: str, attrs: Mapping[str, Any], attribute: str
+) -> MaskMeaning | None:
+    """A mask meaning given by the command-line option, else by the file's own attribute."""
+    if option is not None:
+        return MaskMeaning(option, option_name)
+    stated = _attr_text(attrs, attribute)
+    if stated is None:
+        return None
+    if stated not in MASK_MEANINGS:
+        raise DataError(f"{path}: attribute {attribute}={stated!r} is not one of {MASK_MEANINGS}")
+    return MaskMeaning(stated, f"file attribute {attribute}")
+
+
+def _folder_meaning(path: Path, configs: Mapping[str, tuple[str, str]]) -> MaskMeaning | None:
+    """A mask meaning from an MMU builder's config folder on the file's path."""
+    for part in path.parts:
+        if part in configs:
+            builder, meaning = configs[part]
+            return MaskMeaning(meaning, f"{builder} (folder {part})")
+    return None
+
+
 def image_mask_meaning(
     path: Path, option: str | None, attrs: Mapping[str, Any], band_names: Sequence[str]
 ) -> MaskMeaning:
     """The meaning of an image file's mask: the option, else the file's `image_mask_means`
     attribute, else the MMU builder recognised by its band names or folder, else an error."""
-    if option is not None:
-        return MaskMeaning(option, "--image-mask-means")
-    stated = _attr_text(attrs, "image_mask_means")
-    if stated is not None:
-        if stated not in MASK_MEANINGS:
-            raise DataError(f"{path}: attribute image_mask_means={stated!r} is not one of {MASK_MEANINGS}")
-        return MaskMeaning(stated, "file attribute image_mask_means")
+    declared = _declared_meaning(path, option, "--image-mask-means", attrs, "image_mask_means")
+    if declared is not None:
+        return declared
     for prefix, (builder, meaning) in MMU_IMAGE_BANDS.items():
         if band_names and all(str(b).startswith(prefix) for b in band_names):
             return MaskMeaning(meaning, f"{builder} (bands {prefix}*)")
-    for part in path.parts:
-        if part in MMU_IMAGE_CONFIGS:
-            builder, meaning = MMU_IMAGE_CONFIGS[part]
-            return MaskMeaning(meaning, f"{builder} (folder {part})")
+    found = _folder_meaning(path, MMU_IMAGE_CONFIGS)
+    if found is not None:
+        return found
     raise DataError(
         f"{path}: cannot tell whether its image mask marks clean or bad pixels (bands "
         f"{', '.join(map(str, band_names)) or 'unknown'}, no image_mask_means attribute, not an MMU "
@@ -264,20 +282,15 @@ def spectrum_mask_meaning(
     path: Path, option: str | None, attrs: Mapping[str, Any], columns: Sequence[str]
 ) -> MaskMeaning:
     """As `image_mask_meaning`, for a spectrum file (MMU desi/sdss recognised by their columns)."""
-    if option is not None:
-        return MaskMeaning(option, "--spectrum-mask-means")
-    stated = _attr_text(attrs, "spectrum_mask_means")
-    if stated is not None:
-        if stated not in MASK_MEANINGS:
-            raise DataError(f"{path}: attribute spectrum_mask_means={stated!r} is not one of {MASK_MEANINGS}")
-        return MaskMeaning(stated, "file attribute spectrum_mask_means")
+    declared = _declared_meaning(path, option, "--spectrum-mask-means", attrs, "spectrum_mask_means")
+    if declared is not None:
+        return declared
     for column, (builder, meaning) in MMU_SPECTRUM_COLUMNS.items():
         if column in columns:
             return MaskMeaning(meaning, f"{builder} (column {column})")
-    for part in path.parts:
-        if part in MMU_SPECTRUM_CONFIGS:
-            builder, meaning = MMU_SPECTRUM_CONFIGS[part]
-            return MaskMeaning(meaning, f"{builder} (folder {part})")
+    found = _folder_meaning(path, MMU_SPECTRUM_CONFIGS)
+    if found is not None:
+        return found
     raise DataError(
         f"{path}: cannot tell whether its spectrum mask marks clean or bad pixels (no "
         "spectrum_mask_means attribute, no TARGETID/SPECOBJID column, not an MMU desi/sdss tree); "

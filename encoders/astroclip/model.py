@@ -237,30 +237,10 @@ class AstroCLIPConfig:
 
 
 def build_spectrum_tower(cfg: SpectrumTowerConfig, variant: Variant = "foundation") -> nn.Module:
+    sizes = (cfg.length, cfg.patch, cfg.stride, cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio)
     if variant == "reference":
-        return ReferenceSpecFormer(
-            cfg.length,
-            cfg.patch,
-            cfg.stride,
-            cfg.width,
-            cfg.depth,
-            cfg.heads,
-            cfg.mlp_ratio,
-            cfg.dropout,
-            cfg.std_floor,
-        )
-    return SpecFormer(
-        cfg.length,
-        cfg.patch,
-        cfg.stride,
-        cfg.width,
-        cfg.depth,
-        cfg.heads,
-        cfg.mlp_ratio,
-        cfg.dropout,
-        cfg.std_floor,
-        wavelength=(cfg.wave_min, cfg.wave_step),
-    )
+        return ReferenceSpecFormer(*sizes, cfg.dropout, cfg.std_floor)
+    return SpecFormer(*sizes, cfg.dropout, cfg.std_floor, wavelength=(cfg.wave_min, cfg.wave_step))
 
 
 def build_image_tower(cfg: ImageTowerConfig, variant: Variant = "foundation", class_token: bool = True):
