@@ -681,10 +681,6 @@ def _run(args: argparse.Namespace) -> int:
     parts = args.parts if args.parts is not None else (launch.world_size if args.part is None else 1)
     if parts < 1 or not 0 <= part < parts:
         raise ConfigError(f"--part {part} is not in [0, --parts {parts})")
-    for option, value, least in (("--chunk-rows", args.chunk_rows, 1), ("--batch-size", args.batch_size, 1)):
-        if value < least:
-            raise ConfigError(f"{option} must be >= {least}, got {value}")
-    choose_device(args.device, launch.local_rank)  # a bad --device is refused before the model loads
     out = Path(args.out)
     target = part_path(out, part, parts) if parts > 1 else out
     check_output_path(target)
