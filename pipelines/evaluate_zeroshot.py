@@ -483,10 +483,6 @@ def _run(args: argparse.Namespace) -> int:
             raise DataError(f"--k must be an integer or 'auto', got {args.k!r}") from None
         if k < 1:
             raise DataError("--k must be >= 1")
-    if args.raw_pca < 1:
-        raise DataError(
-            f"--raw-pca must be >= 1 (principal components of the raw inputs), got {args.raw_pca}"
-        )
     if not 0.0 < args.test_fraction < 1.0:
         raise DataError(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
     inputs = parse_labelled(args.embeddings, default_label="embeddings")

@@ -759,11 +759,6 @@ def _add_build_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_build(args: argparse.Namespace) -> int:
-    for option, value in (("--tune-k", args.tune_k), ("--tune-sample", args.tune_sample)):
-        if value < 1:
-            raise DataError(f"{option} must be >= 1, got {value}")
-    if args.exact_max is not None and args.exact_max < 0:
-        raise DataError(f"--exact-max must be >= 0, got {args.exact_max}")
     out = Path(args.out)
     if (out / META_FILE).exists() and not args.overwrite:
         raise DataError(f"{out} already holds an index; pass --overwrite to rebuild it")
@@ -958,8 +953,6 @@ def _add_query_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_query(args: argparse.Namespace) -> int:
-    if args.k < 1:
-        raise DataError("--k must be >= 1")
     ids = args.ids or _read_ids_file(args.ids_file)
     results = query(
         args.index,

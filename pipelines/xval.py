@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 
 from foundation.cli import Command
-from foundation.errors import ConfigError, DataError
+from foundation.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +193,6 @@ def _run_synth(args: argparse.Namespace) -> int:
     from encoders.xval import corpora
     from encoders.xval.data import prepare, write_jsonl
 
-    if args.samples < 1:
-        raise ConfigError(f"--samples must be >= 1, got {args.samples}")
     out = Path(args.out)
     kwargs = {}
     if args.task == "interpolation":
