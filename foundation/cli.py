@@ -120,6 +120,43 @@ def positive_float(text: str) -> float:
 positive_float.__name__ = "number"
 
 
+def split_fractions(text: str) -> dict[str, float]:
+    """An argparse `type` for split fractions written `train=0.8,valid=0.1,test=0.1`."""
+    from foundation.data.writer import check_split_fractions
+
+    out: dict[str, float] = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        try:
+            fraction = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise argparse.ArgumentTypeError(
+                f"{item[:40]!r} is not NAME=FRACTION (e.g. train=0.8,valid=0.1,test=0.1)"
+            )
+        out[name.strip()] = fraction
+    try:
+        return check_split_fractions(out)
+    except FoundationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+split_fractions.__name__ = "split fractions"
+
+
+def add_split_fractions_argument(parser: argparse.ArgumentParser, default: str, help: str) -> None:
+    """The `--split-fractions` option of every `prepare` (`--splits` kept as its older spelling)."""
+    parser.add_argument(
+        "--split-fractions",
+        "--splits",
+        dest="split_fractions",
+        type=split_fractions,
+        default=split_fractions(default),
+        help=f"{help} Written NAME=FRACTION,... summing to 1 (default: {default}).",
+    )
+
+
 def device_option(text: str) -> str:
     """An argparse `type` for `--device`: auto, cpu, cuda or cuda:N, where that device exists."""
     kind, _, index = text.partition(":")

@@ -82,7 +82,8 @@ def split_for_key(key: str, fractions: Mapping[str, float], salt: str = "") -> s
     return last
 
 
-def _check_fractions(fractions: Mapping[str, float]) -> dict[str, float]:
+def check_split_fractions(fractions: Mapping[str, float]) -> dict[str, float]:
+    """`fractions` as floats, after checking the names, that each lies in [0, 1] and that they sum to 1."""
     if not isinstance(fractions, Mapping) or not fractions:
         raise DataError(
             "split_fractions must map split names to fractions, e.g. {'train': 0.9, 'valid': 0.1}"
@@ -201,7 +202,7 @@ class ShardSetWriter:
         if not isinstance(samples_per_shard, int) or samples_per_shard < 1:
             raise DataError(f"samples_per_shard must be a positive integer, got {samples_per_shard!r}")
         self.out_dir = Path(out_dir)
-        self.fractions = _check_fractions(
+        self.fractions = check_split_fractions(
             split_fractions if split_fractions is not None else DEFAULT_SPLIT_FRACTIONS
         )
         self.samples_per_shard = samples_per_shard

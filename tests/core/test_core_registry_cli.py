@@ -159,3 +159,17 @@ def test_huge_bpe_vocabulary_is_refused_before_the_rust_trainer_aborts():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "vocabulary size (--vocab-size) must lie in [1, 1048576], got 1000000000" in result.stdout
+
+
+def test_split_fractions_option_is_parsed_and_checked_once_for_every_prepare():
+    import argparse
+
+    from foundation.cli import add_split_fractions_argument
+
+    parser = argparse.ArgumentParser()
+    add_split_fractions_argument(parser, "train=0.9,valid=0.1", "Fractions.")
+    assert parser.parse_args([]).split_fractions == {"train": 0.9, "valid": 0.1}
+    assert parser.parse_args(["--splits", "train=1"]).split_fractions == {"train": 1.0}
+    for bad in ("train=0.5", "train", "=1", "train=x"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--split-fractions", bad])
