@@ -15,16 +15,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from encoders.mpp.metrics import normalized_mse_loss  # noqa: E402
 from encoders.mpp.model import AViT, MPPConfig, RelativePositionBias  # noqa: E402
