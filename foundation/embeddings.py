@@ -1,6 +1,6 @@
 """The embeddings file: one HDF5 file of per-object vectors, the seam between export and search/eval.
 
-Layout (DESIGN.md, format `foundation-embeddings` version 1):
+Layout (docs/embeddings.md, format `foundation-embeddings` version 1):
 
     /object_id           (N,)   utf-8 strings, unique
     /<modality>          (N, D) float32, one dataset per modality (e.g. /image, /spectrum)
