@@ -87,7 +87,7 @@ def _add_prepare_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _options(args: argparse.Namespace, **overrides):
-    from encoders.xval.data import PrepareOptions
+    from encoders.xval.prepare import PrepareOptions
 
     values = dict(
         text_field=getattr(args, "text_field", "text"),
@@ -153,7 +153,7 @@ def _add_prepare(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
-    from encoders.xval.data import prepare
+    from encoders.xval.prepare import prepare
     from foundation.data.summary import format_field_summary
 
     manifest = prepare(args.inputs, args.out, _options(args))
@@ -190,8 +190,8 @@ def _add_synth(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_synth(args: argparse.Namespace) -> int:
-    from encoders.xval import corpora
-    from encoders.xval.data import prepare, write_jsonl
+    from encoders.xval import synth
+    from encoders.xval.prepare import prepare, write_jsonl
 
     out = Path(args.out)
     kwargs = {}
@@ -202,7 +202,7 @@ def _run_synth(args: argparse.Namespace) -> int:
     source = out / f"{args.task}.jsonl"
     if source.exists() and not args.overwrite:
         raise DataError(f"{source} exists; pass --overwrite to replace it")
-    n = write_jsonl(corpora.generate(args.task, args.samples, args.seed, **kwargs), source)
+    n = write_jsonl(synth.generate(args.task, args.samples, args.seed, **kwargs), source)
     print(f"wrote {n} records to {source}")
     if args.no_prepare:
         return 0
@@ -236,7 +236,7 @@ def _add_evaluate(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from encoders.xval.evaluation import evaluate
+    from encoders.xval.evaluate import evaluate
 
     fields = [f.strip() for f in args.fields.split(",") if f.strip()] if args.fields else None
     report = evaluate(

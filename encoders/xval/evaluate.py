@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from encoders.xval.batching import XValCollate
+from encoders.xval.collate import XValCollate
 from encoders.xval.family import FAMILY_NAME, normalizer_from
 from encoders.xval.inference import Predictions, predict_batch
 from encoders.xval.tokenizer import TOKENIZER_FILE
