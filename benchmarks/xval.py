@@ -34,7 +34,7 @@ from encoders.xval import synth
 from encoders.xval.family import FAMILY
 from encoders.xval.loss import xval_loss
 from encoders.xval.model import XValConfig
-from encoders.xval.prepare import PrepareOptions, prepare, write_jsonl
+from encoders.xval.prepare import PrepareOptions, prepare
 from encoders.xval.tokenizer import MASK_ID, NUM_ID
 from foundation.data import ShardDataset
 
@@ -119,7 +119,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         records = list(synth.arithmetic(400, 0)) + list(synth.orbits(200, 0))
-        write_jsonl(iter(records), tmp / "mix.jsonl")
+        synth.write_jsonl(iter(records), tmp / "mix.jsonl")
         manifest = prepare(
             [tmp / "mix.jsonl"],
             tmp / "shards",
