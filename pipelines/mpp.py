@@ -175,7 +175,7 @@ def _rollout_arguments(parser: argparse.ArgumentParser) -> None:
         "--windows", default=None, help="Step windows, e.g. 1,2-5,6-10 (default 1, 2-5, 6-10, ...)."
     )
     parser.add_argument("--max-samples", type=int, default=None, help="Evaluate at most this many windows.")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    parser.add_argument("--device", default="cpu", help="auto (CUDA when available), cpu, cuda or cuda:N.")
     add_progress_argument(parser)
 
 
