@@ -34,9 +34,16 @@ CASES = torch.load(GOLDEN / "cases.pt", weights_only=True)
 ASTROCLIP, ASTRODINO, SPECFORMER = (GOLDEN / f"{n}.ckpt" for n in ("astroclip", "astrodino", "specformer"))
 
 
+def survey_cutouts(images: torch.Tensor) -> np.ndarray:
+    """The golden images, rows of the reference data set (column, row, band), as the survey cutouts
+    they were made from: (band, row, column), the layout of MMU files and of our shards. The data set
+    transposed the cutouts (`.T` when it was exported); the reference collator transposes them back."""
+    return images.permute(0, 3, 2, 1).numpy()
+
+
 def _batch(model: AstroCLIP) -> dict:
     """The golden objects through our own evaluation collate (centre crop), as `export` runs them."""
-    images = CASES["images"].permute(0, 3, 1, 2).numpy()  # (N, H, W, band) → our (N, band, H, W)
+    images = survey_cutouts(CASES["images"])
     spectra = CASES["spectra"].numpy()
     samples = [
         {
