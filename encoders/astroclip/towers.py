@@ -466,10 +466,11 @@ class ReferenceImageViT(nn.Module):
     Input (B, 3, S, S) fluxes in the bands of `RGB_SCALES`, (band, row, column) as the survey
     cutouts store them, are turned into the viewer's RGB (`lupton_rgb`). The reference sees the same
     orientation: its data set holds each Stein et al. cutout transposed to (column, row, band), and
-    its collator's `permute(0, 3, 2, 1)` transposes it back. DINOv2: conv patch embedding, blocks with LayerScale, LayerNorm eps 1e-6. With
-    `class_token` (AstroDINO alone) the tokens are [cls, patches] plus learned positions and the
-    embedding is the class token; without it (inside AstroCLIP) the patch embeddings go through
-    the blocks with neither class token nor positions, as AstroCLIP's image head calls them.
+    its collator's `permute(0, 3, 2, 1)` transposes it back. DINOv2: conv patch embedding, blocks
+    with LayerScale, LayerNorm eps 1e-6. With `class_token` (AstroDINO alone) the tokens are
+    [cls, patches] plus learned positions and the embedding is the class token; without it (inside
+    AstroCLIP) the patch embeddings go through the blocks with neither class token nor positions, as
+    AstroCLIP's image head calls them.
     """
 
     def __init__(

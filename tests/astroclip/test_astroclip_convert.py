@@ -10,6 +10,7 @@ import sys
 import types
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -28,6 +29,7 @@ from foundation.cli import main
 from foundation.data import Manifest, ShardDataset
 from foundation.errors import ConfigError, DataError
 from foundation.train import load_pretrained
+from tests.astroclip import mmu_layouts
 
 GOLDEN = Path(__file__).parents[1] / "golden" / "astroclip"
 CASES = torch.load(GOLDEN / "cases.pt", weights_only=True)
@@ -265,6 +267,58 @@ def test_prepare_then_export_with_a_converted_model(tmp_path):
             exported = torch.from_numpy(f[modality][:]).float()
             rows = [order.index(k) for k in batch["__key__"]]
             assert bool((cosine_similarity(exported[rows], expected[modality], dim=-1) >= 0.9999).all())
+
+
+def _golden_survey_in_mmu_files(root: Path) -> dict[str, int]:
+    """The golden galaxies as MMU files: legacysurvey cutouts (g, r, z planes of the builder's four;
+    ~3% of pixels masked) and desi spectra (~3% masked, on the DESI grid), written by the builders'
+    writers and given the golden values, plus a desi_provabgs catalogue. Returns {TARGETID: case}."""
+    ra, dec, z = 150.0 + 0.01 * np.arange(3), np.full(3, 2.0), np.array([0.1, 0.2, 0.3])
+    ((images, columns),) = mmu_layouts.legacysurvey(root / "legacysurvey", ra, dec, seed=1, size=40).items()
+    assert not columns["image_mask"].all()  # some pixels masked (True = clean)
+    with h5py.File(images, "r+") as f:
+        cutouts = f["image_array"][()]
+        cutouts[:, [0, 1, 3]] = survey_cutouts(CASES["images"])  # des-g, des-r, des-z
+        f["image_array"][...] = cutouts
+    ((spectra, columns),) = mmu_layouts.desi(root / "desi", ra, dec, z, seed=2).items()
+    assert columns["spectrum_mask"].any(axis=1).all()  # some pixels masked (True = bad)
+    with h5py.File(spectra, "r+") as f:
+        f["spectrum_flux"][...] = CASES["spectra"].numpy()
+    mmu_layouts.desi_provabgs(root / "provabgs", ra, dec, columns["TARGETID"], z, seed=3)
+    return {int(t): i for i, t in enumerate(columns["TARGETID"])}
+
+
+def _prepare_and_export(root: Path, model_dir: Path, masked_pixels: str) -> dict[str, torch.Tensor]:
+    shards, out = root / f"shards-{masked_pixels}", root / f"emb-{masked_pixels}.h5"
+    prepare = ["prepare", "astroclip", "--images", str(root / "legacysurvey")]
+    prepare += ["--spectra", str(root / "desi"), "--catalog", str(root / "provabgs")]
+    prepare += ["--masked-pixels", masked_pixels, "--splits", "train=1"]
+    assert main([*prepare, "--out", str(shards), "--progress", "off"]) == 0
+    assert Manifest.load(shards).extra["masked_pixels"] == masked_pixels
+    assert main(["export", "--checkpoint", str(model_dir), "--data", str(shards), "--out", str(out)]) == 0
+    with h5py.File(out) as f:
+        ids = [int(k) for k in f["object_id"][:]]
+        return {"ids": ids, **{m: torch.from_numpy(f[m][:]).float() for m in ("image", "spectrum")}}
+
+
+def test_mmu_files_prepare_export_give_the_reference_embeddings(tmp_path):
+    """MMU files → `prepare astroclip --masked-pixels keep` (DESI grid and g, r, z by default) →
+    `convert` → `export`: the reference's own embeddings of the same galaxies. Zeroing the masked
+    pixels, as our default does, moves them off."""
+    cases = _golden_survey_in_mmu_files(tmp_path)
+    model_dir = tmp_path / "model"
+    assert main(["convert", "astroclip", str(ASTROCLIP), "--out", str(model_dir)]) == 0
+    for masked_pixels in ("keep", "zero"):
+        exported = _prepare_and_export(tmp_path, model_dir, masked_pixels)
+        rows = [cases[i] for i in exported["ids"]]
+        assert sorted(rows) == [0, 1, 2]
+        for modality in ("image", "spectrum"):
+            golden = CASES[f"astroclip_{modality}"][rows].float()
+            cos = cosine_similarity(exported[modality], golden, dim=-1)
+            if masked_pixels == "keep":
+                assert bool((cos >= 0.9999).all()), (modality, cos)
+            else:
+                assert bool((cos < 0.9999).any()), (modality, cos)
 
 
 @pytest.mark.parametrize("stage", ["align", "spectrum_masked"])
