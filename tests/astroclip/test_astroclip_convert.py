@@ -81,6 +81,64 @@ def test_converted_astrodino_and_specformer_reproduce_the_reference_embeddings()
     assert bool((_cosines(specformer, "spectrum", "specformer") >= 0.9999).all())
 
 
+def _teacher() -> dict[str, torch.Tensor]:
+    """The golden AstroDINO's teacher state: `backbone.…` (chunked blocks) and `dino_head.…`."""
+    return read_checkpoint(ASTRODINO, "an AstroDINO")["teacher"]
+
+
+def _whole_model(teacher: dict[str, torch.Tensor]) -> dict:
+    """DINOv2's fvcore layout: the whole SSLMetaArch state, a student beside the teacher (zeroed
+    here: reading it would break the embeddings), optimizer and iteration."""
+    model = {f"teacher.{k}": v for k, v in teacher.items()}
+    model |= {f"student.{k}": torch.zeros_like(v) for k, v in teacher.items()}
+    return {"model": model, "optimizer": {"state": {}, "param_groups": []}, "iteration": 12499}
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "bare backbone",
+        "backbone. prefixes",
+        "DDP module. prefixes",
+        "state_dict-wrapped",
+        "whole model (fvcore)",
+    ],
+)
+def test_astrodino_layouts_the_reference_loader_reads(tmp_path, layout):
+    """Every layout DINOv2's `load_pretrained_weights(…, "teacher")` reads gives the golden embedding."""
+    teacher = _teacher()
+    backbone = {k.removeprefix("backbone."): v for k, v in teacher.items() if k.startswith("backbone.")}
+    payload = {
+        "bare backbone": backbone,
+        "backbone. prefixes": teacher,
+        "DDP module. prefixes": {f"module.{k}": v for k, v in teacher.items()},
+        "state_dict-wrapped": {"state_dict": teacher},
+        "whole model (fvcore)": _whole_model(teacher),
+    }[layout]
+    torch.save(payload, tmp_path / "astrodino.ckpt")
+    model = convert_astrodino_checkpoint(tmp_path / "astrodino.ckpt", heads=2)
+    assert bool((_cosines(model, "image", "astrodino") >= 0.9999).all())
+
+
+def test_astrodino_training_shards_and_student_only_states_are_refused(tmp_path):
+    shards = {
+        "model": {
+            "teacher.backbone.flat_param": torch.zeros(10),
+            "student.backbone.flat_param": torch.zeros(10),
+        }
+    }
+    torch.save(shards, tmp_path / "model_0012499.rank_0.pth")
+    with pytest.raises(DataError, match="FSDP flat parameters.*teacher_checkpoint.pth") as err:
+        convert_astrodino_checkpoint(tmp_path / "model_0012499.rank_0.pth", heads=2)
+    assert "\n" not in str(err.value)
+    student = {
+        "model": {k: v for k, v in _whole_model(_teacher())["model"].items() if k.startswith("student.")}
+    }
+    torch.save(student, tmp_path / "student.pth")
+    with pytest.raises(DataError, match="no 'teacher.' keys"):
+        convert_astrodino_checkpoint(tmp_path / "student.pth", heads=2)
+
+
 def test_converted_astroclip_records_the_reference_variant(astroclip):
     cfg = astroclip.cfg
     assert (cfg.stage, cfg.variant, cfg.embed_dim, cfg.head_heads) == ("align", "reference", 32, 2)
