@@ -237,6 +237,7 @@ def prepare(
     progress: bool | None = False,
     image_mask_means: str | None = None,
     spectrum_mask_means: str | None = None,
+    masked_pixels: str = "zero",
 ) -> dict[str, Any]:
     """Cross-match images with spectra (and a catalogue of targets) on the sky, resample spectra
     to `grid`, centre-crop images to `cutout`, and write an astroclip shard set. Returns a report.
@@ -244,7 +245,8 @@ def prepare(
     `image_mask_means` / `spectrum_mask_means` (clean|bad|bits) override what each file's mask is
     taken to mean; by default it comes from the file (see formats.image_mask_meaning). Objects whose
     image has a band without one good pixel, or whose spectrum has no good pixel on the grid, are
-    skipped and counted (`report["skipped"]`)."""
+    skipped and counted (`report["skipped"]`). `masked_pixels` (zero|keep): what bad pixels hold in
+    the shards, 0 or the survey's value (the released AstroCLIP saw the survey values)."""
     import numpy as np
     from tqdm import tqdm
 
@@ -256,7 +258,7 @@ def prepare(
 
     if radius_arcsec <= 0:
         raise DataError(f"--match-radius must be positive, got {radius_arcsec}")
-    image_src = ImageSource(images, bands, cutout, mask_means=image_mask_means)
+    image_src = ImageSource(images, bands, cutout, mask_means=image_mask_means, masked_pixels=masked_pixels)
     spec_src = SpectrumSource(spectra, mask_means=spectrum_mask_means)
     _check_grid_overlap(grid, spec_src.wavelength_range())
     match = match_unique(
@@ -300,12 +302,14 @@ def prepare(
     schema: dict[str, Any] = {
         "image": {
             "unit": "nanomaggy",
-            "description": f"cutout, bands {','.join(image_src.bands)}, (bands, H, W), bad pixels 0",
+            "description": f"cutout, bands {','.join(image_src.bands)}, (bands, H, W), bad pixels: "
+            + ("0" if masked_pixels == "zero" else "survey value"),
         },
         "image_ivar": {"unit": "nanomaggy^-2", "description": "inverse variance of image; 0 = bad pixel"},
         "spectrum": {
             "unit": "1e-17 erg/s/cm2/Angstrom",
-            "description": "flux on extra.wavelength; bad pixels 0",
+            "description": "flux on extra.wavelength; bad pixels: "
+            + ("0" if masked_pixels == "zero" else "survey value"),
         },
         "spectrum_ivar": {
             "unit": "1e+34 s2 cm4 Angstrom2/erg2",
@@ -328,6 +332,7 @@ def prepare(
         "bands": list(image_src.bands),
         "pixel_scale_arcsec": image_src.pixel_scale,
         "mask_meanings": {"image": image_src.mask_meanings, "spectrum": spec_src.mask_meanings},
+        "masked_pixels": masked_pixels,
         "image_size": image_src.size,
         "wavelength": {
             "start": float(wavelength[0]),
@@ -384,7 +389,7 @@ def prepare(
                     if key not in resamplers:
                         if len(resamplers) >= RESAMPLER_CACHE:  # SDSS: one grid per plate
                             resamplers.pop(next(iter(resamplers)))
-                        resamplers[key] = Resampler(lam, wavelength)
+                        resamplers[key] = Resampler(lam, wavelength, keep_masked=masked_pixels == "keep")
                     f, iv, m = resamplers[key](
                         batch.flux[k : k + 1], batch.ivar[k : k + 1], batch.mask[k : k + 1]
                     )
@@ -529,6 +534,13 @@ def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
         help="What spectrum masks hold (as --image-mask-means; MMU desi/sdss: bad).",
     )
     parser.add_argument(
+        "--masked-pixels",
+        choices=("zero", "keep"),
+        default="zero",
+        help="What bad pixels hold in the shards: zero (default) or keep (the survey's values, as the "
+        "released AstroCLIP saw them: use with a converted model). The masks are stored either way.",
+    )
+    parser.add_argument(
         "--grid",
         default="3600:9824:0.8",
         help="Model wavelength grid START:STOP:STEP in Å; spectra are resampled onto it.",
@@ -578,6 +590,7 @@ def _prepare_run(args: argparse.Namespace) -> int:
         progress=progress_enabled(args.progress),
         image_mask_means=args.image_mask_means,
         spectrum_mask_means=args.spectrum_mask_means,
+        masked_pixels=args.masked_pixels,
     )
     print(format_field_summary(Manifest.load(args.out)))
     m = report["match"]

@@ -463,12 +463,14 @@ def lupton_rgb(image: torch.Tensor, bands: list[str]) -> torch.Tensor:
 class ReferenceImageViT(nn.Module):
     """The released image tower: AstroDINO's DINOv2 ViT, with AstroCLIP's image preprocessing.
 
-    Input (B, 3, S, S) fluxes in the bands of `RGB_SCALES` are turned into the viewer's RGB
-    (`lupton_rgb`) with rows and columns swapped, as the reference collator's `permute(0, 3, 2, 1)`
-    does. DINOv2: conv patch embedding, blocks with LayerScale, LayerNorm eps 1e-6. With
-    `class_token` (AstroDINO alone) the tokens are [cls, patches] plus learned positions and the
-    embedding is the class token; without it (inside AstroCLIP) the patch embeddings go through
-    the blocks with neither class token nor positions, as AstroCLIP's image head calls them.
+    Input (B, 3, S, S) fluxes in the bands of `RGB_SCALES`, (band, row, column) as the survey
+    cutouts store them, are turned into the viewer's RGB (`lupton_rgb`). The reference sees the same
+    orientation: its data set holds each Stein et al. cutout transposed to (column, row, band), and
+    its collator's `permute(0, 3, 2, 1)` transposes it back. DINOv2: conv patch embedding, blocks
+    with LayerScale, LayerNorm eps 1e-6. With `class_token` (AstroDINO alone) the tokens are
+    [cls, patches] plus learned positions and the embedding is the class token; without it (inside
+    AstroCLIP) the patch embeddings go through the blocks with neither class token nor positions, as
+    AstroCLIP's image head calls them.
     """
 
     def __init__(
@@ -511,7 +513,7 @@ class ReferenceImageViT(nn.Module):
                 f"images have shape {tuple(image.shape[1:])}; this tower expects "
                 f"({self.bands}, {self.size}, {self.size}) (bands, crop size)"
             )
-        x = lupton_rgb(image, self.band_names).transpose(-1, -2)
+        x = lupton_rgb(image, self.band_names)
         h = self.patch_embed(x).flatten(2).transpose(1, 2)
         if self.class_token:
             h = torch.cat([self.cls.expand(len(h), -1, -1), h], dim=1) + self.pos
