@@ -621,11 +621,6 @@ class Embeddings:
             out[order] = got[inverse]
         return out
 
-    def iter_vectors(self, modality: str, batch_rows: int = 65536) -> Iterable[tuple[int, np.ndarray]]:
-        """(start row, block) pairs over `modality`, so huge files need not fit in memory."""
-        for start in range(0, self.rows, batch_rows):
-            yield start, self.vectors(modality, slice(start, min(self.rows, start + batch_rows)))
-
     def target(self, name: str) -> np.ndarray:
         if name not in self.target_names:
             raise DataError(

@@ -325,13 +325,6 @@ class ShardSetWriter:
             state.current = None
         return split
 
-    def write_all(self, samples: Iterable[Mapping[str, Any]], split: str | None = None) -> int:
-        n = 0
-        for sample in samples:
-            self.write(sample, split)
-            n += 1
-        return n
-
     @property
     def counts(self) -> dict[str, int]:
         """Samples written so far per split."""
