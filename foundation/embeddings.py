@@ -28,7 +28,6 @@ import contextlib
 import errno
 import glob
 import json
-import os
 import re
 import shutil
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -37,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from foundation import atomic
 from foundation.errors import DataError
 from foundation.hdf5 import missing_storage, open_hdf5
 
@@ -351,13 +351,14 @@ class EmbeddingsWriter:
         return sorted(empty)
 
     def finish(self) -> Path:
-        """Mark complete, close and rename into place; returns the final path."""
+        """Mark complete, close and rename into place (flushed to disk first: the `.partial` file
+        is the temporary); returns the final path."""
         f = self._file
         mods = self.modalities
         f.attrs["normalized"] = bool(mods) and all(bool(f[m].attrs.get("normalized", False)) for m in mods)
         f.attrs["complete"] = True
         f.close()
-        os.replace(self.partial, self.path)
+        atomic.publish(self.partial, self.path)
         return self.path
 
     def close(self) -> None:
