@@ -270,4 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m foundation.cli`: run the imported module's main, whose `Command` is the class the
+    # pipeline modules build their COMMANDS from (this file as __main__ holds a second one).
+    from foundation import cli
+
+    sys.exit(cli.main())

@@ -215,3 +215,16 @@ def test_every_pipeline_module_with_commands_is_registered():
     assert declaring and declaring == registered
     paths = [" ".join(command.path) for command in cli.discover_commands()]
     assert len(paths) == len(set(paths)) and {"export", "search build", "demo"} <= set(paths)
+
+
+def test_cli_runs_as_a_module():
+    # The demo and torchrun start `python -m foundation.cli`: there the file is __main__, and the
+    # registered verbs must still be recognised as its Commands.
+    result = subprocess.run(
+        [sys.executable, "-m", "foundation.cli", "config", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Show configuration keys" in result.stdout
