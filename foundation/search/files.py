@@ -126,35 +126,52 @@ def query(
         targets = {t: emb.target(t) for t in emb.target_names}
         results = []
         for qi, oid in enumerate(ids):
-            neighbours = []
-            for sim, row in zip(sims[qi], found[qi], strict=False):
-                if row < 0:
-                    continue
-                nid = str(emb.ids[row])
-                if exclude_self and nid == oid:
-                    continue
-                neighbours.append(
-                    {
-                        "rank": len(neighbours) + 1,
-                        "id": nid,
-                        "similarity": float(sim),
-                        "match": nid == oid,
-                        "targets": {t: _finite_or_none(v[row]) for t, v in targets.items()},
-                    }
-                )
-                if len(neighbours) == k:
-                    break
-            q_row = rows[qi]
             results.append(
                 {
                     "query": oid,
                     "query_modality": query_modality,
                     "index_modality": index.meta.modality,
-                    "query_targets": {t: _finite_or_none(v[q_row]) for t, v in targets.items()},
-                    "neighbours": neighbours,
+                    "query_targets": _targets_of(targets, rows[qi]),
+                    "neighbours": _neighbours(emb.ids, targets, oid, sims[qi], found[qi], k, exclude_self),
                 }
             )
     return results
+
+
+def _neighbours(
+    object_ids: np.ndarray,
+    targets: dict[str, np.ndarray],
+    oid: str,
+    sims: np.ndarray,
+    found: np.ndarray,
+    k: int,
+    exclude_self: bool,
+) -> list[dict[str, Any]]:
+    """The first k answers of one query (ranked), without empty slots and, with `exclude_self`,
+    without the query object itself."""
+    neighbours: list[dict[str, Any]] = []
+    for sim, row in zip(sims, found, strict=False):
+        if row < 0:
+            continue
+        nid = str(object_ids[row])
+        if exclude_self and nid == oid:
+            continue
+        neighbours.append(
+            {
+                "rank": len(neighbours) + 1,
+                "id": nid,
+                "similarity": float(sim),
+                "match": nid == oid,
+                "targets": _targets_of(targets, row),
+            }
+        )
+        if len(neighbours) == k:
+            break
+    return neighbours
+
+
+def _targets_of(targets: dict[str, np.ndarray], row: int) -> dict[str, float | None]:
+    return {t: _finite_or_none(v[row]) for t, v in targets.items()}
 
 
 def _finite_or_none(value: float) -> float | None:
