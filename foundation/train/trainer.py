@@ -48,10 +48,10 @@ from foundation.lock import STALE_AFTER_S, FolderLock, LockedError, command_line
 from foundation.train import checkpoint as ckpt
 from foundation.train.data import batch_samples, build_loader, to_device
 from foundation.train.distributed import Distributed, all_reduce_sum, init_distributed
-from foundation.train.pretrained import dataset_fingerprint, export_model, snapshot_dataset
 from foundation.train.metrics import MetricsWriter, peak_flops, rss_mb
 from foundation.train.optim import build_optimizer, build_schedule, decay_split
 from foundation.train.preemption import StopRequest
+from foundation.train.pretrained import dataset_fingerprint, export_model, snapshot_dataset
 
 _log = logging.getLogger(__name__)
 
