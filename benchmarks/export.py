@@ -5,7 +5,7 @@
 
 The bare forward is `Family.embed(model, batch)` under `torch.inference_mode` on batches that were
 loaded and collated beforehand and sit in memory: the upper bound an exporter can reach. The export
-is the whole `pipelines.export.export_embeddings` (shard reading, the family's collate in loader
+is the whole `foundation.export.export_embeddings` (shard reading, the family's collate in loader
 workers, the forward, device-to-host copies, chunked HDF5 writes, the final rename) into a fresh
 file. Rounds alternate the two and the best time of each is kept, which damps the noise of a shared
 machine; the ratio is the number that matters (target >= 0.8).
@@ -29,8 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parents[1]  # for the default config path
 
 
 def make_data(workdir: Path, n: int, config: Path) -> Path:
@@ -49,7 +48,7 @@ def load(args: argparse.Namespace, shards: Path):
 
     from foundation import config, registry
     from foundation.data import Manifest
-    from pipelines.export import LoadedModel, load_model
+    from foundation.export import LoadedModel, load_model
 
     if args.checkpoint:
         return load_model(args.checkpoint)
@@ -81,7 +80,7 @@ def released_astroclip(shards: Path):
     )
     from encoders.astroclip.model import AstroCLIPConfig, ImageTowerConfig, SpectrumTowerConfig
     from foundation import config, registry
-    from pipelines.export import LoadedModel
+    from foundation.export import LoadedModel
 
     model_cfg = AstroCLIPConfig(
         stage="align",
@@ -149,12 +148,11 @@ def time_bare(loaded, batches: list) -> tuple[float, int]:
 
 
 def time_export(loaded, shards: Path, out: Path, batch_size: int, workers: int) -> tuple[float, int]:
-    from pipelines.export import export_embeddings
+    from foundation.export import ExportSettings, export_embeddings
 
+    settings = ExportSettings(batch_size=batch_size, num_workers=workers, overwrite=True, progress=False)
     start = time.perf_counter()
-    result = export_embeddings(
-        loaded, shards, out, batch_size=batch_size, num_workers=workers, overwrite=True, progress=False
-    )
+    result = export_embeddings(loaded, shards, out, settings)
     return time.perf_counter() - start, result.new_rows
 
 

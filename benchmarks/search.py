@@ -5,7 +5,7 @@
         [--hnsw-max-n 1e5] [--max-nlist 2048]
 
 For each N, random unit vectors of the AstroCLIP embedding width (1024) are indexed the way
-`foundation search build` does (pipelines/search.py `VectorIndex.build`, default parameters):
+`foundation search build` does (foundation/search/index.py `VectorIndex.build`, default parameters):
 approximate kinds tune their query knob (efSearch / nprobe) on held-out database vectors to reach
 --target-recall. Each row then reports, at the tuned knob:
 - `tuned recall`: recall@10 the build measured on its held-out sample (what index.json records);
@@ -33,15 +33,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipelines.search import VectorIndex, exact_knn, import_faiss, query_knob, recall_at_k  # noqa: E402
+from foundation.search.index import VectorIndex
+from foundation.search.kinds import import_faiss, query_knob
+from foundation.search.tuning import exact_knn, recall_at_k
 
 
 def unit_vectors(n: int, dim: int, rng: np.random.Generator, block: int = 100_000) -> np.ndarray:

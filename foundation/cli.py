@@ -1,8 +1,10 @@
 """`foundation <verb> [<sub-verb>] ...`: the one command-line entry point.
 
-Each module in `pipelines/` declares its verbs in a module-level `COMMANDS` list of `Command`s;
-this file only assembles them into argparse. Pipeline modules keep their heavy imports (torch,
-h5py, faiss) inside their `run` functions so that `foundation --help` stays fast.
+Each module in `pipelines/` declares its verbs in a module-level `COMMANDS` list of `Command`s and
+registers that list in the `foundation.commands` entry-point group (pyproject.toml), as families
+register in `foundation.families`: this file never imports `pipelines`, it only assembles what the
+group names into argparse. Pipeline modules keep their heavy imports (torch, h5py, faiss) inside
+their `run` functions so that `foundation --help` stays fast.
 Errors derived from `FoundationError` are printed as one line, without a traceback, and so are
 command-line mistakes. Every numeric option is checked as it is parsed: integers are counts
 (>= 1; >= 0 for the names in `ZERO_ALLOWED_OPTIONS`, and seeds) below `MAX_COUNT`, and floats
@@ -14,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import errno
-import importlib
 import logging
 import math
-import pkgutil
 import sys
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 
 from foundation import __version__
 from foundation.errors import FoundationError
@@ -38,6 +39,9 @@ GROUPS = {
     "convert": "Convert released checkpoints into model directories.",
 }
 
+
+#: The entry-point group through which pipeline modules register their `COMMANDS`.
+COMMANDS_GROUP = "foundation.commands"
 
 #: Integer options for which 0 is meaningful (an index, "none", "no minimum").
 ZERO_ALLOWED_OPTIONS = frozenset({"part", "num_workers", "exact_max", "min_field_count"})
@@ -80,13 +84,13 @@ def progress_enabled(flag: str) -> bool:
 
 
 def discover_commands() -> list[Command]:
-    """Every `COMMANDS` entry of every module in the `pipelines` package."""
-    import pipelines
-
+    """Every `Command` registered in the `foundation.commands` entry-point group."""
     commands: list[Command] = []
-    for info in pkgutil.iter_modules(pipelines.__path__):
-        module = importlib.import_module(f"pipelines.{info.name}")
-        commands.extend(getattr(module, "COMMANDS", []))
+    for entry in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        listed = entry.load()
+        if not all(isinstance(c, Command) for c in listed):
+            raise TypeError(f"entry point {entry.value} must be a list of foundation.cli.Command")
+        commands.extend(listed)
     return commands
 
 
@@ -159,22 +163,11 @@ def add_split_fractions_argument(parser: argparse.ArgumentParser, default: str, 
 
 def device_option(text: str) -> str:
     """An argparse `type` for `--device`: auto, cpu, cuda or cuda:N, where that device exists."""
-    kind, _, index = text.partition(":")
-    if text in ("auto", "cpu"):
-        return text
-    if kind != "cuda" or (index and not index.isdigit()):
-        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text[:40]!r}")
-    import torch
+    from foundation.device import check_device_name
 
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if count == 0:
-        raise argparse.ArgumentTypeError(
-            f"{text} was asked for but torch sees no CUDA device; use cpu or auto"
-        )
-    if index and int(index) >= count:
-        raise argparse.ArgumentTypeError(
-            f"{text} does not exist: torch sees {count} CUDA device(s), cuda:0.."
-        )
+    problem = check_device_name(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
     return text
 
 
@@ -277,4 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m foundation.cli`: run the imported module's main, whose `Command` is the class the
+    # pipeline modules build their COMMANDS from (this file as __main__ holds a second one).
+    from foundation import cli
+
+    sys.exit(cli.main())

@@ -133,7 +133,7 @@ def load_converted(path: str | Path, map_location: Any = "cpu"):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from foundation.train.export import _pretrain_config
+    from foundation.train.pretrained import _pretrain_config
 
     path = Path(path)
     meta = _read_meta(path)

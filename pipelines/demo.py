@@ -4,14 +4,13 @@
     (contrastive alignment) → export (+ random-init control [+ shuffled-pair control]) → search
     index + an example query → zero-shot regression report → retrieval report → summary
 
-Each stage is one `foundation ...` command (printed, so it can be re-run by hand) run as a child
-process with its output in `DIR/logs/<stage>.log`. When a stage succeeds a marker
-`DIR/.stages/<stage>.json` records the command, what it produced, its timings and a fingerprint
-of the command plus the runs of the stages it depends on. Re-running the demo skips every stage
-whose marker matches and whose outputs exist; a stage that changed (other options) or whose
-inputs were redone runs again, and so does everything after it. An interrupted pretraining or
-export resumes from its own checkpoint / partial file. The summary is read from the reports
-the evaluation commands wrote; the demo computes no number of its own.
+Each stage is one `foundation ...` command run by the stage engine `foundation.stages` (a child
+process each, output in `DIR/logs/<stage>.log`, a marker in `DIR/.stages/<stage>.json` when it
+succeeds). Re-running the demo skips every stage whose marker matches and whose outputs exist; a
+stage that changed (other options) or whose inputs were redone runs again, and so does everything
+after it. An interrupted pretraining or export resumes from its own checkpoint / partial file. This
+module holds the plan (which commands, in which order), the settings and the summary, which is read
+from the reports the evaluation commands wrote; the demo computes no number of its own.
 
 Controls: raw-input baselines (PCA + k-NN and a supervised MLP on pixels
 / fluxes) and a random-initialised model are always evaluated; `--controls` also trains the
@@ -22,217 +21,17 @@ shuffled-pair control), which roughly doubles the alignment time.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import os
-import resource
-import shlex
-import subprocess
-import sys
 import time
-import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from foundation.atomic import write_text
 from foundation.cli import Command
-from foundation.errors import ConfigError, FoundationError
+from foundation.errors import ConfigError
+from foundation.stages import Stage, read_json, run_stages
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-MARKERS = ".stages"
-
-
-class StageFailed(FoundationError):
-    """A demo stage exited with an error (its log says why)."""
-
-
-@dataclass
-class Stage:
-    """One step of the demo: a `foundation` command, or an in-process function for glue steps."""
-
-    name: str
-    description: str
-    outputs: list[Path]
-    argv: list[str] | None = None
-    """Arguments of `foundation` (run as `python -m foundation.cli ARGV`)."""
-    func: Callable[[], None] | None = None
-    key: str = ""
-    """For `func` stages: what determines their result (part of the fingerprint)."""
-    after: list[str] = field(default_factory=list)
-    """Stages whose results this one reads: redoing them redoes this."""
-    inputs: list[Path] = field(default_factory=list)
-    """Files (configs) whose content is part of the fingerprint: editing one redoes the stage."""
-    clean: list[Path] = field(default_factory=list)
-    """What to delete before redoing a stage whose earlier result is stale (a run directory that
-    holds checkpoints of another config, an export of other weights); an interrupted stage (no
-    marker) keeps them, so that it resumes."""
-
-
-def _fingerprint(stage: Stage, upstream: Sequence[str]) -> str:
-    contents = {str(p): hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in stage.inputs}
-    blob = json.dumps(
-        {"argv": stage.argv, "key": stage.key, "upstream": list(upstream), "inputs": contents}, sort_keys=True
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _remove(path: Path) -> None:
-    import shutil
-
-    if path.is_dir():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def _read_marker(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _write_marker(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
-
-
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _self_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def run_stages(
-    stages: Sequence[Stage], out: Path, echo: Callable[[str], None] = print, *, in_process: bool = False
-) -> list[dict[str, Any]]:
-    """Run (or skip) every stage in order; returns the markers of all stages.
-
-    `in_process` runs the `foundation` commands in this interpreter instead of child processes
-    (saves each one's start-up; for tests - a child process is the isolation users get)."""
-    from foundation import __version__
-
-    out.mkdir(parents=True, exist_ok=True)
-    logs = out / "logs"
-    logs.mkdir(exist_ok=True)
-    runs: dict[str, str] = {}  # stage name -> run id of its result
-    markers = []
-    for number, stage in enumerate(stages, 1):
-        missing_deps = [d for d in stage.after if d not in runs]
-        if missing_deps:
-            raise ValueError(f"stage {stage.name} depends on {missing_deps}, which do not come before it")
-        fingerprint = _fingerprint(stage, [runs[d] for d in stage.after])
-        marker_path = out / MARKERS / f"{stage.name}.json"
-        marker = _read_marker(marker_path)
-        head = f"[{number}/{len(stages)}] {stage.name}"
-        if (
-            marker is not None
-            and marker.get("fingerprint") == fingerprint
-            and all(Path(p).exists() for p in stage.outputs)
-        ):
-            echo(f"{head}: done already ({marker['finished']}, {marker['wall_seconds']:.0f} s) - skipped")
-            runs[stage.name] = marker["run_id"]
-            markers.append(marker)
-            continue
-        echo(f"{head}: {stage.description}")
-        if marker is not None:  # done before, with other inputs: its old results must not be resumed
-            stale = [p for p in stage.clean if p.exists()]
-            for path in stale:
-                _remove(path)
-            if stale:
-                echo(f"    (inputs changed since {marker['finished']}; removed {', '.join(map(str, stale))})")
-            marker_path.unlink()
-        log_path = logs / f"{stage.name}.log"
-        start, cpu_start = time.perf_counter(), _children_cpu() + _self_cpu()
-        if stage.argv is not None:
-            command = "foundation " + shlex.join(stage.argv)
-            echo(f"    $ {command}")
-            _run_command(stage.argv, log_path, echo, in_process=in_process)
-        else:
-            command = f"(in-process) {stage.key}"
-            assert stage.func is not None
-            stage.func()
-        absent = [str(p) for p in stage.outputs if not Path(p).exists()]
-        if absent:
-            raise StageFailed(
-                f"stage {stage.name} finished but did not produce {', '.join(absent)}; see {log_path}"
-            )
-        wall = time.perf_counter() - start
-        marker = {
-            "stage": stage.name,
-            "command": command,
-            "fingerprint": fingerprint,
-            "run_id": uuid.uuid4().hex,
-            "upstream": {d: runs[d] for d in stage.after},
-            "outputs": [str(p) for p in stage.outputs],
-            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "wall_seconds": round(wall, 1),
-            "cpu_seconds": round(_children_cpu() + _self_cpu() - cpu_start, 1),
-            "foundation_version": __version__,
-            "log": str(log_path) if stage.argv is not None else None,
-        }
-        _write_marker(marker_path, marker)
-        runs[stage.name] = marker["run_id"]
-        markers.append(marker)
-        echo(f"    done in {wall:.0f} s (CPU {marker['cpu_seconds']:.0f} s)")
-    return markers
-
-
-def _run_command(
-    argv: list[str], log_path: Path, echo: Callable[[str], None], *, in_process: bool = False
-) -> None:
-    """`python -m foundation.cli ARGV`, its output streamed to the log and (indented) to the screen."""
-    if in_process:
-        import contextlib
-
-        from foundation.cli import main
-
-        with open(log_path, "a", encoding="utf-8") as log:
-            log.write(f"\n$ foundation {shlex.join(argv)}\n")
-            log.flush()
-            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-                try:
-                    code = main(argv)
-                except SystemExit as exc:  # argparse errors
-                    code = exc.code if isinstance(exc.code, int) else 2
-        if code != 0:
-            raise StageFailed(
-                f"`foundation {shlex.join(argv)}` failed (exit {code}); its output is in {log_path}"
-            )
-        return
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    with open(log_path, "a", encoding="utf-8") as log:
-        log.write(f"\n$ foundation {shlex.join(argv)}\n")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "foundation.cli", *argv],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-            bufsize=1,
-        )
-        assert proc.stdout is not None
-        try:
-            for line in proc.stdout:
-                log.write(line)
-                echo("    | " + line.rstrip())
-        except KeyboardInterrupt:
-            proc.terminate()
-            proc.wait()
-            raise
-        code = proc.wait()
-    if code != 0:
-        raise StageFailed(
-            f"`foundation {shlex.join(argv)}` failed (exit {code}); its output is in {log_path}. "
-            "Fix the cause and run the demo again: finished stages are kept"
-        )
 
 
 # ----------------------------------------------------------------------------- the AstroCLIP demo
@@ -261,11 +60,12 @@ class DemoSettings:
 def training_precision(requested: str) -> str:
     """The demo's pretraining precision: `auto` takes bf16 autocast where the CPU has AMX (about
     1.45x the samples/s of fp32 in stage 1 there), fp32 elsewhere; a GPU run is bf16 either way."""
-    if requested not in ("auto", "fp32", "bf16"):
+    from foundation.device import PRECISIONS, cpu_bf16_is_fast
+
+    if requested not in PRECISIONS:
         raise ConfigError(f"--precision takes auto, fp32 or bf16, not {requested!r}")
     if requested != "auto":
         return requested
-    from foundation.train.trainer import cpu_bf16_is_fast
 
     return "bf16" if cpu_bf16_is_fast() else "auto"
 
@@ -350,15 +150,65 @@ def _config_steps(path: str) -> int:
     return steps
 
 
-def plan(out: Path, s: DemoSettings) -> list[Stage]:
-    """The demo's stages, in order."""
-    survey, shards, runs, emb = out / "survey", out / "shards", out / "runs", out / "embeddings"
-    reports = out / "reports"
-    common = [f"run.seed={s.seed}", f"train.precision={training_precision(s.precision)}", *s.extra_pretrain]
-    recipe = data_recipe(_config(s.align_config))
-    spectrum_steps = s.spectrum_steps or _config_steps(_config(s.spectrum_config))
-    align_steps = s.align_steps or _config_steps(_config(s.align_config))
-    stages = [
+@dataclass(frozen=True)
+class _Layout:
+    """Where the demo's stages read and write, under its output folder."""
+
+    out: Path
+
+    @property
+    def survey(self) -> Path:
+        return self.out / "survey"
+
+    @property
+    def shards(self) -> Path:
+        return self.out / "shards"
+
+    @property
+    def runs(self) -> Path:
+        return self.out / "runs"
+
+    @property
+    def emb(self) -> Path:
+        return self.out / "embeddings"
+
+
+def _pretrain_argv(
+    config: str, data: Path, run_dir: Path, steps: int, common: list[str], init: Path | None = None
+) -> list[str]:
+    """`foundation pretrain` arguments (with `model.spectrum_init` for the alignment runs)."""
+    spectrum_init = [f"model.spectrum_init={init}"] if init is not None else []
+    return [
+        "pretrain",
+        config,
+        f"data.path={data}",
+        f"run.dir={run_dir}",
+        *spectrum_init,
+        f"train.steps={steps}",
+        *common,
+    ]
+
+
+def _export_argv(checkpoint: Path, data: Path, out: Path, *options: str) -> list[str]:
+    """`foundation export` arguments (`options` follow the checkpoint: --random-init and its overrides)."""
+    return [
+        "export",
+        "--checkpoint",
+        str(checkpoint),
+        *options,
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--progress",
+        "off",
+    ]
+
+
+def _data_stages(at: _Layout, s: DemoSettings, recipe: dict[str, str]) -> list[Stage]:
+    """Synthetic survey, then shards."""
+    survey, shards = at.survey, at.shards
+    return [
         Stage(
             "synth",
             f"write a synthetic galaxy survey of {s.n} objects (MMU HDF5: images, spectra, catalogue)",
@@ -372,156 +222,129 @@ def plan(out: Path, s: DemoSettings) -> list[Stage]:
             argv=[*prepare_argv(survey, shards, recipe), "--seed", str(s.seed), "--overwrite"],
             after=["synth"],
         ),
+    ]
+
+
+def _pretrain_stages(at: _Layout, s: DemoSettings, common: list[str], steps: tuple[int, int]) -> list[Stage]:
+    """SpecFormer masked modelling of the spectrum tower, then the contrastive alignment."""
+    spectrum_steps, align_steps = steps
+    spectrum_config, align_config = _config(s.spectrum_config), _config(s.align_config)
+    return [
         Stage(
             "pretrain-spectrum",
             f"SpecFormer masked-segment pretraining of the spectrum tower ({spectrum_steps} steps)",
-            [runs / "spectrum" / "model.pt"],
-            argv=[
-                "pretrain",
-                _config(s.spectrum_config),
-                f"data.path={shards}",
-                f"run.dir={runs / 'spectrum'}",
-                f"train.steps={spectrum_steps}",
-                *common,
-            ],
+            [at.runs / "spectrum" / "model.pt"],
+            argv=_pretrain_argv(spectrum_config, at.shards, at.runs / "spectrum", spectrum_steps, common),
             after=["prepare"],
-            inputs=[Path(_config(s.spectrum_config))],
-            clean=[runs / "spectrum"],
+            inputs=[Path(spectrum_config)],
+            clean=[at.runs / "spectrum"],
         ),
         Stage(
             "pretrain-align",
             f"contrastive alignment of image and spectrum ({align_steps} steps)",
-            [runs / "astroclip" / "model.pt"],
-            argv=[
-                "pretrain",
-                _config(s.align_config),
-                f"data.path={shards}",
-                f"run.dir={runs / 'astroclip'}",
-                f"model.spectrum_init={runs / 'spectrum'}",
-                f"train.steps={align_steps}",
-                *common,
-            ],
+            [at.runs / "astroclip" / "model.pt"],
+            argv=_pretrain_argv(
+                align_config, at.shards, at.runs / "astroclip", align_steps, common, at.runs / "spectrum"
+            ),
             after=["prepare", "pretrain-spectrum"],
-            inputs=[Path(_config(s.align_config))],
-            clean=[runs / "astroclip"],
+            inputs=[Path(align_config)],
+            clean=[at.runs / "astroclip"],
         ),
+    ]
+
+
+def _export_stages(at: _Layout) -> list[Stage]:
+    """Embeddings of the aligned model and of its randomly initialised control."""
+    aligned, random_init = at.emb / "astroclip.h5", at.emb / "random-init.h5"
+    no_towers = ("--override", "model.spectrum_init=null", "--override", "model.image_init=null")
+    return [
         Stage(
             "export",
             "embed every object with the aligned model",
-            [emb / "astroclip.h5"],
-            argv=[
-                "export",
-                "--checkpoint",
-                str(runs / "astroclip"),
-                "--data",
-                str(shards),
-                "--out",
-                str(emb / "astroclip.h5"),
-                "--progress",
-                "off",
-            ],
+            [aligned],
+            argv=_export_argv(at.runs / "astroclip", at.shards, aligned),
             after=["prepare", "pretrain-align"],
-            clean=_export_files(emb / "astroclip.h5"),
+            clean=_export_files(aligned),
         ),
         Stage(
             "export-random-init",
             "control: embed with the same architecture, randomly initialised (no pretrained tower)",
-            [emb / "random-init.h5"],
-            argv=[
-                "export",
-                "--checkpoint",
-                str(runs / "astroclip"),
-                "--random-init",
-                "--override",
-                "model.spectrum_init=null",
-                "--override",
-                "model.image_init=null",
-                "--data",
-                str(shards),
-                "--out",
-                str(emb / "random-init.h5"),
-                "--progress",
-                "off",
-            ],
+            [random_init],
+            argv=_export_argv(at.runs / "astroclip", at.shards, random_init, "--random-init", *no_towers),
             after=["prepare", "pretrain-align"],
-            clean=_export_files(emb / "random-init.h5"),
+            clean=_export_files(random_init),
         ),
     ]
-    labelled = [f"astroclip={emb / 'astroclip.h5'}", f"random-init={emb / 'random-init.h5'}"]
-    evaluated = ["export", "export-random-init"]
-    if s.controls:
-        shuffled = out / "shards-shuffled"
-        stages += [
-            Stage(
-                "shuffle-pairs",
-                "control: a copy of the shards with spectra permuted among the training objects",
-                [shuffled / "manifest.json"],
-                func=lambda: shuffle_pairs(shards, shuffled, seed=s.seed),
-                key=f"shuffle_pairs(seed={s.seed})",
-                after=["prepare"],
+
+
+def _shuffled_pair_stages(at: _Layout, s: DemoSettings, common: list[str], align_steps: int) -> list[Stage]:
+    """The shuffled-pair control: the alignment trained again on spectra permuted among objects."""
+    shards, shuffled, shuffled_emb = at.shards, at.out / "shards-shuffled", at.emb / "shuffled.h5"
+    align_config = _config(s.align_config)
+    return [
+        Stage(
+            "shuffle-pairs",
+            "control: a copy of the shards with spectra permuted among the training objects",
+            [shuffled / "manifest.json"],
+            func=lambda: shuffle_pairs(shards, shuffled, seed=s.seed),
+            key=f"shuffle_pairs(seed={s.seed})",
+            after=["prepare"],
+        ),
+        Stage(
+            "pretrain-align-shuffled",
+            f"control: the same alignment on shuffled pairs ({align_steps} steps)",
+            [at.runs / "shuffled" / "model.pt"],
+            argv=_pretrain_argv(
+                align_config, shuffled, at.runs / "shuffled", align_steps, common, at.runs / "spectrum"
             ),
-            Stage(
-                "pretrain-align-shuffled",
-                f"control: the same alignment on shuffled pairs ({align_steps} steps)",
-                [runs / "shuffled" / "model.pt"],
-                argv=[
-                    "pretrain",
-                    _config(s.align_config),
-                    f"data.path={shuffled}",
-                    f"run.dir={runs / 'shuffled'}",
-                    f"model.spectrum_init={runs / 'spectrum'}",
-                    f"train.steps={align_steps}",
-                    *common,
-                ],
-                after=["shuffle-pairs", "pretrain-spectrum"],
-                inputs=[Path(_config(s.align_config))],
-                clean=[runs / "shuffled"],
-            ),
-            Stage(
-                "export-shuffled",
-                "control: embed the true pairs with the shuffled-pair model",
-                [emb / "shuffled.h5"],
-                argv=[
-                    "export",
-                    "--checkpoint",
-                    str(runs / "shuffled"),
-                    "--data",
-                    str(shards),
-                    "--out",
-                    str(emb / "shuffled.h5"),
-                    "--progress",
-                    "off",
-                ],
-                after=["prepare", "pretrain-align-shuffled"],
-                clean=_export_files(emb / "shuffled.h5"),
-            ),
-        ]
-        labelled.append(f"shuffled-pairs={emb / 'shuffled.h5'}")
-        evaluated.append("export-shuffled")
-    search = out / "search"
-    stages += [
+            after=["shuffle-pairs", "pretrain-spectrum"],
+            inputs=[Path(align_config)],
+            clean=[at.runs / "shuffled"],
+        ),
+        Stage(
+            "export-shuffled",
+            "control: embed the true pairs with the shuffled-pair model",
+            [shuffled_emb],
+            argv=_export_argv(at.runs / "shuffled", shards, shuffled_emb),
+            after=["prepare", "pretrain-align-shuffled"],
+            clean=_export_files(shuffled_emb),
+        ),
+    ]
+
+
+def _search_stages(at: _Layout) -> list[Stage]:
+    """A spectrum index, and an example cross-modal query of it."""
+    search, index, aligned = at.out / "search", at.out / "index", at.emb / "astroclip.h5"
+    build = ["search", "build", "--embeddings", str(aligned), "--modality", "spectrum", "--out", str(index)]
+    query = [
+        "search",
+        "query",
+        "--index",
+        str(index),
+        "--query-modality",
+        "image",
+        "--ids-file",
+        str(search / "query_ids.txt"),
+        "--k",
+        "5",
+        "--save",
+        str(search / "query.json"),
+        "--plot",
+        str(search / "query.png"),
+    ]
+    return [
         Stage(
             "search-index",
             "faiss index over the spectrum embeddings",
-            [out / "index" / "index.json"],
-            argv=[
-                "search",
-                "build",
-                "--embeddings",
-                str(emb / "astroclip.h5"),
-                "--modality",
-                "spectrum",
-                "--out",
-                str(out / "index"),
-                "--overwrite",
-            ],
+            [index / "index.json"],
+            argv=[*build, "--overwrite"],
             after=["export"],
         ),
         Stage(
             "query-ids",
             "pick held-out galaxies for the example query",
             [search / "query_ids.txt"],
-            func=lambda: write_query_ids(emb / "astroclip.h5", search / "query_ids.txt"),
+            func=lambda: write_query_ids(aligned, search / "query_ids.txt"),
             key="first 3 test-split objects of embeddings/astroclip.h5",
             after=["export"],
         ),
@@ -529,24 +352,19 @@ def plan(out: Path, s: DemoSettings) -> list[Stage]:
             "search-query",
             "example cross-modal search: held-out galaxy images -> nearest spectra (JSON + PNG)",
             [search / "query.json", search / "query.png"],
-            argv=[
-                "search",
-                "query",
-                "--index",
-                str(out / "index"),
-                "--query-modality",
-                "image",
-                "--ids-file",
-                str(search / "query_ids.txt"),
-                "--k",
-                "5",
-                "--save",
-                str(search / "query.json"),
-                "--plot",
-                str(search / "query.png"),
-            ],
+            argv=query,
             after=["search-index", "query-ids"],
         ),
+    ]
+
+
+def _evaluation_stages(
+    at: _Layout, s: DemoSettings, labelled: list[str], evaluated: list[str]
+) -> list[Stage]:
+    """Zero-shot regression and retrieval reports over every export (`labelled`, made by `evaluated`)."""
+    reports = at.out / "reports"
+    embeddings = [a for item in labelled for a in ("--embeddings", item)]
+    return [
         Stage(
             "zero-shot",
             "zero-shot k-NN regression + MLP probe, against raw-input baselines and the controls",
@@ -554,11 +372,11 @@ def plan(out: Path, s: DemoSettings) -> list[Stage]:
             argv=[
                 "evaluate",
                 "zero-shot",
-                *[a for item in labelled for a in ("--embeddings", item)],
+                *embeddings,
                 "--targets",
                 ",".join(s.targets),
                 "--raw-data",
-                str(shards),
+                str(at.shards),
                 "--raw-fields",
                 "image=image,spectrum=spectrum",
                 "--mlp-for",
@@ -574,17 +392,31 @@ def plan(out: Path, s: DemoSettings) -> list[Stage]:
             "retrieval",
             "cross-modal retrieval (top-k, median rank) against chance and the controls",
             [reports / "retrieval" / "report.json"],
-            argv=[
-                "evaluate",
-                "retrieval",
-                *[a for item in labelled for a in ("--embeddings", item)],
-                "--out",
-                str(reports / "retrieval"),
-            ],
+            argv=["evaluate", "retrieval", *embeddings, "--out", str(reports / "retrieval")],
             after=evaluated,
         ),
     ]
-    return stages
+
+
+def plan(out: Path, s: DemoSettings) -> list[Stage]:
+    """The demo's stages, in order."""
+    at = _Layout(out)
+    common = [f"run.seed={s.seed}", f"train.precision={training_precision(s.precision)}", *s.extra_pretrain]
+    recipe = data_recipe(_config(s.align_config))
+    spectrum_steps = s.spectrum_steps or _config_steps(_config(s.spectrum_config))
+    align_steps = s.align_steps or _config_steps(_config(s.align_config))
+    stages = [
+        *_data_stages(at, s, recipe),
+        *_pretrain_stages(at, s, common, (spectrum_steps, align_steps)),
+        *_export_stages(at),
+    ]
+    labelled = [f"astroclip={at.emb / 'astroclip.h5'}", f"random-init={at.emb / 'random-init.h5'}"]
+    evaluated = ["export", "export-random-init"]
+    if s.controls:
+        stages += _shuffled_pair_stages(at, s, common, align_steps)
+        labelled.append(f"shuffled-pairs={at.emb / 'shuffled.h5'}")
+        evaluated.append("export-shuffled")
+    return stages + _search_stages(at) + _evaluation_stages(at, s, labelled, evaluated)
 
 
 def write_query_ids(embeddings: Path, path: Path, count: int = 3) -> list[str]:
@@ -597,8 +429,7 @@ def write_query_ids(embeddings: Path, path: Path, count: int = 3) -> list[str]:
             range(count)
         )
         ids = [str(emb.ids[i]) for i in rows]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(ids) + "\n")
+    write_text(path, "\n".join(ids) + "\n")
     return ids
 
 
@@ -652,7 +483,7 @@ def summary(out: Path, markers: list[dict[str, Any]]) -> str:
     from pipelines.evaluate_common import markdown_table
 
     lines = []
-    zs = _read_marker(out / "reports" / "zero-shot" / "report.json")
+    zs = read_json(out / "reports" / "zero-shot" / "report.json")
     if zs:
         from pipelines.evaluate_zeroshot import render_table
 
@@ -662,7 +493,7 @@ def summary(out: Path, markers: list[dict[str, Any]]) -> str:
             render_table(zs["results"]),
             "",
         ]
-    ret = _read_marker(out / "reports" / "retrieval" / "report.json")
+    ret = read_json(out / "reports" / "retrieval" / "report.json")
     if ret:
         from pipelines.evaluate_retrieval import render
 
@@ -752,7 +583,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"foundation demo -> {out}")
     markers = run_stages(stages, out)
     text = summary(out, markers)
-    (out / "SUMMARY.md").write_text("# foundation demo\n\n" + text + "\n")
+    write_text(out / "SUMMARY.md", "# foundation demo\n\n" + text + "\n")
     print()
     print(text)
     print(f"\ntotal {time.perf_counter() - start:.0f} s this run; summary -> {out / 'SUMMARY.md'}")

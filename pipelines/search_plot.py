@@ -90,7 +90,7 @@ def plot_neighbours(
     embeddings: str | Path | None = None,
     fields: dict[str, str] | None = None,
 ) -> Path:
-    """Write the figure for (at most MAX_QUERIES of) `results` from `pipelines.search.query`."""
+    """Write the figure for (at most MAX_QUERIES of) `results` from `foundation.search.files.query`."""
     import matplotlib
 
     matplotlib.use("Agg")

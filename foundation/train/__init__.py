@@ -5,9 +5,9 @@ result = train(cfg)                     # one process's share of a (multi-proces
 model, cfg, family = load_pretrained("runs/xval-tiny")   # run dir, step-N folder or model.pt
 """
 
-from foundation.train.export import load_pretrained
 from foundation.train.optim import register_optimizer
 from foundation.train.preemption import EXIT_DIVERGED, EXIT_PREEMPTED
+from foundation.train.pretrained import load_pretrained
 from foundation.train.trainer import TrainingDiverged, TrainResult, train
 
 __all__ = [

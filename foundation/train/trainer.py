@@ -14,7 +14,7 @@ Run directory (`run.dir`):
     .status.json.failed a ready-made "failed" record, swapped in for status.json when a full disk
                         leaves no room to write one (so a dead run never reads "running")
     checkpoints/step-N/ DCP checkpoints (see foundation.train.checkpoint)
-    model.pt            final weights for inference (see foundation.train.export)
+    model.pt            final weights for inference (see foundation.train.pretrained)
     tensorboard/        TensorBoard events, when tensorboard is installed
     STOP                create it to stop the run cleanly (train.stop_file)
 One `pretrain` writes a run directory at a time: rank 0 holds a `FolderLock` on it for the whole
@@ -48,10 +48,10 @@ from foundation.lock import STALE_AFTER_S, FolderLock, LockedError, command_line
 from foundation.train import checkpoint as ckpt
 from foundation.train.data import batch_samples, build_loader, to_device
 from foundation.train.distributed import Distributed, all_reduce_sum, init_distributed
-from foundation.train.export import dataset_fingerprint, export_model, snapshot_dataset
 from foundation.train.metrics import MetricsWriter, peak_flops, rss_mb
 from foundation.train.optim import build_optimizer, build_schedule, decay_split
 from foundation.train.preemption import StopRequest
+from foundation.train.pretrained import dataset_fingerprint, export_model, snapshot_dataset
 
 _log = logging.getLogger(__name__)
 

@@ -173,3 +173,58 @@ def test_split_fractions_option_is_parsed_and_checked_once_for_every_prepare():
     for bad in ("train=0.5", "train", "=1", "train=x"):
         with pytest.raises(SystemExit):
             parser.parse_args(["--split-fractions", bad])
+
+
+def test_foundation_imports_no_pipeline_or_family_module():
+    # foundation/ is the library under pipelines/ and encoders/: importing any of its modules, the CLI
+    # included, must not pull either in (verbs and families arrive through entry points when used).
+    from pathlib import Path
+
+    root = Path(cli.__file__).resolve().parents[1]
+    modules = sorted(
+        ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+        for path in (root / "foundation").rglob("*.py")
+    )
+    code = (
+        "import importlib, sys\n"
+        f"for name in {modules!r}:\n"
+        "    importlib.import_module(name)\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in ('pipelines', 'encoders'))))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "foundation.cli" in modules and result.stdout.split() == []
+
+
+def test_every_pipeline_module_with_commands_is_registered():
+    # A module whose COMMANDS are missing from the entry-point group would silently lose its verbs.
+    import ast
+    from importlib.metadata import entry_points
+    from pathlib import Path
+
+    folder = Path(cli.__file__).resolve().parents[1] / "pipelines"
+    declaring = {
+        f"pipelines.{path.stem}:COMMANDS"
+        for path in folder.glob("*.py")
+        if any(
+            isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "COMMANDS" for t in node.targets)
+            for node in ast.parse(path.read_text()).body
+        )
+    }
+    registered = {entry.value for entry in entry_points(group=cli.COMMANDS_GROUP)}
+    assert declaring and declaring == registered
+    paths = [" ".join(command.path) for command in cli.discover_commands()]
+    assert len(paths) == len(set(paths)) and {"export", "search build", "demo"} <= set(paths)
+
+
+def test_cli_runs_as_a_module():
+    # The demo and torchrun start `python -m foundation.cli`: there the file is __main__, and the
+    # registered verbs must still be recognised as its Commands.
+    result = subprocess.run(
+        [sys.executable, "-m", "foundation.cli", "config", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Show configuration keys" in result.stdout

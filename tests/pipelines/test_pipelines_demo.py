@@ -10,7 +10,8 @@ import pytest
 
 from foundation.data import Manifest
 from foundation.errors import ConfigError
-from pipelines.demo import DemoSettings, Stage, StageFailed, plan, run_stages, shuffle_pairs
+from foundation.stages import Stage, StageFailed, run_stages
+from pipelines.demo import DemoSettings, plan, shuffle_pairs
 from pipelines.raw_inputs import iter_samples
 
 
@@ -200,9 +201,9 @@ def test_edited_inputs_redo_a_stage_after_removing_its_stale_results(tmp_path):
 
 @pytest.mark.parametrize("amx, expected", [(True, "bf16"), (False, "auto")])
 def test_demo_trains_in_bf16_only_where_the_cpu_has_amx(tmp_path, monkeypatch, amx, expected):
-    from foundation.train import trainer
+    from foundation import device
 
-    monkeypatch.setattr(trainer, "cpu_bf16_is_fast", lambda: amx)
+    monkeypatch.setattr(device, "cpu_bf16_is_fast", lambda: amx)
     stages = {s.name: s for s in plan(tmp_path, DemoSettings(n=100, controls=True))}
     for name in ("pretrain-spectrum", "pretrain-align", "pretrain-align-shuffled"):
         assert f"train.precision={expected}" in stages[name].argv

@@ -13,11 +13,24 @@ import torch
 
 from foundation.cli import main
 from foundation.embeddings import open_embeddings, part_path, partial_path
-from foundation.errors import DataError
-from pipelines.export import export_embeddings, load_model
+from foundation.errors import ConfigError, DataError
+from foundation.export import ExportSettings, export_embeddings, load_model, start_export
 from pipelines.raw_inputs import fetch_samples
 
 TESTS_DIR = Path(__file__).resolve().parent
+
+
+def _export(loaded, data, out, **settings):
+    return export_embeddings(loaded, data, out, ExportSettings(**settings))
+
+
+def _export_stopped(loaded, data, out, batches, **settings):
+    """An export interrupted after `batches` batches: its `.partial` file stays, to resume from."""
+    job = start_export(loaded, data, out, ExportSettings(**settings))
+    for done, _ in enumerate(job.batches(), 1):
+        if done == batches:
+            break
+    return job.stop()
 
 
 def _expected(model, shards, ids):
@@ -78,16 +91,16 @@ def test_interrupted_export_resumes_without_re_embedding(
     out = tmp_path / "emb.h5"
     loaded = load_model(ckpt)
     export_test_family.SEEN.clear()
-    monkeypatch.setattr("pipelines.export.REPORT_EVERY_S", 0.0)  # without a TTY: progress as log lines
-    with caplog.at_level("INFO", logger="pipelines.export"):
-        first = export_embeddings(
+    monkeypatch.setattr("foundation.export.REPORT_EVERY_S", 0.0)  # without a TTY: progress as log lines
+    with caplog.at_level("INFO", logger="foundation.export"):
+        first = _export_stopped(
             loaded,
             tiny_shards,
             out,
+            3,
             batch_size=10,
             num_workers=0,
             chunk_rows=10,
-            max_batches=3,
             progress=False,
         )
     assert "exported 30 / 120 objects" in caplog.text
@@ -117,7 +130,7 @@ def test_interrupted_export_resumes_without_re_embedding(
     # Worker processes embed nothing themselves: the model runs in this process, on new rows only.
     assert len(export_test_family.SEEN) == 90 and not set(done) & set(export_test_family.SEEN)
     reference = tmp_path / "ref.h5"
-    export_embeddings(load_model(ckpt), tiny_shards, reference, batch_size=10, num_workers=0)
+    _export(load_model(ckpt), tiny_shards, reference, batch_size=10, num_workers=0)
     with open_embeddings(out) as resumed, open_embeddings(reference) as full:
         assert resumed.ids.tolist() == full.ids.tolist()
         np.testing.assert_array_equal(resumed.vectors("spectrum"), full.vectors("spectrum"))
@@ -127,16 +140,14 @@ def test_interrupted_export_resumes_without_re_embedding(
 def test_resume_with_other_weights_is_refused(tmp_path, tiny_shards, tiny_checkpoint):
     ckpt, _ = tiny_checkpoint
     out = tmp_path / "emb.h5"
-    export_embeddings(
-        load_model(ckpt), tiny_shards, out, batch_size=10, num_workers=0, chunk_rows=10, max_batches=1
-    )
+    _export_stopped(load_model(ckpt), tiny_shards, out, 1, batch_size=10, num_workers=0, chunk_rows=10)
     other = tmp_path / "other" / "model.pt"
     other.parent.mkdir()
     export_test_family.write_checkpoint(other, tiny_shards, seed=1)
     with pytest.raises(DataError, match="cannot resume"):
-        export_embeddings(load_model(other), tiny_shards, out, batch_size=10, num_workers=0)
+        _export(load_model(other), tiny_shards, out, batch_size=10, num_workers=0)
     # --overwrite starts again.
-    export_embeddings(load_model(other), tiny_shards, out, batch_size=10, num_workers=0, overwrite=True)
+    _export(load_model(other), tiny_shards, out, batch_size=10, num_workers=0, overwrite=True)
     with open_embeddings(out) as emb:
         assert emb.rows == 120
 
@@ -145,7 +156,7 @@ def test_family_collate_modalities_normalize_and_random_init(tmp_path, tiny_shar
     ckpt = tmp_path / "model.pt"
     trained = export_test_family.write_checkpoint(ckpt, tiny_shards, collate=True)
     out = tmp_path / "spec.h5"
-    result = export_embeddings(
+    result = _export(
         load_model(ckpt),
         tiny_shards,
         out,
@@ -163,9 +174,9 @@ def test_family_collate_modalities_normalize_and_random_init(tmp_path, tiny_shar
         unit = expected["spectrum"] / np.linalg.norm(expected["spectrum"], axis=1, keepdims=True)
         np.testing.assert_allclose(emb.vectors("spectrum"), unit, rtol=1e-5, atol=1e-6)
     with pytest.raises(Exception, match="no modality"):
-        export_embeddings(load_model(ckpt), tiny_shards, tmp_path / "x.h5", modalities=["sed"], num_workers=0)
+        _export(load_model(ckpt), tiny_shards, tmp_path / "x.h5", modalities=["sed"], num_workers=0)
     with pytest.raises(DataError, match="no split 'dev'"):
-        export_embeddings(load_model(ckpt), tiny_shards, tmp_path / "y.h5", splits=["dev"], num_workers=0)
+        _export(load_model(ckpt), tiny_shards, tmp_path / "y.h5", splits=["dev"], num_workers=0)
     random_out = tmp_path / "random.h5"
     assert (
         main(
@@ -233,7 +244,7 @@ def test_parts_then_merge_cover_every_sample(tmp_path, tiny_shards, tiny_checkpo
     assert "merged 3 parts" in capsys.readouterr().out
     assert not part_path(out, 0, 3).exists()
     reference = tmp_path / "ref.h5"
-    export_embeddings(load_model(ckpt), tiny_shards, reference, num_workers=0)
+    _export(load_model(ckpt), tiny_shards, reference, num_workers=0)
     with open_embeddings(out) as merged, open_embeddings(reference) as full:
         order = np.argsort(merged.ids.astype(str))
         ref_order = np.argsort(full.ids.astype(str))
@@ -260,26 +271,30 @@ def test_torchrun_two_ranks_write_parts_and_merge(tmp_path, tiny_shards, tiny_ch
         assert emb.attrs["merged_from"] == [part_path(out, r, 2).name for r in range(2)]
 
 
-def test_gpu_paths_degrade_to_cpu_fp32():
-    from foundation.errors import ConfigError
-    from pipelines.export import autocast_for, choose_device
-
-    cpu = choose_device("auto") if not torch.cuda.is_available() else torch.device("cpu")
-    assert cpu.type == "cpu" or torch.cuda.is_available()
-    _, precision = autocast_for(torch.device("cpu"), "bf16")
-    assert precision == "fp32"  # bf16 autocast is a GPU path; CPU exports stay fp32
-    assert autocast_for(torch.device("cpu"), "auto")[1] == "fp32"
-    if not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match="no CUDA device"):
-            choose_device("cuda")
+def test_export_precision_follows_the_training_rule_on_cpu(tmp_path, tiny_shards, tiny_checkpoint):
+    # One rule with training (foundation.device): auto is fp32 on a CPU, an explicit bf16 runs the
+    # forward under CPU bf16 autocast (it used to fall back to fp32), and the file records which.
+    ckpt, trained = tiny_checkpoint
+    fp32 = _export(load_model(ckpt), tiny_shards, tmp_path / "auto.h5", device="cpu", num_workers=0)
+    bf16 = _export(
+        load_model(ckpt), tiny_shards, tmp_path / "bf16.h5", device="cpu", precision="bf16", num_workers=0
+    )
+    with open_embeddings(fp32.path) as auto, open_embeddings(bf16.path) as low:
+        assert auto.attrs["precision"] == "fp32" and low.attrs["precision"] == "bf16"
+        expected, _ = _expected(trained, tiny_shards, low.ids.tolist())
+        np.testing.assert_allclose(auto.vectors("image"), expected["image"], rtol=1e-5, atol=1e-6)
+        rounded = low.vectors("image")
+        # bf16 keeps 8 significant bits: close to the fp32 vectors, but not equal to them.
+        np.testing.assert_allclose(rounded, expected["image"], rtol=0.05, atol=0.05)
+        assert not np.array_equal(rounded, expected["image"])
     with pytest.raises(ConfigError, match="--precision"):
-        autocast_for(torch.device("cpu"), "fp8")
+        _export(load_model(ckpt), tiny_shards, tmp_path / "x.h5", precision="fp8", num_workers=0)
 
 
 def test_query_plot_draws_inputs_from_the_shards(tmp_path, tiny_shards, tiny_checkpoint, capsys):
     ckpt, _ = tiny_checkpoint
     emb = tmp_path / "emb.h5"
-    export_embeddings(load_model(ckpt), tiny_shards, emb, num_workers=0)
+    _export(load_model(ckpt), tiny_shards, emb, num_workers=0)
     assert (
         main(
             [

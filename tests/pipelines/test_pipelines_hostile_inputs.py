@@ -111,17 +111,17 @@ def test_reader_verbs_answer_a_bomb_in_one_line_within_a_memory_bound(tmp_path, 
 def test_search_build_on_a_full_disk_is_one_line_and_leaves_no_index(
     tmp_path, make_embeddings, monkeypatch, capsys
 ):
-    import pipelines.search
+    import foundation.search.index
 
     path, _ = make_embeddings()
     real_open = open
     # faiss's own writer raised a RuntimeError (a traceback) on a full disk; writes go through
     # Python now, and /dev/full fails them with a real ENOSPC.
     monkeypatch.setattr(
-        pipelines.search,
+        foundation.search.index,
         "open",
         lambda file, mode="r", *a, **k: (
-            real_open("/dev/full", mode) if str(file).endswith(".tmp") else real_open(file, mode, *a, **k)
+            real_open("/dev/full", mode) if ".tmp" in str(file) else real_open(file, mode, *a, **k)
         ),
         raising=False,
     )

@@ -9,7 +9,9 @@ import pytest
 
 from foundation.cli import main
 from foundation.errors import DataError
-from pipelines.search import VectorIndex, build_from_file, default_exact_max, query
+from foundation.search.files import build_from_file, query
+from foundation.search.index import VectorIndex
+from foundation.search.kinds import default_exact_max
 
 
 def _clustered(n: int, dim: int, seed: int = 0) -> np.ndarray:
@@ -182,7 +184,7 @@ _INDEX_FUZZ = """
 import random, sys
 from pathlib import Path
 from foundation.errors import DataError
-from pipelines.search import INDEX_FILE, VectorIndex
+from foundation.search.index import INDEX_FILE, VectorIndex
 
 folders, seed, cases = [Path(p) for p in sys.argv[1].split(",")], int(sys.argv[2]), int(sys.argv[3])
 rng = random.Random(seed)
@@ -275,7 +277,7 @@ def test_hnsw_graph_with_a_neighbour_beyond_the_index_is_one_line(tmp_path, make
 def test_graph_check_finds_what_would_crash_a_search(tmp_path):
     import faiss
 
-    from pipelines.search import _check_graph
+    from foundation.search.index import _check_graph
 
     index = VectorIndex.build(_clustered(300, 8), kind="hnsw", params={"M": 8}).index
     _check_graph(faiss, index, tmp_path / "index.faiss")  # a sound graph passes

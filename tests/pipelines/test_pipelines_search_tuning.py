@@ -9,16 +9,10 @@ import pytest
 
 from foundation.cli import main
 from foundation.errors import DataError
-from pipelines.search import (
-    RecallTargetWarning,
-    VectorIndex,
-    build_from_file,
-    exact_knn,
-    import_faiss,
-    query,
-    recall_at_k,
-    tuning_rows,
-)
+from foundation.search.files import build_from_file, query
+from foundation.search.index import VectorIndex
+from foundation.search.kinds import import_faiss
+from foundation.search.tuning import RecallTargetWarning, exact_knn, recall_at_k, tuning_rows
 
 
 def _clustered(n: int, dim: int, seed: int = 0) -> np.ndarray:

@@ -416,7 +416,7 @@ def test_an_extra_file_changed_since_prepare_is_refused_before_training(tmp_path
     import numpy as np
 
     from foundation.data import ShardSetWriter
-    from foundation.train.export import _dataset_payload, snapshot_dataset
+    from foundation.train.pretrained import _dataset_payload, snapshot_dataset
 
     extra, empty = tmp_path / "tokenizer.json", tmp_path / "empty.txt"
     extra.write_text('{"vocab": {"a": 0}}')

@@ -1,0 +1,304 @@
+"""`VectorIndex`: a faiss index plus the parameters it was built with, saved as one index directory.
+
+An index directory holds `index.faiss` (the faiss index) and `index.json` (kind, parameters, which
+embeddings file and modality it indexes, a hash of its object ids, build time, measured recall).
+Loading checks the file in a memory-bounded child first: faiss trusts the sizes in the file.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from foundation.atomic import replacing, write_json
+from foundation.errors import DataError
+from foundation.isolated import run_isolated
+from foundation.search.kinds import (
+    KINDS,
+    add_vectors,
+    as_float32,
+    check_params,
+    choose_kind,
+    default_exact_max,
+    default_params,
+    factory_string,
+    import_faiss,
+    normalized,
+    query_knob,
+    set_knob,
+)
+from foundation.search.tuning import (
+    DEFAULT_TARGET_RECALL,
+    DEFAULT_TUNE_K,
+    DEFAULT_TUNE_SAMPLE,
+    RecallTargetWarning,
+    add_tuned,
+    recall_warning,
+)
+
+INDEX_FILE = "index.faiss"
+META_FILE = "index.json"
+#: Memory (beyond FOUNDATION_CHECK_MB) that reading an index may take, per byte of its file: a
+#: genuine index holds what its file stores, and faiss may copy a buffer once while reading.
+INDEX_MEMORY_FACTOR = 3
+
+
+@dataclass
+class IndexParams:
+    """What an index is; written to index.json so a query (and a person) knows how it was built."""
+
+    kind: str
+    n: int
+    dim: int
+    metric: str = "inner_product"
+    normalize: bool = True
+    params: dict[str, Any] = field(default_factory=dict)
+    modality: str | None = None
+    embeddings: str | None = None
+    ids_sha256: str | None = None
+    checkpoint: str | None = None
+    build_seconds: float | None = None
+    faiss_version: str | None = None
+    tuning: dict[str, Any] | None = None
+
+
+def _kind_and_params(
+    kind: str, n: int, dim: int, exact_max: int | None, params: dict[str, Any] | None
+) -> tuple[str, dict[str, Any]]:
+    """The concrete kind (`auto` resolved) and its build parameters, refused where they cannot work."""
+    exact_max = default_exact_max(dim) if exact_max is None else exact_max
+    kind = choose_kind(n, exact_max) if kind == "auto" else kind
+    p = default_params(kind, n)
+    check_params(kind, params or {})
+    p.update(params or {})
+    if query_knob(kind) is not None and n < 10:
+        raise DataError(f"a {kind} index needs at least 10 vectors (got {n}); use --kind flat")
+    if kind.startswith("ivf") and n < p["nlist"]:
+        raise DataError(f"IVF with nlist={p['nlist']} needs at least that many vectors, got {n}")
+    return kind, p
+
+
+def _trained_index(faiss: Any, vectors: np.ndarray, kind: str, p: dict[str, Any], seed: int) -> Any:
+    """An empty faiss index of `kind`, trained (IVF k-means on a seeded sample) where it needs it."""
+    n, dim = vectors.shape
+    index = faiss.index_factory(dim, factory_string(kind, p), faiss.METRIC_INNER_PRODUCT)
+    if kind.startswith("hnsw"):
+        index.hnsw.efConstruction = int(p["efConstruction"])
+    if kind.startswith("ivf"):
+        faiss.extract_index_ivf(index).cp.seed = seed
+    if not index.is_trained:
+        train = vectors
+        limit = int(p.get("train_points", n))
+        if n > limit:
+            train = vectors[np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))]
+        index.train(train)
+        del train
+    return index
+
+
+class VectorIndex:
+    """A faiss index plus its parameters; search results are embeddings-file rows."""
+
+    def __init__(self, index: Any, meta: IndexParams) -> None:
+        self.index = index
+        self.meta = meta
+
+    @classmethod
+    def build(
+        cls,
+        vectors: np.ndarray,
+        *,
+        kind: str = "auto",
+        normalize: bool = True,
+        exact_max: int | None = None,
+        params: dict[str, Any] | None = None,
+        seed: int = 0,
+        target_recall: float = DEFAULT_TARGET_RECALL,
+        tune_k: int = DEFAULT_TUNE_K,
+        tune_sample: int = DEFAULT_TUNE_SAMPLE,
+        tune_queries: dict[str, np.ndarray | None] | None = None,
+        inplace: bool = False,
+    ) -> VectorIndex:
+        """Index (N, D) vectors; `normalize` L2-normalises them (cosine similarity).
+
+        Approximate kinds are tuned to `target_recall` (see foundation.search.tuning); `params` with
+        the kind's knob (efSearch / nprobe) fixes it, and its recall is measured instead.
+        `tune_queries` names the tuning query sets: each the (S, D) vectors of the held-out rows
+        `tuning_rows(N, tune_sample, seed)` in another modality, or None for the indexed vectors
+        themselves (the default: {"indexed": None}); the knob must reach the target for every set.
+        `inplace` lets normalisation overwrite `vectors` (saves a copy of a large array).
+        """
+        faiss = import_faiss()
+
+        vectors = normalized(vectors, inplace) if normalize else as_float32(vectors)
+        n, dim = vectors.shape
+        if n == 0:
+            raise DataError("cannot build an index over zero vectors")
+        if not 0.0 < target_recall <= 1.0:
+            raise DataError(f"--target-recall {target_recall} must be in (0, 1]")
+        kind, p = _kind_and_params(kind, n, dim, exact_max, params)
+        knob = query_knob(kind)
+        start = time.perf_counter()
+        index = _trained_index(faiss, vectors, kind, p, seed)
+        tuning = None
+        if knob is None:
+            add_vectors(index, vectors, None, f"indexing ({kind})")
+        else:
+            if kind.startswith("hnsw"):
+                index = faiss.IndexIDMap(index)  # rows are added out of order (held-out last)
+            tuning = add_tuned(
+                index,
+                vectors,
+                kind=kind,
+                knob=knob,
+                nlist=p.get("nlist"),
+                seed=seed,
+                target=target_recall,
+                k=tune_k,
+                sample=tune_sample,
+                tune_queries=tune_queries,
+                normalize=normalize,
+                fixed=(params or {}).get(knob),
+            )
+            p[knob] = tuning["value"]
+            set_knob(index, knob, p[knob])
+        meta = IndexParams(
+            kind=kind,
+            n=n,
+            dim=dim,
+            normalize=normalize,
+            params=p,
+            build_seconds=round(time.perf_counter() - start, 3),
+            faiss_version=faiss.__version__,
+            tuning=tuning,
+        )
+        if tuning is not None and not tuning["reached"]:
+            warnings.warn(recall_warning(meta, target_recall), RecallTargetWarning, stacklevel=2)
+        return cls(index, meta)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(similarities, rows), each (Q, k); rows of -1 where fewer than k neighbours exist."""
+        queries = normalized(queries) if self.meta.normalize else as_float32(queries)
+        if queries.shape[1] != self.meta.dim:
+            raise DataError(f"query vectors have dimension {queries.shape[1]}, the index has {self.meta.dim}")
+        k = min(int(k), self.meta.n)
+        sims, rows = self.index.search(queries, k)
+        if rows.size and (rows.min() < -1 or rows.max() >= self.meta.n):
+            raise DataError(
+                f"the index answered rows outside 0..{self.meta.n - 1}: its file is damaged; rebuild it"
+            )
+        return sims, rows
+
+    def set_search_params(self, **params: Any) -> None:
+        """Adjust the query-time knob (efSearch for HNSW, nprobe for IVF)."""
+        knob = query_knob(self.meta.kind)
+        for name, value in params.items():
+            if name != knob:
+                raise DataError(
+                    f"a {self.meta.kind} index has "
+                    + (f"one query-time parameter, {knob}" if knob else "no query-time parameters")
+                    + f"; got {name}"
+                )
+            if not isinstance(value, int) or value < 1:
+                raise DataError(f"{name}={value!r} must be a positive integer")
+            set_knob(self.index, name, value)
+        self.meta.params.update(params)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write index.faiss and index.json into `directory` (each atomically)."""
+        faiss = import_faiss()
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        # Serialised here and written by Python: faiss's own writer reports a full disk as a
+        # RuntimeError, and leaves the half-written temporary behind.
+        blob = faiss.serialize_index(self.index)
+        with replacing(directory / INDEX_FILE) as tmp, open(tmp, "wb") as handle:
+            handle.write(blob.data)
+        write_json(directory / META_FILE, asdict(self.meta), indent=2)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> VectorIndex:
+        faiss = import_faiss()
+
+        directory = Path(directory)
+        meta_path, index_path = directory / META_FILE, directory / INDEX_FILE
+        if not meta_path.is_file() or not index_path.is_file():
+            raise DataError(
+                f"{directory} is not a search index (needs {INDEX_FILE} and {META_FILE}); "
+                "build one with `foundation search build`"
+            )
+        try:
+            meta = IndexParams(**json.loads(meta_path.read_text()))
+        except (ValueError, TypeError) as exc:
+            raise DataError(f"{meta_path} is malformed: {exc}") from None
+        if meta.kind not in KINDS:
+            raise DataError(f"{meta_path} names an unknown index kind {meta.kind!r}")
+        # faiss trusts the sizes in the file: a damaged one makes it allocate without bound, loop or
+        # crash. A bounded child reads it first, with memory for what a genuine index of this size needs.
+        extra_mb = INDEX_MEMORY_FACTOR * index_path.stat().st_size / 2**20
+        run_isolated(
+            lambda: _check_graph(faiss, _read_index(faiss, index_path, meta, meta_path), index_path),
+            str(index_path),
+            extra_mb=extra_mb,
+        )
+        out = cls(_read_index(faiss, index_path, meta, meta_path), meta)
+        knob = query_knob(meta.kind)
+        if knob in meta.params:
+            out.set_search_params(**{knob: int(meta.params[knob])})
+        return out
+
+
+def _read_index(faiss: Any, index_path: Path, meta: IndexParams, meta_path: Path) -> Any:
+    """`faiss.read_index`, as a DataError when faiss refuses the file or it disagrees with its metadata."""
+    try:
+        index = faiss.read_index(str(index_path))
+    except RuntimeError as exc:
+        raise DataError(f"{index_path} is not a readable faiss index: {str(exc).splitlines()[0]}") from None
+    if index.ntotal != meta.n or index.d != meta.dim:
+        raise DataError(
+            f"{index_path} holds {index.ntotal}x{index.d} vectors but {meta_path} says {meta.n}x{meta.dim}"
+        )
+    return index
+
+
+def _check_graph(faiss: Any, index: Any, index_path: Path) -> None:
+    """Refuse an HNSW graph that would make a search read outside its arrays (faiss follows the
+    neighbour ids and offsets in the file unchecked: one damaged id crashed the process)."""
+    # `inner` does not own its memory: `index` must stay referenced while it is used.
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    if not isinstance(inner, faiss.IndexHNSW):
+        return
+    problem = _graph_problem(faiss, inner.hnsw, int(inner.ntotal))
+    if problem is None and inner.storage is not None and inner.storage.ntotal != inner.ntotal:
+        problem = f"its storage holds {inner.storage.ntotal} vectors, the graph {inner.ntotal}"
+    if problem:
+        raise DataError(f"{index_path} is not a sound HNSW index: {problem}; rebuild it")
+
+
+def _graph_problem(faiss: Any, hnsw: Any, n: int) -> str | None:
+    """What is inconsistent in an HNSW graph of `n` nodes, or None."""
+    neighbours = faiss.vector_to_array(hnsw.neighbors)
+    offsets = faiss.vector_to_array(hnsw.offsets).astype(np.int64)
+    levels = faiss.vector_to_array(hnsw.levels).astype(np.int64)
+    per_level = faiss.vector_to_array(hnsw.cum_nneighbor_per_level).astype(np.int64)
+    if len(levels) != n or len(offsets) != n + 1:
+        return f"{len(levels)} levels and {len(offsets)} offsets for {n} nodes"
+    if n == 0:
+        return None
+    if levels.min() < 1 or levels.max() >= len(per_level) or hnsw.max_level != levels.max() - 1:
+        return "node levels outside the levels the graph declares"
+    if offsets[0] != 0 or offsets[-1] != len(neighbours) or np.any(np.diff(offsets) != per_level[levels]):
+        return "neighbour offsets that disagree with the node levels"
+    if neighbours.size and (neighbours.min() < -1 or neighbours.max() >= n):
+        return f"neighbour ids outside 0..{n - 1}"
+    if not 0 <= hnsw.entry_point < n:
+        return f"entry point {hnsw.entry_point} outside 0..{n - 1}"
+    return None

@@ -1,0 +1,132 @@
+"""Index kinds, their build parameters and query knobs, and the faiss calls every kind shares."""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any
+
+import numpy as np
+
+from foundation.errors import DataError
+
+EXACT_MAX_BYTES = 1 << 30  # auto: exact search while the float32 vectors fit in 1 GiB
+KINDS = ("flat", "hnsw", "ivf", "hnsw-sq8", "ivf-sq8")
+ADD_CHUNK = 20_000  # vectors per add() call: a progress bar step on long builds
+
+#: Upper bounds of index parameters: beyond them faiss allocates without limit (std::bad_alloc).
+_PARAM_MAX = {
+    "M": 512,
+    "efConstruction": 1 << 16,
+    "efSearch": 1 << 16,
+    "nlist": 1 << 24,
+    "nprobe": 1 << 24,
+    "train_points": 1 << 31,
+}
+
+
+def import_faiss() -> Any:
+    """faiss, without its INFO-level log lines about which CPU build it loaded."""
+    import logging
+
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    import faiss
+
+    return faiss
+
+
+def default_exact_max(dim: int) -> int:
+    """Largest N searched exactly by `--kind auto`: the vectors fit in EXACT_MAX_BYTES."""
+    return max(1, EXACT_MAX_BYTES // (4 * dim))
+
+
+def choose_kind(n: int, exact_max: int) -> str:
+    return "flat" if n <= exact_max else "ivf"
+
+
+def query_knob(kind: str) -> str | None:
+    """The query-time parameter that trades latency for recall (None for exact search)."""
+    if kind.startswith("hnsw"):
+        return "efSearch"
+    if kind.startswith("ivf"):
+        return "nprobe"
+    return None
+
+
+def default_params(kind: str, n: int) -> dict[str, Any]:
+    """Build parameters of each kind (the query knob's default is only used untuned)."""
+    if kind == "flat":
+        return {}
+    if kind.startswith("hnsw"):
+        return {"M": 32, "efConstruction": 80, "efSearch": 128}
+    if kind.startswith("ivf"):
+        nlist = int(max(1, min(n // 39, 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n)))))))
+        # k-means on 64 points per list: faiss caps at 256 and warns below 39; the recall
+        # tuning raises nprobe to make up for coarser centroids.
+        return {"nlist": nlist, "nprobe": max(1, nlist // 16), "train_points": min(n, 64 * nlist)}
+    raise DataError(f"unknown index kind {kind!r}; choose auto or one of {', '.join(KINDS)}")
+
+
+def check_params(kind: str, params: dict[str, Any]) -> None:
+    """Refuse `--param`s the kind does not have, and values beyond `_PARAM_MAX`."""
+    allowed = set(default_params(kind, 10_000))
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise DataError(
+            f"--param {', '.join(unknown)} does not apply to a {kind} index "
+            f"(its parameters: {', '.join(sorted(allowed)) or 'none'})"
+        )
+    for key, value in params.items():
+        if not isinstance(value, int) or value < 1:
+            raise DataError(f"--param {key}={value!r} must be a positive integer")
+        if value > _PARAM_MAX[key]:
+            raise DataError(f"--param {key}={value} is beyond any sensible value (at most {_PARAM_MAX[key]})")
+
+
+def factory_string(kind: str, p: dict[str, Any]) -> str:
+    """The `faiss.index_factory` description of a kind with build parameters `p`."""
+    storage = "SQ8" if kind.endswith("-sq8") else "Flat"
+    if kind == "flat":
+        return "Flat"
+    if kind.startswith("hnsw"):
+        return f"HNSW{int(p['M'])},{storage}"
+    return f"IVF{int(p['nlist'])},{storage}"
+
+
+def as_float32(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def normalized(x: np.ndarray, inplace: bool = False) -> np.ndarray:
+    """Rows scaled to unit L2 norm (inner product == cosine); `inplace` may overwrite `x`."""
+    x = as_float32(x)
+    if not inplace:
+        x = x.copy()
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if np.any(norms == 0):
+        raise DataError(f"{int((norms == 0).sum())} zero vectors cannot be normalised for cosine search")
+    x /= norms
+    return x
+
+
+def set_knob(index: Any, name: str, value: int) -> None:
+    import_faiss().ParameterSpace().set_index_parameter(index, name, int(value))
+
+
+def _progress(total: int, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="vec", disable=not sys.stderr.isatty() or total < 2 * ADD_CHUNK)
+
+
+def add_vectors(index: Any, vectors: np.ndarray, rows: np.ndarray | None, desc: str) -> None:
+    """index.add[_with_ids] in chunks, with a progress bar on long builds."""
+    n = len(vectors) if rows is None else len(rows)
+    with _progress(n, desc) as bar:
+        for start in range(0, n, ADD_CHUNK):
+            if rows is None:
+                index.add(vectors[start : start + ADD_CHUNK])
+            else:
+                chunk = rows[start : start + ADD_CHUNK]
+                index.add_with_ids(vectors[chunk], chunk.astype(np.int64))
+            bar.update(min(ADD_CHUNK, n - start))
