@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from foundation.device import resolve_device
 from foundation.errors import ConfigError
 
 _log = logging.getLogger(__name__)
@@ -131,21 +132,16 @@ class Distributed:
 
 
 def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> Distributed:
-    """Join (or create) the process group for this launch and pick this process's device."""
+    """Join (or create) the process group for this launch and pick this process's device by
+    `foundation.device.resolve_device` (`device` is the value of `train.device`; plain `cuda` is
+    the GPU of this process's local rank)."""
     launch = read_launch()
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("train.device is 'cuda' but torch sees no CUDA device; use 'auto' or 'cpu'")
-        torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
-        torch_device = torch.device("cuda", torch.cuda.current_device())
+    torch_device = resolve_device(device, launch.local_rank, option="train.device")
+    if torch_device.type == "cuda":
+        torch.cuda.set_device(torch_device)
         backend = "nccl"
-    elif device == "cpu":
-        torch_device = torch.device("cpu")
-        backend = "gloo"
     else:
-        raise ConfigError(f"train.device must be auto, cuda or cpu, got {device!r}")
+        backend = "gloo"
     if dist.is_initialized():  # an embedding application set it up already
         if dist.get_world_size() != launch.world_size and launch.launcher != "single":
             raise ConfigError("a process group exists whose world size differs from the launcher's")
