@@ -182,6 +182,15 @@ def all_reduce_sum(values: list[float], dist_info: Distributed) -> list[float]:
     if dist_info.world_size == 1:
         return list(values)
     device = dist_info.device if dist_info.backend == "nccl" else torch.device("cpu")
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    return all_reduce_sum_tensor(torch.tensor(values, dtype=torch.float64, device=device), dist_info).tolist()
+
+
+def all_reduce_sum_tensor(tensor: torch.Tensor, dist_info: Distributed) -> torch.Tensor:
+    """`tensor` summed over ranks, left where the backend reduces it (the device under NCCL, the
+    CPU under gloo) so that nothing waits for the GPU until the caller reads the result."""
+    if dist_info.world_size == 1:
+        return tensor
+    if dist_info.backend != "nccl":
+        tensor = tensor.cpu()
     dist.all_reduce(tensor)
-    return tensor.tolist()
+    return tensor

@@ -47,7 +47,7 @@ from foundation.errors import ConfigError, DataError, FoundationError
 from foundation.lock import STALE_AFTER_S, FolderLock, LockedError, command_line
 from foundation.train import checkpoint as ckpt
 from foundation.train.data import batch_samples, build_loader, to_device
-from foundation.train.distributed import Distributed, all_reduce_sum, init_distributed
+from foundation.train.distributed import Distributed, all_reduce_sum, all_reduce_sum_tensor, init_distributed
 from foundation.train.export import dataset_fingerprint, export_model, snapshot_dataset
 from foundation.train.metrics import MetricsWriter, peak_flops, rss_mb
 from foundation.train.optim import build_optimizer, build_schedule, decay_split
@@ -493,7 +493,7 @@ class Trainer:
             # Dropout and other in-model randomness: a stream per rank.
             self._seed(1, self.dist.rank)
             return 0
-        step, rank_state = self._resume(candidates, s.model, s.optimizer)
+        step, rank_state = self._load_newest_loadable(candidates, s.model, s.optimizer)
         try:
             s.schedule.load_state_dict(rank_state["schedule"])
             if hasattr(s.loader, "load_state_dict"):
@@ -508,21 +508,7 @@ class Trainer:
         ckpt.set_rng_state(rank_state["rng"])
         return step
 
-    def _log_start(self, s: _LoopState, step: int) -> None:
-        if self.dist.is_main:
-            _log.info(
-                "training %s (%.3g M parameters) on %d x %s, %s, %s, from step %d to %d",
-                self.family.name,
-                s.n_params / 1e6,
-                self.dist.world_size,
-                self.dist.device.type,
-                s.parallel,
-                s.precision,
-                step,
-                self.cfg.train.steps,
-            )
-
-    def _resume(self, candidates: list[tuple[int, Path]], model: nn.Module, optimizer: Any):
+    def _load_newest_loadable(self, candidates: list[tuple[int, Path]], model: nn.Module, optimizer: Any):
         """Load the newest checkpoint whose data loads (collective); (step, this rank's state)."""
         for step, path in candidates:
             if step != candidates[0][0]:
@@ -549,6 +535,20 @@ class Trainer:
             f"no checkpoint of {str(self.run_dir)!r} loads (see the warnings above); move "
             f"{str(ckpt.checkpoints_root(self.run_dir))!r} aside to start over, or restore it"
         )
+
+    def _log_start(self, s: _LoopState, step: int) -> None:
+        if self.dist.is_main:
+            _log.info(
+                "training %s (%.3g M parameters) on %d x %s, %s, %s, from step %d to %d",
+                self.family.name,
+                s.n_params / 1e6,
+                self.dist.world_size,
+                self.dist.device.type,
+                s.parallel,
+                s.precision,
+                step,
+                self.cfg.train.steps,
+            )
 
     # ------------------------------------------------------------------ the loop
 
@@ -604,9 +604,7 @@ class Trainer:
             for key, value in metrics.items():
                 metric_sums[key] += _on_device(value) / accum
         grad_norm = global_grad_norm(s.trainable, self.cfg.train.grad_clip)
-        local_loss, norm = torch.stack([loss_sum / accum, grad_norm.to(loss_sum)]).tolist()
-        summed = all_reduce_sum([local_loss, float(stop.requested())], self.dist)
-        step_loss, stop_votes = summed[0] / self.dist.world_size, summed[1]
+        step_loss, norm, stop_votes = self._read_step(loss_sum / accum, grad_norm, stop)
         if not (math.isfinite(step_loss) and math.isfinite(norm)):
             s.optimizer.zero_grad(set_to_none=True)
             self._diverged(step, step_loss, norm)
@@ -629,6 +627,16 @@ class Trainer:
                 loss, metrics = self.family.loss(s.model, batch)
             (loss / self.cfg.train.grad_accum).backward()
         return loss.detach(), metrics
+
+    def _read_step(
+        self, local_loss: torch.Tensor, grad_norm: torch.Tensor, stop: StopRequest
+    ) -> tuple[float, float, float]:
+        """(loss averaged over ranks, gradient norm, number of ranks asked to stop): the step's one
+        read from the device, after the ranks' losses and stop votes are summed where they are."""
+        vote = torch.full((), float(stop.requested()), dtype=torch.float64, device=local_loss.device)
+        summed = all_reduce_sum_tensor(torch.stack([local_loss, vote]), self.dist)
+        loss, votes, norm = torch.cat([summed, grad_norm.reshape(1).to(summed)]).tolist()
+        return loss / self.dist.world_size, norm, votes
 
     def _next_batch(self, batches: Iterator[Any]) -> Any:
         """The next training batch, counting the wait for it and its samples and tokens."""
