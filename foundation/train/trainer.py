@@ -5,6 +5,13 @@ the family's model and loaders, resumes from the newest checkpoint of `run.dir` 
 and runs optimiser steps until `train.steps`, a stop request, or a non-finite loss. The model is
 only ever used through `family.loss(model, batch)`.
 
+One optimiser step is `Trainer.train_step`: `train.grad_accum` micro-batches through
+`forward_backward_step` (the family's loss under autocast, then backward), the global gradient
+norm (clipped), then the optimiser and the schedule. The family's metrics are summed on the
+device and read back only when a metrics record is written (every `train.log_every` steps); the
+step itself reads the device once (loss, gradient norm, stop votes), because the non-finite guard
+must see them before the update is applied.
+
 Run directory (`run.dir`):
     config.yaml         the resolved config (rewritten at every start)
     dataset/            the shard set's manifest.json and extra files (tokenizer, ...): the model
