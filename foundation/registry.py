@@ -20,7 +20,8 @@ from torch import nn
 from foundation.errors import ConfigError
 
 Batch = dict[str, Any]
-LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
+Metrics = dict[str, torch.Tensor | float]
+LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, Metrics]]
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,12 @@ class Family:
 
     `loss` receives the model *as wrapped for training* (DDP / FSDP) and must call it through
     `model(...)`, never through sub-module methods, so that gradient synchronisation hooks run.
+    It returns the scalar loss tensor to back-propagate and a dict of logged metrics whose values
+    are 0-d tensors, detached from the graph, left on the device where they were computed: the
+    trainer sums them there and reads them back only when it writes a metrics record (every
+    `train.log_every` steps, and at the end of a validation), so a micro-batch never waits for the
+    GPU. Plain Python numbers are accepted too (counts the host knows, such as batch shapes), but
+    `float(tensor)` or `.item()` inside `loss` stalls the GPU on every micro-batch.
     `manifest` arguments are `foundation.data.Manifest` objects of the shard set being read.
     """
 
@@ -38,7 +45,8 @@ class Family:
     build_model: Callable[[Any, Any], nn.Module]
     """(model_config, manifest) -> a plain nn.Module on CPU, in fp32."""
     loss: LossFn
-    """(model, batch) -> (scalar loss, {metric name: float}) for one micro-batch."""
+    """(model, batch) -> (scalar loss, {metric name: detached 0-d tensor, or float}) for one
+    micro-batch (see the class docstring)."""
     make_collate: Callable[[Any, Any, bool], Callable[[list[dict]], Batch] | None] | None = None
     """(model_config, manifest, train) -> a picklable list-of-samples -> batch function that runs
     inside loader workers (augmentations, padding, tokenisation); None = default stacking."""

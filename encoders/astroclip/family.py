@@ -128,11 +128,13 @@ def build_model(cfg: AstroCLIPConfig, manifest: Any) -> AstroCLIP:
     return model
 
 
-def loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+def loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+    """Masked-token MSE (spectrum pretraining) or the CLIP loss (alignment); metrics are detached
+    0-d tensors left on the device (the trainer reads them only when it logs)."""
     out = model(batch)
     if "prediction" in out:
         value = masked_mse(out["prediction"], out["target"], out["token_mask"], out.get("weight"))
-        return value, {"masked_mse": float(value.detach())}
+        return value, {"masked_mse": value.detach()}
     return info_nce(
         out["image"], out["spectrum"], out["logit_scale"], gather=_unwrap(model).cfg.gather_negatives
     )

@@ -59,7 +59,7 @@ def gather_rows(x: torch.Tensor, counts: list[int] | None = None) -> tuple[torch
 
 def info_nce(
     image: torch.Tensor, spectrum: torch.Tensor, logit_scale: torch.Tensor, gather: bool = True
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
     """Symmetric CLIP loss of paired (B, D) embeddings (normalised here); logit_scale = 1/τ."""
     image = F.normalize(image.float(), dim=-1)
     spectrum = F.normalize(spectrum.float(), dim=-1)
@@ -77,12 +77,12 @@ def info_nce(
     loss = 0.5 * (loss_i2s + loss_s2i)
     with torch.no_grad():
         metrics = {
-            "loss_image_to_spectrum": float(loss_i2s),
-            "loss_spectrum_to_image": float(loss_s2i),
-            "top1_image_to_spectrum": float((logits_i2s.argmax(1) == labels).float().mean()),
-            "top1_spectrum_to_image": float((logits_s2i.argmax(1) == labels).float().mean()),
+            "loss_image_to_spectrum": loss_i2s.detach(),
+            "loss_spectrum_to_image": loss_s2i.detach(),
+            "top1_image_to_spectrum": (logits_i2s.argmax(1) == labels).float().mean(),
+            "top1_spectrum_to_image": (logits_s2i.argmax(1) == labels).float().mean(),
             "negatives": float(all_image.shape[0] - 1),
-            "temperature": float(1.0 / logit_scale),
+            "temperature": (1.0 / logit_scale).detach().float(),
         }
     return loss, metrics
 

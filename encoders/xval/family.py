@@ -83,7 +83,9 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-def loss(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+def loss(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+    """The configured objective; metrics are detached 0-d tensors left on the device (the trainer
+    reads them only when it logs)."""
     cfg = _unwrap(model).cfg
     return xval_loss(model, batch, cfg.mode, cfg.mask_prob, cfg.number_loss_weight)
 

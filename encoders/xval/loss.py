@@ -44,19 +44,19 @@ def combine(
     number: torch.Tensor | None,
     target_values: torch.Tensor,
     number_loss_weight: float,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
     """CE over the selected tokens + λ · MSE over those whose target is [NUM]."""
     ce = F.cross_entropy(logits.float(), target_ids)
-    metrics = {"ce": float(ce.detach()), "predicted_tokens": float(target_ids.numel())}
+    metrics = {"ce": ce.detach(), "predicted_tokens": float(target_ids.numel())}
     loss = ce
     if number is not None:
         is_num = (target_ids == NUM_ID).to(number.dtype)
         n = is_num.sum()
         mse = ((number.float() - target_values.float()) ** 2 * is_num).sum() / n.clamp(min=1)
         loss = loss + number_loss_weight * mse
-        metrics["mse"] = float(mse.detach())
-        metrics["predicted_numbers"] = float(n.detach())
-    metrics["loss"] = float(loss.detach())
+        metrics["mse"] = mse.detach()
+        metrics["predicted_numbers"] = n.detach().float()
+    metrics["loss"] = loss.detach()
     return loss, metrics
 
 
@@ -85,6 +85,6 @@ def xval_loss(model: nn.Module, batch: Batch, mode: str, mask_prob: float, numbe
         target_ids = batch["ids"].roll(-1, dims=1)[select]
         target_values = batch["target"].roll(-1, dims=1)[select]
     loss, metrics = combine(out["logits"], target_ids, out.get("number"), target_values, number_loss_weight)
-    metrics["clipped_values"] = float(batch["n_clipped"])
-    metrics["truncated_samples"] = float(batch["n_truncated"])
+    metrics["clipped_values"] = torch.as_tensor(batch["n_clipped"]).float()
+    metrics["truncated_samples"] = torch.as_tensor(batch["n_truncated"]).float()
     return loss, metrics

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from foundation.device import resolve_device
 from foundation.errors import ConfigError
 
 _log = logging.getLogger(__name__)
@@ -131,21 +132,16 @@ class Distributed:
 
 
 def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> Distributed:
-    """Join (or create) the process group for this launch and pick this process's device."""
+    """Join (or create) the process group for this launch and pick this process's device by
+    `foundation.device.resolve_device` (`device` is the value of `train.device`; plain `cuda` is
+    the GPU of this process's local rank)."""
     launch = read_launch()
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("train.device is 'cuda' but torch sees no CUDA device; use 'auto' or 'cpu'")
-        torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
-        torch_device = torch.device("cuda", torch.cuda.current_device())
+    torch_device = resolve_device(device, launch.local_rank, option="train.device")
+    if torch_device.type == "cuda":
+        torch.cuda.set_device(torch_device)
         backend = "nccl"
-    elif device == "cpu":
-        torch_device = torch.device("cpu")
-        backend = "gloo"
     else:
-        raise ConfigError(f"train.device must be auto, cuda or cpu, got {device!r}")
+        backend = "gloo"
     if dist.is_initialized():  # an embedding application set it up already
         if dist.get_world_size() != launch.world_size and launch.launcher != "single":
             raise ConfigError("a process group exists whose world size differs from the launcher's")
@@ -186,6 +182,15 @@ def all_reduce_sum(values: list[float], dist_info: Distributed) -> list[float]:
     if dist_info.world_size == 1:
         return list(values)
     device = dist_info.device if dist_info.backend == "nccl" else torch.device("cpu")
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    return all_reduce_sum_tensor(torch.tensor(values, dtype=torch.float64, device=device), dist_info).tolist()
+
+
+def all_reduce_sum_tensor(tensor: torch.Tensor, dist_info: Distributed) -> torch.Tensor:
+    """`tensor` summed over ranks, left where the backend reduces it (the device under NCCL, the
+    CPU under gloo) so that nothing waits for the GPU until the caller reads the result."""
+    if dist_info.world_size == 1:
+        return tensor
+    if dist_info.backend != "nccl":
+        tensor = tensor.cpu()
     dist.all_reduce(tensor)
-    return tensor.tolist()
+    return tensor

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from foundation import atomic
+
 _log = logging.getLogger(__name__)
 
 #: Dense bf16 peak TFLOP/s by (lower-case) substring of the CUDA device name; first match wins.
@@ -119,9 +121,7 @@ class MetricsWriter:
                 continue  # a line cut short by a kill
             if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
                 kept.append(line)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.path)
+        atomic.write_text(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:

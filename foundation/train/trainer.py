@@ -5,6 +5,13 @@ the family's model and loaders, resumes from the newest checkpoint of `run.dir` 
 and runs optimiser steps until `train.steps`, a stop request, or a non-finite loss. The model is
 only ever used through `family.loss(model, batch)`.
 
+One optimiser step is `Trainer.train_step`: `train.grad_accum` micro-batches through
+`forward_backward_step` (the family's loss under autocast, then backward), the global gradient
+norm (clipped), then the optimiser and the schedule. The family's metrics are summed on the
+device and read back only when a metrics record is written (every `train.log_every` steps); the
+step itself reads the device once (loss, gradient norm, stop votes), because the non-finite guard
+must see them before the update is applied.
+
 Run directory (`run.dir`):
     config.yaml         the resolved config (rewritten at every start)
     dataset/            the shard set's manifest.json and extra files (tokenizer, ...): the model
@@ -26,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -35,19 +41,20 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from foundation import attention, config, registry
+from foundation import atomic, attention, config, registry
+from foundation.device import autocast, resolve_precision
 from foundation.errors import ConfigError, DataError, FoundationError
 from foundation.lock import STALE_AFTER_S, FolderLock, LockedError, command_line
 from foundation.train import checkpoint as ckpt
 from foundation.train.data import batch_samples, build_loader, to_device
-from foundation.train.distributed import Distributed, all_reduce_sum, init_distributed
+from foundation.train.distributed import Distributed, all_reduce_sum, all_reduce_sum_tensor, init_distributed
 from foundation.train.metrics import MetricsWriter, peak_flops, rss_mb
 from foundation.train.optim import build_optimizer, build_schedule, decay_split
 from foundation.train.preemption import StopRequest
@@ -120,24 +127,6 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         for key in sorted(set(a) | set(b))
         if key not in RESUME_SAFE_KEYS and a.get(key) != b.get(key)
     ]
-
-
-def cpu_bf16_is_fast() -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX tiles): there bf16 autocast
-    beats fp32 (GEMMs ~4x the fp32 FLOP/s; the demo's stage 1 1.45x the samples/s); elsewhere it is
-    emulated and slower. `train.precision: auto` stays fp32 on CPU (same numbers on every CPU);
-    commands that only want speed (the demo) ask this."""
-    is_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(is_amx is not None and is_amx())
-
-
-def resolve_precision(requested: str, device: torch.device) -> str:
-    """auto = bf16 on CUDA, fp32 elsewhere. bf16 on CPU runs under CPU autocast (fast only with AMX)."""
-    if requested == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    if requested == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("train.precision is bf16 but this GPU does not support bf16; use fp32")
-    return requested
 
 
 def resolve_parallel(requested: str, world_size: int) -> str:
@@ -220,17 +209,6 @@ def _lock_wait_s() -> float:
     if not 0 <= seconds <= 7 * 86400:
         raise ConfigError(f"FOUNDATION_RUN_LOCK_WAIT_S={text!r} is not a number of seconds from 0 to a week")
     return seconds
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Replace `path` by `text` through a temporary file: a crash leaves the old or the new file."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text)
-        tmp.replace(path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _one_line(exc: BaseException) -> str:
@@ -316,8 +294,8 @@ class Trainer:
         if state == "running":
             # Written first, while there is room: what replaces "running" when the disk is full.
             spare = {**record, "state": "failed", "error": "the run stopped and could not record why"}
-            _write_atomically(self.run_dir / FAILED_SPARE, json.dumps(spare, indent=1) + "\n")
-        _write_atomically(self.run_dir / "status.json", json.dumps(record, indent=1) + "\n")
+            atomic.write_json(self.run_dir / FAILED_SPARE, spare)
+        atomic.write_json(self.run_dir / "status.json", record)
         if state != "running":
             (self.run_dir / FAILED_SPARE).unlink(missing_ok=True)
 
@@ -415,10 +393,9 @@ class Trainer:
                 )
         return intact
 
-    def _run(self, stop: StopRequest) -> TrainResult:
-        cfg, dist_info = self.cfg, self.dist
-        device = dist_info.device
-        manifest = self._load_manifest()
+    def _resume_candidates(self) -> list[tuple[int, Path]]:
+        """The intact checkpoints to resume from, newest first, once the config and the shard set
+        are known to match the newest of them (checks only: nothing is written yet)."""
         candidates = self._intact_checkpoints()
         if self._damaged and not candidates:
             raise DataError(
@@ -428,96 +405,37 @@ class Trainer:
         if candidates:
             self._check_resume(candidates[0])
         self._check_dataset(resuming=bool(candidates))
-        if dist_info.is_main:
+        return candidates
+
+    def _prepare_run_dir(self) -> None:
+        """Rank 0 writes the resolved config and the dataset snapshot, and removes a partial save."""
+        if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             ckpt.remove_partial(self.run_dir)
-            config.save(cfg, self.run_dir / "config.yaml")
-            snapshot_dataset(cfg.data.path, self.run_dir / "dataset")
-        dist_info.barrier()
+            config.save(self.cfg, self.run_dir / "config.yaml")
+            snapshot_dataset(self.cfg.data.path, self.run_dir / "dataset")
+        self.dist.barrier()
 
-        precision = resolve_precision(cfg.train.precision, device)
-        parallel = resolve_parallel(cfg.train.parallel, dist_info.world_size)
-        attention.set_backend(cfg.train.attention)
-
-        # Same initial weights on every rank (FSDP2 shards each rank's copy; DDP checks they agree).
-        self._seed(0)
-        plain = self.family.build_model(cfg.model, manifest).to(device)
-        decay_names = decay_split(plain)
-        model = wrap_model(plain, parallel, dist_info)
-        optimizer = build_optimizer(model, cfg.optim, decay_names)
-        schedule = build_schedule(optimizer, cfg.optim, cfg.train.steps)
-        n_params = sum(p.numel() for p in plain.parameters())
-
-        loader = self._custom_loader
-        if loader is None:
-            loader = build_loader(
-                cfg, self.family, manifest, dist_info, split=cfg.data.train_split, train=True
-            )
-        val_loader = None
-        if cfg.data.val_split and cfg.train.val_every > 0:
-            if cfg.data.val_split not in _splits(manifest):
-                _log.warning("no %r split in %s: validation is off", cfg.data.val_split, cfg.data.path)
-            else:
-                val_loader = build_loader(
-                    cfg, self.family, manifest, dist_info, split=cfg.data.val_split, train=False
-                )
-
-        step = 0
-        if candidates:
-            step, rank_state = self._resume(candidates, model, optimizer)
-            try:
-                schedule.load_state_dict(rank_state["schedule"])
-                if hasattr(loader, "load_state_dict"):
-                    loader.load_state_dict(rank_state["loader"])
-                self._window = _Window.from_state(rank_state.get("metrics_window"))
-            except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
-                raise DataError(
-                    f"the schedule/loader state of rank {dist_info.rank} in the checkpoint of step "
-                    f"{step} is malformed ({_one_line(exc)}); move that checkpoint aside to resume "
-                    "from the one before"
-                ) from None
-            ckpt.set_rng_state(rank_state["rng"])
-        else:
-            # Dropout and other in-model randomness: a stream per rank.
-            self._seed(1, dist_info.rank)
-
-        autocast = (
-            torch.autocast(device.type, dtype=torch.bfloat16)
-            if precision == "bf16"
-            else contextlib.nullcontext()
-        )
-        flops = (
-            self.family.flops_per_sample(cfg.model, manifest)
-            if self.family.flops_per_sample is not None
-            else None
-        )
-        peak = peak_flops(device, precision, cfg.train.peak_tflops)
-        if dist_info.is_main:
-            _log.info(
-                "training %s (%.3g M parameters) on %d x %s, %s, %s, from step %d to %d",
-                self.family.name,
-                n_params / 1e6,
-                dist_info.world_size,
-                device.type,
-                parallel,
-                precision,
-                step,
-                cfg.train.steps,
-            )
+    def _run(self, stop: StopRequest) -> TrainResult:
+        manifest = self._load_manifest()
+        candidates = self._resume_candidates()
+        self._prepare_run_dir()
+        s = self._build(manifest)
+        step = self._restore(candidates, s)
+        self._log_start(s, step)
         self._write_status("running", step)
-        state = _LoopState(model, optimizer, schedule, loader, val_loader, autocast, parallel, flops, peak)
         self._step = step
         writer = None
         try:
             writer = MetricsWriter(
                 self.run_dir,
-                enabled=dist_info.is_main,
+                enabled=self.dist.is_main,
                 resume_step=step,
-                total_steps=cfg.train.steps,
-                progress=cfg.train.progress,
-                tensorboard=cfg.train.tensorboard,
+                total_steps=self.cfg.train.steps,
+                progress=self.cfg.train.progress,
+                tensorboard=self.cfg.train.tensorboard,
             )
-            return self._loop(state, step, writer, stop)
+            return self._train_loop(s, step, writer, stop)
         except TrainingDiverged:
             raise
         except BaseException as exc:
@@ -528,7 +446,76 @@ class Trainer:
             if writer is not None:
                 writer.close()
 
-    def _resume(self, candidates: list[tuple[int, Path]], model: nn.Module, optimizer: Any):
+    def _build(self, manifest: Any) -> _LoopState:
+        """The model (wrapped for `train.parallel`), its optimiser and schedule, and the loaders."""
+        cfg, dist_info = self.cfg, self.dist
+        precision = resolve_precision(cfg.train.precision, dist_info.device, option="train.precision")
+        parallel = resolve_parallel(cfg.train.parallel, dist_info.world_size)
+        attention.set_backend(cfg.train.attention)
+
+        # Same initial weights on every rank (FSDP2 shards each rank's copy; DDP checks they agree).
+        self._seed(0)
+        plain = self.family.build_model(cfg.model, manifest).to(dist_info.device)
+        decay_names = decay_split(plain)
+        model = wrap_model(plain, parallel, dist_info)
+        optimizer = build_optimizer(model, cfg.optim, decay_names)
+        schedule = build_schedule(optimizer, cfg.optim, cfg.train.steps)
+        loader, val_loader = self._build_loaders(manifest)
+        flops = self.family.flops_per_sample
+        return _LoopState(
+            model=model,
+            optimizer=optimizer,
+            schedule=schedule,
+            loader=loader,
+            val_loader=val_loader,
+            precision=precision,
+            parallel=parallel,
+            trainable=[p for p in model.parameters() if p.requires_grad],
+            n_params=sum(p.numel() for p in plain.parameters()),
+            flops_per_sample=flops(cfg.model, manifest) if flops is not None else None,
+            peak_flops=peak_flops(dist_info.device, precision, cfg.train.peak_tflops),
+        )
+
+    def _build_loaders(self, manifest: Any) -> tuple[Iterable, Iterable | None]:
+        """The training loader (the caller's, when given) and the validation loader, if any."""
+        cfg = self.cfg
+        loader = self._custom_loader
+        if loader is None:
+            loader = build_loader(
+                cfg, self.family, manifest, self.dist, split=cfg.data.train_split, train=True
+            )
+        if not (cfg.data.val_split and cfg.train.val_every > 0):
+            return loader, None
+        if cfg.data.val_split not in _splits(manifest):
+            _log.warning("no %r split in %s: validation is off", cfg.data.val_split, cfg.data.path)
+            return loader, None
+        return loader, build_loader(
+            cfg, self.family, manifest, self.dist, split=cfg.data.val_split, train=False
+        )
+
+    def _restore(self, candidates: list[tuple[int, Path]], s: _LoopState) -> int:
+        """Load the newest loadable checkpoint into `s` (weights, optimiser, schedule, loader
+        position, metrics window, RNG); the step to continue from (0 for a fresh run)."""
+        if not candidates:
+            # Dropout and other in-model randomness: a stream per rank.
+            self._seed(1, self.dist.rank)
+            return 0
+        step, rank_state = self._load_newest_loadable(candidates, s.model, s.optimizer)
+        try:
+            s.schedule.load_state_dict(rank_state["schedule"])
+            if hasattr(s.loader, "load_state_dict"):
+                s.loader.load_state_dict(rank_state["loader"])
+            self._window = _Window.from_state(rank_state.get("metrics_window"))
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            raise DataError(
+                f"the schedule/loader state of rank {self.dist.rank} in the checkpoint of step "
+                f"{step} is malformed ({_one_line(exc)}); move that checkpoint aside to resume "
+                "from the one before"
+            ) from None
+        ckpt.set_rng_state(rank_state["rng"])
+        return step
+
+    def _load_newest_loadable(self, candidates: list[tuple[int, Path]], model: nn.Module, optimizer: Any):
         """Load the newest checkpoint whose data loads (collective); (step, this rank's state)."""
         for step, path in candidates:
             if step != candidates[0][0]:
@@ -556,80 +543,137 @@ class Trainer:
             f"{str(ckpt.checkpoints_root(self.run_dir))!r} aside to start over, or restore it"
         )
 
-    def _loop(self, s: _LoopState, step: int, writer: MetricsWriter, stop: StopRequest) -> TrainResult:
-        cfg, dist_info, family = self.cfg, self.dist, self.family
-        total, accum = cfg.train.steps, cfg.train.grad_accum
-        device = dist_info.device
+    def _log_start(self, s: _LoopState, step: int) -> None:
+        if self.dist.is_main:
+            _log.info(
+                "training %s (%.3g M parameters) on %d x %s, %s, %s, from step %d to %d",
+                self.family.name,
+                s.n_params / 1e6,
+                self.dist.world_size,
+                self.dist.device.type,
+                s.parallel,
+                s.precision,
+                step,
+                self.cfg.train.steps,
+            )
+
+    # ------------------------------------------------------------------ the loop
+
+    def _train_loop(self, s: _LoopState, step: int, writer: MetricsWriter, stop: StopRequest) -> TrainResult:
+        """Optimiser steps from `step` to `train.steps`, logging, validating and saving on their
+        cadence; a stop request saves and leaves early ("preempted")."""
+        cfg = self.cfg.train
         batches = _endless(s.loader)
-        window = self._window
         last_loss: float | None = None
         last_saved = step if ckpt.latest_checkpoint(self.run_dir) is not None else -1
         started = time.perf_counter()
         status = "done"
-        trainable = [p for p in s.model.parameters() if p.requires_grad]
-
-        while step < total:
+        while step < cfg.steps:
             self._step = step
-            s.model.train()
-            step_start = time.perf_counter()
-            loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-            metric_sums: dict[str, float] = defaultdict(float)
-            for micro in range(accum):
-                wait_start = time.perf_counter()
-                batch = next(batches)
-                window.data_wait += time.perf_counter() - wait_start
-                window.samples += batch_samples(batch)
-                if family.tokens_per_batch is not None:
-                    window.tokens += int(family.tokens_per_batch(batch))
-                batch = to_device(batch, device)
-                with grad_sync(s.model, s.parallel, micro == accum - 1):
-                    with s.autocast:
-                        loss, metrics = family.loss(s.model, batch)
-                    (loss / accum).backward()
-                loss_sum += loss.detach().to(torch.float64)
-                for key, value in metrics.items():
-                    metric_sums[key] += float(value) / accum
-            grad_norm = float(global_grad_norm(trainable, cfg.train.grad_clip))
-            local_loss = float(loss_sum) / accum
-            summed = all_reduce_sum([local_loss, float(stop.requested())], dist_info)
-            step_loss, stop_votes = summed[0] / dist_info.world_size, summed[1]
-            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
-                s.optimizer.zero_grad(set_to_none=True)
-                self._diverged(step + 1, step_loss, grad_norm)
-            lr = s.optimizer.param_groups[0]["lr"]
-            s.optimizer.step()
-            s.schedule.step()
-            s.optimizer.zero_grad(set_to_none=True)
+            result = self.train_step(s, batches, step + 1, stop)
             step += 1
-            last_loss = step_loss
-            window.add_step(step_loss, grad_norm, lr, metric_sums, time.perf_counter() - step_start)
-
-            if step % cfg.train.log_every == 0 or step == total:
-                writer.write(self._train_record(step, window, s, started))
-                window = self._window = _Window()
-            writer.advance(step, step_loss)
-            if s.val_loader is not None and (step % cfg.train.val_every == 0 or step == total):
+            last_loss = result.loss
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                writer.write(self._train_record(step, s, started))
+                self._window = _Window()
+            writer.advance(step, result.loss)
+            if s.val_loader is not None and (step % cfg.val_every == 0 or step == cfg.steps):
                 writer.write(self._validate(step, s))
-            if (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0) or step == total or stop_votes > 0:
+            if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps or result.stop:
                 self._save(step, s)
                 last_saved = step
-            if stop_votes > 0 and step < total:
+            if result.stop and step < cfg.steps:
                 status = "preempted"
-                if dist_info.is_main:
+                if self.dist.is_main:
                     _log.warning(
                         "stopping at step %d on %s; checkpoint saved, re-run to resume", step, stop.reason()
                     )
                 break
+        return self._finish(s, status, step, last_loss, last_saved, stop)
 
+    def train_step(self, s: _LoopState, batches: Iterator[Any], step: int, stop: StopRequest) -> _StepResult:
+        """Optimiser step number `step`: `train.grad_accum` micro-batches forward and backward, the
+        global gradient norm (clipped to `train.grad_clip`), then the optimiser and the schedule.
+
+        The family's metrics stay on the device (summed into the metrics window) until a record is
+        written; the step's one host sync reads its loss and gradient norm, which the non-finite
+        guard needs before the update is applied, together with the ranks' stop votes.
+        """
+        accum = self.cfg.train.grad_accum
+        s.model.train()
+        started = time.perf_counter()
+        loss_sum = torch.zeros((), device=self.dist.device, dtype=torch.float64)
+        metric_sums: dict[str, float | torch.Tensor] = defaultdict(float)
+        for micro in range(accum):
+            batch = self._next_batch(batches)
+            loss, metrics = self.forward_backward_step(s, batch, last_micro_batch=micro == accum - 1)
+            loss_sum += loss.to(torch.float64)
+            for key, value in metrics.items():
+                metric_sums[key] += _on_device(value) / accum
+        grad_norm = global_grad_norm(s.trainable, self.cfg.train.grad_clip)
+        step_loss, norm, stop_votes = self._read_step(loss_sum / accum, grad_norm, stop)
+        if not (math.isfinite(step_loss) and math.isfinite(norm)):
+            s.optimizer.zero_grad(set_to_none=True)
+            self._diverged(step, step_loss, norm)
+        lr = s.optimizer.param_groups[0]["lr"]
+        s.optimizer.step()
+        s.schedule.step()
+        s.optimizer.zero_grad(set_to_none=True)
+        self._window.add_step(step_loss, norm, lr, metric_sums, time.perf_counter() - started)
+        return _StepResult(loss=step_loss, stop=stop_votes > 0)
+
+    def forward_backward_step(
+        self, s: _LoopState, batch: Any, *, last_micro_batch: bool
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """One micro-batch: the family's loss under autocast, and its backward pass (scaled by the
+        number of micro-batches); gradients are synchronised across ranks on the last one only.
+        Returns the detached loss and the family's metrics, both as the family gave them."""
+        batch = to_device(batch, self.dist.device)
+        with grad_sync(s.model, s.parallel, last_micro_batch):
+            with autocast(self.dist.device, s.precision):
+                loss, metrics = self.family.loss(s.model, batch)
+            (loss / self.cfg.train.grad_accum).backward()
+        return loss.detach(), metrics
+
+    def _read_step(
+        self, local_loss: torch.Tensor, grad_norm: torch.Tensor, stop: StopRequest
+    ) -> tuple[float, float, float]:
+        """(loss averaged over ranks, gradient norm, number of ranks asked to stop): the step's one
+        read from the device, after the ranks' losses and stop votes are summed where they are."""
+        vote = torch.full((), float(stop.requested()), dtype=torch.float64, device=local_loss.device)
+        summed = all_reduce_sum_tensor(torch.stack([local_loss, vote]), self.dist)
+        loss, votes, norm = torch.cat([summed, grad_norm.reshape(1).to(summed)]).tolist()
+        return loss / self.dist.world_size, norm, votes
+
+    def _next_batch(self, batches: Iterator[Any]) -> Any:
+        """The next training batch, counting the wait for it and its samples and tokens."""
+        wait_start = time.perf_counter()
+        batch = next(batches)
+        self._window.data_wait += time.perf_counter() - wait_start
+        self._window.samples += batch_samples(batch)
+        if self.family.tokens_per_batch is not None:
+            self._window.tokens += int(self.family.tokens_per_batch(batch))
+        return batch
+
+    def _finish(
+        self,
+        s: _LoopState,
+        status: str,
+        step: int,
+        last_loss: float | None,
+        last_saved: int,
+        stop: StopRequest,
+    ) -> TrainResult:
+        """A finished run gets its last checkpoint and model.pt; every run gets its status."""
         if status == "done":
             if last_saved != step:
                 self._save(step, s)
-            export_model(self.run_dir / "model.pt", s.model, cfg, step, dist_info)
+            export_model(self.run_dir / "model.pt", s.model, self.cfg, step, self.dist)
         stop.consume_stop_file()
         self._write_status(status, step, last_loss=last_loss)
         # Ranks leave together: torchrun / `srun --kill-on-bad-exit` kill the others as soon as one
         # exits with EXIT_PREEMPTED, which must not cut rank 0 off before status.json is written.
-        dist_info.barrier()
+        self.dist.barrier()
         return TrainResult(status=status, step=step, run_dir=self.run_dir, last_loss=last_loss)
 
     def _diverged(self, step: int, loss: float, grad_norm: float) -> None:
@@ -663,12 +707,13 @@ class Trainer:
             self.run_dir, step, s.model, s.optimizer, rank_state, meta, self.dist, self.cfg.train.keep_last
         )
 
-    def _train_record(self, step: int, window: _Window, s: _LoopState, started: float) -> dict[str, Any]:
+    def _train_record(self, step: int, s: _LoopState, started: float) -> dict[str, Any]:
+        """The training record of the metrics window, averaged over its steps and the ranks (the
+        window's metric sums are read from the device here, once per record)."""
+        window = self._window
         keys = sorted(window.metrics)
-        local = [window.samples, window.tokens, window.data_wait, window.elapsed] + [
-            window.metrics[k] for k in keys
-        ]
-        summed = all_reduce_sum(local, self.dist)
+        local = [window.samples, window.tokens, window.data_wait, window.elapsed]
+        summed = all_reduce_sum(local + _to_floats([window.metrics[k] for k in keys]), self.dist)
         world = self.dist.world_size
         samples, tokens, wait, elapsed = summed[0], summed[1], summed[2], summed[3] / world
         record: dict[str, Any] = {
@@ -687,29 +732,33 @@ class Trainer:
             record["tokens_per_s"] = tokens / elapsed
         if self.dist.device.type == "cuda":
             record["cuda_max_alloc_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-        if s.flops is not None and s.peak is not None and elapsed > 0:
-            record["mfu"] = s.flops * samples / elapsed / (s.peak * world)
+        if s.flops_per_sample is not None and s.peak_flops is not None and elapsed > 0:
+            record["mfu"] = s.flops_per_sample * samples / elapsed / (s.peak_flops * world)
         return record
 
     @torch.no_grad()
     def _validate(self, step: int, s: _LoopState) -> dict[str, Any]:
+        """Loss and metrics over up to `train.val_batches` batches, weighted by samples; summed on
+        the device and read once at the end."""
         s.model.eval()
-        loss_total, count, batches = 0.0, 0, 0
-        metric_totals: dict[str, float] = defaultdict(float)
+        loss_total: float | torch.Tensor = 0.0
+        count, batches = 0, 0
+        metric_totals: dict[str, float | torch.Tensor] = defaultdict(float)
         for index, batch in enumerate(s.val_loader):
             if index >= self.cfg.train.val_batches:
                 break
             n = batch_samples(batch)
             batch = to_device(batch, self.dist.device)
-            with s.autocast:
+            with autocast(self.dist.device, s.precision):
                 loss, metrics = self.family.loss(s.model, batch)
-            loss_total += float(loss) * n
+            loss_total += _on_device(loss) * n
             count += n
             batches += 1
             for key, value in metrics.items():
-                metric_totals[key] += float(value) * n
+                metric_totals[key] += _on_device(value) * n
         keys = sorted(metric_totals)
-        summed = all_reduce_sum([loss_total, count, batches] + [metric_totals[k] for k in keys], self.dist)
+        totals = _to_floats([loss_total] + [metric_totals[k] for k in keys])
+        summed = all_reduce_sum([totals[0], count, batches] + totals[1:], self.dist)
         n = max(summed[1], 1.0)
         record = {"step": step, "val_loss": summed[0] / n, "val_batches": int(summed[2])}
         record.update({f"val_{k}": v / n for k, v in zip(keys, summed[3:], strict=True)})
@@ -717,30 +766,48 @@ class Trainer:
         return record
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class _LoopState:
+    """What `_build` makes once and every step uses."""
+
     model: nn.Module
+    """As wrapped for training (DDP / FSDP2 / plain)."""
     optimizer: torch.optim.Optimizer
-    schedule: Any
-    loader: Any
-    val_loader: Any
-    autocast: Any
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    loader: Iterable
+    val_loader: Iterable | None
+    precision: str
+    """Resolved: fp32 or bf16 (autocast)."""
     parallel: str
-    flops: float | None
-    peak: float | None
+    """Resolved: none, ddp or fsdp."""
+    trainable: list[torch.Tensor]
+    """The parameters that get gradients, listed once (for the gradient norm)."""
+    n_params: int
+    flops_per_sample: float | None
+    peak_flops: float | None
+    """Of one device, for MFU; None where unknown."""
+
+
+class _StepResult(NamedTuple):
+    loss: float
+    """Mean over the micro-batches and the ranks."""
+    stop: bool
+    """Some rank was asked to stop (signal or stop file)."""
 
 
 @dataclasses.dataclass
 class _Window:
     """What the next training record averages: the steps since the last record.
 
-    The loss and metric sums are checkpointed (a run resumed between two records writes the same
-    record as an uninterrupted one); timings restart with the process.
+    The family's metric sums stay where the family computed them (on the device: no host sync per
+    step) until the record is written or the window is checkpointed. The loss and metric sums are
+    checkpointed (a run resumed between two records writes the same record as an uninterrupted
+    one); timings restart with the process.
     """
 
     steps: int = 0
     loss: float = 0.0
-    metrics: dict[str, float] = dataclasses.field(default_factory=lambda: defaultdict(float))
+    metrics: dict[str, float | torch.Tensor] = dataclasses.field(default_factory=lambda: defaultdict(float))
     grad_norm: float = 0.0
     lr: float = 0.0
     timed_steps: int = 0
@@ -750,7 +817,12 @@ class _Window:
     elapsed: float = 0.0
 
     def add_step(
-        self, loss: float, grad_norm: float, lr: float, metrics: dict[str, float], seconds: float
+        self,
+        loss: float,
+        grad_norm: float,
+        lr: float,
+        metrics: dict[str, float | torch.Tensor],
+        seconds: float,
     ) -> None:
         self.steps += 1
         self.timed_steps += 1
@@ -762,7 +834,9 @@ class _Window:
             self.metrics[key] += value
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "loss": self.loss, "metrics": dict(self.metrics)}
+        keys = sorted(self.metrics)
+        metrics = dict(zip(keys, _to_floats([self.metrics[k] for k in keys]), strict=True))
+        return {"steps": self.steps, "loss": self.loss, "metrics": metrics}
 
     @classmethod
     def from_state(cls, state: dict[str, Any] | None) -> _Window:
@@ -771,6 +845,24 @@ class _Window:
             window.steps, window.loss = state["steps"], state["loss"]
             window.metrics.update(state["metrics"])
         return window
+
+
+def _on_device(value: float | torch.Tensor) -> float | torch.Tensor:
+    """A metric value ready to be summed without a host sync: a tensor detached, in float64 (as
+    exact as the Python float it replaces), on its device; a plain number as a float."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(torch.float64)
+    return float(value)
+
+
+def _to_floats(values: list[float | torch.Tensor]) -> list[float]:
+    """`values` as Python floats, with one device-to-host copy for all the tensors among them."""
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if not tensors:
+        return [float(v) for v in values]
+    device = tensors[0].device
+    read = iter(torch.stack([t.to(device, torch.float64).reshape(()) for t in tensors]).tolist())
+    return [next(read) if isinstance(v, torch.Tensor) else float(v) for v in values]
 
 
 def _splits(manifest: Any) -> Iterable[str]:

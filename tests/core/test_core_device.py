@@ -29,3 +29,26 @@ def test_precision_auto_is_fp32_on_cpu_and_explicit_bf16_autocasts():
         assert layer(torch.ones(2, 4)).dtype == torch.bfloat16
     with device.autocast(cpu, "fp32"):
         assert layer(torch.ones(2, 4)).dtype == torch.float32
+
+
+def test_precision_auto_on_a_gpu_without_bf16_is_fp32_and_explicit_bf16_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    gpu = torch.device("cuda", 0)
+    assert device.resolve_precision("auto", gpu) == "fp32"
+    with pytest.raises(ConfigError, match="train.precision is bf16 but this GPU does not support bf16"):
+        device.resolve_precision("bf16", gpu, option="train.precision")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert device.resolve_precision("auto", gpu) == "bf16"
+
+
+@needs_no_cuda
+def test_the_trainer_picks_its_device_by_the_same_rule_and_names_train_device():
+    import torch.distributed as dist
+
+    from foundation.train.distributed import init_distributed
+
+    with pytest.raises(ConfigError, match=r"^train\.device: cuda was asked for but torch sees no CUDA"):
+        init_distributed("cuda")
+    with pytest.raises(ConfigError, match=r"^train\.device: expected auto, cpu, cuda or cuda:N, got 'gpu'"):
+        init_distributed("gpu")
+    assert not dist.is_initialized()  # refused before any process group was made

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -17,12 +18,14 @@ import toyfamily
 import yaml
 from conftest import assert_bitwise_equal, child_env, config_dict, final_weights, write_config, write_shards
 
-from foundation import attention, config
+from foundation import attention, config, registry
 from foundation.cli import main as cli_main
 from foundation.config import load_pretrain_config
+from foundation.device import resolve_precision
 from foundation.errors import ConfigError
 from foundation.train import EXIT_DIVERGED, EXIT_PREEMPTED, TrainingDiverged, load_pretrained, train
 from foundation.train import checkpoint as ckpt
+from foundation.train.trainer import Trainer
 
 # Not the per-test seeded `random` (tests/conftest.py): every run tries other steps; the step is in
 # the assertion messages.
@@ -98,6 +101,40 @@ def test_a_run_writes_the_documented_run_directory(reference, shards, tmp_path, 
     result = run(again, monkeypatch)
     assert result.status == "done" and result.step == 12
     assert len(records(tmp_path / "again")) == len(train_records)
+
+
+def tensor_metrics_loss(model, batch):
+    """The toy loss as the Family contract asks it: metrics as detached 0-d tensors, plus a count
+    the host knows as a plain float."""
+    loss, metrics = toyfamily.loss(model, batch)
+    tensors = {key: torch.tensor(value, dtype=torch.float32) for key, value in metrics.items()}
+    return loss, {**tensors, "rows": float(batch["x"].shape[0])}
+
+
+def test_family_metrics_may_be_tensors_or_floats_and_stay_on_the_device_between_records(
+    reference, shards, tmp_path, monkeypatch
+):
+    family = dataclasses.replace(toyfamily.FAMILY, name="toy-tensor-metrics", loss=tensor_metrics_loss)
+    monkeypatch.setitem(registry._REGISTERED, family.name, family)
+    kept = []  # what the metrics window holds after each step: summed, not yet read back
+
+    def train_step(self, *args, **kwargs):
+        result = real_train_step(self, *args, **kwargs)
+        kept.append((type(self._window.metrics["mae"]), type(self._window.metrics["rows"])))
+        return result
+
+    real_train_step = Trainer.train_step
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    run_dir = tmp_path / "run"
+    run(make_cfg(shards, run_dir, family=family.name, **REFERENCE), monkeypatch)
+    assert kept == [(torch.Tensor, float)] * 12
+    for key in ("loss", "val_loss"):
+        ours, floats = records(run_dir, key), records(reference, key)
+        assert [r["step"] for r in ours] == [r["step"] for r in floats]
+        for a, b in zip(ours, floats, strict=True):
+            prefix = "val_" if key == "val_loss" else ""
+            assert a[key] == b[key] and a[prefix + "mae"] == b[prefix + "mae"], a["step"]
+            assert isinstance(a[prefix + "mae"], float) and a[prefix + "rows"] == 4.0
 
 
 def test_load_pretrained_gives_the_same_model_from_run_dir_checkpoint_and_model_pt(reference):
@@ -231,8 +268,13 @@ def test_kill_during_save_leaves_the_previous_checkpoint_loadable(reference, sha
     assert killed.returncode == -9, killed.stdout + killed.stderr
     assert (run_dir / "checkpoints" / ".tmp-step-8" / ckpt.COMPLETE).is_file()  # written, never published
     assert [step for step, _ in ckpt.list_checkpoints(run_dir)] == [4]
+    # What the kill left loads as the run's step-4 model: the weights of a run stopped there.
+    stopped = tmp_path / "stopped"
+    assert run(make_cfg(shards, stopped, **REFERENCE), monkeypatch, action="4:SIGUSR1").step == 4
     model, _, _ = load_pretrained(run_dir / "checkpoints" / "step-4")
-    assert model is not None
+    expected, _, _ = load_pretrained(stopped / "checkpoints" / "step-4")
+    assert not model.training
+    assert_bitwise_equal(model.state_dict(), expected.state_dict())
 
     result = run(load_pretrain_config(path), monkeypatch)  # resumes from step 4, removes the partial save
     assert (result.status, result.step) == ("done", 12)
@@ -266,8 +308,6 @@ def test_resume_refuses_a_different_world_size(shards, tmp_path, monkeypatch):
 
 
 def test_bf16_on_cpu_uses_autocast_and_keeps_fp32_weights(shards, tmp_path, monkeypatch):
-    from foundation.train.trainer import resolve_precision
-
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
     steps = {"steps": 4, "val_every": 0}
     run(make_cfg(shards, tmp_path / "fp32", train=steps), monkeypatch)

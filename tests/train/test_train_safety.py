@@ -18,6 +18,7 @@ import toyfamily
 import yaml
 from conftest import assert_bitwise_equal, child_env, config_dict, final_weights, write_config, write_shards
 
+from foundation import atomic
 from foundation.cli import main as cli_main
 from foundation.errors import ConfigError, DataError
 from foundation.lock import lock_path_for
@@ -226,19 +227,19 @@ def test_a_full_disk_marks_the_run_failed_and_exits_with_one_line(shards, tmp_pa
     run_dir = tmp_path / "run"
     path = write_config(tmp_path / "cfg.yaml", config_dict(shards, run_dir))
     disk_full = OSError(errno.ENOSPC, "No space left on device", str(run_dir / "metrics.jsonl"))
-    real_write = trainer._write_atomically
+    real_write = atomic.write_json
     full = []
 
-    def write_atomically(path, text):
+    def write_json(path, data):
         if full:
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        real_write(path, text)
+        return real_write(path, data)
 
     def write_record(self, record):
         full.append(True)
         raise disk_full
 
-    monkeypatch.setattr(trainer, "_write_atomically", write_atomically)
+    monkeypatch.setattr(atomic, "write_json", write_json)
     monkeypatch.setattr(MetricsWriter, "write", write_record)
     toyfamily._TRAIN_CALLS = 0
     assert cli_main(["pretrain", str(path)]) == 2
