@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from foundation import atomic
 from foundation.errors import ConfigError, DataError
 
 FORMAT = "foundation.model"
@@ -48,9 +49,8 @@ def snapshot_dataset(data_path: str | Path, dest: Path) -> None:
     for name, info in sorted(manifest.files.items()):
         _check_extra_file(source / name, info.bytes, info.sha256)
     for name in [*sorted(manifest.files), "manifest.json"]:
-        tmp = dest / (name + ".tmp")
-        shutil.copyfile(source / name, tmp)
-        os.replace(tmp, dest / name)
+        with atomic.replacing(dest / name) as tmp:
+            shutil.copyfile(source / name, tmp)
 
 
 def _check_extra_file(path: Path, size: int, sha256: str) -> None:
@@ -130,13 +130,8 @@ def export_model(path: Path, model: nn.Module, cfg: Any, step: int, dist_info: A
         "dataset": _dataset_payload(path.parent),
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in state.items()},
     }
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with atomic.replacing(path) as tmp:  # a full disk leaves no half-written file behind
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file behind
-        raise
 
 
 def _manifest_from_folder(folder: Path):
