@@ -6,10 +6,10 @@ Modules, one job each:
 - `formats`    Multimodal Universe HDF5 trees and FITS cutouts / spectrum tables (read and write)
 - `crossmatch` unique sky matches between sources (astropy SkyCoord)
 - `resample`   flux-conserving resampling of spectra onto the model's wavelength grid
-- `augment`    per-sample preprocessing that runs in loader workers (crops, flips, noise, masks)
+- `collate`    per-sample preprocessing that runs in loader workers (crops, flips, noise, masks)
 - `towers`     the image ViT and the SpecFormer spectrum transformer
 - `heads`      attention-pooling heads that project tower tokens into the shared space
-- `losses`     InfoNCE with cross-rank negatives, masked-segment reconstruction loss
+- `loss`       InfoNCE with cross-rank negatives, masked-segment reconstruction loss
 - `model`      model config (stage / objective) and the module that ties towers and heads
 - `family`     the `Family` glue the trainer and exporter use
 """
