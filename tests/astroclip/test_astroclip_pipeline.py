@@ -338,7 +338,7 @@ def test_mae_image_pretraining_on_two_processes_then_alignment_from_it(data, tmp
 
 @pytest.mark.parametrize("grid", ["3600:3600.5:1", "3600:inf:1", "0:1e9:1e-9", "nan:9824:0.8"])
 def test_grid_of_under_two_or_unbounded_pixels_is_refused(grid):
-    from pipelines.astroclip import parse_grid
+    from encoders.astroclip.prepare import parse_grid
 
     with pytest.raises(DataError, match="--grid"):
         parse_grid(grid)

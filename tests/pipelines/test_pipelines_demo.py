@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from encoders.astroclip.prepare import shuffle_pairs
 from foundation.data import Manifest
 from foundation.errors import ConfigError
-from pipelines.demo import DemoSettings, Stage, StageFailed, plan, run_stages, shuffle_pairs
+from pipelines.demo import DemoSettings, Stage, StageFailed, plan, run_stages
 from pipelines.raw_inputs import iter_samples
 
 
