@@ -56,13 +56,10 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from encoders.astroclip.collate import random_patch_mask, segment_mask  # noqa: E402
 from encoders.astroclip.family import FAMILY  # noqa: E402

@@ -15,19 +15,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from encoders.mpp.metrics import normalized_mse_loss  # noqa: E402
-from encoders.mpp.model import AViT, MPPConfig, RelativePositionBias  # noqa: E402
+from encoders.mpp.loss import normalized_mse_loss
+from encoders.mpp.model import AViT, MPPConfig, RelativePositionBias
 
 SIZES = {"tiny": (32, 2, 2), "ti": (192, 3, 12), "s": (384, 6, 12)}
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shutil
-import sys
 import tempfile
 import time
 import warnings
@@ -33,9 +32,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from foundation import registry  # noqa: E402
 from foundation.config import from_dict, load_pretrain_config, option  # noqa: E402

@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from encoders.xval import corpora
-from encoders.xval.data import PrepareOptions, prepare, write_jsonl
+from encoders.xval import synth
 from encoders.xval.family import FAMILY
+from encoders.xval.loss import xval_loss
 from encoders.xval.model import XValConfig
-from encoders.xval.objective import xval_loss
+from encoders.xval.prepare import PrepareOptions, prepare
 from encoders.xval.tokenizer import MASK_ID, NUM_ID
 from foundation.data import ShardDataset
 
@@ -118,8 +118,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        records = list(corpora.arithmetic(400, 0)) + list(corpora.orbits(200, 0))
-        write_jsonl(iter(records), tmp / "mix.jsonl")
+        records = list(synth.arithmetic(400, 0)) + list(synth.orbits(200, 0))
+        synth.write_jsonl(iter(records), tmp / "mix.jsonl")
         manifest = prepare(
             [tmp / "mix.jsonl"],
             tmp / "shards",

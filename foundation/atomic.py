@@ -2,8 +2,11 @@
 
 Every artefact the project writes (manifests, reports, embeddings, model folders) goes through
 these helpers: the bytes land in a temporary name beside the target (same file system, so the
-rename is atomic), are flushed to disk, and only then take the target's name. A failure removes
-the temporary and leaves the target as it was.
+rename is atomic), are flushed to disk, and only then take the target's name; the folder holding
+it is flushed after the rename, so the new name survives a power cut too. A failure removes the
+temporary and leaves the target as it was. `publish` is the last step alone, for writers whose
+temporary has a name of its own (a resumable `.partial` file, a checkpoint folder every rank
+writes into).
 """
 
 from __future__ import annotations
@@ -29,6 +32,58 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def fsync_dir(path: str | Path) -> None:
+    """Flush a folder's entries (names created, renamed or removed in it) to disk; best effort,
+    as some file systems refuse to open or fsync a folder."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flush a file's bytes to disk."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_tree(path: str | Path) -> None:
+    """Flush every file under folder `path`, then every folder's entries, to disk."""
+    path = Path(path)
+    for child in path.iterdir():
+        if child.is_symlink():
+            continue
+        if child.is_dir():
+            fsync_tree(child)
+        elif child.is_file():
+            fsync_file(child)
+    fsync_dir(path)
+
+
+def publish(tmp: str | Path, path: str | Path, *, overwrite: bool = True) -> None:
+    """Give the fully written temporary `tmp` (a file or a folder, beside `path`) the name `path`:
+    its contents are flushed to disk before the rename, the parent folder after it. With
+    `overwrite=False` an existing `path` is never replaced (FileExistsError)."""
+    tmp, path = Path(tmp), Path(path)
+    if tmp.is_dir() and not tmp.is_symlink():
+        fsync_tree(tmp)
+    elif tmp.is_file():
+        fsync_file(tmp)
+    if overwrite:
+        os.replace(tmp, path)
+    else:
+        if path.exists():
+            raise FileExistsError(f"{path} appeared while it was being written; nothing was replaced")
+        os.rename(tmp, path)
+    fsync_dir(path.parent)
+
+
 @contextlib.contextmanager
 def replacing(path: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary path to write (a file, or a folder the caller creates); on success it
@@ -40,15 +95,7 @@ def replacing(path: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
     _remove(tmp)
     try:
         yield tmp
-        if tmp.is_file():
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            if path.exists():
-                raise FileExistsError(f"{path} appeared while it was being written; nothing was replaced")
-            os.rename(tmp, path)
+        publish(tmp, path, overwrite=overwrite)
     finally:
         _remove(tmp)
 

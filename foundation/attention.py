@@ -1,4 +1,6 @@
-"""One attention entry point for every family: torch SDPA by default, xformers where it runs.
+"""One attention entry point for every family: torch SDPA by default, xformers where it runs, and
+the one pre-LN transformer block (`SelfAttention`, `TransformerBlock`) the xVal trunk and the
+AstroCLIP towers are built from.
 
 Tensors are (batch, heads, length, head_dim). xformers is used only when it imports, the tensors
 are on CUDA, and no key-padding mask is needed that it cannot express; everywhere else (CPU
@@ -13,6 +15,8 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
 
 Backend = Literal["auto", "sdpa", "xformers"]
 _log = logging.getLogger(__name__)
@@ -133,3 +137,115 @@ def attention_weights(
     if key_padding_mask is not None:
         scores = scores.masked_fill(~key_padding_to_mask(key_padding_mask), float("-inf"))
     return scores.softmax(dim=-1)
+
+
+# ----------------------------------------------------------------------------- the transformer block
+
+
+def split_heads(projected: torch.Tensor, parts: int, heads: int) -> tuple[torch.Tensor, ...]:
+    """(B, T, parts·heads·dh) fused projection → `parts` tensors (B, heads, T, dh), e.g. q, k, v.
+
+    Unbinding the (B, T, parts, heads, dh) view gives strided views the fused kernels accept as
+    they are, and its backward stacks the gradients straight into the projection's layout; a
+    `b t (k h d) -> k b h t d` rearrange (a permute before the split) costs one more full copy of
+    that gradient per call."""
+    grouped = rearrange(projected, "b t (k h d) -> b t k h d", k=parts, h=heads)
+    return tuple(rearrange(u, "b t h d -> b h t d") for u in grouped.unbind(2))
+
+
+def merge_heads(out: torch.Tensor) -> torch.Tensor:
+    """(B, heads, T, dh) attention output → (B, T, heads·dh). SDPA on CPU writes (B, T, heads, dh)
+    memory, so there the merge is a view."""
+    return rearrange(out, "b h t d -> b t (h d)")
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with one fused q/k/v projection and an output projection.
+
+    `dropout` drops the projected output (the residual branch), `attn_dropout` the attention
+    probabilities (both only in training); `bias=False` makes both projections bias-free."""
+
+    def __init__(
+        self, width: int, heads: int, *, bias: bool = True, dropout: float = 0.0, attn_dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width, bias=bias)
+        self.proj = nn.Linear(width, width, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+        self.attn_dropout = attn_dropout
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        attn_mask: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        """(B, T, width) → (B, T, width); the masks and `is_causal` mean what `attention` says."""
+        q, k, v = split_heads(self.qkv(x), 3, self.heads)
+        out = attention(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            key_padding_mask=key_padding_mask,
+            is_causal=is_causal,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+        )
+        return self.dropout(self.proj(merge_heads(out)))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN transformer block: x + attn(LN(x)), then x + MLP(LN(x)); GELU MLP, dropout at the end
+    of both branches.
+
+    `bias=False` drops every bias (linear layers and LayerNorms), `eps` is the LayerNorms' epsilon,
+    and `layer_scale` (an initial gain, DINOv2: 1e-5) multiplies each branch by a learned
+    per-channel gain (`ls1`, `ls2`; DINOv2's LayerScale)."""
+
+    def __init__(
+        self,
+        width: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        *,
+        dropout: float = 0.0,
+        attn_dropout: float = 0.0,
+        bias: bool = True,
+        eps: float = 1e-5,
+        layer_scale: float | None = None,
+    ) -> None:
+        super().__init__()
+        hidden = int(width * mlp_ratio)
+        self.norm1 = nn.LayerNorm(width, eps=eps, bias=bias)
+        self.attn = SelfAttention(width, heads, bias=bias, dropout=dropout, attn_dropout=attn_dropout)
+        self.norm2 = nn.LayerNorm(width, eps=eps, bias=bias)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, hidden, bias=bias),
+            nn.GELU(),
+            nn.Linear(hidden, width, bias=bias),
+            nn.Dropout(dropout),
+        )
+        self.layer_scale = layer_scale is not None
+        if layer_scale is not None:
+            self.ls1 = nn.Parameter(torch.full((width,), layer_scale))
+            self.ls2 = nn.Parameter(torch.full((width,), layer_scale))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        attn_mask: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        a = self.attn(
+            self.norm1(x), attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal
+        )
+        x = x + (self.ls1 * a if self.layer_scale else a)
+        m = self.mlp(self.norm2(x))
+        return x + (self.ls2 * m if self.layer_scale else m)

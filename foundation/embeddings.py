@@ -1,6 +1,6 @@
 """The embeddings file: one HDF5 file of per-object vectors, the seam between export and search/eval.
 
-Layout (DESIGN.md, format `foundation-embeddings` version 1):
+Layout (docs/embeddings.md, format `foundation-embeddings` version 1):
 
     /object_id           (N,)   utf-8 strings, unique
     /<modality>          (N, D) float32, one dataset per modality (e.g. /image, /spectrum)
@@ -28,7 +28,6 @@ import contextlib
 import errno
 import glob
 import json
-import os
 import re
 import shutil
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -37,8 +36,9 @@ from typing import Any
 
 import numpy as np
 
+from foundation import atomic
 from foundation.errors import DataError
-from foundation.hdf5 import open_hdf5
+from foundation.hdf5 import missing_storage, open_hdf5
 
 FORMAT = "foundation-embeddings"
 FORMAT_VERSION = 1
@@ -351,13 +351,14 @@ class EmbeddingsWriter:
         return sorted(empty)
 
     def finish(self) -> Path:
-        """Mark complete, close and rename into place; returns the final path."""
+        """Mark complete, close and rename into place (flushed to disk first: the `.partial` file
+        is the temporary); returns the final path."""
         f = self._file
         mods = self.modalities
         f.attrs["normalized"] = bool(mods) and all(bool(f[m].attrs.get("normalized", False)) for m in mods)
         f.attrs["complete"] = True
         f.close()
-        os.replace(self.partial, self.path)
+        atomic.publish(self.partial, self.path)
         return self.path
 
     def close(self) -> None:
@@ -548,7 +549,9 @@ class Embeddings:
     def _check_stored(self, name: str, ds: Any, rows: int) -> None:
         """Refuse a dataset whose first `rows` rows are not really on disk (a sparse file declaring
         billions of rows reads back as fill values: gigabytes from a few kilobytes), before it is read."""
-        problem = stored_rows_problem(ds, rows) or vlen_lengths_problem(ds, self.path)
+        problem = missing_storage(ds, rows, max_ratio=MAX_COMPRESSION_RATIO) or vlen_lengths_problem(
+            ds, self.path
+        )
         if problem:
             self._fail(f"dataset {name!r} {problem}; the file is truncated, sparse or not an export")
 
@@ -621,11 +624,6 @@ class Embeddings:
             out[order] = got[inverse]
         return out
 
-    def iter_vectors(self, modality: str, batch_rows: int = 65536) -> Iterable[tuple[int, np.ndarray]]:
-        """(start row, block) pairs over `modality`, so huge files need not fit in memory."""
-        for start in range(0, self.rows, batch_rows):
-            yield start, self.vectors(modality, slice(start, min(self.rows, start + batch_rows)))
-
     def target(self, name: str) -> np.ndarray:
         if name not in self.target_names:
             raise DataError(
@@ -671,35 +669,6 @@ class Embeddings:
     def __repr__(self) -> str:
         dims = ", ".join(f"{m}: {self.dim(m)}" for m in self.modalities)
         return f"Embeddings({str(self.path)!r}, rows={self.rows}, {dims}, targets={self.target_names})"
-
-
-def stored_rows_problem(ds: Any, rows: int) -> str | None:
-    """Why dataset `ds` cannot hold `rows` real rows on disk, or None when it can.
-
-    Contiguous data must have its bytes allocated; chunked data every chunk that the rows touch
-    (HDF5 returns the fill value for a missing chunk without reading anything); compressed data may
-    not declare more than MAX_COMPRESSION_RATIO times what it stores.
-    """
-    if rows == 0:
-        return None
-    tail = [int(n) for n in ds.shape[1:]]
-    item = int(ds.id.get_type().get_size())
-    declared = rows * item * int(np.prod(tail, dtype=np.int64)) if tail else rows * item
-    stored = int(ds.id.get_storage_size())
-    if ds.chunks is None:
-        if stored < declared:
-            return f"declares {rows} rows ({declared} bytes) but stores {stored} bytes"
-        return None
-    chunks = [int(c) for c in ds.chunks]
-    needed = -(-rows // chunks[0])
-    for size, chunk in zip(tail, chunks[1:], strict=True):
-        needed *= -(-size // chunk)
-    have = int(ds.id.get_num_chunks())
-    if have < needed:
-        return f"declares {rows} rows but stores {have} of the {needed} chunks they need"
-    if ds.id.get_create_plist().get_nfilters() and declared > MAX_COMPRESSION_RATIO * max(stored, 1):
-        return f"declares {declared} bytes compressed into {stored} (more than {MAX_COMPRESSION_RATIO}:1)"
-    return None
 
 
 #: A variable-length string as HDF5 stores it in a dataset: its byte length, then the global heap

@@ -144,13 +144,46 @@ def _read_attributes(obj: Any) -> None:
             pass  # a type h5py has no NumPy equivalent for: no reader can read it either
 
 
+def missing_storage(ds: Any, rows: int | None = None, *, max_ratio: float | None = None) -> str | None:
+    """Why the first `rows` rows of dataset `ds` (all of it by default) are not all stored in its
+    file, or None when they are.
+
+    HDF5 returns the fill value for bytes or chunks never written, without reading anything, so a
+    file of a few kilobytes can declare billions of rows. Contiguous data must have its bytes
+    allocated (compact data lives whole in the object header); chunked data every chunk the rows
+    touch; with `max_ratio`, compressed data may not declare more than that many bytes per byte it
+    stores (a dataset of zeros declaring gigabytes is a bomb).
+    """
+    import h5py
+
+    tail = tuple(int(n) for n in ds.shape[1:])
+    shape = tuple(int(n) for n in ds.shape) if rows is None else (int(rows), *tail)
+    extent = f"shape {shape}" if rows is None else f"{rows} rows"
+    declared = math.prod(shape) * int(ds.id.get_type().get_size())
+    if declared == 0:
+        return None
+    stored = int(ds.id.get_storage_size())
+    plist = ds.id.get_create_plist()
+    if ds.chunks is None:
+        if stored >= declared or plist.get_layout() == h5py.h5d.COMPACT:
+            return None
+        return f"declares {extent} ({declared} bytes) but stores only {stored} bytes"
+    needed = math.prod(-(-size // int(chunk)) for size, chunk in zip(shape, ds.chunks, strict=True))
+    have = int(ds.id.get_num_chunks())
+    if have < needed:
+        return (
+            f"declares {extent} but stores only {have} of its {needed} chunks (HDF5 reads fill values "
+            "where no chunks are stored)"
+        )
+    if max_ratio is not None and plist.get_nfilters() and declared > max_ratio * max(stored, 1):
+        return f"declares {declared} bytes compressed into {stored} (more than {max_ratio}:1)"
+    return None
+
+
 def check_storage(ds: Any, where: str) -> None:
     """Refuse data that is not all in this file: virtual or external storage, chunks too large to
-    inflate, or a declared shape whose chunks or bytes are not all stored (sparse or truncated).
+    inflate, or a declared shape whose chunks or bytes are not all stored (`missing_storage`).
     For readers that read whole datasets of an untrusted file (`ds`: an `h5py.Dataset`)."""
-    import h5py
-    import numpy as np
-
     if ds.is_virtual:
         raise DataError(f"{where}: a virtual dataset (its data lives in other files); copy it into the file")
     if ds.external:
@@ -158,27 +191,16 @@ def check_storage(ds: Any, where: str) -> None:
     if ds.size == 0:
         return
     if ds.chunks is not None:
-        chunk_bytes = int(np.prod(ds.chunks, dtype=np.int64)) * ds.dtype.itemsize
+        chunk_bytes = math.prod(int(c) for c in ds.chunks) * ds.dtype.itemsize
         if chunk_bytes > MAX_CHUNK_BYTES:
             raise DataError(
                 f"{where}: chunks of {chunk_bytes / 2**20:.0f} MiB exceed the {MAX_CHUNK_BYTES >> 20} MiB "
                 "this reader inflates; rechunk the file (e.g. h5repack -l CHUNK=...)"
             )
-        expected = 1
-        for size, chunk in zip(ds.shape, ds.chunks, strict=True):
-            expected *= -(-size // chunk)
-        stored = ds.id.get_num_chunks()
-        if stored < expected:
-            raise DataError(
-                f"{where}: declares shape {ds.shape} but only {stored} of its {expected} chunks are "
-                "stored (a sparse or truncated file); refusing to read fill values as data"
-            )
-    elif ds.id.get_storage_size() < ds.size * ds.dtype.itemsize and ds.id.get_create_plist().get_layout() != (
-        h5py.h5d.COMPACT
-    ):
+    problem = missing_storage(ds)
+    if problem:
         raise DataError(
-            f"{where}: declares shape {ds.shape} ({ds.size * ds.dtype.itemsize} bytes) but stores only "
-            f"{ds.id.get_storage_size()} bytes (a sparse or truncated file)"
+            f"{where}: {problem}; the file is sparse or truncated (copy it again from its source)"
         )
 
 

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
+from foundation import atomic
 from foundation.errors import ConfigError, DataError
 
 FORMAT = "foundation.converted"
@@ -98,19 +97,12 @@ def write_converted(out: Path, family: str, cfg: Any, state: dict, source: dict[
     out = Path(out)
     if out.exists():
         raise ConfigError(f"{str(out)!r} already exists; choose a new --out folder (nothing was written)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic.replacing(out, overwrite=False) as tmp:  # fails if `out` appeared meanwhile
+        tmp.mkdir()
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / WEIGHTS))
         meta = {"format": FORMAT, "version": VERSION, "family": family, "source": source}
         meta["config"] = config.to_dict(cfg)
         (tmp / CONFIG).write_text(json.dumps(meta, indent=1) + "\n")
-        os.rename(tmp, out)  # fails rather than replaces if `out` appeared meanwhile
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def is_converted(path: Path) -> bool:

@@ -98,6 +98,13 @@ def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
         help="What spectrum masks hold (as --image-mask-means; MMU desi/sdss: bad).",
     )
     parser.add_argument(
+        "--masked-pixels",
+        choices=("zero", "keep"),
+        default="zero",
+        help="What bad pixels hold in the shards: zero (default) or keep (the survey's values, as the "
+        "released AstroCLIP saw them: use with a converted model). The masks are stored either way.",
+    )
+    parser.add_argument(
         "--grid",
         default="3600:9824:0.8",
         help="Model wavelength grid START:STOP:STEP in Å; spectra are resampled onto it.",
@@ -146,6 +153,7 @@ def _prepare_run(args: argparse.Namespace) -> int:
         progress=progress_enabled(args.progress),
         image_mask_means=args.image_mask_means,
         spectrum_mask_means=args.spectrum_mask_means,
+        masked_pixels=args.masked_pixels,
     )
     print(format_field_summary(Manifest.load(args.out)))
     m = report["match"]

@@ -13,7 +13,7 @@ inputs were redone runs again, and so does everything after it. An interrupted p
 export resumes from its own checkpoint / partial file. The summary is read from the reports
 the evaluation commands wrote; the demo computes no number of its own.
 
-Controls (acceptance of issue 7): raw-input baselines (PCA + k-NN and a supervised MLP on pixels
+Controls: raw-input baselines (PCA + k-NN and a supervised MLP on pixels
 / fluxes) and a random-initialised model are always evaluated; `--controls` also trains the
 alignment again on a shard set whose spectra are permuted among the training objects (the
 shuffled-pair control), which roughly doubles the alignment time.

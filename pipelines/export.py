@@ -7,7 +7,7 @@
 Every sample of the chosen splits goes once through `Family.embed(model, batch)` — no grad, batched,
 bf16 autocast on CUDA, fp32 on CPU — with the family's evaluation collate (`make_collate(...,
 train=False)`) running in loader workers. Rows are written in chunks to `<out>.partial` and renamed
-to `<out>` when complete (layout: foundation/embeddings.py, DESIGN.md).
+to `<out>` when complete (layout: foundation/embeddings.py, docs/embeddings.md).
 
 Resume: re-running the same command continues an interrupted export; the rows already written are
 identified by object id and skipped before the model sees them, and the checkpoint's weights hash,

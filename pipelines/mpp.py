@@ -4,16 +4,10 @@ HDF5 → shards) and `evaluate rollout` (one-step and autoregressive errors of a
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import zlib
 from pathlib import Path
 
-from foundation.cli import Command, add_progress_argument, progress_enabled
+from foundation.cli import Command, add_progress_argument, add_split_fractions_argument, progress_enabled
 from foundation.errors import DataError
-
-SPLIT_NAMES = ("train", "valid", "test")
-
 
 # ----------------------------------------------------------------------------- synth
 
@@ -36,45 +30,31 @@ def _synth_arguments(parser: argparse.ArgumentParser) -> None:
     add_progress_argument(parser)
 
 
-def _synth_run(args: argparse.Namespace) -> int:
-    import numpy as np
-    from tqdm import tqdm
-
-    from encoders.mpp.solvers import SYSTEMS
-    from encoders.mpp.well import compute_stats, write_simulation, write_stats
-
-    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = [s for s in systems if s not in SYSTEMS]
-    if unknown or not systems:
-        raise DataError(f"unknown system(s) {unknown or systems}; choose from {', '.join(SYSTEMS)}")
+def _trajectory_counts(text: str) -> list[int]:
+    """`--trajectories train,valid,test` as three integers."""
     try:
-        counts = [int(v) for v in args.trajectories.split(",")]
+        counts = [int(v) for v in text.split(",")]
     except ValueError:
         counts = []
-    if len(counts) != 3 or min(counts) < 0 or counts[0] < 1:
-        raise DataError(
-            f"--trajectories must be three counts train,valid,test (train >= 1), got {args.trajectories!r}"
-        )
-    out = Path(args.out)
-    for system in systems:
-        if (out / system).exists():
-            raise DataError(f"{out / system} already exists; refusing to overwrite it (choose another --out)")
-    bar = tqdm(
-        total=len(systems) * 3, desc="synth mpp", unit="file", disable=not progress_enabled(args.progress)
+    if len(counts) != 3:
+        raise DataError(f"--trajectories must be three counts train,valid,test (train >= 1), got {text!r}")
+    return counts
+
+
+def _synth_run(args: argparse.Namespace) -> int:
+    from encoders.mpp.synth import write_datasets
+
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    write_datasets(
+        args.out,
+        systems,
+        _trajectory_counts(args.trajectories),
+        resolution=args.resolution,
+        steps=args.steps,
+        seed=args.seed,
+        progress=progress_enabled(args.progress),
     )
-    for system in systems:
-        root = out / system
-        written = []
-        for split_index, (split, n_traj) in enumerate(zip(SPLIT_NAMES, counts, strict=True)):
-            bar.update(1)
-            if n_traj == 0:
-                continue
-            seed = np.random.SeedSequence([args.seed, zlib.crc32(system.encode()), split_index])
-            sim = SYSTEMS[system](np.random.default_rng(seed), n_traj, args.resolution, args.steps)
-            written.append(write_simulation(sim, root / "data" / split / f"{system}_{split}.hdf5"))
-        write_stats(compute_stats([p for p in written if p.parent.name == "train"]), root / "stats.yaml")
-    bar.close()
-    print(f"wrote {len(systems)} Well data set(s) under {out}: {', '.join(systems)}")
+    print(f"wrote {len(systems)} Well data set(s) under {Path(args.out)}: {', '.join(systems)}")
     return 0
 
 
@@ -106,10 +86,10 @@ def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Block-average every source to N x N (must divide its size).",
     )
-    parser.add_argument(
-        "--split-fractions",
-        default="train=0.8,valid=0.1,test=0.1",
-        help="For files outside train/valid/test folders: trajectory fractions per split.",
+    add_split_fractions_argument(
+        parser,
+        "train=0.8,valid=0.1,test=0.1",
+        "For files outside train/valid/test folders: trajectory fractions per split.",
     )
     parser.add_argument("--samples-per-shard", type=int, default=256)
     parser.add_argument("--max-windows-per-trajectory", type=int, default=None)
@@ -123,20 +103,14 @@ def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
     add_progress_argument(parser)
 
 
-def _parse_fractions(text: str) -> dict[str, float]:
-    out = {}
-    for part in text.split(","):
-        name, sep, value = part.partition("=")
-        try:
-            out[name.strip()] = float(value)
-        except ValueError:
-            raise DataError(f"--split-fractions: {part!r} is not NAME=FRACTION") from None
-        if not sep or not name.strip():
-            raise DataError(f"--split-fractions: {part!r} is not NAME=FRACTION")
-    return out
-
-
 _PREPARE_OPTIONS = ("window", "stride", "resolution", "split_fractions", "max_windows_per_trajectory", "seed")
+
+
+def _option_text(value: object) -> str:
+    """An option's value as it is written on the command line (split fractions as NAME=FRACTION,...)."""
+    if isinstance(value, dict):
+        return ",".join(f"{name}={fraction}" for name, fraction in value.items())
+    return str(value)
 
 
 def _prepare_run(args: argparse.Namespace) -> int:
@@ -149,7 +123,7 @@ def _prepare_run(args: argparse.Namespace) -> int:
         window=args.window,
         stride=args.stride,
         resolution=args.resolution,
-        split_fractions=_parse_fractions(args.split_fractions),
+        split_fractions=args.split_fractions,
         samples_per_shard=args.samples_per_shard,
         max_windows_per_trajectory=args.max_windows_per_trajectory,
         seed=args.seed,
@@ -166,7 +140,7 @@ def _prepare_run(args: argparse.Namespace) -> int:
             str(args.history),
         ]
         + [
-            f"--{k.replace('_', '-')} {v}"
+            f"--{k.replace('_', '-')} {_option_text(v)}"
             for k, v in vars(args).items()
             if k in _PREPARE_OPTIONS and v is not None
         ]
@@ -201,78 +175,13 @@ def _rollout_arguments(parser: argparse.ArgumentParser) -> None:
         "--windows", default=None, help="Step windows, e.g. 1,2-5,6-10 (default 1, 2-5, 6-10, ...)."
     )
     parser.add_argument("--max-samples", type=int, default=None, help="Evaluate at most this many windows.")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    parser.add_argument("--device", default="cpu", help="auto (CUDA when available), cpu, cuda or cuda:N.")
     add_progress_argument(parser)
 
 
-def rollout_report(
-    checkpoint: str,
-    data: str,
-    steps: int,
-    out: str | Path,
-    split: str = "test",
-    batch_size: int = 8,
-    windows: str | None = None,
-    max_samples: int | None = None,
-    device: str = "cpu",
-    progress: bool = False,
-) -> dict:
-    """Evaluate and write rollout.json + PNGs under `out`; returns the report."""
-    import itertools
-
-    import torch
-    from tqdm import tqdm
-
-    from encoders.mpp.family import MPPCollate
-    from encoders.mpp.rollout import evaluate, parse_windows, plot_error_curve, plot_frames
-    from foundation.data import ShardDataset
-    from foundation.train import load_pretrained
-
-    if steps < 1:
-        raise DataError(f"--steps must be >= 1, got {steps}")
-    model, cfg, family = load_pretrained(checkpoint, map_location=device)
-    if family.name != "mpp":
-        raise DataError(
-            f"{checkpoint} is a {family.name!r} model; `evaluate rollout` needs an MPP checkpoint"
-        )
-    try:
-        spans = parse_windows(windows, steps)
-    except ValueError as exc:
-        raise DataError(f"--windows: {exc}") from None
-    collate = MPPCollate(
-        list(model.fields), model.cfg.history, steps, False, model.cfg.loss, model.cfg.patch_size
-    )
-    dataset = ShardDataset(
-        data, split=split, batch_size=batch_size, shuffle=False, epochs=1, drop_last=False, collate_fn=collate
-    )
-    total = dataset.manifest.split(split).samples
-    if max_samples is not None:
-        total = min(total, max_samples)
-    batches = iter(dataset)
-    if max_samples is not None:
-        batches = itertools.islice(batches, (max_samples + batch_size - 1) // batch_size)
-    dev = torch.device(device)
-
-    def moved():
-        for batch in batches:
-            yield {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-    bar = tqdm(total=total, desc="evaluate rollout", unit="window", disable=not progress)
-    report, example = evaluate(model, moved(), steps, spans, progress=bar)
-    bar.close()
-    report = {"checkpoint": str(checkpoint), "data": str(data), "split": split, "steps": steps, **report}
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".rollout.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(report, indent=1, allow_nan=True) + "\n")
-    os.replace(tmp, out / "rollout.json")
-    if example is not None:
-        plot_frames(example, out / "frames.png")
-    plot_error_curve(report, out / "error_vs_step.png")
-    return report
-
-
 def _rollout_run(args: argparse.Namespace) -> int:
+    from encoders.mpp.evaluate import rollout_report
+
     report = rollout_report(
         args.checkpoint,
         args.data,

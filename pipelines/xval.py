@@ -13,25 +13,9 @@ import argparse
 import logging
 from pathlib import Path
 
-from foundation.cli import Command
-from foundation.errors import DataError
+from foundation.cli import Command, add_split_fractions_argument
 
 log = logging.getLogger(__name__)
-
-
-def _fractions(text: str) -> dict[str, float]:
-    out = {}
-    for item in text.split(","):
-        name, sep, value = item.partition("=")
-        try:
-            out[name.strip()] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep:
-            raise argparse.ArgumentTypeError(
-                f"{item!r} is not NAME=FRACTION (e.g. train=0.9,valid=0.05,test=0.05)"
-            )
-    return out
 
 
 def _add_prepare_options(parser: argparse.ArgumentParser) -> None:
@@ -70,12 +54,7 @@ def _add_prepare_options(parser: argparse.ArgumentParser) -> None:
         help="Reuse the tokenizer and normaliser of this shard set (evaluation data for a trained model).",
     )
     w = parser.add_argument_group("output")
-    w.add_argument(
-        "--splits",
-        type=_fractions,
-        default={"train": 0.9, "valid": 0.05, "test": 0.05},
-        help="Split fractions by key hash (default train=0.9,valid=0.05,test=0.05).",
-    )
+    add_split_fractions_argument(w, "train=0.9,valid=0.05,test=0.05", "Split fractions by key hash.")
     w.add_argument("--samples-per-shard", type=int, default=1000)
     w.add_argument("--seed", type=int, default=0, help="Salts the split hash and the normaliser's sampling.")
     w.add_argument("--overwrite", action="store_true", help="Replace an existing shard set at --out.")
@@ -87,7 +66,7 @@ def _add_prepare_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _options(args: argparse.Namespace, **overrides):
-    from encoders.xval.data import PrepareOptions
+    from encoders.xval.prepare import PrepareOptions
 
     values = dict(
         text_field=getattr(args, "text_field", "text"),
@@ -100,7 +79,7 @@ def _options(args: argparse.Namespace, **overrides):
         per_field=not args.global_normalizer,
         min_field_count=args.min_field_count,
         clip=args.clip,
-        split_fractions=args.splits,
+        split_fractions=args.split_fractions,
         samples_per_shard=args.samples_per_shard,
         seed=args.seed,
         vocab_from=args.vocab_from,
@@ -153,7 +132,7 @@ def _add_prepare(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
-    from encoders.xval.data import prepare
+    from encoders.xval.prepare import prepare
     from foundation.data.summary import format_field_summary
 
     manifest = prepare(args.inputs, args.out, _options(args))
@@ -190,8 +169,9 @@ def _add_synth(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_synth(args: argparse.Namespace) -> int:
-    from encoders.xval import corpora
-    from encoders.xval.data import prepare, write_jsonl
+    from encoders.xval.prepare import prepare
+    from encoders.xval.synth import record_fields, write_corpus
+    from foundation.data.summary import format_field_summary
 
     out = Path(args.out)
     kwargs = {}
@@ -200,18 +180,11 @@ def _run_synth(args: argparse.Namespace) -> int:
         if args.train_values:
             kwargs["train_values"] = args.train_values
     source = out / f"{args.task}.jsonl"
-    if source.exists() and not args.overwrite:
-        raise DataError(f"{source} exists; pass --overwrite to replace it")
-    n = write_jsonl(corpora.generate(args.task, args.samples, args.seed, **kwargs), source)
+    n = write_corpus(args.task, args.samples, args.seed, source, overwrite=args.overwrite, **kwargs)
     print(f"wrote {n} records to {source}")
     if args.no_prepare:
         return 0
-    overrides = {"key_field": "id"}
-    if args.task == "interpolation":
-        overrides["split_field"] = "split"
-    from foundation.data.summary import format_field_summary
-
-    manifest = prepare([source], out / "shards", _options(args, **overrides))
+    manifest = prepare([source], out / "shards", _options(args, **record_fields(args.task)))
     print(format_field_summary(manifest))
     print(_summary(manifest))
     return 0
@@ -236,7 +209,7 @@ def _add_evaluate(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from encoders.xval.evaluation import evaluate
+    from encoders.xval.evaluate import evaluate
 
     fields = [f.strip() for f in args.fields.split(",") if f.strip()] if args.fields else None
     report = evaluate(

@@ -23,11 +23,8 @@ import json
 import logging
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 PRETRAIN_SYSTEMS = ["navier_stokes", "shallow_water", "diffusion_reaction", "burgers"]
 

@@ -11,7 +11,7 @@ LayerScale gains near 0.5 so that every block shapes the output): DINOv2's ViT b
 arguments `dinov2.models.build_model` passes for AstroCLIP's astrodino/config.yaml (LayerScale,
 MLP, qkv/proj/ffn biases, block chunks), SpecFormer, and `AstroClipModel` with its `ImageHead` and
 `SpectrumHead` (their backbones set directly: the constructors would load released files). Images
-go through the reference's own `AstroClipCollator` (ToRGB, the row/column swap, the centre crop),
+go through the reference's own `AstroClipCollator` (ToRGB, its `permute`, the centre crop),
 spectra through SpecFormer's `preprocess`, as `embed_astroclip.py` runs them. Written:
 
 - `astroclip.ckpt`: the Lightning layout (`state_dict`, `hyper_parameters` holding the encoder
@@ -200,7 +200,8 @@ def build_reference():
 
 
 def make_inputs() -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, H, W, 3) g/r/z cutouts in nanomaggies (sky noise + a galaxy), (N, 7781) DESI-like spectra."""
+    """(N, S, S, 3) g/r/z cutouts in nanomaggies (sky noise + a galaxy) as rows of the reference data
+    set, (column, row, band): the survey cutout transposed; (N, 7781) DESI-like spectra."""
     rng = np.random.default_rng(1)
     y, x = np.mgrid[:CUTOUT, :CUTOUT] - (CUTOUT - 1) / 2
     images = []

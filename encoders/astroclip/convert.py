@@ -7,9 +7,15 @@ Three releases, three layouts:
   cross-attention heads under `{image,spectrum}_encoder.cross_attention.` and `.mlp.`) and
   `hyper_parameters`, which hold the two encoder *modules* themselves (Lightning pickles them).
   → stage `align`.
-- `astrodino.ckpt`: DINOv2's teacher checkpoint, `{"teacher": {"backbone.…", "dino_head.…"}}`
-  (a bare or `state_dict`-wrapped ViT state is accepted too). → stage `image_masked`, which
-  embeds with the class token as DINOv2 does (our masked training is refused for it).
+- `astrodino.ckpt`: DINOv2's teacher checkpoint, `{"teacher": {"backbone.…", "dino_head.…",
+  "ibot_head.…"}}` — what AstroCLIP's DINOv2 trainer writes at each evaluation
+  (`teacher_checkpoint.pth`) and what its `ImageHead` loads through DINOv2's
+  `load_pretrained_weights(…, "teacher")`. Also read, as that loader reads them: a bare ViT state,
+  with or without `backbone.` / DDP's `module.` prefixes, or `state_dict`-wrapped; and DINOv2's
+  whole-model layout `{"model": {"teacher.backbone.…", "student.…", …}}` (its fvcore checkpointer's,
+  when consolidated), whose student is ignored. FSDP's per-rank shards (`flat_param`) are refused.
+  → stage `image_masked`, which embeds with the class token as DINOv2 does (our masked training is
+  refused for it).
 - `specformer.ckpt`: a Lightning checkpoint of `SpecFormer` (`state_dict`, plain
   `hyper_parameters`). → stage `spectrum_masked`, the reconstruction head kept.
 
@@ -436,12 +442,35 @@ def convert_astrodino_state(
 
 
 def _teacher_backbone(payload: Mapping[str, Any], where: str) -> dict[str, torch.Tensor]:
-    """The ViT state of a DINOv2 checkpoint, as the reference's `load_pretrained_weights` reads it."""
-    state = payload.get("teacher", payload.get("state_dict", payload))
+    """The ViT state of a DINOv2 checkpoint (the layouts of the module docstring): the teacher's
+    backbone, its heads and any student dropped."""
+    if "teacher" in payload:
+        state = payload["teacher"]
+    elif isinstance(payload.get("model"), Mapping):
+        state = _teacher_of_whole_model(payload["model"], where)
+    else:
+        state = payload.get("state_dict", payload)
     state = _tensor_state(state, where, "an AstroDINO")
     if any(k.startswith("backbone.") for k in state):
         state = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
     return state
+
+
+def _teacher_of_whole_model(model: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """`teacher.…` of DINOv2's whole-model state (`SSLMetaArch`: student, teacher, their heads)."""
+    keys = [k for k in model if isinstance(k, str)]
+    if any("flat_param" in k for k in keys):
+        raise DataError(
+            f"{where}: DINOv2 training shards (one rank's FSDP flat parameters), not a model: convert the "
+            "teacher checkpoint its evaluation writes (teacher_checkpoint.pth) or the released astrodino.ckpt"
+        )
+    teacher = {k[len("teacher.") :]: v for k, v in model.items() if k.startswith("teacher.")}
+    if not teacher:
+        raise DataError(
+            f"{where}: not an AstroDINO checkpoint: its 'model' holds no 'teacher.' keys (DINOv2's "
+            "student/teacher layout)"
+        )
+    return teacher
 
 
 def convert_astroclip_state(

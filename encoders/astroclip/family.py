@@ -108,6 +108,17 @@ def _set_normalisation(model: AstroCLIP, manifest: Any) -> None:
         )
 
 
+def _warn_if_masked_pixels_zeroed(cfg: AstroCLIPConfig, manifest: Any) -> None:
+    """The released models saw the survey's values at masked pixels; zeroed ones change embeddings."""
+    if manifest is None or cfg.variant != "reference":
+        return
+    if (getattr(manifest, "extra", None) or {}).get("masked_pixels", "zero") == "zero":
+        log.warning(
+            "these shards hold 0 at masked pixels, the released AstroCLIP saw the survey values there: "
+            "for its embeddings, prepare with `foundation prepare astroclip --masked-pixels keep`"
+        )
+
+
 def build_model(cfg: AstroCLIPConfig, manifest: Any) -> AstroCLIP:
     check_manifest(cfg, manifest)
     model = AstroCLIP(cfg)
@@ -128,6 +139,7 @@ def loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]
 
 
 def make_collate(cfg: AstroCLIPConfig, manifest: Any, train: bool) -> Collate:
+    _warn_if_masked_pixels_zeroed(cfg, manifest)
     targets = (
         tuple((getattr(manifest, "extra", None) or {}).get("targets", {})) if manifest is not None else ()
     )

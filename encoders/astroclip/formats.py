@@ -222,6 +222,18 @@ class MaskMeaning:
     source: str  # where it was decided, for the manifest and error messages
 
 
+#: What `prepare` stores at masked pixels: `zero` (0, ours) or `keep` (the survey's value, as the
+#: reference AstroCLIP data set has them). Non-finite values are 0 either way; ivar is 0 and the
+#: mask says bad either way.
+MASKED_PIXELS = ("zero", "keep")
+
+
+def check_masked_pixels(value: str) -> str:
+    if value not in MASKED_PIXELS:
+        raise DataError(f"--masked-pixels must be one of {', '.join(MASKED_PIXELS)}, got {value!r}")
+    return value
+
+
 def check_mask_meaning(value: str | None, option: str) -> str | None:
     if value is not None and value not in MASK_MEANINGS:
         raise DataError(f"{option} must be one of {', '.join(MASK_MEANINGS)}, got {value!r}")
@@ -474,9 +486,15 @@ class ImageSource:
     """Galaxy cutouts from MMU HDF5 files and/or FITS cutout files, in the requested bands."""
 
     def __init__(
-        self, spec: Any, bands: Sequence[str], cutout: int | None = None, mask_means: str | None = None
+        self,
+        spec: Any,
+        bands: Sequence[str],
+        cutout: int | None = None,
+        mask_means: str | None = None,
+        masked_pixels: str = "zero",
     ):
         self.bands = check_bands(bands)
+        self.masked_pixels = check_masked_pixels(masked_pixels)
         if cutout is not None and cutout < 1:
             raise DataError(f"--cutout must be a positive number of pixels, got {cutout}")
         self.mask_option = check_mask_meaning(mask_means, "--image-mask-means")
@@ -596,7 +614,8 @@ class ImageSource:
 
     def read(self, indices: np.ndarray) -> ImageBatch:
         """Images of the given rows (of `self.rows`), bands in the requested order, in nanomaggies;
-        bad pixels (masked, ivar <= 0, non-finite) are 0 with ivar 0."""
+        bad pixels (masked, ivar <= 0, non-finite) have ivar 0 and are 0, or keep their stored value
+        with `masked_pixels="keep"` (non-finite ones are 0 in both)."""
         indices = np.asarray(indices)
         n, b, s = len(indices), len(self.bands), self.size
         out = ImageBatch(
@@ -617,7 +636,8 @@ class ImageSource:
             with np.errstate(over="ignore"):  # HSC's float32-max ivar of no-data pixels: inf, masked
                 ivar = centre_crop(ivar, self.cutout) / layout.factor**2
             bad = centre_crop(bad, self.cutout) | ~np.isfinite(image) | ~np.isfinite(ivar) | ~(ivar > 0)
-            out.image[pos] = np.where(bad, 0.0, image)
+            blank = bad if self.masked_pixels == "zero" else ~np.isfinite(image)
+            out.image[pos] = np.where(blank, 0.0, image)
             out.ivar[pos] = np.where(bad, 0.0, ivar)
             out.mask[pos] = bad
         return out

@@ -16,9 +16,10 @@ from __future__ import annotations
 import math
 
 import torch
+from einops import rearrange
 from torch import nn
 
-from foundation.attention import attention, attention_weights
+from foundation.attention import attention, attention_weights, split_heads
 
 
 class AttentionPoolHead(nn.Module):
@@ -48,21 +49,14 @@ class AttentionPoolHead(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def _qkv(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        b, t, _ = tokens.shape
-        w = self.query.shape[-1]
-        dh = w // self.heads
-        q = self.q(self.query).view(1, 1, self.heads, dh).transpose(1, 2).expand(b, -1, -1, -1)
-        # unbind + transpose: strided views for the kernel, and a backward that stacks the two
-        # gradients straight into the projection's layout (see towers.SelfAttention)
-        k, v = (
-            u.transpose(1, 2) for u in self.kv(self.norm_in(tokens)).view(b, t, 2, self.heads, dh).unbind(2)
-        )
-        return q, k, v
+        (q,) = split_heads(self.q(self.query), 1, self.heads)
+        k, v = split_heads(self.kv(self.norm_in(tokens)), 2, self.heads)
+        return q.expand(len(tokens), -1, -1, -1), k, v
 
     def forward(self, tokens: torch.Tensor, return_weights: bool = False):
         """tokens (B, T, in_width) → embedding (B, width) [, weights (B, heads, T)]."""
         q, k, v = self._qkv(tokens)
-        pooled = attention(q, k, v).transpose(1, 2).reshape(len(tokens), -1)
+        pooled = rearrange(attention(q, k, v), "b h 1 d -> b (h d)")
         x = self.norm(self.dropout(self.proj(pooled)))
         x = x + self.mlp(x) if self.residual else self.mlp(x)
         if return_weights:

@@ -207,9 +207,9 @@ class AstroCLIPConfig:
     variant: Variant = option(
         "foundation",
         "Architecture: foundation (ours) or reference (the released AstroCLIP: DINOv2 image tower on "
-        "the Legacy Survey viewer's RGB with rows and columns swapped, no class token or positions "
-        "inside AstroCLIP; SpecFormer with its (mean, std) features in token 0; heads without input "
-        "LayerNorm, the image head without its MLP residual). Set by `foundation convert`.",
+        "the Legacy Survey viewer's RGB, no class token or positions inside AstroCLIP; "
+        "SpecFormer with its (mean, std) features in token 0; heads without input LayerNorm, the image "
+        "head without its MLP residual). Set by `foundation convert`.",
     )
 
     def __post_init__(self) -> None:

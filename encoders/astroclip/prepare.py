@@ -133,6 +133,7 @@ def prepare(
     progress: bool | None = False,
     image_mask_means: str | None = None,
     spectrum_mask_means: str | None = None,
+    masked_pixels: str = "zero",
 ) -> dict[str, Any]:
     """Cross-match images with spectra (and a catalogue of targets) on the sky, resample spectra
     to `grid`, centre-crop images to `cutout`, and write an astroclip shard set. Returns a report.
@@ -140,10 +141,11 @@ def prepare(
     `image_mask_means` / `spectrum_mask_means` (clean|bad|bits) override what each file's mask is
     taken to mean; by default it comes from the file (see formats.image_mask_meaning). Objects whose
     image has a band without one good pixel, or whose spectrum has no good pixel on the grid, are
-    skipped and counted (`report["skipped"]`)."""
+    skipped and counted (`report["skipped"]`). `masked_pixels` (zero|keep): what bad pixels hold in
+    the shards, 0 or the survey's value (the released AstroCLIP saw the survey values)."""
     if radius_arcsec <= 0:
         raise DataError(f"--match-radius must be positive, got {radius_arcsec}")
-    image_src = ImageSource(images, bands, cutout, mask_means=image_mask_means)
+    image_src = ImageSource(images, bands, cutout, mask_means=image_mask_means, masked_pixels=masked_pixels)
     spec_src = SpectrumSource(spectra, mask_means=spectrum_mask_means)
     _check_grid_overlap(grid, spec_src.wavelength_range())
     match = _match_images_to_spectra(image_src, spec_src, radius_arcsec)
@@ -164,8 +166,8 @@ def prepare(
         splits or dict(SPLITS),
         samples_per_shard=samples_per_shard,
         family="astroclip",
-        schema=_schema(image_src, resolved),
-        extra=_extra(image_src, spec_src, wavelength, grid[2], resolved, report),
+        schema=_schema(image_src, resolved, masked_pixels),
+        extra=_extra(image_src, spec_src, masked_pixels, wavelength, grid[2], resolved, report),
         provenance=_provenance(image_src, spec_src, catalog),
         seed=seed,
         split_salt=str(seed),
@@ -174,7 +176,9 @@ def prepare(
         hints=_DEGENERATE_HINTS,
         allow_degenerate=allow_degenerate,
     ) as writer:
-        pairs = _PairWriter(writer, image_src, spec_src, match, resolved, wavelength)
+        pairs = _PairWriter(
+            writer, image_src, spec_src, match, resolved, _Resamplers(wavelength, masked_pixels)
+        )
         pairs.write_all(chunk, progress)
         pairs.check_written(bands)
         writer.stats.update(pairs.train_stats.summary())
@@ -297,17 +301,21 @@ def _resolve_targets(
 # ----------------------------------------------------------------------------- manifest
 
 
-def _schema(image_src: ImageSource, resolved: dict[str, tuple[Any, str, str]]) -> dict[str, Any]:
+def _schema(
+    image_src: ImageSource, resolved: dict[str, tuple[Any, str, str]], masked_pixels: str
+) -> dict[str, Any]:
     """The fields of every sample, with units; targets are optional scalars."""
+    bad_pixels = "0" if masked_pixels == "zero" else "survey value"
     schema: dict[str, Any] = {
         "image": {
             "unit": "nanomaggy",
-            "description": f"cutout, bands {','.join(image_src.bands)}, (bands, H, W), bad pixels 0",
+            "description": f"cutout, bands {','.join(image_src.bands)}, (bands, H, W), bad pixels: "
+            + bad_pixels,
         },
         "image_ivar": {"unit": "nanomaggy^-2", "description": "inverse variance of image; 0 = bad pixel"},
         "spectrum": {
             "unit": "1e-17 erg/s/cm2/Angstrom",
-            "description": "flux on extra.wavelength; bad pixels 0",
+            "description": "flux on extra.wavelength; bad pixels: " + bad_pixels,
         },
         "spectrum_ivar": {
             "unit": "1e+34 s2 cm4 Angstrom2/erg2",
@@ -332,6 +340,7 @@ def _schema(image_src: ImageSource, resolved: dict[str, tuple[Any, str, str]]) -
 def _extra(
     image_src: ImageSource,
     spec_src: SpectrumSource,
+    masked_pixels: str,
     wavelength: np.ndarray,
     step: float,
     resolved: dict[str, tuple[Any, str, str]],
@@ -342,6 +351,7 @@ def _extra(
         "bands": list(image_src.bands),
         "pixel_scale_arcsec": image_src.pixel_scale,
         "mask_meanings": {"image": image_src.mask_meanings, "spectrum": spec_src.mask_meanings},
+        "masked_pixels": masked_pixels,
         "image_size": image_src.size,
         "wavelength": {
             "start": float(wavelength[0]),
@@ -420,10 +430,11 @@ class _TrainStats:
 
 class _Resamplers:
     """One `Resampler` per source wavelength grid, the oldest dropped beyond RESAMPLER_CACHE
-    (SDSS has one grid per plate)."""
+    (SDSS has one grid per plate). With `masked_pixels="keep"` masked pixels keep their values."""
 
-    def __init__(self, wavelength: np.ndarray):
+    def __init__(self, wavelength: np.ndarray, masked_pixels: str):
         self.wavelength = wavelength
+        self.keep_masked = masked_pixels == "keep"
         self.cache: dict[bytes, Resampler] = {}
 
     def __call__(self, lam: np.ndarray) -> Resampler:
@@ -431,7 +442,7 @@ class _Resamplers:
         if key not in self.cache:
             if len(self.cache) >= RESAMPLER_CACHE:
                 self.cache.pop(next(iter(self.cache)))
-            self.cache[key] = Resampler(lam, self.wavelength)
+            self.cache[key] = Resampler(lam, self.wavelength, keep_masked=self.keep_masked)
         return self.cache[key]
 
 
@@ -446,11 +457,10 @@ class _PairWriter:
         spec_src: SpectrumSource,
         match: Any,
         resolved: dict[str, tuple[Any, str, str]],
-        wavelength: np.ndarray,
+        resamplers: _Resamplers,
     ):
         self.writer, self.image_src, self.spec_src = writer, image_src, spec_src
-        self.match, self.resolved = match, resolved
-        self.resamplers = _Resamplers(wavelength)
+        self.match, self.resolved, self.resamplers = match, resolved, resamplers
         self.used_keys: set[str] = set()
         self.counts: dict[str, int] = {}
         self.skipped = {"image_band_without_good_pixels": 0, "spectrum_without_good_pixels": 0}

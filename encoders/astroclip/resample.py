@@ -3,6 +3,8 @@
 Each output pixel is the overlap-weighted mean of the input pixels it covers (f_λ is a density, so
 the mean of the density conserves the integrated flux); variances combine with squared weights;
 masked input pixels get weight 0; an output pixel less than half covered by good input is masked.
+Masked output pixels are 0, or with `keep_masked` keep a value: on the same grid the stored one, else
+the overlap-weighted mean of all finite input pixels (the mask still says bad, ivar still 0).
 The (output x input) overlap matrix depends only on the two grids and is built once per grid.
 """
 
@@ -51,7 +53,8 @@ def overlap_matrix(source: np.ndarray, target: np.ndarray) -> sparse.csr_matrix:
 class Resampler:
     """Resample batches of (flux, ivar, mask) from one source grid to one target grid."""
 
-    def __init__(self, source: np.ndarray, target: np.ndarray):
+    def __init__(self, source: np.ndarray, target: np.ndarray, keep_masked: bool = False):
+        self.keep_masked = keep_masked
         self.source = np.asarray(source, dtype=np.float64)
         self.target = np.asarray(target, dtype=np.float64)
         self.identity = same_grid(self.source, self.target)
@@ -65,8 +68,9 @@ class Resampler:
         """(N, L_in) arrays → (N, L_out) float32 flux, float32 ivar, bool mask (True = bad)."""
         bad = mask | ~(ivar > 0) | ~np.isfinite(flux)
         if self.identity:
+            blank = ~np.isfinite(flux) if self.keep_masked else bad
             return (
-                np.where(bad, 0.0, flux).astype(np.float32),
+                np.where(blank, 0.0, flux).astype(np.float32),
                 np.where(bad, 0.0, ivar).astype(np.float32),
                 bad,
             )
@@ -79,8 +83,16 @@ class Resampler:
         out_var = ((self.matrix.multiply(self.matrix)) @ var.T).T / total**2
         out_bad = weight < 0.5 * self.width[None, :]
         out_ivar = np.where(out_bad | (out_var <= 0), 0.0, 1.0 / np.where(out_var > 0, out_var, 1.0))
+        masked_value = self._mean_of_finite(flux) if self.keep_masked else 0.0
         return (
-            np.where(out_bad, 0.0, out_flux).astype(np.float32),
+            np.where(out_bad, masked_value, out_flux).astype(np.float32),
             out_ivar.astype(np.float32),
             out_bad,
         )
+
+    def _mean_of_finite(self, flux: np.ndarray) -> np.ndarray:
+        """(N, L_out) overlap-weighted mean of every finite input pixel, masked or not (0 where none)."""
+        finite = np.isfinite(flux)
+        weight = (self.matrix @ finite.astype(np.float64).T).T
+        total = (self.matrix @ np.where(finite, flux, 0.0).astype(np.float64).T).T
+        return np.where(weight > 0, total / np.where(weight > 0, weight, 1.0), 0.0)

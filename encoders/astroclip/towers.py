@@ -13,68 +13,13 @@ from __future__ import annotations
 import math
 
 import torch
+from einops import rearrange
 from torch import nn
 
-from foundation.attention import attention
+from foundation.attention import TransformerBlock
 
-
-class SelfAttention(nn.Module):
-    def __init__(self, width: int, heads: int, dropout: float = 0.0):
-        super().__init__()
-        if width % heads:
-            raise ValueError(f"width {width} is not divisible by heads {heads}")
-        self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, w = x.shape
-        # Unbinding along the q/k/v axis of the (b, t, 3, heads, dh) view gives strided (b, heads,
-        # t, dh) views the fused kernels accept as they are; its backward stacks the three
-        # gradients straight into the projection's (b, t, 3w) layout — a `.permute(2, 0, 3, 1, 4)`
-        # split costs one more full copy of that gradient per block.
-        q, k, v = (
-            u.transpose(1, 2) for u in self.qkv(x).view(b, t, 3, self.heads, w // self.heads).unbind(2)
-        )
-        y = attention(q, k, v)  # SDPA on CPU writes (b, t, heads, dh) memory: the reshape is a view
-        return self.dropout(self.proj(y.transpose(1, 2).reshape(b, t, w)))
-
-
-class Block(nn.Module):
-    """Pre-LN transformer block: x + attn(LN(x)), then x + MLP(LN(x)).
-
-    `layer_scale` multiplies each branch by a learned per-channel gain (`ls1`, `ls2`; DINOv2's
-    LayerScale), `eps` is the LayerNorms' epsilon (DINOv2: 1e-6)."""
-
-    def __init__(
-        self,
-        width: int,
-        heads: int,
-        mlp_ratio: float = 4.0,
-        dropout: float = 0.0,
-        eps: float = 1e-5,
-        layer_scale: bool = False,
-    ):
-        super().__init__()
-        hidden = int(width * mlp_ratio)
-        self.norm1 = nn.LayerNorm(width, eps=eps)
-        self.attn = SelfAttention(width, heads, dropout)
-        self.norm2 = nn.LayerNorm(width, eps=eps)
-        self.mlp = nn.Sequential(
-            nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width), nn.Dropout(dropout)
-        )
-        if layer_scale:
-            self.ls1 = nn.Parameter(torch.full((width,), 1e-5))
-            self.ls2 = nn.Parameter(torch.full((width,), 1e-5))
-        self.layer_scale = layer_scale
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.layer_scale:
-            x = x + self.ls1 * self.attn(self.norm1(x))
-            return x + self.ls2 * self.mlp(self.norm2(x))
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+#: DINOv2's initial LayerScale gain.
+DINOV2_LAYER_SCALE = 1e-5
 
 
 def _init_weights(module: nn.Module, depth: int) -> None:
@@ -100,7 +45,9 @@ def sinusoidal(positions: torch.Tensor, width: int) -> torch.Tensor:
 
 
 class Encoder(nn.Module):
-    """A stack of blocks and a final LayerNorm."""
+    """A stack of pre-LN blocks and a final LayerNorm; `layer_scale` gives every block DINOv2's
+    LayerScale (learned per-channel branch gains starting at 1e-5), `eps` is the LayerNorms'
+    epsilon (DINOv2: 1e-6)."""
 
     def __init__(
         self,
@@ -113,8 +60,10 @@ class Encoder(nn.Module):
         layer_scale: bool = False,
     ):
         super().__init__()
+        gain = DINOV2_LAYER_SCALE if layer_scale else None
         self.blocks = nn.ModuleList(
-            Block(width, heads, mlp_ratio, dropout, eps, layer_scale) for _ in range(depth)
+            TransformerBlock(width, heads, mlp_ratio, dropout=dropout, eps=eps, layer_scale=gain)
+            for _ in range(depth)
         )
         self.norm = nn.LayerNorm(width, eps=eps)
         _init_weights(self.blocks, depth)
@@ -269,10 +218,6 @@ class ImageViT(nn.Module):
             self.pos[0, 2:] = grid_positions(self.grid, width)
         nn.init.zeros_(self.scale_embed.bias)
 
-    @property
-    def num_patches(self) -> int:
-        return self.grid**2
-
     def standardise(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(image / scale, normalised log10 scale (B, 1))."""
         scale = image.square().mean(dim=(1, 2, 3)).sqrt().clamp_min(self.scale_floor)
@@ -282,9 +227,7 @@ class ImageViT(nn.Module):
 
     def patches(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, S, S) → (B, N, C·p·p) pixel patches in the order of the patch tokens."""
-        b, c = x.shape[:2]
-        p, g = self.patch, self.grid
-        return x.view(b, c, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(b, g * g, c * p * p)
+        return rearrange(x, "b c (gh p1) (gw p2) -> b (gh gw) (c p1 p2)", p1=self.patch, p2=self.patch)
 
     def forward(
         self, image: torch.Tensor, token_mask: torch.Tensor | None = None, drop_masked: bool = False
@@ -300,7 +243,7 @@ class ImageViT(nn.Module):
                 f"({self.bands}, {self.size}, {self.size}) (bands, crop size)"
             )
         x, log_scale = self.standardise(image)
-        h = self.patch_embed(x).flatten(2).transpose(1, 2)
+        h = rearrange(self.patch_embed(x), "b w gh gw -> b (gh gw) w")
         b, n, w = h.shape
         if token_mask is not None and not drop_masked:
             h = torch.where(token_mask[..., None], self.mask_token.to(h.dtype), h)
@@ -463,12 +406,14 @@ def lupton_rgb(image: torch.Tensor, bands: list[str]) -> torch.Tensor:
 class ReferenceImageViT(nn.Module):
     """The released image tower: AstroDINO's DINOv2 ViT, with AstroCLIP's image preprocessing.
 
-    Input (B, 3, S, S) fluxes in the bands of `RGB_SCALES` are turned into the viewer's RGB
-    (`lupton_rgb`) with rows and columns swapped, as the reference collator's `permute(0, 3, 2, 1)`
-    does. DINOv2: conv patch embedding, blocks with LayerScale, LayerNorm eps 1e-6. With
-    `class_token` (AstroDINO alone) the tokens are [cls, patches] plus learned positions and the
-    embedding is the class token; without it (inside AstroCLIP) the patch embeddings go through
-    the blocks with neither class token nor positions, as AstroCLIP's image head calls them.
+    Input (B, 3, S, S) fluxes in the bands of `RGB_SCALES`, (band, row, column) as the survey
+    cutouts store them, are turned into the viewer's RGB (`lupton_rgb`). The reference sees the same
+    orientation: its data set holds each Stein et al. cutout transposed to (column, row, band), and
+    its collator's `permute(0, 3, 2, 1)` transposes it back. DINOv2: conv patch embedding, blocks
+    with LayerScale, LayerNorm eps 1e-6. With `class_token` (AstroDINO alone) the tokens are
+    [cls, patches] plus learned positions and the embedding is the class token; without it (inside
+    AstroCLIP) the patch embeddings go through the blocks with neither class token nor positions, as
+    AstroCLIP's image head calls them.
     """
 
     def __init__(
@@ -496,10 +441,6 @@ class ReferenceImageViT(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(width))
         self.encoder = Encoder(width, depth, heads, mlp_ratio, dropout, eps=1e-6, layer_scale=True)
 
-    @property
-    def num_patches(self) -> int:
-        return self.grid**2
-
     def forward(
         self, image: torch.Tensor, token_mask: torch.Tensor | None = None, drop_masked: bool = False
     ) -> dict[str, torch.Tensor]:
@@ -511,8 +452,8 @@ class ReferenceImageViT(nn.Module):
                 f"images have shape {tuple(image.shape[1:])}; this tower expects "
                 f"({self.bands}, {self.size}, {self.size}) (bands, crop size)"
             )
-        x = lupton_rgb(image, self.band_names).transpose(-1, -2)
-        h = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = lupton_rgb(image, self.band_names)
+        h = rearrange(self.patch_embed(x), "b w gh gw -> b (gh gw) w")
         if self.class_token:
             h = torch.cat([self.cls.expand(len(h), -1, -1), h], dim=1) + self.pos
         return {"tokens": self.encoder(h)}

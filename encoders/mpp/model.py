@@ -36,6 +36,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from foundation.attention import attention
@@ -223,16 +224,12 @@ class FieldEmbedding(nn.Module):
 
 def _patchify(x: torch.Tensor, p: int) -> torch.Tensor:
     """(N, H, W, C) → (N, H/p, W/p, p*p*C)."""
-    n, h, w, c = x.shape
-    x = x.reshape(n, h // p, p, w // p, p, c).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(n, h // p, w // p, p * p * c)
+    return rearrange(x, "n (h p1) (w p2) c -> n h w (p1 p2 c)", p1=p, p2=p)
 
 
 def _unpatchify(x: torch.Tensor, p: int, c: int) -> torch.Tensor:
     """(N, h, w, p*p*c) → (N, h*p, w*p, c)."""
-    n, h, w, _ = x.shape
-    x = x.reshape(n, h, w, p, p, c).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(n, h * p, w * p, c)
+    return rearrange(x, "n h w (p1 p2 c) -> n (h p1) (w p2) c", p1=p, p2=p, c=c)
 
 
 def _strides(patch_size: int) -> list[int]:
@@ -290,8 +287,7 @@ class PatchDestem(nn.Module):
         c = field_ids.shape[0]
         weight = self.out_weight[field_ids].reshape(c * last * last, self.out_dim)
         y = F.linear(x, weight)  # (N, h, w, C*p*p)
-        n, h, w, _ = y.shape
-        y = y.reshape(n, h, w, c, last, last).permute(0, 3, 1, 4, 2, 5).reshape(n, c, h * last, w * last)
+        y = rearrange(y, "n h w (c p1 p2) -> n c (h p1) (w p2)", p1=last, p2=last)
         return y + self.out_bias[field_ids][None, :, None, None]
 
     def expand(self, n_new: int) -> None:
@@ -392,19 +388,20 @@ class _QKV(nn.Module):
         return self.q_norm(q), self.k_norm(k), v
 
 
-def _along(t: torch.Tensor, axis: int) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """(B, T, h, w, heads, dh) → (N, heads, L, dh) with sequences along `axis` (1=T, 2=h, 3=w)."""
-    others = [d for d in (1, 2, 3) if d != axis]
-    perm = (0, *others, 4, axis, 5)
-    moved = t.permute(perm)
-    return moved.reshape(-1, *moved.shape[-3:]), perm
+#: Axial sequences of (B, T, h, w, heads, dh) tokens as attention's (N, heads, L, dh): the
+#: sequence runs along one token axis (time, rows h or columns w), the other two join the batch.
+_AXIAL = {"t": "(b h w) n t d", "h": "(b t w) n h d", "w": "(b t h) n w d"}
 
 
-def _back(out: torch.Tensor, perm: tuple[int, ...], shape: torch.Size) -> torch.Tensor:
-    """Inverse of `_along`: (N, heads, L, dh) → (B, T, h, w, heads*dh)."""
-    sizes = [shape[d] for d in perm]
-    inverse = [perm.index(d) for d in range(6)]
-    return out.reshape(sizes).permute(inverse).flatten(-2)
+def _along(t: torch.Tensor, axis: Literal["t", "h", "w"]) -> torch.Tensor:
+    """(B, T, h, w, heads, dh) → (N, heads, L, dh) with sequences along `axis`."""
+    return rearrange(t, f"b t h w n d -> {_AXIAL[axis]}")
+
+
+def _back(out: torch.Tensor, axis: Literal["t", "h", "w"], shape: torch.Size) -> torch.Tensor:
+    """Inverse of `_along`: (N, heads, L, dh) → (B, T, h, w, heads*dh) for tokens of `shape`."""
+    b, t, h, w = shape[:4]
+    return rearrange(out, f"{_AXIAL[axis]} -> b t h w (n d)", b=b, t=t, h=h, w=w)
 
 
 class TimeAttention(nn.Module):
@@ -422,10 +419,9 @@ class TimeAttention(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv(x)  # (B, T, h, w, heads, dh)
-        (qt, perm), (kt, _), (vt, _) = _along(q, 1), _along(k, 1), _along(v, 1)
-        out = attention(qt, kt, vt, attn_mask=self.bias(x.shape[1]).to(qt.dtype))
-        out = self.out_norm(_back(out, perm, q.shape))
+        q, k, v = (_along(u, "t") for u in self.qkv(x))
+        out = attention(q, k, v, attn_mask=self.bias(x.shape[1]).to(q.dtype))
+        out = self.out_norm(_back(out, "t", x.shape))
         return x + self.drop_path(self.gamma * self.proj(out))
 
 
@@ -464,12 +460,12 @@ class AxialSpaceAttention(nn.Module):
         self, x: torch.Tensor, periodic: tuple[torch.Tensor | bool, torch.Tensor | bool]
     ) -> torch.Tensor:
         b, t, h, w, _ = x.shape
-        q, k, v = self.qkv(x)
-        (qx, perm_x), (kx, _), (vx, _) = _along(q, 2), _along(k, 2), _along(v, 2)
+        q, k, v = self.qkv(x)  # (B, T, h, w, heads, dh)
+        qx, kx, vx = _along(q, "h"), _along(k, "h"), _along(v, "h")
         out_x = attention(qx, kx, vx, attn_mask=self._mask(h, periodic[0], t * w, qx.dtype))
-        (qy, perm_y), (ky, _), (vy, _) = _along(q, 3), _along(k, 3), _along(v, 3)
+        qy, ky, vy = _along(q, "w"), _along(k, "w"), _along(v, "w")
         out_y = attention(qy, ky, vy, attn_mask=self._mask(w, periodic[1], t * h, qy.dtype))
-        out = self.out_norm(0.5 * (_back(out_x, perm_x, q.shape) + _back(out_y, perm_y, q.shape)))
+        out = self.out_norm(0.5 * (_back(out_x, "h", x.shape) + _back(out_y, "w", x.shape)))
         x = x + self.drop_path(self.gamma_att * self.proj(out))
         # The reference normalises the MLP's output (post-norm); ours its input (pre-norm).
         branch = self.mlp_norm(self.mlp(x)) if self.reference else self.mlp(self.mlp_norm(x))
@@ -528,7 +524,7 @@ class AViT(nn.Module):
         4×4 patch projection are linear, so their composite — an (out, 16·C) matrix built per
         batch — is applied to the raw C-channel patches (16·D/4 / C times fewer multiply-adds in
         the largest stem matmul, and no full-resolution intermediate)."""
-        b, t, c, height, width = x.shape
+        t, c = x.shape[1:3]
         first = self.stem.projs[0]
         s = self.stem.strides[0]
         w1 = first.weight.view(first.out_features, s * s, -1)  # (out, s*s, D/4)
@@ -536,7 +532,7 @@ class AViT(nn.Module):
         bias = w1.sum(dim=1) @ self.embed.bias
         n_present = field_mask.sum(dim=1).clamp(min=1).to(x.dtype)
         scale = (self.embed.reference_size.to(x.dtype) / n_present).sqrt().repeat_interleave(t)
-        patches = _patchify(x.permute(0, 1, 3, 4, 2).reshape(b * t, height, width, c), s)
+        patches = _patchify(rearrange(x, "b t c h w -> (b t) h w c"), s)
         projected = F.linear(patches, composite, bias) * scale[:, None, None, None]
         return self.stem(projected, first_projected=True)
 

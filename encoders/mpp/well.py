@@ -22,7 +22,6 @@ the file and the key; a valid file MPP cannot use (not 2-D, a spherical grid) a 
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ import numpy as np
 import yaml
 
 from encoders.mpp.solvers import Simulation
+from foundation.atomic import replacing, write_text
 from foundation.errors import DataError
 from foundation.hdf5 import check_storage, open_hdf5
 
@@ -59,65 +59,58 @@ def write_simulation(sim: Simulation, path: str | Path, dataset_name: str | None
         raise DataError(
             f"{path} already exists; refusing to overwrite it (remove it or choose another --out)"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     fields_t0 = sim.t0_fields
     fields_t1 = sim.t1_fields
     n_traj = next(iter({**fields_t0, **fields_t1}.values())).shape[0]
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["dataset_name"] = dataset_name or sim.name
-            f.attrs["grid_type"] = "cartesian"
-            f.attrs["n_spatial_dims"] = 2
-            f.attrs["n_trajectories"] = n_traj
-            f.attrs["simulation_parameters"] = _str_array(sim.parameters)
-            for name, values in sim.parameters.items():
-                f.attrs[name] = np.asarray(values)
+    with replacing(path, overwrite=False) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["dataset_name"] = dataset_name or sim.name
+        f.attrs["grid_type"] = "cartesian"
+        f.attrs["n_spatial_dims"] = 2
+        f.attrs["n_trajectories"] = n_traj
+        f.attrs["simulation_parameters"] = _str_array(sim.parameters)
+        for name, values in sim.parameters.items():
+            f.attrs[name] = np.asarray(values)
 
-            dims = f.create_group("dimensions")
-            dims.attrs["spatial_dims"] = _str_array(["x", "y"])
-            for name, values, time_varying in (
-                ("time", sim.time, True),
-                ("x", sim.x, False),
-                ("y", sim.y, False),
-            ):
-                d = dims.create_dataset(name, data=np.asarray(values, dtype=np.float32))
-                d.attrs["sample_varying"] = False
-                d.attrs["time_varying"] = time_varying
+        dims = f.create_group("dimensions")
+        dims.attrs["spatial_dims"] = _str_array(["x", "y"])
+        for name, values, time_varying in (
+            ("time", sim.time, True),
+            ("x", sim.x, False),
+            ("y", sim.y, False),
+        ):
+            d = dims.create_dataset(name, data=np.asarray(values, dtype=np.float32))
+            d.attrs["sample_varying"] = False
+            d.attrs["time_varying"] = time_varying
 
-            bcs = f.create_group("boundary_conditions")
-            for axis, coords in (("x", sim.x), ("y", sim.y)):
-                bc_type = sim.boundary[axis].upper()
-                g = bcs.create_group(f"{axis}_{bc_type.lower()}")
-                g.attrs["bc_type"] = bc_type
-                g.attrs["associated_dims"] = _str_array([axis])
-                g.attrs["associated_fields"] = _str_array([])
-                g.attrs["sample_varying"] = False
-                g.attrs["time_varying"] = False
-                mask = np.zeros(len(coords), dtype=bool)
-                mask[[0, -1]] = True
-                g.create_dataset("mask", data=mask)
-                g.create_dataset("values", data=np.zeros(0, dtype=np.float32))
+        bcs = f.create_group("boundary_conditions")
+        for axis, coords in (("x", sim.x), ("y", sim.y)):
+            bc_type = sim.boundary[axis].upper()
+            g = bcs.create_group(f"{axis}_{bc_type.lower()}")
+            g.attrs["bc_type"] = bc_type
+            g.attrs["associated_dims"] = _str_array([axis])
+            g.attrs["associated_fields"] = _str_array([])
+            g.attrs["sample_varying"] = False
+            g.attrs["time_varying"] = False
+            mask = np.zeros(len(coords), dtype=bool)
+            mask[[0, -1]] = True
+            g.create_dataset("mask", data=mask)
+            g.create_dataset("values", data=np.zeros(0, dtype=np.float32))
 
-            scalars = f.create_group("scalars")
-            scalars.attrs["field_names"] = _str_array(sim.parameters)
-            for name, values in sim.parameters.items():
-                d = scalars.create_dataset(name, data=np.asarray(values, dtype=np.float32))
+        scalars = f.create_group("scalars")
+        scalars.attrs["field_names"] = _str_array(sim.parameters)
+        for name, values in sim.parameters.items():
+            d = scalars.create_dataset(name, data=np.asarray(values, dtype=np.float32))
+            d.attrs["sample_varying"] = True
+            d.attrs["time_varying"] = False
+
+        for order, group_fields in ((0, fields_t0), (1, fields_t1), (2, {})):
+            g = f.create_group(f"t{order}_fields")
+            g.attrs["field_names"] = _str_array(group_fields)
+            for name, values in group_fields.items():
+                d = g.create_dataset(name, data=np.asarray(values, dtype=np.float32))
+                d.attrs["dim_varying"] = np.array([True, True])
                 d.attrs["sample_varying"] = True
-                d.attrs["time_varying"] = False
-
-            for order, group_fields in ((0, fields_t0), (1, fields_t1), (2, {})):
-                g = f.create_group(f"t{order}_fields")
-                g.attrs["field_names"] = _str_array(group_fields)
-                for name, values in group_fields.items():
-                    d = g.create_dataset(name, data=np.asarray(values, dtype=np.float32))
-                    d.attrs["dim_varying"] = np.array([True, True])
-                    d.attrs["sample_varying"] = True
-                    d.attrs["time_varying"] = True
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+                d.attrs["time_varying"] = True
     return path
 
 
@@ -167,10 +160,7 @@ def compute_stats(files: Sequence[str | Path]) -> dict[str, dict[str, Any]]:
 
 
 def write_stats(stats: dict[str, Any], path: str | Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(stats, sort_keys=False))
-    os.replace(tmp, path)
+    write_text(path, yaml.safe_dump(stats, sort_keys=False))
 
 
 # ----------------------------------------------------------------------------- reading

@@ -123,20 +123,6 @@ class NumberEncoding:
         out[~ok] = np.nan
         return out if n else np.zeros(0)
 
-    def token_strings(self) -> list[str]:
-        """Readable spelling of each local id (for inspection and generated text)."""
-        exps = [f"E{e:+d}" for e in range(MIN_EXP, MAX_EXP + 1)]
-        signed = [f"+{m}" for m in range(100, 1000)] + [f"-{m}" for m in range(100, 1000)]
-        if self.name == "p10":
-            return ["+", "-", *map(str, range(10)), *exps]
-        if self.name == "p1000":
-            return ["+", "-", *map(str, range(100, 1000)), *exps]
-        if self.name == "b1999":
-            return signed + exps
-        if self.name == "fp15":
-            return [f"{s}{e}" for s in signed for e in exps]
-        return []
-
 
 _SIZES = {"xval": (1, 0), "p10": (5, 28), "p1000": (3, 918), "b1999": (2, 1816), "fp15": (1, 1800 * N_EXP)}
 

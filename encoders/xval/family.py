@@ -13,11 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from encoders.xval.batching import XValCollate
+from encoders.xval.collate import XValCollate
 from encoders.xval.encodings import get_encoding
+from encoders.xval.loss import xval_loss
 from encoders.xval.model import XValConfig, XValModel
 from encoders.xval.normalizer import Normalizer
-from encoders.xval.objective import xval_loss
 from encoders.xval.tokenizer import TOKENIZER_FILE, TextTokenizer
 from foundation.errors import ConfigError, DataError
 from foundation.registry import Family

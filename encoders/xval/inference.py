@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from encoders.xval.batching import XValCollate
+from encoders.xval.collate import XValCollate
+from encoders.xval.loss import Batch, masked_inputs, next_token_select
 from encoders.xval.normalizer import Normalizer
 from encoders.xval.numbers import extract_numbers, field_at_end, format_value
-from encoders.xval.objective import Batch, masked_inputs, next_token_select
 from encoders.xval.tokenizer import NUM_ID, SPECIAL_TOKENS, TextTokenizer
 
 

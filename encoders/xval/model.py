@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from encoders.xval.encodings import ENCODINGS, get_encoding
-from foundation.attention import attention
+from foundation.attention import TransformerBlock
 from foundation.config import MAX_DEPTH, MAX_MLP_RATIO, MAX_TOKENS, MAX_VOCAB, MAX_WIDTH, option
 
 
@@ -76,52 +76,11 @@ class XValConfig:
             raise ValueError(f"model.encoding must be one of {ENCODINGS}, got {self.encoding!r}")
 
 
-class SelfAttention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
-        super().__init__()
-        self.n_heads = n_heads
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
-        self.proj = nn.Linear(d_model, d_model, bias=False)
-        self.dropout = dropout
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        attn_mask: torch.Tensor | None,
-        key_padding_mask: torch.Tensor | None,
-        causal: bool,
-    ) -> torch.Tensor:
-        b, n, d = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
-        out = attention(
-            q,
-            k,
-            v,
-            attn_mask=attn_mask,
-            key_padding_mask=key_padding_mask,
-            is_causal=causal,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
-
-
-class Block(nn.Module):
-    """Pre-LN transformer block without biases."""
-
-    def __init__(self, cfg: XValConfig) -> None:
-        super().__init__()
-        d, hidden = cfg.d_model, int(cfg.mlp_ratio * cfg.d_model)
-        self.norm1 = nn.LayerNorm(d, bias=False)
-        self.attn = SelfAttention(d, cfg.n_heads, cfg.dropout)
-        self.norm2 = nn.LayerNorm(d, bias=False)
-        self.mlp = nn.Sequential(
-            nn.Linear(d, hidden, bias=False), nn.GELU(), nn.Linear(hidden, d, bias=False)
-        )
-        self.drop = nn.Dropout(cfg.dropout)
-
-    def forward(self, x, attn_mask, key_padding_mask, causal):
-        x = x + self.drop(self.attn(self.norm1(x), attn_mask, key_padding_mask, causal))
-        return x + self.drop(self.mlp(self.norm2(x)))
+def _block(cfg: XValConfig) -> TransformerBlock:
+    """The trunk's pre-LN block: bias-free, dropout on attention weights and residual branches."""
+    return TransformerBlock(
+        cfg.d_model, cfg.n_heads, cfg.mlp_ratio, dropout=cfg.dropout, attn_dropout=cfg.dropout, bias=False
+    )
 
 
 class XValModel(nn.Module):
@@ -137,7 +96,7 @@ class XValModel(nn.Module):
         self.tok_emb = nn.Embedding(self.vocab_size, d)
         self.pos_emb = nn.Embedding(cfg.max_len, d)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(_block(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(d, bias=False)
         # Heads are not part of the bias-free trunk; the number head regresses a value.
         self.num_head = (
@@ -192,7 +151,7 @@ class XValModel(nn.Module):
         elif pad is not None and not bool(pad.any()):
             key_padding_mask = None  # nothing to mask: keep the fast unmasked kernel
         for block in self.blocks:
-            x = block(x, attn_mask, key_padding_mask, causal)
+            x = block(x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=causal)
         h = self.norm(x)
         if select is not None:
             h = h[select]

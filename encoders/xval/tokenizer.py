@@ -16,6 +16,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from encoders.xval.numbers import ParsedText
+from foundation.atomic import write_text
 from foundation.errors import ConfigError, DataError
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -93,10 +94,7 @@ class TextTokenizer:
         return self._tok.to_str()
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_str())
-        tmp.replace(path)
+        write_text(path, self.to_str())
 
     def __getstate__(self) -> dict:
         return {"json": self.to_str()}

@@ -1,6 +1,6 @@
 """Member bytes <-> values. `.npy` headers are parsed once per distinct header and cached, and
 array data is viewed in place with `np.frombuffer` (np.load's per-call cost dominates small
-samples, ANCHORS.md). Nothing here ever unpickles.
+samples: the 4 KiB rows of benchmarks/RESULTS.md). Nothing here ever unpickles.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from foundation import atomic
 from foundation.data.schema import FieldSpec, check_field_name
 from foundation.errors import DataError
 
@@ -267,15 +268,7 @@ class Manifest:
     def save(self, directory: str | os.PathLike | None = None) -> Path:
         """Write `manifest.json` atomically (temporary name, then rename)."""
         directory = Path(directory) if directory is not None else self._base()
-        directory.mkdir(parents=True, exist_ok=True)
-        target = directory / MANIFEST_NAME
-        tmp = directory / f".{MANIFEST_NAME}.tmp-{os.getpid()}"
-        text = self.to_json()
-        with open(tmp, "w", encoding="utf-8") as out:
-            out.write(text + "\n")
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, target)
+        target = atomic.write_text(directory / MANIFEST_NAME, self.to_json() + "\n")
         self.path = directory
         return target
 

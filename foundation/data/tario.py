@@ -1,7 +1,7 @@
 """Tar at the byte level: reproducible member headers for writing, a fast header walk for reading.
 
 Why by hand: Python's `tarfile` spends most of a WebDataset loader's time parsing headers
-(ANCHORS.md); random access into a shard only needs name, size and data offset per member.
+(see benchmarks/RESULTS.md); random access into a shard only needs name, size and data offset per member.
 Headers are written in GNU format (never PAX), with mtime 0 and a fixed owner, so the same
 samples always give byte-identical shards.
 

@@ -325,13 +325,6 @@ class ShardSetWriter:
             state.current = None
         return split
 
-    def write_all(self, samples: Iterable[Mapping[str, Any]], split: str | None = None) -> int:
-        n = 0
-        for sample in samples:
-            self.write(sample, split)
-            n += 1
-        return n
-
     @property
     def counts(self) -> dict[str, int]:
         """Samples written so far per split."""
@@ -704,6 +697,8 @@ class ShardSetWriter:
             )
             old_files = set()
         manifest.to_json()  # fail on unserialisable stats/extra before anything is moved into place
+        # Shards and files are flushed already; their new names reach the disk with the manifest's
+        # (the folder is flushed after it is renamed into place).
         for state in self._splits.values():
             for info, tmp in state.done:
                 os.replace(tmp, self.out_dir / info.name)
@@ -741,6 +736,8 @@ class ShardSetWriter:
                 for chunk in iter(lambda: src.read(1 << 20), b""):
                     sha.update(chunk)
                     dst.write(chunk)
+                dst.flush()
+                os.fsync(dst.fileno())  # on disk before it is renamed into place, as the shards are
             out[name] = FileInfo(name, tmp.stat().st_size, sha.hexdigest(), description)
             moves.append((tmp, self.out_dir / name))
         return out, moves

@@ -48,6 +48,7 @@ from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from foundation import atomic
 from foundation.errors import ConfigError, DataError
 from foundation.train.distributed import Distributed
 
@@ -507,31 +508,9 @@ def _dcp_load(state: dict[str, Any], path: Path, **kwargs: Any) -> None:
 # ---------------------------------------------------------------------- save
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    for file in path.iterdir():
-        if file.is_file():
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
-    _fsync_dir(path)
-
-
 def _publish(tmp: Path, final: Path) -> None:
     """Make a fully written checkpoint visible (the one step a crash can interrupt harmlessly)."""
-    os.rename(tmp, final)
-    _fsync_dir(final.parent)
+    atomic.publish(tmp, final, overwrite=False)
 
 
 def _file_sizes(folder: Path) -> dict[str, int]:
@@ -582,9 +561,8 @@ def save_checkpoint(
         full_meta.update(meta)
         full_meta["files"] = _file_sizes(tmp)
         (tmp / META).write_text(json.dumps(full_meta, indent=1, default=str))
-        _fsync_tree(tmp)
+        atomic.fsync_tree(tmp)  # everything on disk before COMPLETE says so
         (tmp / COMPLETE).write_text(f"{step}\n")
-        _fsync_dir(tmp)
         if final.exists():  # an incomplete folder of the same step from an older crash
             shutil.rmtree(final)
         _publish(tmp, final)

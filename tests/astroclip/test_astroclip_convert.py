@@ -10,6 +10,7 @@ import sys
 import types
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -28,15 +29,23 @@ from foundation.cli import main
 from foundation.data import Manifest, ShardDataset
 from foundation.errors import ConfigError, DataError
 from foundation.train import load_pretrained
+from tests.astroclip import mmu_layouts
 
 GOLDEN = Path(__file__).parents[1] / "golden" / "astroclip"
 CASES = torch.load(GOLDEN / "cases.pt", weights_only=True)
 ASTROCLIP, ASTRODINO, SPECFORMER = (GOLDEN / f"{n}.ckpt" for n in ("astroclip", "astrodino", "specformer"))
 
 
+def survey_cutouts(images: torch.Tensor) -> np.ndarray:
+    """The golden images, rows of the reference data set (column, row, band), as the survey cutouts
+    they were made from: (band, row, column), the layout of MMU files and of our shards. The data set
+    transposed the cutouts (`.T` when it was exported); the reference collator transposes them back."""
+    return images.permute(0, 3, 2, 1).numpy()
+
+
 def _batch(model: AstroCLIP) -> dict:
     """The golden objects through our own evaluation collate (centre crop), as `export` runs them."""
-    images = CASES["images"].permute(0, 3, 1, 2).numpy()  # (N, H, W, band) → our (N, band, H, W)
+    images = survey_cutouts(CASES["images"])
     spectra = CASES["spectra"].numpy()
     samples = [
         {
@@ -70,6 +79,64 @@ def test_converted_astrodino_and_specformer_reproduce_the_reference_embeddings()
     assert bool((_cosines(astrodino, "image", "astrodino") >= 0.9999).all())
     specformer = convert_specformer_checkpoint(SPECFORMER)
     assert bool((_cosines(specformer, "spectrum", "specformer") >= 0.9999).all())
+
+
+def _teacher() -> dict[str, torch.Tensor]:
+    """The golden AstroDINO's teacher state: `backbone.…` (chunked blocks) and `dino_head.…`."""
+    return read_checkpoint(ASTRODINO, "an AstroDINO")["teacher"]
+
+
+def _whole_model(teacher: dict[str, torch.Tensor]) -> dict:
+    """DINOv2's fvcore layout: the whole SSLMetaArch state, a student beside the teacher (zeroed
+    here: reading it would break the embeddings), optimizer and iteration."""
+    model = {f"teacher.{k}": v for k, v in teacher.items()}
+    model |= {f"student.{k}": torch.zeros_like(v) for k, v in teacher.items()}
+    return {"model": model, "optimizer": {"state": {}, "param_groups": []}, "iteration": 12499}
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "bare backbone",
+        "backbone. prefixes",
+        "DDP module. prefixes",
+        "state_dict-wrapped",
+        "whole model (fvcore)",
+    ],
+)
+def test_astrodino_layouts_the_reference_loader_reads(tmp_path, layout):
+    """Every layout DINOv2's `load_pretrained_weights(…, "teacher")` reads gives the golden embedding."""
+    teacher = _teacher()
+    backbone = {k.removeprefix("backbone."): v for k, v in teacher.items() if k.startswith("backbone.")}
+    payload = {
+        "bare backbone": backbone,
+        "backbone. prefixes": teacher,
+        "DDP module. prefixes": {f"module.{k}": v for k, v in teacher.items()},
+        "state_dict-wrapped": {"state_dict": teacher},
+        "whole model (fvcore)": _whole_model(teacher),
+    }[layout]
+    torch.save(payload, tmp_path / "astrodino.ckpt")
+    model = convert_astrodino_checkpoint(tmp_path / "astrodino.ckpt", heads=2)
+    assert bool((_cosines(model, "image", "astrodino") >= 0.9999).all())
+
+
+def test_astrodino_training_shards_and_student_only_states_are_refused(tmp_path):
+    shards = {
+        "model": {
+            "teacher.backbone.flat_param": torch.zeros(10),
+            "student.backbone.flat_param": torch.zeros(10),
+        }
+    }
+    torch.save(shards, tmp_path / "model_0012499.rank_0.pth")
+    with pytest.raises(DataError, match="FSDP flat parameters.*teacher_checkpoint.pth") as err:
+        convert_astrodino_checkpoint(tmp_path / "model_0012499.rank_0.pth", heads=2)
+    assert "\n" not in str(err.value)
+    student = {
+        "model": {k: v for k, v in _whole_model(_teacher())["model"].items() if k.startswith("student.")}
+    }
+    torch.save(student, tmp_path / "student.pth")
+    with pytest.raises(DataError, match="no 'teacher.' keys"):
+        convert_astrodino_checkpoint(tmp_path / "student.pth", heads=2)
 
 
 def test_converted_astroclip_records_the_reference_variant(astroclip):
@@ -258,6 +325,58 @@ def test_prepare_then_export_with_a_converted_model(tmp_path):
             exported = torch.from_numpy(f[modality][:]).float()
             rows = [order.index(k) for k in batch["__key__"]]
             assert bool((cosine_similarity(exported[rows], expected[modality], dim=-1) >= 0.9999).all())
+
+
+def _golden_survey_in_mmu_files(root: Path) -> dict[str, int]:
+    """The golden galaxies as MMU files: legacysurvey cutouts (g, r, z planes of the builder's four;
+    ~3% of pixels masked) and desi spectra (~3% masked, on the DESI grid), written by the builders'
+    writers and given the golden values, plus a desi_provabgs catalogue. Returns {TARGETID: case}."""
+    ra, dec, z = 150.0 + 0.01 * np.arange(3), np.full(3, 2.0), np.array([0.1, 0.2, 0.3])
+    ((images, columns),) = mmu_layouts.legacysurvey(root / "legacysurvey", ra, dec, seed=1, size=40).items()
+    assert not columns["image_mask"].all()  # some pixels masked (True = clean)
+    with h5py.File(images, "r+") as f:
+        cutouts = f["image_array"][()]
+        cutouts[:, [0, 1, 3]] = survey_cutouts(CASES["images"])  # des-g, des-r, des-z
+        f["image_array"][...] = cutouts
+    ((spectra, columns),) = mmu_layouts.desi(root / "desi", ra, dec, z, seed=2).items()
+    assert columns["spectrum_mask"].any(axis=1).all()  # some pixels masked (True = bad)
+    with h5py.File(spectra, "r+") as f:
+        f["spectrum_flux"][...] = CASES["spectra"].numpy()
+    mmu_layouts.desi_provabgs(root / "provabgs", ra, dec, columns["TARGETID"], z, seed=3)
+    return {int(t): i for i, t in enumerate(columns["TARGETID"])}
+
+
+def _prepare_and_export(root: Path, model_dir: Path, masked_pixels: str) -> dict[str, torch.Tensor]:
+    shards, out = root / f"shards-{masked_pixels}", root / f"emb-{masked_pixels}.h5"
+    prepare = ["prepare", "astroclip", "--images", str(root / "legacysurvey")]
+    prepare += ["--spectra", str(root / "desi"), "--catalog", str(root / "provabgs")]
+    prepare += ["--masked-pixels", masked_pixels, "--splits", "train=1"]
+    assert main([*prepare, "--out", str(shards), "--progress", "off"]) == 0
+    assert Manifest.load(shards).extra["masked_pixels"] == masked_pixels
+    assert main(["export", "--checkpoint", str(model_dir), "--data", str(shards), "--out", str(out)]) == 0
+    with h5py.File(out) as f:
+        ids = [int(k) for k in f["object_id"][:]]
+        return {"ids": ids, **{m: torch.from_numpy(f[m][:]).float() for m in ("image", "spectrum")}}
+
+
+def test_mmu_files_prepare_export_give_the_reference_embeddings(tmp_path):
+    """MMU files → `prepare astroclip --masked-pixels keep` (DESI grid and g, r, z by default) →
+    `convert` → `export`: the reference's own embeddings of the same galaxies. Zeroing the masked
+    pixels, as our default does, moves them off."""
+    cases = _golden_survey_in_mmu_files(tmp_path)
+    model_dir = tmp_path / "model"
+    assert main(["convert", "astroclip", str(ASTROCLIP), "--out", str(model_dir)]) == 0
+    for masked_pixels in ("keep", "zero"):
+        exported = _prepare_and_export(tmp_path, model_dir, masked_pixels)
+        rows = [cases[i] for i in exported["ids"]]
+        assert sorted(rows) == [0, 1, 2]
+        for modality in ("image", "spectrum"):
+            golden = CASES[f"astroclip_{modality}"][rows].float()
+            cos = cosine_similarity(exported[modality], golden, dim=-1)
+            if masked_pixels == "keep":
+                assert bool((cos >= 0.9999).all()), (modality, cos)
+            else:
+                assert bool((cos < 0.9999).any()), (modality, cos)
 
 
 @pytest.mark.parametrize("stage", ["align", "spectrum_masked"])

@@ -262,6 +262,29 @@ def test_resampling_conserves_flux_and_masks_uncovered_pixels():
     assert Resampler(source, target)(flux, ivar, mask)[2][0, 2]
 
 
+def test_masked_pixels_keep_their_values_only_when_asked():
+    """--masked-pixels keep: a masked pixel keeps its value (same grid) or the mean of every finite
+    input under it (resampled); the mask and ivar 0 are the same as with zero; NaN stays 0."""
+    source = np.arange(4000.5, 4100.0, 1.0)
+    flux = (np.sin(source / 7.0) + 2.0)[None]
+    ivar = np.full_like(flux, 4.0)
+    mask = np.zeros_like(flux, dtype=bool)
+    mask[0, 8:12] = True
+    flux[0, 20] = np.nan
+    zero = Resampler(source, source)(flux, ivar, mask)
+    keep = Resampler(source, source, keep_masked=True)(flux, ivar, mask)
+    assert np.all(zero[0][0, 8:12] == 0)
+    assert np.array_equal(keep[0][0, 8:12], flux[0, 8:12].astype(np.float32))
+    assert keep[0][0, 20] == 0 and np.array_equal(keep[1], zero[1]) and np.array_equal(keep[2], zero[2])
+    target = np.arange(4002.0, 4100.0, 4.0)
+    zero = Resampler(source, target)(flux, ivar, mask)
+    keep = Resampler(source, target, keep_masked=True)(flux, ivar, mask)
+    assert zero[2][0, 2] and keep[2][0, 2] and zero[0][0, 2] == 0
+    np.testing.assert_allclose(keep[0][0, 2], flux[0, 8:12].mean(), rtol=1e-6)
+    np.testing.assert_allclose(keep[0][0, 5], flux[0, [21, 22, 23]].mean(), rtol=1e-6)  # NaN left out
+    assert np.array_equal(keep[0][0, ~keep[2][0]], zero[0][0, ~zero[2][0]])
+
+
 def test_fits_cutout_mask_meaning_comes_from_maskmean_or_the_option(tmp_path):
     from astropy.io import fits
 

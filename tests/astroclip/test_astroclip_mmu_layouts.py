@@ -51,6 +51,18 @@ def test_legacysurvey_images_bit_for_bit_with_true_meaning_clean(tmp_path, mask_
         assert f["image_array"].compression == "lzf" and f[mask_key].shape == (4, 40, 40)
 
 
+def test_legacysurvey_masked_pixels_keep_the_survey_values_when_asked(tmp_path):
+    _, columns = _only(mmu_layouts.legacysurvey(tmp_path, RA, DEC, size=40))
+    zero = formats.ImageSource(tmp_path, ["g", "r", "z"]).read(np.arange(4))
+    keep = formats.ImageSource(tmp_path, ["g", "r", "z"], masked_pixels="keep").read(np.arange(4))
+    np.testing.assert_array_equal(keep.image, columns["image_array"][:, [0, 1, 3]])
+    assert zero.mask.any() and not zero.image[zero.mask].any()
+    np.testing.assert_array_equal(keep.mask, zero.mask)
+    np.testing.assert_array_equal(keep.ivar, zero.ivar)
+    with pytest.raises(DataError, match="--masked-pixels must be one of zero, keep"):
+        formats.ImageSource(tmp_path, ["g"], masked_pixels="nan")
+
+
 def test_hsc_images_per_band_masks_and_counts_converted_to_nanomaggies(tmp_path):
     _, columns = _only(mmu_layouts.hsc(tmp_path, RA, DEC, size=24))
     source = formats.ImageSource(tmp_path, ["i", "g"])

@@ -106,3 +106,62 @@ def test_plain_attention_dropout_and_size_limit(qkv, monkeypatch):
     monkeypatch.setattr(attn, "EXPLICIT_MAX_SCORES", 2 * 3 * 5 * 5 - 1)
     with pytest.raises(AssertionError, match="SDPA called"):
         attn.attention(q, k, v)
+
+
+# ----------------------------------------------------------------------------- the shared block
+
+
+def _per_head_self_attention(module, x, mask=None):
+    """Self-attention written out head by head from the fused projection's documented layout:
+    [q | k | v] along the output, each split into consecutive head_dim-wide heads."""
+    width, heads = x.shape[-1], module.heads
+    q, k, v = module.qkv(x).split(width, dim=-1)
+    dh = width // heads
+    outs = [
+        _reference(*(t[..., i * dh : (i + 1) * dh].unsqueeze(1) for t in (q, k, v)), mask).squeeze(1)
+        for i in range(heads)
+    ]
+    return module.proj(torch.cat(outs, dim=-1))
+
+
+def test_self_attention_matches_per_head_attention_with_masks():
+    torch.manual_seed(0)
+    module = attn.SelfAttention(8, 2).eval()
+    x = torch.randn(2, 5, 8)
+    torch.testing.assert_close(module(x), _per_head_self_attention(module, x))
+    pad = torch.zeros(2, 5, dtype=torch.bool)
+    pad[1, 3:] = True
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()
+    expected = _per_head_self_attention(module, x, (~pad)[:, None, None, :] & causal)
+    torch.testing.assert_close(module(x, key_padding_mask=pad, is_causal=True), expected)
+    with pytest.raises(ValueError, match="not divisible"):
+        attn.SelfAttention(8, 3)
+
+
+def test_split_heads_gives_views_of_the_projection():
+    projected = torch.randn(2, 5, 3 * 8)
+    q, k, v = attn.split_heads(projected, 3, 2)
+    assert q.shape == (2, 2, 5, 4)
+    assert all(t.untyped_storage().data_ptr() == projected.untyped_storage().data_ptr() for t in (q, k, v))
+    torch.testing.assert_close(attn.merge_heads(k), projected[..., 8:16])
+
+
+def test_transformer_block_parameters_and_residual_branches():
+    torch.manual_seed(0)
+    plain = attn.TransformerBlock(8, 2, 2.0, bias=False)
+    assert sorted(plain.state_dict()) == [
+        "attn.proj.weight",
+        "attn.qkv.weight",
+        "mlp.0.weight",
+        "mlp.2.weight",
+        "norm1.weight",
+        "norm2.weight",
+    ]
+    scaled = attn.TransformerBlock(8, 2, eps=1e-6, layer_scale=1e-5, dropout=0.5).eval()
+    assert {"ls1", "ls2", "attn.qkv.bias", "norm1.bias"} <= set(scaled.state_dict())
+    assert torch.equal(scaled.ls1, torch.full((8,), 1e-5)) and scaled.norm1.eps == 1e-6
+    x = torch.randn(2, 5, 8)
+    h = x + scaled.ls1 * _per_head_self_attention(scaled.attn, scaled.norm1(x))
+    torch.testing.assert_close(scaled(x), h + scaled.ls2 * scaled.mlp(scaled.norm2(h)))
+    scaled.train()
+    assert not torch.equal(scaled(x), scaled(x))  # dropout on the residual branches in training

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from foundation.errors import ConfigError, DataError
-from foundation.hdf5 import open_hdf5
+from foundation.hdf5 import check_storage, missing_storage, open_hdf5
 from foundation.isolated import MEGABYTES_ENV, SECONDS_ENV, run_isolated
 
 
@@ -150,3 +150,32 @@ def test_isolated_checks_can_be_turned_off_and_refuse_a_bad_setting(monkeypatch)
     monkeypatch.setenv(SECONDS_ENV, "nan")
     with pytest.raises(ConfigError, match="FOUNDATION_CHECK_SECONDS='nan' must be a number >= 0"):
         run_isolated(lambda: None, "where.h5")
+
+
+def test_missing_storage_checks_the_rows_asked_for(tmp_path):
+    """One check of stored sizes for the whole-dataset readers (`check_storage`) and the embeddings
+    reader (its committed rows): unwritten chunks or bytes, and compression bombs where asked."""
+    with h5py.File(tmp_path / "s.h5", "w") as f:
+        grown = f.create_dataset("grown", shape=(10, 2), maxshape=(None, 2), chunks=(4, 2), dtype="f4")
+        grown[:4] = 1.0
+        grown.resize((1_000_000, 2))  # declared, never written
+        assert missing_storage(grown, 4) is None
+        assert missing_storage(grown, 5) == (
+            "declares 5 rows but stores only 1 of its 2 chunks (HDF5 reads fill values where no chunks "
+            "are stored)"
+        )
+        with pytest.raises(
+            DataError, match=r"^x\.h5: grown: declares shape \(1000000, 2\) but stores only 1"
+        ):
+            check_storage(grown, "x.h5: grown")
+        flat = f.create_dataset("flat", shape=(100, 3), dtype="f4")
+        assert missing_storage(flat, 0) is None
+        assert missing_storage(flat) == "declares shape (100, 3) (1200 bytes) but stores only 0 bytes"
+        plist = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        plist.set_layout(h5py.h5d.COMPACT)
+        space = h5py.h5s.create_simple((4,))
+        h5py.h5d.create(f.id, b"compact", h5py.h5t.NATIVE_FLOAT, space, dcpl=plist)
+        assert missing_storage(f["compact"]) is None  # compact data lives whole in the header
+        zeros = f.create_dataset("zeros", data=np.zeros((1 << 18, 2), "f4"), compression="gzip")
+        assert missing_storage(zeros) is None
+        assert "compressed into" in missing_storage(zeros, 1 << 18, max_ratio=256)

@@ -377,6 +377,18 @@ def test_prepare_splits_pdebench_by_trajectory_and_records_vocabulary(tmp_path):
     assert len({next(iter(v)) for v in seen.values()}) >= 2  # trajectories spread over splits
 
 
+def test_prepare_takes_either_split_fractions_spelling_and_records_it_as_typed(tmp_path):
+    from foundation.data import Manifest
+
+    write_simulation(_sim(steps=4), tmp_path / "w" / "toy" / "data" / "train" / "a.hdf5")
+    for spelling in ("--split-fractions", "--splits"):
+        out = tmp_path / spelling
+        args = ["prepare", "mpp", str(tmp_path / "w"), "--out", str(out), "--history", "2"]
+        assert main([*args, spelling, "train=0.5,valid=0.5"]) == 0
+        command = Manifest.load(out).provenance["command"]
+        assert "--split-fractions train=0.5,valid=0.5 " in command
+
+
 def test_prepare_rejects_bad_requests(tmp_path):
     write_simulation(_sim(steps=4), tmp_path / "w" / "toy" / "data" / "train" / "a.hdf5")
     (tmp_path / "big").mkdir()
@@ -413,6 +425,21 @@ def test_prepare_rejects_bad_requests(tmp_path):
                 "3",
             ]
         )
+
+
+def test_synth_refuses_bad_requests_before_writing_anything(tmp_path):
+    from encoders.mpp.synth import write_datasets
+
+    (tmp_path / "burgers").mkdir()
+    for systems, counts, message in (
+        (["nope"], [1, 0, 0], "unknown system"),
+        (["gray_scott"], [0, 1, 1], r"train >= 1"),
+        (["gray_scott"], [1, 1], r"three counts"),
+        (["gray_scott", "burgers"], [1, 0, 0], "burgers already exists"),
+    ):
+        with pytest.raises(DataError, match=message):
+            write_datasets(tmp_path, systems, counts, resolution=8, steps=2)
+    assert [p.name for p in tmp_path.iterdir()] == ["burgers"]
 
 
 def test_solvers_are_deterministic_finite_and_evolve():

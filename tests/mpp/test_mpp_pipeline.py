@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from encoders.mpp.family import FAMILY, MPPCollate, build_model
+from encoders.mpp.collate import MPPCollate
+from encoders.mpp.evaluate import evaluate, parse_windows
+from encoders.mpp.family import FAMILY, build_model
 from encoders.mpp.model import AViT, MPPConfig
-from encoders.mpp.rollout import evaluate, parse_windows
 from foundation.cli import main
 from foundation.errors import DataError
 

@@ -23,7 +23,7 @@ from foundation.errors import DataError
 
 def test_round_trip_layout_and_attributes(make_embeddings):
     path, data = make_embeddings(n=300, dim=8, attrs={"config": {"model": {"dim": 8}}})
-    with h5py.File(path, "r") as f:  # the DESIGN.md layout, readable without this package
+    with h5py.File(path, "r") as f:  # the documented layout, readable without this package
         assert f["object_id"].shape == (300,)
         assert f["image"].shape == (300, 8) and f["image"].dtype == np.float32
         assert f["targets/redshift"].shape == (300,)

@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from encoders.xval.batching import XValCollate
+from encoders.xval.collate import XValCollate
 from encoders.xval.encodings import get_encoding
+from encoders.xval.loss import combine, draw_mlm_mask, masked_inputs, xval_loss
 from encoders.xval.model import XValConfig, XValModel
 from encoders.xval.normalizer import FieldMap, Normalizer
-from encoders.xval.objective import combine, draw_mlm_mask, masked_inputs, xval_loss
 from encoders.xval.tokenizer import MASK_ID, NUM_ID
 
 VOCAB = 40

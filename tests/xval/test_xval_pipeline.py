@@ -150,6 +150,28 @@ def test_prepare_errors_are_one_clear_line(tmp_path, capsys, content, args, mess
     assert not (tmp_path / "s" / "manifest.json").exists()
 
 
+def test_prepare_takes_either_split_fractions_spelling(tmp_path):
+    src = _write_jsonl(tmp_path / "in.jsonl", [{"text": f"x={i}", "id": str(i)} for i in range(40)])
+    for spelling in ("--split-fractions", "--splits"):
+        out = tmp_path / spelling
+        assert main(["prepare", "xval", str(src), "--out", str(out), spelling, "train=0.5,test=0.5"]) == 0
+        assert sorted(Manifest.load(out).splits) == ["test", "train"]
+
+
+def test_synth_replaces_a_corpus_only_with_overwrite(tmp_path):
+    from encoders.xval.synth import write_corpus
+    from foundation.errors import DataError
+
+    path = tmp_path / "a.jsonl"
+    assert write_corpus("arithmetic", 3, 0, path) == 3
+    before = path.read_bytes()
+    with pytest.raises(DataError, match="exists; pass --overwrite"):
+        write_corpus("arithmetic", 5, 1, path)
+    assert path.read_bytes() == before
+    assert write_corpus("arithmetic", 5, 1, path, overwrite=True) == 5
+    assert [p.name for p in tmp_path.iterdir()] == ["a.jsonl"]  # no temporary left behind
+
+
 def test_prepare_refuses_to_overwrite(tmp_path, orbits, capsys):
     src = orbits / "orbits.jsonl"
     assert main(["prepare", "xval", str(src), "--out", str(tmp_path / "s"), "--key-field", "id"]) == 0

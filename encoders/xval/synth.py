@@ -15,13 +15,17 @@ reads), so `synth` exercises the same reader as user data.
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from encoders.xval.numbers import format_value
+from foundation.atomic import replacing
+from foundation.errors import DataError
 
 TASKS = ("arithmetic", "orbits", "interpolation")
 DEFAULT_TRAIN_VALUES = (0.2, 0.3, 0.5, 0.8)
@@ -113,3 +117,33 @@ def generate(task: str, n: int, seed: int, **kwargs: Any) -> Iterator[dict[str, 
     if task == "interpolation":
         return interpolation(n, seed, **kwargs)
     raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+
+
+def record_fields(task: str) -> dict[str, str]:
+    """The `PrepareOptions` fields that read a corpus's records: the `id` key, and for
+    interpolation the `split` each record carries."""
+    fields = {"key_field": "id"}
+    if task == "interpolation":
+        fields["split_field"] = "split"
+    return fields
+
+
+def write_jsonl(records: Iterable[Mapping[str, Any]], path: str | Path) -> int:
+    """Write records as JSONL atomically; returns the count."""
+    n = 0
+    with replacing(path) as tmp, tmp.open("w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
+            n += 1
+    return n
+
+
+def write_corpus(
+    task: str, n: int, seed: int, path: str | Path, *, overwrite: bool = False, **kwargs: Any
+) -> int:
+    """Write the `task` corpus (`generate`'s records) to `path` as JSONL; returns the count.
+    An existing file is replaced only with `overwrite`."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise DataError(f"{path} exists; pass --overwrite to replace it")
+    return write_jsonl(generate(task, n, seed, **kwargs), path)

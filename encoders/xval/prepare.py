@@ -16,7 +16,7 @@ import re
 import sys
 import tempfile
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -334,17 +334,3 @@ def prepare(paths: Sequence[str | Path], out: str | Path, opts: PrepareOptions |
     if skipped:
         log.warning("left out %d record(s) that contain the reserved marker [NUM]", skipped)
     return Manifest.load(out)
-
-
-def write_jsonl(records: Iterator[Mapping[str, Any]], path: str | Path) -> int:
-    """Write records as JSONL atomically; returns the count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    n = 0
-    with tmp.open("w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
-            n += 1
-    tmp.replace(path)
-    return n

@@ -4,20 +4,26 @@ For each window of `history + K` true steps: the one-step prediction of step k u
 history before k; the rollout prediction of step k feeds the model its own earlier predictions.
 Both are scored with The Well's NRMSE and VRMSE per sample and field, then averaged per field,
 per data set, per step and per window of steps. Persistence (repeat the last input) is scored
-alongside as the floor any surrogate must beat.
+alongside as the floor any surrogate must beat. `rollout_report` runs all of it for a checkpoint
+and a shard split and writes the report with its plots.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from encoders.mpp.collate import MPPCollate
 from encoders.mpp.metrics import nrmse, vrmse
+from foundation.atomic import write_json
+from foundation.device import resolve_device
+from foundation.errors import DataError
 
 METRICS = {"nrmse": nrmse, "vrmse": vrmse}
 
@@ -230,3 +236,59 @@ def plot_error_curve(report: dict[str, Any], path: str | Path, metric: str = "vr
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def rollout_report(
+    checkpoint: str | Path,
+    data: str | Path,
+    steps: int,
+    out: str | Path,
+    split: str = "test",
+    batch_size: int = 8,
+    windows: str | None = None,
+    max_samples: int | None = None,
+    device: str = "cpu",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Evaluate `checkpoint` on `split` of the shard set `data` over `steps` autoregressive steps;
+    write rollout.json, frames.png and error_vs_step.png under `out`; return the report."""
+    from tqdm import tqdm
+
+    from foundation.data import ShardDataset
+    from foundation.train import load_pretrained
+
+    if steps < 1:
+        raise DataError(f"--steps must be >= 1, got {steps}")
+    dev = resolve_device(device)
+    model, cfg, family = load_pretrained(checkpoint, map_location=dev)
+    if family.name != "mpp":
+        raise DataError(
+            f"{checkpoint} is a {family.name!r} model; `evaluate rollout` needs an MPP checkpoint"
+        )
+    try:
+        spans = parse_windows(windows, steps)
+    except ValueError as exc:
+        raise DataError(f"--windows: {exc}") from None
+    collate = MPPCollate(
+        list(model.fields), model.cfg.history, steps, False, model.cfg.loss, model.cfg.patch_size
+    )
+    dataset = ShardDataset(
+        data, split=split, batch_size=batch_size, shuffle=False, epochs=1, drop_last=False, collate_fn=collate
+    )
+    total = dataset.manifest.split(split).samples
+    batches: Iterator[dict[str, Any]] = iter(dataset)
+    if max_samples is not None:
+        total = min(total, max_samples)
+        batches = itertools.islice(batches, (max_samples + batch_size - 1) // batch_size)
+    moved = (
+        {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()} for batch in batches
+    )
+    with tqdm(total=total, desc="evaluate rollout", unit="window", disable=not progress) as bar:
+        report, example = evaluate(model, moved, steps, spans, progress=bar)
+    report = {"checkpoint": str(checkpoint), "data": str(data), "split": split, "steps": steps, **report}
+    out = Path(out)
+    write_json(out / "rollout.json", report, indent=1, allow_nan=True)
+    if example is not None:
+        plot_frames(example, out / "frames.png")
+    plot_error_curve(report, out / "error_vs_step.png")
+    return report

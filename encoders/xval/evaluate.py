@@ -9,7 +9,6 @@ original units; metrics compare them with the raw values stored in the shards.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -17,10 +16,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from encoders.xval.batching import XValCollate
+from encoders.xval.collate import XValCollate
 from encoders.xval.family import FAMILY_NAME, normalizer_from
 from encoders.xval.inference import Predictions, predict_batch
 from encoders.xval.tokenizer import TOKENIZER_FILE
+from foundation.atomic import replacing, write_json
+from foundation.device import resolve_device
 from foundation.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -112,10 +113,9 @@ def plot_predictions(path: Path, by_field: dict[str, tuple[np.ndarray, np.ndarra
         ax.set_ylabel("predicted", fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    tmp.replace(path)
 
 
 def _json_safe(value: Any) -> Any:
@@ -145,8 +145,7 @@ def evaluate(
     from foundation.train import load_pretrained
 
     checkpoint = Path(checkpoint)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     model, cfg, family = load_pretrained(checkpoint, map_location=device)
     if family.name != FAMILY_NAME:
         raise ConfigError(f"{checkpoint} is a {family.name!r} model, not an xval one")
@@ -240,8 +239,7 @@ def evaluate(
         "fields": per_field,
         "overall": overall,
     }
-    tmp = out / "predictions.csv.tmp"
-    with tmp.open("w", newline="") as handle:
+    with replacing(out / "predictions.csv") as tmp, tmp.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["key", "field", "true", "predicted", "is_number"])
         for row in zip(sample_keys, field, true, pred, is_number, strict=True):
@@ -254,11 +252,8 @@ def evaluate(
                     int(row[4]),
                 ]
             )
-    tmp.replace(out / "predictions.csv")
     plot_predictions(
         out / "predicted_vs_true.png", plot_data, f"{cfg.model.encoding} ({cfg.model.mode}) on {split}"
     )
-    tmp = out / "report.json.tmp"
-    tmp.write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n")
-    tmp.replace(out / "report.json")
+    write_json(out / "report.json", _json_safe(report), indent=2, allow_nan=False)
     return report
