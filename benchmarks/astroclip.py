@@ -61,9 +61,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from encoders.astroclip.augment import random_patch_mask, segment_mask  # noqa: E402
+from encoders.astroclip.collate import random_patch_mask, segment_mask  # noqa: E402
 from encoders.astroclip.family import FAMILY  # noqa: E402
-from encoders.astroclip.losses import masked_mse  # noqa: E402
+from encoders.astroclip.loss import masked_mse  # noqa: E402
 from encoders.astroclip.model import (  # noqa: E402
     AstroCLIP,
     AstroCLIPConfig,

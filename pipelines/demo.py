@@ -286,7 +286,7 @@ def _shuffled_pair_stages(at: _Layout, s: DemoSettings, common: list[str], align
             "shuffle-pairs",
             "control: a copy of the shards with spectra permuted among the training objects",
             [shuffled / "manifest.json"],
-            func=lambda: shuffle_pairs(shards, shuffled, seed=s.seed),
+            func=lambda: _shuffle_pairs(shards, shuffled, seed=s.seed),
             key=f"shuffle_pairs(seed={s.seed})",
             after=["prepare"],
         ),
@@ -433,46 +433,12 @@ def write_query_ids(embeddings: Path, path: Path, count: int = 3) -> list[str]:
     return ids
 
 
-def shuffle_pairs(src: Path, dst: Path, *, seed: int = 0, split: str = "train") -> None:
-    """Copy a shard set, permuting the spectrum-side fields among the objects of `split`.
+def _shuffle_pairs(src: Path, dst: Path, *, seed: int) -> None:
+    """The shuffled-pair control stage (the library is imported when it runs, so that
+    `foundation --help` does not load it)."""
+    from encoders.astroclip.prepare import shuffle_pairs
 
-    Images, targets and keys stay together; each image is paired with another object's spectrum
-    (a derangement-like random permutation), the other splits are copied unchanged.
-    """
-    import numpy as np
-
-    from foundation.data import Manifest, ShardSetWriter
-    from pipelines.raw_inputs import iter_samples
-
-    manifest = Manifest.load(src)
-    spectrum_fields = [f for f in manifest.schema if f.startswith("spectrum")]
-    if not spectrum_fields:
-        raise ConfigError(f"{src} has no spectrum fields to shuffle (fields: {', '.join(manifest.schema)})")
-    samples = list(iter_samples(src))
-    train_rows = [i for i, (s, _, _) in enumerate(samples) if s == split]
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(len(train_rows))
-    position = {row: j for j, row in enumerate(train_rows)}
-    schema = {name: spec.to_dict() for name, spec in manifest.schema.items()}
-    with ShardSetWriter(
-        dst,
-        {name: 1.0 / len(manifest.splits) for name in manifest.splits},
-        samples_per_shard=max(s.samples for info in manifest.splits.values() for s in info.shards),
-        family=manifest.family,
-        schema=schema,
-        stats=manifest.stats,
-        extra=dict(manifest.extra, shuffled_pairs={"split": split, "seed": seed, "fields": spectrum_fields}),
-        provenance={"shuffled_from": str(Path(src).resolve()), "seed": seed},
-        overwrite=True,
-    ) as writer:
-        for i, (name, key, sample) in enumerate(samples):
-            out = dict(sample, __key__=key)
-            if name == split:
-                donor = samples[train_rows[perm[position[i]]]][2]
-                for f in spectrum_fields:
-                    out[f] = donor[f]
-            out = {k: v for k, v in out.items() if v is not None}
-            writer.write(out, split=name)
+    shuffle_pairs(src, dst, seed=seed)
 
 
 # ----------------------------------------------------------------------------- summary

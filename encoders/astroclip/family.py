@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from encoders.astroclip.augment import Collate
-from encoders.astroclip.losses import info_nce, masked_mse
+from encoders.astroclip.collate import Collate
+from encoders.astroclip.loss import info_nce, masked_mse
 from encoders.astroclip.model import AstroCLIP, AstroCLIPConfig, count_parameters, init_towers
 from foundation.errors import ConfigError
 from foundation.registry import Family

@@ -39,6 +39,7 @@ import numpy as np
 from astropy import units as u
 from astropy.io import fits
 
+from foundation.atomic import replacing
 from foundation.errors import DataError
 from foundation.hdf5 import check_storage, open_hdf5
 
@@ -1128,22 +1129,14 @@ def write_hdf5_atomic(
     compress: columns stored gzip-compressed (transparent to readers; for repetitive columns).
     """
     compress = set(compress)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with h5py.File(tmp, "w") as f:
-            for name, values in columns.items():
-                if name in compress:
-                    f.create_dataset(name, data=values, compression="gzip", compression_opts=1, shuffle=True)
-                else:
-                    f.create_dataset(name, data=values)
-            for key, value in (attrs or {}).items():
-                f.attrs[key] = value
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with replacing(path) as tmp, h5py.File(tmp, "w") as f:
+        for name, values in columns.items():
+            if name in compress:
+                f.create_dataset(name, data=values, compression="gzip", compression_opts=1, shuffle=True)
+            else:
+                f.create_dataset(name, data=values)
+        for key, value in (attrs or {}).items():
+            f.attrs[key] = value
 
 
 def mmu_path(root: str | os.PathLike, dataset: str, config: str, healpix: int) -> Path:
@@ -1201,12 +1194,5 @@ def write_fits_table(
 
 
 def _write_fits_atomic(hdus: fits.HDUList, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with replacing(path) as tmp:
         hdus.writeto(tmp, overwrite=True)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from encoders.astroclip.augment import Collate, augment_image, crop, segment_mask
+from encoders.astroclip.collate import Collate, augment_image, crop, segment_mask
 from encoders.astroclip.family import FAMILY, check_manifest
 from encoders.astroclip.heads import AttentionPoolHead
 from encoders.astroclip.model import AstroCLIP, AstroCLIPConfig, ImageTowerConfig, SpectrumTowerConfig

@@ -338,7 +338,22 @@ def test_mae_image_pretraining_on_two_processes_then_alignment_from_it(data, tmp
 
 @pytest.mark.parametrize("grid", ["3600:3600.5:1", "3600:inf:1", "0:1e9:1e-9", "nan:9824:0.8"])
 def test_grid_of_under_two_or_unbounded_pixels_is_refused(grid):
-    from pipelines.astroclip import parse_grid
+    from encoders.astroclip.prepare import parse_grid
 
     with pytest.raises(DataError, match="--grid"):
         parse_grid(grid)
+
+
+def test_prepare_takes_the_shared_split_fractions_option(capsys):
+    from foundation.cli import build_parser, discover_commands, main
+
+    parser = build_parser(discover_commands())
+    base = ["prepare", "astroclip", "--images", "i", "--spectra", "s", "--out", "o"]
+    for flag in ("--split-fractions", "--splits"):
+        assert parser.parse_args([*base, flag, "train=0.9,test=0.1"]).split_fractions == {
+            "train": 0.9,
+            "test": 0.1,
+        }
+    assert parser.parse_args(base).split_fractions == {"train": 0.8, "valid": 0.1, "test": 0.1}
+    assert main([*base, "--split-fractions", "train=0.5"]) == 2  # refused before any file is read
+    assert "must add up to 1" in capsys.readouterr().err

@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from encoders.astroclip.prepare import shuffle_pairs
 from foundation.data import Manifest
 from foundation.errors import ConfigError
 from foundation.stages import Stage, StageFailed, run_stages
-from pipelines.demo import DemoSettings, plan, shuffle_pairs
+from pipelines.demo import DemoSettings, plan
 from pipelines.raw_inputs import iter_samples
 
 

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from encoders.astroclip.losses import info_nce, masked_mse
+from encoders.astroclip.loss import info_nce, masked_mse
 
 
 def test_info_nce_matches_a_hand_computed_value():
