@@ -233,8 +233,8 @@ def _run(args: argparse.Namespace) -> int:
     inputs = parse_labelled(args.embeddings, default_label="embeddings")
     raw = None
     if args.raw_data:
+        from foundation.data.raw_inputs import load_raw_inputs, parse_field_map
         from foundation.embeddings import open_embeddings
-        from pipelines.raw_inputs import load_raw_inputs, parse_field_map
 
         with open_embeddings(inputs[0][1]) as emb:
             ids, mods = emb.ids.tolist(), parse_csv(args.modalities) or emb.modalities

@@ -158,7 +158,7 @@ def format_results(results: list[dict[str, Any]]) -> str:
 def _parse_fields(text: str | None) -> dict[str, str] | None:
     if not text:
         return None
-    from pipelines.raw_inputs import parse_field_map
+    from foundation.data.raw_inputs import parse_field_map
 
     return parse_field_map(text, [])
 

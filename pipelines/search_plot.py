@@ -96,7 +96,7 @@ def plot_neighbours(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pipelines.raw_inputs import fetch_samples
+    from foundation.data.raw_inputs import fetch_samples
 
     if data is None and embeddings is not None:
         from foundation.embeddings import open_embeddings

@@ -567,7 +567,7 @@ def shuffle_pairs(src: Path, dst: Path, *, seed: int = 0, split: str = "train") 
     Images, targets and keys stay together; each image is paired with another object's spectrum
     (a derangement-like random permutation), the other splits are copied unchanged.
     """
-    from pipelines.raw_inputs import iter_samples
+    from foundation.data.raw_inputs import iter_samples
 
     manifest = Manifest.load(src)
     spectrum_fields = [f for f in manifest.schema if f.startswith("spectrum")]

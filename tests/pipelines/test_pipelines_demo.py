@@ -10,10 +10,10 @@ import pytest
 
 from encoders.astroclip.prepare import shuffle_pairs
 from foundation.data import Manifest
+from foundation.data.raw_inputs import iter_samples
 from foundation.errors import ConfigError
 from foundation.stages import Stage, StageFailed, run_stages
 from pipelines.demo import DemoSettings, plan
-from pipelines.raw_inputs import iter_samples
 
 
 def _writer(path: Path, calls: list[str], name: str):

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from foundation.cli import main
+from foundation.data.raw_inputs import fetch_samples
 from foundation.embeddings import open_embeddings, part_path, partial_path
 from foundation.errors import ConfigError, DataError
 from foundation.export import ExportSettings, export_embeddings, load_model, start_export
-from pipelines.raw_inputs import fetch_samples
 
 TESTS_DIR = Path(__file__).resolve().parent
 
