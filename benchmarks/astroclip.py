@@ -61,18 +61,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from encoders.astroclip.collate import random_patch_mask, segment_mask  # noqa: E402
-from encoders.astroclip.family import FAMILY  # noqa: E402
-from encoders.astroclip.loss import masked_mse  # noqa: E402
-from encoders.astroclip.model import (  # noqa: E402
+from encoders.astroclip.collate import random_patch_mask, segment_mask
+from encoders.astroclip.family import FAMILY
+from encoders.astroclip.loss import masked_mse
+from encoders.astroclip.model import (
     AstroCLIP,
     AstroCLIPConfig,
     ImageTowerConfig,
     SpectrumTowerConfig,
 )
-from foundation.config import OptimSection  # noqa: E402
-from foundation.train.optim import build_optimizer  # noqa: E402
-from foundation.train.trainer import global_grad_norm  # noqa: E402
+from foundation.config import OptimSection
+from foundation.train.optim import build_optimizer
+from foundation.train.trainer import global_grad_norm
 
 REFERENCE, OURS, COMPILED = "reference-style", "ours", "ours + torch.compile"
 SAME_FUNCTION = "ours, mask tokens through the encoder"

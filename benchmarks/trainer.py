@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from foundation import registry  # noqa: E402
-from foundation.config import from_dict, load_pretrain_config, option  # noqa: E402
-from foundation.registry import Family  # noqa: E402
+from foundation import registry
+from foundation.config import from_dict, load_pretrain_config, option
+from foundation.registry import Family
 
 
 @dataclasses.dataclass

@@ -22,6 +22,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 
+from foundation.atomic import write_text
 from foundation.errors import ConfigError
 
 T = TypeVar("T")
@@ -365,10 +366,7 @@ def config_hash(obj: Any) -> str:
 
 def save(obj: Any, path: str | Path) -> None:
     """Write a config tree as YAML, atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
-    tmp.replace(path)
+    write_text(path, yaml.safe_dump(to_dict(obj), sort_keys=False))
 
 
 def load(cls: type[T], path: str | Path | None = None, overrides: Iterable[str] = ()) -> T:

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from foundation.atomic import replacing
 from foundation.cli import Command
 from foundation.errors import DataError
 
@@ -68,11 +69,9 @@ def plot_run(run_dir: Path, out: Path) -> Path:
         twin.plot(steps, [r.get("data_wait_pct") for r in train], color="tab:red", alpha=0.5)
         twin.set_ylabel("data wait %", color="tab:red")
     fig.suptitle(str(run_dir))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.stem + ".tmp" + out.suffix)
-    fig.savefig(tmp, dpi=100)
+    with replacing(out) as tmp:
+        fig.savefig(tmp, dpi=100, format=out.suffix.lstrip(".") or "png")
     plt.close(fig)
-    tmp.replace(out)
     return out
 
 
