@@ -16,16 +16,6 @@ def _human(n: float) -> str:
     return str(n)
 
 
-def _table(rows: list[list[str]]) -> list[str]:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = []
-    for j, row in enumerate(rows):
-        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-        if j == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return lines
-
-
 # ----------------------------------------------------------------------------- info
 
 
@@ -39,6 +29,7 @@ def _run_info(args: argparse.Namespace) -> int:
 
     from foundation.data import Manifest
     from foundation.data.schema import describe_shape
+    from foundation.data.summary import format_table
 
     manifest = Manifest.load(args.dir)
     if args.json:
@@ -63,7 +54,7 @@ def _run_info(args: argparse.Namespace) -> int:
     for name, split in manifest.splits.items():
         per = f"{split.samples / len(split.shards):.0f}" if split.shards else "-"
         rows.append([name, str(len(split.shards)), str(split.samples), _human(split.bytes), per])
-    print("\n".join(_table(rows)))
+    print(format_table(rows))
     print()
     rows = [["field", "kind", "dtype", "shape", "unit", "description"]]
     for name, spec in manifest.schema.items():
@@ -77,7 +68,7 @@ def _run_info(args: argparse.Namespace) -> int:
                 spec.description or "",
             ]
         )
-    print("\n".join(_table(rows)))
+    print(format_table(rows))
     _print_field_summary(manifest)
     if manifest.stats:
         print(f"\nstats      {', '.join(manifest.stats)}")
@@ -91,7 +82,12 @@ def _run_info(args: argparse.Namespace) -> int:
 def _print_field_summary(manifest) -> None:
     """Per-field shares of finite / masked / zero elements and min/mean/max, all splits together,
     with a warning for each field the degenerate-data rules flag (docs/shards.md)."""
-    from foundation.data.summary import degenerate_reason, field_summary_rows, merged_field_stats
+    from foundation.data.summary import (
+        degenerate_reason,
+        field_summary_rows,
+        format_table,
+        merged_field_stats,
+    )
 
     stats = merged_field_stats(split.field_stats for split in manifest.splits.values())
     if not stats:
@@ -99,7 +95,7 @@ def _print_field_summary(manifest) -> None:
     rows = field_summary_rows(stats)
     rows[0][0] = "field (all splits)"
     print()
-    print("\n".join(_table(rows)))
+    print(format_table(rows))
     for name, entry in stats.items():
         reason = degenerate_reason(entry, manifest.schema[name]) if name in manifest.schema else None
         if reason is not None:
