@@ -114,23 +114,22 @@ class Normalizer:
 
     def transform(self, values: np.ndarray, field_ids: np.ndarray) -> tuple[np.ndarray, int]:
         """(normalised float64 values clipped to [-clip, clip], number of values clipped)."""
-        values = np.asarray(values, dtype=np.float64)
-        field_ids = np.asarray(field_ids)
-        out = np.empty_like(values)
-        for fid in np.unique(field_ids):
-            sel = field_ids == fid
-            out[sel] = self.maps[int(fid)].forward(values[sel])
+        out = self._per_field(values, field_ids, "forward")
         clipped = int(np.count_nonzero(np.abs(out) > self.clip))
         return np.clip(out, -self.clip, self.clip), clipped
 
     def inverse(self, z: np.ndarray, field_ids: np.ndarray) -> np.ndarray:
         """Values in the original units (float64)."""
-        z = np.asarray(z, dtype=np.float64)
+        return self._per_field(z, field_ids, "inverse")
+
+    def _per_field(self, values: np.ndarray, field_ids: np.ndarray, direction: str) -> np.ndarray:
+        """Each value through its field's map, `direction` "forward" or "inverse" (float64)."""
+        values = np.asarray(values, dtype=np.float64)
         field_ids = np.asarray(field_ids)
-        out = np.empty_like(z)
+        out = np.empty_like(values)
         for fid in np.unique(field_ids):
             sel = field_ids == fid
-            out[sel] = self.maps[int(fid)].inverse(z[sel])
+            out[sel] = getattr(self.maps[int(fid)], direction)(values[sel])
         return out
 
     # ------------------------------------------------------------------ storage (manifest)
