@@ -17,10 +17,32 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from foundation.cli import Command
 from foundation.errors import ConfigError
 from foundation.weights import resolve_checkpoint, sha256_file, write_converted
+
+# ----------------------------------------------------------------------------- both families
+
+
+def _start_conversion(checkpoint: str, out: str | Path, option: str, value: int | None) -> tuple[Path, Path]:
+    """(the new model folder, the local checkpoint file), once the folder is known not to exist
+    and the family's count `option` (when given) to be positive: checked before any download."""
+    out = Path(out)
+    if out.exists():
+        raise ConfigError(f"{str(out)!r} already exists; choose a new --out folder (nothing was written)")
+    if value is not None and value < 1:
+        raise ConfigError(f"{option} must be >= 1, got {value}")
+    return out, resolve_checkpoint(checkpoint)
+
+
+def _finish_conversion(out: Path, cfg: Any, model: Any, checkpoint: str, local: Path, **details: Any) -> Path:
+    """Write the converted model with its provenance: the source, its sha256 and `details`."""
+    source = {"checkpoint": checkpoint, "sha256": sha256_file(local), **details}
+    write_converted(out, cfg.family, cfg, model.state_dict(), source)
+    return out
+
 
 # ----------------------------------------------------------------------------- foundation convert mpp
 
@@ -33,26 +55,22 @@ def convert_mpp(
     from encoders.mpp.convert import REFERENCE_REPO, convert_reference_checkpoint, field_slots
     from foundation.config import DataSection, PretrainConfig
 
-    out = Path(out)
-    if out.exists():
-        raise ConfigError(f"{str(out)!r} already exists; choose a new --out folder (nothing was written)")
-    if history is not None and history < 1:
-        raise ConfigError(f"--history must be >= 1, got {history}")
-    local = resolve_checkpoint(checkpoint)
+    out, local = _start_conversion(checkpoint, out, "--history", history)
     model = convert_reference_checkpoint(local, velocity_slots)
     model.cfg.history = history or model.cfg.history
     n_states = int(model.embed.reference_size)
     cfg = PretrainConfig(family="mpp", data=DataSection(path=""), model=model.cfg)
-    source = {
-        "checkpoint": checkpoint,
-        "sha256": sha256_file(local),
-        "reference": REFERENCE_REPO,
-        "velocity_slots": velocity_slots,
-        "slots": field_slots(n_states, velocity_slots),
-        "n_states": n_states,
-    }
-    write_converted(out, "mpp", cfg, model.state_dict(), source)
-    return out
+    return _finish_conversion(
+        out,
+        cfg,
+        model,
+        checkpoint,
+        local,
+        reference=REFERENCE_REPO,
+        velocity_slots=velocity_slots,
+        slots=field_slots(n_states, velocity_slots),
+        n_states=n_states,
+    )
 
 
 def _add_mpp_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,12 +105,7 @@ def convert_astroclip(kind: str, checkpoint: str, out: str | Path, heads: int | 
     from encoders.astroclip import convert
     from foundation.config import DataSection, PretrainConfig
 
-    out = Path(out)
-    if out.exists():
-        raise ConfigError(f"{str(out)!r} already exists; choose a new --out folder (nothing was written)")
-    if heads is not None and heads < 1:
-        raise ConfigError(f"--heads must be >= 1, got {heads}")
-    local = resolve_checkpoint(checkpoint)
+    out, local = _start_conversion(checkpoint, out, "--heads", heads)
     if kind == "astroclip":
         model = convert.convert_astroclip_checkpoint(local)
     elif kind == "astrodino":
@@ -100,14 +113,9 @@ def convert_astroclip(kind: str, checkpoint: str, out: str | Path, heads: int | 
     else:
         model = convert.convert_specformer_checkpoint(local)
     cfg = PretrainConfig(family="astroclip", data=DataSection(path=""), model=model.cfg)
-    source = {
-        "checkpoint": checkpoint,
-        "sha256": sha256_file(local),
-        "reference": convert.REFERENCE_REPO,
-        "release": kind,
-    }
-    write_converted(out, "astroclip", cfg, model.state_dict(), source)
-    return out
+    return _finish_conversion(
+        out, cfg, model, checkpoint, local, reference=convert.REFERENCE_REPO, release=kind
+    )
 
 
 def _astroclip_arguments(kind: str) -> Callable[[argparse.ArgumentParser], None]:
