@@ -6,6 +6,7 @@ of reports. The metrics and splits are `encoders.astroclip.evaluate`.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,11 @@ def parse_labelled(items: Sequence[str], default_label: str = "model") -> list[t
     if len(set(labels)) != len(labels):
         raise DataError(f"labels must be unique, got {labels}; name inputs LABEL=PATH")
     return out
+
+
+def add_embeddings_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    """The repeatable `--embeddings [LABEL=]FILE` option (read with `parse_labelled`)."""
+    parser.add_argument("--embeddings", action="append", required=True, metavar="[LABEL=]FILE", help=help)
 
 
 def parse_csv(value: str | None) -> list[str] | None:

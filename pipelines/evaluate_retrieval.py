@@ -17,7 +17,13 @@ from encoders.astroclip.evaluate import evaluate_file
 from foundation.atomic import write_json, write_text
 from foundation.cli import Command
 from foundation.errors import DataError
-from pipelines.evaluate_common import json_default, markdown_table, parse_csv, parse_labelled
+from pipelines.evaluate_common import (
+    add_embeddings_argument,
+    json_default,
+    markdown_table,
+    parse_csv,
+    parse_labelled,
+)
 
 
 def render(results: list[dict[str, Any]], ks: list[int]) -> str:
@@ -56,12 +62,9 @@ def _pair(result: dict[str, Any], key: str, fmt: str) -> str:
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--embeddings",
-        action="append",
-        required=True,
-        metavar="[LABEL=]FILE",
-        help="Embeddings file; repeat (LABEL=FILE) to compare models, e.g. controls.",
+    add_embeddings_argument(
+        parser,
+        "Embeddings file; repeat (LABEL=FILE) to compare models, e.g. controls.",
     )
     parser.add_argument(
         "--query-modality", help="Query modality (default: every ordered pair of modalities)."

@@ -31,7 +31,13 @@ from encoders.astroclip.evaluate import (
 from foundation.atomic import write_json, write_text
 from foundation.cli import Command
 from foundation.errors import DataError
-from pipelines.evaluate_common import json_default, markdown_table, parse_csv, parse_labelled
+from pipelines.evaluate_common import (
+    add_embeddings_argument,
+    json_default,
+    markdown_table,
+    parse_csv,
+    parse_labelled,
+)
 
 # ----------------------------------------------------------------------------- reports
 
@@ -178,12 +184,9 @@ def run_zero_shot(
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--embeddings",
-        action="append",
-        required=True,
-        metavar="[LABEL=]FILE",
-        help="Embeddings file; repeat as LABEL=FILE to compare (first file defines the split and targets).",
+    add_embeddings_argument(
+        parser,
+        "Embeddings file; repeat as LABEL=FILE to compare (first file defines the split and targets).",
     )
     parser.add_argument("--targets", help="Comma-separated target names (default: every target in the file).")
     parser.add_argument("--modalities", help="Comma-separated modalities (default: all in each file).")
