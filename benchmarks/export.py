@@ -117,18 +117,7 @@ def bare_batches(loaded, shards: Path, batch_size: int) -> list:
     )
     batches = []
     for split in sorted(manifest.splits):
-        ds = ShardDataset(
-            shards,
-            split=split,
-            batch_size=batch_size,
-            shuffle=False,
-            epochs=1,
-            drop_last=False,
-            collate_fn=collate,
-            rank=0,
-            world_size=1,
-        )
-        batches.extend(ds)
+        batches.extend(ShardDataset.in_order(shards, split, batch_size, collate))
     return batches
 
 

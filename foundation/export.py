@@ -283,18 +283,7 @@ def _split_dataset(
         if part != 0:
             return None
         part, parts = 0, 1
-    return ShardDataset(
-        data,
-        split=split,
-        batch_size=batch_size,
-        seed=0,
-        shuffle=False,
-        epochs=1,
-        rank=part,
-        world_size=parts,
-        collate_fn=collate,
-        drop_last=False,
-    )
+    return ShardDataset.in_order(data, split, batch_size, collate, rank=part, world_size=parts)
 
 
 #: What makes two exports the same: an existing output or partial file must agree on all of them.

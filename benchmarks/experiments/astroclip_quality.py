@@ -70,17 +70,7 @@ def shuffle_pairs(src: Path, dst: Path, seed: int = 0) -> None:
         extra={**manifest.extra, "control": "train pairs shuffled"},
     ) as writer:
         for split in manifest.splits:
-            ds = ShardDataset(
-                src,
-                split=split,
-                batch_size=1,
-                shuffle=False,
-                epochs=1,
-                drop_last=False,
-                collate_fn=lambda samples: samples[0],
-                rank=0,
-                world_size=1,
-            )
+            ds = ShardDataset.in_order(src, split, 1, lambda samples: samples[0])
             samples = list(ds)
             if split == "train":
                 perm = np.random.default_rng(seed).permutation(len(samples))
@@ -99,17 +89,7 @@ def embed_split(model, family, cfg, shards: Path, split: str, targets=("redshift
 
     manifest = Manifest.load(shards)
     collate = family.make_collate(cfg, manifest, False)
-    ds = ShardDataset(
-        shards,
-        split=split,
-        batch_size=256,
-        shuffle=False,
-        epochs=1,
-        drop_last=False,
-        collate_fn=collate,
-        rank=0,
-        world_size=1,
-    )
+    ds = ShardDataset.in_order(shards, split, 256, collate)
     out: dict[str, list] = {}
     model.eval()
     with torch.no_grad():

@@ -162,17 +162,7 @@ def evaluate(
             )
         field_ids = [normalizer.fields.index(f) for f in fields]
     collate = XValCollate(normalizer, model.encoding, model.text_vocab_size, cfg.model.max_len, pack=False)
-    dataset = ShardDataset(
-        data,
-        split=split,
-        batch_size=batch_size,
-        shuffle=False,
-        epochs=1,
-        rank=0,
-        world_size=1,
-        collate_fn=collate,
-        drop_last=False,
-    )
+    dataset = ShardDataset.in_order(data, split, batch_size, collate)
     keys: list[str] = []
     truncated = 0
     parts: list[Predictions] = []

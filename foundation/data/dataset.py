@@ -177,6 +177,31 @@ class ShardDataset(IterableDataset):
         self._cursor: dict[str, Any] | None = None
         self._readers: OrderedDict[int, ShardReader] = OrderedDict()
 
+    @classmethod
+    def in_order(
+        cls,
+        path: str | os.PathLike,
+        split: str,
+        batch_size: int,
+        collate_fn: Callable[..., Any] | None = None,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> ShardDataset:
+        """Every sample of `split` once, in stored order, the last batch kept: the pass that
+        evaluation and export make (this process alone unless `rank`/`world_size` share it)."""
+        return cls(
+            path,
+            split=split,
+            batch_size=batch_size,
+            shuffle=False,
+            epochs=1,
+            rank=rank,
+            world_size=world_size,
+            collate_fn=collate_fn,
+            drop_last=False,
+        )
+
     # ------------------------------------------------------------------ sizes
 
     @property
