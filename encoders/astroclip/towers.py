@@ -32,6 +32,13 @@ def _init_weights(module: nn.Module, depth: int) -> None:
                 nn.init.zeros_(m.bias)
 
 
+def _init_embeddings(params: tuple[torch.Tensor, ...], width: int) -> None:
+    """Truncated-normal init at the scale of a width-`width` embedding (std 1/sqrt(width))."""
+    std = 1.0 / math.sqrt(width)
+    for p in params:
+        nn.init.trunc_normal_(p, std=std, a=-3 * std, b=3 * std)
+
+
 def sinusoidal(positions: torch.Tensor, width: int) -> torch.Tensor:
     """(N,) positions → (N, width) sine/cosine features (transformer-style frequencies), scaled to
     the standard deviation of the other embeddings' initialisation (1/sqrt(width))."""
@@ -82,6 +89,23 @@ def spectrum_tokens(length: int, patch: int, stride: int) -> int:
     return (length - patch) // stride + 1
 
 
+def _checked_spectrum_tokens(length: int, patch: int, stride: int) -> int:
+    """`spectrum_tokens`, refusing spectra too short for one slice."""
+    tokens = spectrum_tokens(length, patch, stride)
+    if tokens < 1:
+        raise ValueError(f"spectra of {length} pixels are shorter than one {patch}-pixel slice")
+    return tokens
+
+
+def _check_spectrum_length(flux: torch.Tensor, length: int) -> None:
+    """Refuse spectra on another wavelength grid than the tower's."""
+    if flux.shape[1] != length:
+        raise ValueError(
+            f"spectra have {flux.shape[1]} pixels; this SpecFormer expects {length} (the model's "
+            "wavelength grid): re-run `foundation prepare astroclip` with the model's --grid"
+        )
+
+
 class SpecFormer(nn.Module):
     """Spectrum transformer over overlapping wavelength slices plus one statistics token.
 
@@ -107,9 +131,7 @@ class SpecFormer(nn.Module):
     ):
         super().__init__()
         self.length, self.patch, self.stride, self.std_floor = length, patch, stride, std_floor
-        self.tokens = spectrum_tokens(length, patch, stride)
-        if self.tokens < 1:
-            raise ValueError(f"spectra of {length} pixels are shorter than one {patch}-pixel slice")
+        self.tokens = _checked_spectrum_tokens(length, patch, stride)
         self.embed = nn.Linear(2 * patch, width)
         self.stats_embed = nn.Linear(2, width)
         self.pos = nn.Parameter(torch.zeros(1, self.tokens + 1, width))
@@ -117,13 +139,11 @@ class SpecFormer(nn.Module):
         self.encoder = Encoder(width, depth, heads, mlp_ratio, dropout)
         self.register_buffer("stat_shift", torch.zeros(2))
         self.register_buffer("stat_scale", torch.ones(2))
-        std = 1.0 / math.sqrt(width)
-        for p in (self.pos, self.mask_token):
-            nn.init.trunc_normal_(p, std=std, a=-3 * std, b=3 * std)
+        _init_embeddings((self.pos, self.mask_token), width)
         with torch.no_grad():
             self.pos[0, 1:] = sinusoidal(self.slice_positions(wavelength), width)
+        _init_embeddings((self.embed.weight, self.stats_embed.weight), width)
         for layer in (self.embed, self.stats_embed):
-            nn.init.trunc_normal_(layer.weight, std=std, a=-3 * std, b=3 * std)
             nn.init.zeros_(layer.bias)
 
     def slice_positions(self, wavelength: tuple[float, float] | None) -> torch.Tensor:
@@ -159,11 +179,7 @@ class SpecFormer(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """tokens (B, 1+T, W); and for masked modelling the targets: slices (B, T, patch) and
         their good-pixel weights. token_mask (B, T) bool: slices replaced by the mask token."""
-        if flux.shape[1] != self.length:
-            raise ValueError(
-                f"spectra have {flux.shape[1]} pixels; this SpecFormer expects {self.length} (the model's "
-                "wavelength grid): re-run `foundation prepare astroclip` with the model's --grid"
-            )
+        _check_spectrum_length(flux, self.length)
         x, good, stats = self.standardise(flux, bad)
         target = self.slices(x)
         weight = self.slices(good)
@@ -175,6 +191,22 @@ class SpecFormer(nn.Module):
 
 
 # ----------------------------------------------------------------------------- images
+
+
+def _patch_grid(size: int, patch: int) -> int:
+    """Patches per side of a `size`-pixel crop, refusing a size that is not a whole number of them."""
+    if size % patch:
+        raise ValueError(f"image size {size} is not a multiple of the patch size {patch}")
+    return size // patch
+
+
+def _check_image_shape(image: torch.Tensor, bands: int, size: int) -> None:
+    """Refuse images whose bands or crop size are not the tower's."""
+    if image.shape[1:] != (bands, size, size):
+        raise ValueError(
+            f"images have shape {tuple(image.shape[1:])}; this tower expects "
+            f"({bands}, {size}, {size}) (bands, crop size)"
+        )
 
 
 class ImageViT(nn.Module):
@@ -198,10 +230,9 @@ class ImageViT(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
-        if size % patch:
-            raise ValueError(f"image size {size} is not a multiple of the patch size {patch}")
+        grid = _patch_grid(size, patch)
         self.bands, self.size, self.patch = bands, size, patch
-        self.grid = size // patch
+        self.grid = grid
         self.patch_embed = nn.Conv2d(bands, width, patch, stride=patch)
         self.scale_embed = nn.Linear(1, width)
         self.cls = nn.Parameter(torch.zeros(1, 1, width))
@@ -211,9 +242,7 @@ class ImageViT(nn.Module):
         self.register_buffer("scale_floor", torch.tensor(1e-3))
         self.register_buffer("scale_shift", torch.zeros(1))
         self.register_buffer("scale_scale", torch.ones(1))
-        std = 1.0 / math.sqrt(width)
-        for p in (self.cls, self.pos, self.mask_token):
-            nn.init.trunc_normal_(p, std=std, a=-3 * std, b=3 * std)
+        _init_embeddings((self.cls, self.pos, self.mask_token), width)
         with torch.no_grad():
             self.pos[0, 2:] = grid_positions(self.grid, width)
         nn.init.zeros_(self.scale_embed.bias)
@@ -237,11 +266,7 @@ class ImageViT(nn.Module):
         token_mask (B, N) bool marks masked patches: they become the mask token, or with
         `drop_masked` (MAE) they are left out, so tokens are (B, 2+V, W) for the V visible patches
         of each image in patch order (every row must mask the same number)."""
-        if image.shape[1:] != (self.bands, self.size, self.size):
-            raise ValueError(
-                f"images have shape {tuple(image.shape[1:])}; this tower expects "
-                f"({self.bands}, {self.size}, {self.size}) (bands, crop size)"
-            )
+        _check_image_shape(image, self.bands, self.size)
         x, log_scale = self.standardise(image)
         h = rearrange(self.patch_embed(x), "b w gh gw -> b (gh gw) w")
         b, n, w = h.shape
@@ -282,9 +307,7 @@ class VisiblePatchDecoder(nn.Module):
         self.pos = nn.Parameter(torch.zeros(1, 2 + grid**2, decoder_width))
         self.blocks = Encoder(decoder_width, depth, heads, mlp_ratio, 0.0)
         self.out = nn.Linear(decoder_width, out_features)
-        std = 1.0 / math.sqrt(decoder_width)
-        for p in (self.mask_token, self.pos):
-            nn.init.trunc_normal_(p, std=std, a=-3 * std, b=3 * std)
+        _init_embeddings((self.mask_token, self.pos), decoder_width)
         with torch.no_grad():
             self.pos[0, 2:] = grid_positions(grid, decoder_width)
 
@@ -346,9 +369,7 @@ class ReferenceSpecFormer(nn.Module):
     ):
         super().__init__()
         self.length, self.patch, self.stride, self.std_floor = length, patch, stride, std_floor
-        self.tokens = spectrum_tokens(length, patch, stride)
-        if self.tokens < 1:
-            raise ValueError(f"spectra of {length} pixels are shorter than one {patch}-pixel slice")
+        self.tokens = _checked_spectrum_tokens(length, patch, stride)
         self.embed = nn.Linear(2 + patch, width)
         self.pos = nn.Parameter(torch.zeros(1, self.tokens + 1, width))
         # The reference masks by zeroing a token's features, whose embedding is the bias: the
@@ -373,11 +394,7 @@ class ReferenceSpecFormer(nn.Module):
         self, flux: torch.Tensor, bad: torch.Tensor | None = None, token_mask: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         """tokens (B, 1+T, W), the standardised slices as targets and unit weights."""
-        if flux.shape[1] != self.length:
-            raise ValueError(
-                f"spectra have {flux.shape[1]} pixels; this SpecFormer expects {self.length} (the model's "
-                "wavelength grid): re-run `foundation prepare astroclip` with the model's --grid"
-            )
+        _check_spectrum_length(flux, self.length)
         features, target = self.features(flux)
         h = self.embed(features)
         if token_mask is not None:
@@ -429,11 +446,10 @@ class ReferenceImageViT(nn.Module):
         class_token: bool = True,
     ):
         super().__init__()
-        if size % patch:
-            raise ValueError(f"image size {size} is not a multiple of the patch size {patch}")
+        grid = _patch_grid(size, patch)
         self.band_names, self.size, self.patch = list(bands), size, patch
         self.bands = len(bands)
-        self.grid = size // patch
+        self.grid = grid
         self.class_token = class_token
         self.patch_embed = nn.Conv2d(3, width, patch, stride=patch)
         self.cls = nn.Parameter(torch.zeros(1, 1, width))
@@ -447,11 +463,7 @@ class ReferenceImageViT(nn.Module):
         """tokens (B, 1+N, W) with the class token, else (B, N, W)."""
         if token_mask is not None:
             raise ValueError("the released image tower is for embedding and alignment, not masked training")
-        if image.shape[1:] != (self.bands, self.size, self.size):
-            raise ValueError(
-                f"images have shape {tuple(image.shape[1:])}; this tower expects "
-                f"({self.bands}, {self.size}, {self.size}) (bands, crop size)"
-            )
+        _check_image_shape(image, self.bands, self.size)
         x = lupton_rgb(image, self.band_names)
         h = rearrange(self.patch_embed(x), "b w gh gw -> b (gh gw) w")
         if self.class_token:
