@@ -270,24 +270,45 @@ def _folder_meaning(path: Path, configs: Mapping[str, tuple[str, str]]) -> MaskM
     return None
 
 
+def _mask_meaning(
+    path: Path,
+    declared: MaskMeaning | None,
+    recognised: MaskMeaning | None,
+    folders: Mapping[str, tuple[str, str]],
+    unknown: str,
+) -> MaskMeaning:
+    """The first meaning found: declared (option or attribute), recognised from the file's own
+    contents, or from an MMU builder's folder; else a DataError saying `unknown`."""
+    for meaning in (declared, recognised):
+        if meaning is not None:
+            return meaning
+    found = _folder_meaning(path, folders)
+    if found is None:
+        raise DataError(unknown)
+    return found
+
+
 def image_mask_meaning(
     path: Path, option: str | None, attrs: Mapping[str, Any], band_names: Sequence[str]
 ) -> MaskMeaning:
     """The meaning of an image file's mask: the option, else the file's `image_mask_means`
     attribute, else the MMU builder recognised by its band names or folder, else an error."""
-    declared = _declared_meaning(path, option, "--image-mask-means", attrs, "image_mask_means")
-    if declared is not None:
-        return declared
-    for prefix, (builder, meaning) in MMU_IMAGE_BANDS.items():
-        if band_names and all(str(b).startswith(prefix) for b in band_names):
-            return MaskMeaning(meaning, f"{builder} (bands {prefix}*)")
-    found = _folder_meaning(path, MMU_IMAGE_CONFIGS)
-    if found is not None:
-        return found
-    raise DataError(
+    by_bands = next(
+        (
+            MaskMeaning(meaning, f"{builder} (bands {prefix}*)")
+            for prefix, (builder, meaning) in MMU_IMAGE_BANDS.items()
+            if band_names and all(str(b).startswith(prefix) for b in band_names)
+        ),
+        None,
+    )
+    return _mask_meaning(
+        path,
+        _declared_meaning(path, option, "--image-mask-means", attrs, "image_mask_means"),
+        by_bands,
+        MMU_IMAGE_CONFIGS,
         f"{path}: cannot tell whether its image mask marks clean or bad pixels (bands "
         f"{', '.join(map(str, band_names)) or 'unknown'}, no image_mask_means attribute, not an MMU "
-        "legacysurvey/hsc tree); pass --image-mask-means clean|bad|bits"
+        "legacysurvey/hsc tree); pass --image-mask-means clean|bad|bits",
     )
 
 
@@ -295,19 +316,22 @@ def spectrum_mask_meaning(
     path: Path, option: str | None, attrs: Mapping[str, Any], columns: Sequence[str]
 ) -> MaskMeaning:
     """As `image_mask_meaning`, for a spectrum file (MMU desi/sdss recognised by their columns)."""
-    declared = _declared_meaning(path, option, "--spectrum-mask-means", attrs, "spectrum_mask_means")
-    if declared is not None:
-        return declared
-    for column, (builder, meaning) in MMU_SPECTRUM_COLUMNS.items():
-        if column in columns:
-            return MaskMeaning(meaning, f"{builder} (column {column})")
-    found = _folder_meaning(path, MMU_SPECTRUM_CONFIGS)
-    if found is not None:
-        return found
-    raise DataError(
+    by_columns = next(
+        (
+            MaskMeaning(meaning, f"{builder} (column {column})")
+            for column, (builder, meaning) in MMU_SPECTRUM_COLUMNS.items()
+            if column in columns
+        ),
+        None,
+    )
+    return _mask_meaning(
+        path,
+        _declared_meaning(path, option, "--spectrum-mask-means", attrs, "spectrum_mask_means"),
+        by_columns,
+        MMU_SPECTRUM_CONFIGS,
         f"{path}: cannot tell whether its spectrum mask marks clean or bad pixels (no "
         "spectrum_mask_means attribute, no TARGETID/SPECOBJID column, not an MMU desi/sdss tree); "
-        "pass --spectrum-mask-means clean|bad|bits"
+        "pass --spectrum-mask-means clean|bad|bits",
     )
 
 
