@@ -286,10 +286,7 @@ class ShardSetWriter:
         if not isinstance(sample, Mapping):
             raise DataError(f"a sample must be a dict, got {type(sample).__name__}")
         key = check_key(sample.get("__key__"))
-        if split is None:
-            split = split_for_key(key, self.fractions, self.split_salt)
-        else:
-            check_split_name(split)
+        split = self._split_of(key, split)
         fields = [name for name in sample if name != "__key__"]
         self._check_fields(key, fields)
         members = []
@@ -369,6 +366,12 @@ class ShardSetWriter:
             self.abort()
 
     # ------------------------------------------------------------------ internals
+
+    def _split_of(self, key: str, split: str | None) -> str:
+        """The split a sample goes to: the one asked for, else its key's hash bucket."""
+        if split is None:
+            return split_for_key(key, self.fractions, self.split_salt)
+        return check_split_name(split)
 
     def _target_splits(self) -> set[str] | None:
         """Splits this writer replaces; None = the whole set."""
@@ -806,12 +809,7 @@ class ShardWriter(ShardSetWriter):
     def _target_splits(self) -> set[str] | None:
         return {self.split}
 
-    def write(
-        self,
-        sample: Mapping[str, Any],
-        split: str | None = None,
-        source: str | os.PathLike | Mapping[str, str | os.PathLike] | None = None,
-    ) -> str:
+    def _split_of(self, key: str, split: str | None) -> str:
         if split is not None and split != self.split:
             raise DataError(f"this ShardWriter writes split {self.split!r}, not {split!r}")
-        return super().write(sample, self.split, source)
+        return self.split
