@@ -97,38 +97,11 @@ def main(argv=None) -> None:
     t = time.process_time()
     well = out / "well"
     window = args.history + args.rollout + 1
-    _cli(
-        "synth",
-        "mpp",
-        "--out",
-        well,
-        "--systems",
-        ",".join(PRETRAIN_SYSTEMS),
-        "--resolution",
-        32,
-        "--steps",
-        40,
-        "--trajectories",
-        "8,2,2",
-        "--seed",
-        0,
-    )
-    _cli(
-        "synth",
-        "mpp",
-        "--out",
-        well,
-        "--systems",
-        args.held_out,
-        "--resolution",
-        32,
-        "--steps",
-        40,
-        "--trajectories",
-        f"{args.finetune_trajectories},2,4",
-        "--seed",
-        1,
-    )
+    # Seed 0 for the pretraining systems, 1 for the held-out one; trajectories are train,valid,test.
+    synth = [(",".join(PRETRAIN_SYSTEMS), "8,2,2"), (args.held_out, f"{args.finetune_trajectories},2,4")]
+    for seed, (systems, trajectories) in enumerate(synth):
+        options = ["--systems", systems, "--trajectories", trajectories, "--seed", seed]
+        _cli("synth", "mpp", "--out", well, "--resolution", 32, "--steps", 40, *options)
     t = lap("synth", t)
     pre_shards, ft_shards = out / "shards-pretrain", out / "shards-heldout"
     prep = ["--history", args.history, "--window", window, "--stride", 3]
