@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from encoders.astroclip.model import StageInputs
+
 
 def crop(image: np.ndarray, size: int, dy: int = 0, dx: int = 0) -> np.ndarray:
     """(..., H, W) → (..., size, size) window centred at the image centre shifted by (dy, dx)."""
@@ -68,7 +70,7 @@ def random_patch_mask(patches: int, ratio: float, rng: np.random.Generator) -> n
 
 
 @dataclass(frozen=True)
-class Collate:
+class Collate(StageInputs):
     """samples → batch for one stage; picklable (runs in loader workers)."""
 
     stage: str
@@ -84,14 +86,6 @@ class Collate:
     image_patches: int = 0
     image_mask_ratio: float = 0.0
     targets: tuple[str, ...] = ()
-
-    @property
-    def uses_images(self) -> bool:
-        return self.stage in ("align", "image_masked")
-
-    @property
-    def uses_spectra(self) -> bool:
-        return self.stage in ("align", "spectrum_masked")
 
     def __call__(self, samples: list[dict], rng: np.random.Generator | None = None) -> dict:
         rng = rng if rng is not None else np.random.default_rng(0)

@@ -47,6 +47,20 @@ Stage = Literal["spectrum_masked", "image_masked", "align"]
 Variant = Literal["foundation", "reference"]
 
 
+class StageInputs:
+    """Which inputs a training stage reads, for the classes that carry a `stage`."""
+
+    stage: str
+
+    @property
+    def uses_images(self) -> bool:
+        return self.stage in ("align", "image_masked")
+
+    @property
+    def uses_spectra(self) -> bool:
+        return self.stage in ("align", "spectrum_masked")
+
+
 @dataclass
 class SpectrumTowerConfig:
     wave_min: float = option(
@@ -172,7 +186,7 @@ class ImageTowerConfig:
 
 
 @dataclass
-class AstroCLIPConfig:
+class AstroCLIPConfig(StageInputs):
     stage: Stage = option(
         "align",
         "What this run trains: spectrum_masked (SpecFormer masked-segment "
@@ -226,14 +240,6 @@ class AstroCLIPConfig:
                     f"variant reference needs three bands that fill the RGB planes of {sorted(RGB_SCALES)} "
                     f"(released: g, r, z), got image.bands {list(self.image.bands)}"
                 )
-
-    @property
-    def uses_images(self) -> bool:
-        return self.stage in ("align", "image_masked")
-
-    @property
-    def uses_spectra(self) -> bool:
-        return self.stage in ("align", "spectrum_masked")
 
 
 def build_spectrum_tower(cfg: SpectrumTowerConfig, variant: Variant = "foundation") -> nn.Module:
