@@ -116,3 +116,15 @@ def write_json(path: str | Path, data: Any, **dumps: Any) -> Path:
     """Write `data` as indented JSON with a final newline, atomically; `dumps` go to json.dumps."""
     dumps.setdefault("indent", 1)
     return write_text(path, json.dumps(data, **dumps) + "\n")
+
+
+def write_figure(path: str | Path, figure: Any, **savefig: Any) -> Path:
+    """Save a matplotlib figure to `path` atomically (format from the name's suffix, png without
+    one; `savefig` go to Figure.savefig), then close it, since pyplot keeps open figures alive."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    with replacing(path) as tmp:
+        figure.savefig(tmp, format=path.suffix.lstrip(".") or "png", **savefig)
+    plt.close(figure)
+    return path

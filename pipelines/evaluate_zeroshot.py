@@ -28,7 +28,7 @@ from encoders.astroclip.evaluate import (
     read_features,
     read_objects,
 )
-from foundation.atomic import write_json, write_text
+from foundation.atomic import write_figure, write_json, write_text
 from foundation.cli import Command
 from foundation.errors import DataError
 from pipelines.evaluate_common import (
@@ -99,9 +99,7 @@ def scatter_plots(
             ax.axis("off")
         fig.tight_layout()
         path = out / f"scatter_{_safe(target)}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(write_figure(path, fig, dpi=110))
     return paths
 
 

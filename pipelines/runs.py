@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from foundation.atomic import replacing
+from foundation.atomic import write_figure
 from foundation.cli import Command
 from foundation.errors import DataError
 
@@ -69,10 +69,7 @@ def plot_run(run_dir: Path, out: Path) -> Path:
         twin.plot(steps, [r.get("data_wait_pct") for r in train], color="tab:red", alpha=0.5)
         twin.set_ylabel("data wait %", color="tab:red")
     fig.suptitle(str(run_dir))
-    with replacing(out) as tmp:
-        fig.savefig(tmp, dpi=100, format=out.suffix.lstrip(".") or "png")
-    plt.close(fig)
-    return out
+    return write_figure(out, fig, dpi=100)
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from foundation.atomic import write_figure
 from foundation.errors import DataError
 
 MAX_QUERIES = 6
@@ -163,11 +164,7 @@ def plot_neighbours(
                 "  ".join(f"#{nb['rank']} {nb['similarity']:.2f}" for nb in neighbours), fontsize=8
             )
     fig.tight_layout()
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return png
+    return write_figure(png, fig, dpi=110)
 
 
 def _draw(ax: Any, value: Any, sample: dict[str, Any], title: str, grid: Any = None) -> None:

@@ -21,7 +21,7 @@ import torch
 
 from encoders.mpp.collate import MPPCollate
 from encoders.mpp.metrics import nrmse, vrmse
-from foundation.atomic import write_json
+from foundation.atomic import write_figure, write_json
 from foundation.device import resolve_device
 from foundation.errors import DataError
 
@@ -207,8 +207,7 @@ def plot_frames(example: dict[str, Any], path: str | Path) -> None:
                 ax.set_yticks([])
     fig.suptitle(f"{example['dataset']} — {example['key']} (autoregressive rollout)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    write_figure(path, fig, dpi=90)
 
 
 def plot_error_curve(report: dict[str, Any], path: str | Path, metric: str = "vrmse") -> None:
@@ -234,8 +233,7 @@ def plot_error_curve(report: dict[str, Any], path: str | Path, metric: str = "vr
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    write_figure(path, fig, dpi=100)
 
 
 def rollout_report(

@@ -20,7 +20,7 @@ from encoders.xval.collate import XValCollate
 from encoders.xval.family import FAMILY_NAME, normalizer_from
 from encoders.xval.inference import Predictions, predict_batch
 from encoders.xval.tokenizer import TOKENIZER_FILE
-from foundation.atomic import replacing, write_json
+from foundation.atomic import replacing, write_figure, write_json
 from foundation.device import resolve_device
 from foundation.errors import ConfigError, DataError
 
@@ -113,9 +113,7 @@ def plot_predictions(path: Path, by_field: dict[str, tuple[np.ndarray, np.ndarra
         ax.set_ylabel("predicted", fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    with replacing(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    write_figure(path, fig, dpi=110)
 
 
 def _json_safe(value: Any) -> Any:
