@@ -149,7 +149,9 @@ def split_fractions(text: str) -> dict[str, float]:
 split_fractions.__name__ = "split fractions"
 
 
-def add_split_fractions_argument(parser: argparse.ArgumentParser, default: str, help: str) -> None:
+def add_split_fractions_argument(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, default: str, help: str
+) -> None:
     """The `--split-fractions` option of every `prepare` (`--splits` kept as its older spelling)."""
     parser.add_argument(
         "--split-fractions",
@@ -158,6 +160,28 @@ def add_split_fractions_argument(parser: argparse.ArgumentParser, default: str, 
         type=split_fractions,
         default=split_fractions(default),
         help=f"{help} Written NAME=FRACTION,... summing to 1 (default: {default}).",
+    )
+
+
+def add_shard_output_arguments(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    *,
+    split_default: str,
+    split_help: str,
+    samples_per_shard: int,
+    seed_help: str,
+) -> None:
+    """The shard-set output options every `prepare` shares: split fractions, shard size, the seed,
+    --overwrite and --allow-degenerate."""
+    add_split_fractions_argument(parser, split_default, split_help)
+    parser.add_argument("--samples-per-shard", type=int, default=samples_per_shard)
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing shard set at --out.")
+    parser.add_argument(
+        "--allow-degenerate",
+        action="store_true",
+        help="Write fields that come out all zeros, all masked, constant or mostly non-finite "
+        "(docs/shards.md).",
     )
 
 

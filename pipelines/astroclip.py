@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from foundation.cli import Command, add_progress_argument, add_split_fractions_argument, progress_enabled
+from foundation.cli import Command, add_progress_argument, add_shard_output_arguments, progress_enabled
 from foundation.errors import DataError
 
 # ----------------------------------------------------------------------------- synth
@@ -117,14 +117,12 @@ def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
         help="Regression targets COLUMN[:name],... (default: redshift, stellar "
         "mass, metallicity, age, SFR, sSFR where found).",
     )
-    add_split_fractions_argument(parser, "train=0.8,valid=0.1,test=0.1", "Split fractions by key hash.")
-    parser.add_argument("--samples-per-shard", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0, help="Salts the split hash.")
-    parser.add_argument("--overwrite", action="store_true", help="Replace an existing shard set at --out.")
-    parser.add_argument(
-        "--allow-degenerate",
-        action="store_true",
-        help="Write fields that come out all zeros, all masked or constant (docs/shards.md).",
+    add_shard_output_arguments(
+        parser,
+        split_default="train=0.8,valid=0.1,test=0.1",
+        split_help="Split fractions by key hash.",
+        samples_per_shard=1000,
+        seed_help="Salts the split hash.",
     )
     add_progress_argument(parser)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from foundation.cli import Command, add_progress_argument, add_split_fractions_argument, progress_enabled
+from foundation.cli import Command, add_progress_argument, add_shard_output_arguments, progress_enabled
 from foundation.errors import DataError
 
 # ----------------------------------------------------------------------------- synth
@@ -86,19 +86,13 @@ def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Block-average every source to N x N (must divide its size).",
     )
-    add_split_fractions_argument(
-        parser,
-        "train=0.8,valid=0.1,test=0.1",
-        "For files outside train/valid/test folders: trajectory fractions per split.",
-    )
-    parser.add_argument("--samples-per-shard", type=int, default=256)
     parser.add_argument("--max-windows-per-trajectory", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0, help="Salt of the trajectory-to-split hash.")
-    parser.add_argument("--overwrite", action="store_true", help="Replace an existing shard set at --out.")
-    parser.add_argument(
-        "--allow-degenerate",
-        action="store_true",
-        help="Write fields that come out all zeros, constant or mostly non-finite (docs/shards.md).",
+    add_shard_output_arguments(
+        parser,
+        split_default="train=0.8,valid=0.1,test=0.1",
+        split_help="For files outside train/valid/test folders: trajectory fractions per split.",
+        samples_per_shard=256,
+        seed_help="Salt of the trajectory-to-split hash.",
     )
     add_progress_argument(parser)
 

@@ -13,7 +13,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from foundation.cli import Command, add_split_fractions_argument
+from foundation.cli import Command, add_shard_output_arguments
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +53,12 @@ def _add_prepare_options(parser: argparse.ArgumentParser) -> None:
         metavar="SHARDS",
         help="Reuse the tokenizer and normaliser of this shard set (evaluation data for a trained model).",
     )
-    w = parser.add_argument_group("output")
-    add_split_fractions_argument(w, "train=0.9,valid=0.05,test=0.05", "Split fractions by key hash.")
-    w.add_argument("--samples-per-shard", type=int, default=1000)
-    w.add_argument("--seed", type=int, default=0, help="Salts the split hash and the normaliser's sampling.")
-    w.add_argument("--overwrite", action="store_true", help="Replace an existing shard set at --out.")
-    w.add_argument(
-        "--allow-degenerate",
-        action="store_true",
-        help="Write fields that come out all zeros, constant or mostly non-finite (docs/shards.md).",
+    add_shard_output_arguments(
+        parser.add_argument_group("output"),
+        split_default="train=0.9,valid=0.05,test=0.05",
+        split_help="Split fractions by key hash.",
+        samples_per_shard=1000,
+        seed_help="Salts the split hash and the normaliser's sampling.",
     )
 
 
