@@ -270,9 +270,7 @@ def rollout_report(
     collate = MPPCollate(
         list(model.fields), model.cfg.history, steps, False, model.cfg.loss, model.cfg.patch_size
     )
-    dataset = ShardDataset(
-        data, split=split, batch_size=batch_size, shuffle=False, epochs=1, drop_last=False, collate_fn=collate
-    )
+    dataset = ShardDataset.in_order(data, split, batch_size, collate)  # all of it, even under torchrun
     total = dataset.manifest.split(split).samples
     batches: Iterator[dict[str, Any]] = iter(dataset)
     if max_samples is not None:
