@@ -23,8 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fuzz_harness as fz  # noqa: E402
+from tests.core import fuzz_harness as fz
 
 BASE_SEED = int(os.environ.get("FOUNDATION_FUZZ_SEED", "0"))
 SCALE = float(os.environ.get("FOUNDATION_FUZZ_SCALE", "1"))

@@ -9,12 +9,12 @@ import os
 import h5py
 import numpy as np
 import pytest
-from bounded_run import assert_one_line_error, run_foundation, run_python
-from pipeline_data import latent_embeddings
 
 from foundation.cli import main
 from foundation.embeddings import open_embeddings
 from foundation.errors import DataError
+from tests.testkit.bounded import assert_one_line_error, run_foundation, run_python
+from tests.testkit.embeddings import latent_embeddings
 
 BOMB_ROWS = 2**31
 
