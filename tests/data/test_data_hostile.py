@@ -654,6 +654,7 @@ def _fuzz_checks(work: Path, shard: str, mutant: bytes, schema) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_random_mutations_of_valid_shards_succeed_or_raise_data_error(tmp_path):
     _fuzz_base(tmp_path / "base")
     _fuzz_base_webdataset(tmp_path / "wds")
@@ -670,6 +671,7 @@ def test_random_mutations_of_valid_shards_succeed_or_raise_data_error(tmp_path):
 # ---------------------------------------------------------------------------- loader workers
 
 
+@pytest.mark.slow
 def test_pretrain_exits_promptly_when_a_loader_worker_raises(tmp_path):
     """A DataError raised in a loader worker: one line, exit 2, status failed — and the process
     ends (workers that ignored their loader's SIGTERM kept it waiting forever)."""
@@ -724,6 +726,7 @@ def _child_workers(root: Path) -> None:
     print(json.dumps({"batches": len(received)}), flush=True)
 
 
+@pytest.mark.slow
 def test_loader_workers_ignore_a_sigterm_that_is_not_their_loaders(tmp_path):
     """SLURM's job-wide SIGTERM reaches the workers too: they must survive it (the trainer stops
     cleanly and saves), only their own loader's SIGTERM ends them."""

@@ -303,6 +303,7 @@ def _sparse_well(path, steps):
         f["scalars"].attrs["field_names"] = ["Re"]
 
 
+@pytest.mark.slow
 def test_sparse_declared_steps_are_refused_within_a_memory_bound(tmp_path):
     path = tmp_path / "bomb" / "data" / "train" / "bomb.hdf5"
     path.parent.mkdir(parents=True)

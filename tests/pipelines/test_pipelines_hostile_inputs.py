@@ -252,6 +252,7 @@ print(refused, "of", len(chosen), "refused")
 _KNOWN_BAD = [275, 506, 702]
 
 
+@pytest.mark.slow
 def test_fuzzed_embeddings_files_are_read_or_refused_in_one_line(tmp_path, embeddings_writer):
     # Seeded random byte mutations of a valid file: every outcome is a read or a one-line
     # DataError, never a traceback, a hang or a crash, within a time and memory bound (the process

@@ -224,6 +224,7 @@ sys.exit(main(["pretrain", sys.argv[1]]))
 """
 
 
+@pytest.mark.slow
 def test_kill_during_save_leaves_the_previous_checkpoint_loadable(reference, shards, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     path = write_config(tmp_path / "cfg.yaml", config_dict(shards, run_dir, **REFERENCE))
@@ -332,6 +333,7 @@ def test_a_crash_is_recorded_as_failed_not_as_preempted(shards, tmp_path, monkey
     assert (status["state"], status["step"]) == ("failed", 5) and "toy failure" in status["error"]
 
 
+@pytest.mark.slow
 def test_sigusr1_to_the_whole_process_group_spares_the_loader_workers(
     reference, shards, tmp_path, monkeypatch
 ):

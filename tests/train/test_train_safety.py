@@ -267,6 +267,7 @@ def test_a_full_disk_during_a_checkpoint_save_is_one_line(shards, tmp_path, monk
 # ---------------------------------------------------------------------- one pretrain per run folder
 
 
+@pytest.mark.slow
 def test_a_second_pretrain_on_a_busy_run_dir_is_refused_and_harms_nothing(shards, tmp_path):
     run_dir = tmp_path / "run"
     path = write_config(tmp_path / "cfg.yaml", config_dict(shards, run_dir, **MODEL))
