@@ -1,4 +1,8 @@
-"""Shared test settings: deterministic, single-threaded-friendly torch on a small CPU machine."""
+"""Shared test settings: deterministic, single-threaded-friendly torch on a small CPU machine.
+
+Helpers shared across folders live in `tests/testkit` (import `tests.testkit.<module>`), not in
+conftest files: a `from conftest import ...` resolves to whichever folder's conftest came first.
+"""
 
 import os
 
@@ -23,25 +27,8 @@ def _seed_everything():
 
 @pytest.fixture
 def torchrun():
-    """Run `foundation ARGS...` under `torchrun --standalone` with `nproc` CPU ranks (gloo)."""
-    import subprocess
-    import sys
+    """`torchrun(args, nproc=2, env=None, timeout=300)`: `foundation ARGS` under `torchrun
+    --standalone` with `nproc` CPU ranks (gloo); see `tests.testkit.ranks`."""
+    from tests.testkit import ranks
 
-    def run(
-        args: list[str], nproc: int = 2, env: dict[str, str] | None = None, timeout: float = 300
-    ) -> subprocess.CompletedProcess:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            str(nproc),
-            "-m",
-            "foundation.cli",
-            *args,
-        ]
-        child_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-        return subprocess.run(cmd, env=child_env, capture_output=True, text=True, timeout=timeout)
-
-    return run
+    return ranks.torchrun

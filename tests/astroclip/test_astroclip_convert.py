@@ -406,6 +406,7 @@ def test_the_reference_variant_trains(astroclip, stage):
         assert model.spectrum.embed.weight.grad is not None
 
 
+@pytest.mark.slow
 def test_cyclic_hyper_parameters_are_walked_once(tmp_path):
     """A pickle may nest objects in cycles: reading head counts from them must still end."""
     state = read_checkpoint(ASTROCLIP, "an AstroCLIP")["state_dict"]

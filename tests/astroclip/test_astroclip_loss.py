@@ -1,16 +1,14 @@
 """InfoNCE (hand-computed value, symmetry, temperature), masked reconstruction, cross-rank negatives."""
 
 import math
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from encoders.astroclip.loss import info_nce, masked_mse
+from tests.testkit.ranks import spawn_ranks
 
 
 def test_info_nce_matches_a_hand_computed_value():
@@ -74,39 +72,26 @@ def test_masked_mse_scores_only_masked_tokens_and_good_pixels():
     assert torch.all(pred.grad[mask][1:] != 0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _gather_worker(rank: int, world: int, port: int, image, spectrum, sizes, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)
-        proj = torch.nn.Linear(image.shape[1], 4)  # same init on both ranks
-        proj = torch.nn.parallel.DistributedDataParallel(proj)
-        scale = torch.nn.Parameter(torch.tensor(5.0))
-        start = sum(sizes[:rank])
-        rows = slice(start, start + sizes[rank])
-        loss, metrics = info_nce(proj(image[rows]), proj(spectrum[rows]) * 2.0, scale)
-        loss.backward()
-        dist.all_reduce(scale.grad)
-        scale.grad /= world  # DDP averages parameter gradients; do the same for this loose parameter
-        total = loss.detach().clone() * sizes[rank]
-        dist.all_reduce(total)
-        queue.put(
-            (
-                rank,
-                float(total) / sum(sizes),
-                proj.module.weight.grad.tolist(),
-                float(scale.grad),
-                metrics["negatives"],
-            )
-        )
-    finally:
-        dist.destroy_process_group()
+def _gather_worker(rank: int, world: int, image, spectrum, sizes) -> tuple:
+    torch.manual_seed(0)
+    proj = torch.nn.Linear(image.shape[1], 4)  # same init on both ranks
+    proj = torch.nn.parallel.DistributedDataParallel(proj)
+    scale = torch.nn.Parameter(torch.tensor(5.0))
+    start = sum(sizes[:rank])
+    rows = slice(start, start + sizes[rank])
+    loss, metrics = info_nce(proj(image[rows]), proj(spectrum[rows]) * 2.0, scale)
+    loss.backward()
+    dist.all_reduce(scale.grad)
+    scale.grad /= world  # DDP averages parameter gradients; do the same for this loose parameter
+    total = loss.detach().clone() * sizes[rank]
+    dist.all_reduce(total)
+    return (
+        rank,
+        float(total) / sum(sizes),
+        proj.module.weight.grad.tolist(),
+        float(scale.grad),
+        metrics["negatives"],
+    )
 
 
 @pytest.mark.slow
@@ -136,19 +121,7 @@ def test_negatives_gathered_across_two_gloo_ranks_match_one_process(sizes):
         start += s
     reference = torch.stack(rank_losses).mean()
     reference.backward()
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [
-        ctx.Process(target=_gather_worker, args=(r, 2, port, image, spectrum, list(sizes), queue))
-        for r in range(2)
-    ]
-    for p in procs:
-        p.start()
-    results = sorted(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = spawn_ranks(_gather_worker, image, spectrum, list(sizes), nproc=2, timeout=120)
     for rank, _total, weight_grad, scale_grad, negatives in results:
         assert negatives == n - 1  # every rank scored against the global batch
         assert torch.allclose(torch.tensor(weight_grad), proj.weight.grad, atol=1e-6), rank

@@ -104,6 +104,7 @@ def test_images_carry_the_photometry_and_colours_redden_with_redshift(galaxies):
     assert spearmanr(pop.r_eff_arcsec, pop.z).statistic < -0.3
 
 
+@pytest.mark.slow
 def test_flux_limit_and_mass_bound_are_consistent():
     rng = np.random.default_rng(5)
     candidates = synth.draw_candidates(rng, 20000, bounded=False)

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fuzz_harness as fz  # noqa: E402
+from tests.core import fuzz_harness as fz
+from tests.testkit import child_env
 
 BASE_SEED = int(os.environ.get("FOUNDATION_FUZZ_SEED", "0"))
 SCALE = float(os.environ.get("FOUNDATION_FUZZ_SCALE", "1"))
@@ -665,7 +665,7 @@ def main(argv: list[str]) -> int:
 
 @pytest.mark.slow
 def test_every_verb_fails_cleanly_on_mutated_inputs(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    env = child_env(MPLBACKEND="Agg")  # PYTHONPATH: this file imports tests.core.fuzz_harness
     result = subprocess.run(
         [sys.executable, __file__, str(tmp_path), str(BASE_SEED), str(SCALE)],
         capture_output=True,

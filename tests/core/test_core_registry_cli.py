@@ -1,6 +1,5 @@
 """Family registry and the CLI's assembly of pipeline verbs."""
 
-import dataclasses
 import re
 import subprocess
 import sys
@@ -10,29 +9,17 @@ import torch
 
 from foundation import cli, registry
 from foundation.errors import ConfigError, DataError
-
-
-@dataclasses.dataclass
-class _Cfg:
-    width: int = 2
-
-
-FAMILY = registry.Family(
-    name="unit-test-family",
-    model_config=_Cfg,
-    build_model=lambda cfg, manifest: torch.nn.Linear(cfg.width, 1),
-    loss=lambda model, batch: (model(batch["x"]).mean(), {}),
-)
+from tests.testkit import toyfamily
 
 
 def test_register_and_get():
-    registry.register(FAMILY)
-    assert registry.get("unit-test-family") is FAMILY
-    assert "unit-test-family" in registry.available()
+    registry.register(toyfamily.FAMILY)
+    assert registry.get("toy") is toyfamily.FAMILY
+    assert "toy" in registry.available()
 
 
 def test_get_by_import_path():
-    assert registry.get(f"{__name__}:FAMILY") is FAMILY
+    assert registry.get("tests.testkit.toyfamily:FAMILY") is toyfamily.FAMILY
 
 
 def test_unknown_family_is_a_clear_error():
@@ -41,7 +28,7 @@ def test_unknown_family_is_a_clear_error():
     with pytest.raises(ConfigError, match="cannot load model family"):
         registry.get("no.such.module:FAMILY")
     with pytest.raises(ConfigError, match="not a foundation.registry.Family"):
-        registry.get(f"{__name__}:_Cfg")
+        registry.get("tests.testkit.toyfamily:ToyConfig")
 
 
 def _commands(run):

@@ -27,9 +27,10 @@ import yaml
 
 from foundation.data import Manifest, ShardWriter, codec, tario
 from foundation.errors import DataError
+from tests.testkit import child_env
+from tests.testkit.configs import TOY_FAMILY
+from tests.testkit.shards import write_toy_shards
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent.parent
 SHARD = "train-000000.tar"
 HEADROOM = 1 << 30
 """Address space a child may add after its imports: the hostile files are a few KiB."""
@@ -368,7 +369,7 @@ def _child_cases(root: Path) -> None:
 
 def run_child(mode: str, root: Path, timeout: float) -> tuple[list[dict], str]:
     """Run this file as a child in `mode`; its JSON lines (as many as it wrote) and its stderr."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = child_env()
     try:
         proc = subprocess.run(
             [sys.executable, __file__, mode, str(root)],
@@ -653,6 +654,7 @@ def _fuzz_checks(work: Path, shard: str, mutant: bytes, schema) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_random_mutations_of_valid_shards_succeed_or_raise_data_error(tmp_path):
     _fuzz_base(tmp_path / "base")
     _fuzz_base_webdataset(tmp_path / "wds")
@@ -669,30 +671,15 @@ def test_random_mutations_of_valid_shards_succeed_or_raise_data_error(tmp_path):
 # ---------------------------------------------------------------------------- loader workers
 
 
-def _write_toy_shards(path: Path) -> Path:
-    """Shards for the trainer's toy family (x: float32 (4, 4) tokens, y: float)."""
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 32), ("valid", 8)):
-        with ShardWriter(path, split=split, samples_per_shard=8, family="toy") as writer:
-            for i in range(n):
-                writer.write(
-                    {
-                        "__key__": f"{split}-{i:04d}",
-                        "x": rng.normal(size=(4, 4)).astype(np.float32),
-                        "y": float(rng.normal()),
-                    }
-                )
-    return path
-
-
+@pytest.mark.slow
 def test_pretrain_exits_promptly_when_a_loader_worker_raises(tmp_path):
     """A DataError raised in a loader worker: one line, exit 2, status failed — and the process
     ends (workers that ignored their loader's SIGTERM kept it waiting forever)."""
-    shards = _write_toy_shards(tmp_path / "shards")
+    shards = write_toy_shards(tmp_path / "shards", 32, 8, samples_per_shard=8, seed=0)
     for path in shards.glob("train-*.tar"):  # every x member now claims int32: the schema says float32
         path.write_bytes(path.read_bytes().replace(b"'descr': '<f4'", b"'descr': '<i4'"))
     config = {
-        "family": "toyfamily:FAMILY",
+        "family": TOY_FAMILY,
         "data": {"path": str(shards), "batch_size": 4, "num_workers": 2, "shuffle": True},
         "model": {"width": 16, "depth": 1},
         "run": {"dir": str(tmp_path / "run"), "seed": 7},
@@ -706,14 +693,9 @@ def test_pretrain_exits_promptly_when_a_loader_worker_raises(tmp_path):
         },
     }
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config))
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "train"), str(REPO)]),
-    }
     proc = subprocess.run(
         [sys.executable, "-m", "foundation.cli", "pretrain", str(tmp_path / "cfg.yaml")],
-        env=env,
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=120,
@@ -744,11 +726,12 @@ def _child_workers(root: Path) -> None:
     print(json.dumps({"batches": len(received)}), flush=True)
 
 
+@pytest.mark.slow
 def test_loader_workers_ignore_a_sigterm_that_is_not_their_loaders(tmp_path):
     """SLURM's job-wide SIGTERM reaches the workers too: they must survive it (the trainer stops
     cleanly and saves), only their own loader's SIGTERM ends them."""
-    _write_toy_shards(tmp_path / "set")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    write_toy_shards(tmp_path / "set", 32, 8, samples_per_shard=8, seed=0)
+    env = child_env()
     proc = subprocess.Popen(
         [sys.executable, __file__, "workers", str(tmp_path / "set")],
         env=env,

@@ -73,6 +73,7 @@ def _temporaries(out) -> list[str]:
     return sorted(p.name for p in out.iterdir() if ".tmp-" in p.name) if out.exists() else []
 
 
+@pytest.mark.slow
 def test_two_processes_on_one_folder_cannot_both_succeed(tmp_path):
     out = tmp_path / "set"
     first = _start(tmp_path, out, "a", "wait")

@@ -5,7 +5,6 @@ import json
 import types
 
 import h5py
-import mpp_layouts
 import numpy as np
 import pytest
 import torch
@@ -17,6 +16,7 @@ from encoders.mpp.sources import open_source
 from encoders.mpp.well import OPEN, PERIODIC, WALL, WellFile, write_simulation
 from foundation.cli import main
 from foundation.errors import DataError
+from tests.mpp import mpp_layouts
 
 
 def _sim(n_traj=2, steps=6, n=8, seed=0) -> Simulation:

@@ -10,7 +10,6 @@ import textwrap
 from pathlib import Path
 
 import h5py
-import mpp_layouts as layouts
 import numpy as np
 import pytest
 import torch
@@ -19,6 +18,7 @@ from encoders.mpp.sources import open_source
 from encoders.mpp.well import OPEN, PERIODIC, WALL, SkippedSource, WellFile
 from foundation.cli import main
 from foundation.errors import DataError
+from tests.mpp import mpp_layouts as layouts
 
 
 def _expected_well_window(arrays, traj, start, length, dropped_axes=True):
@@ -303,6 +303,7 @@ def _sparse_well(path, steps):
         f["scalars"].attrs["field_names"] = ["Re"]
 
 
+@pytest.mark.slow
 def test_sparse_declared_steps_are_refused_within_a_memory_bound(tmp_path):
     path = tmp_path / "bomb" / "data" / "train" / "bomb.hdf5"
     path.parent.mkdir(parents=True)

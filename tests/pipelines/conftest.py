@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-TESTS_DIR = Path(__file__).resolve().parent
-if str(TESTS_DIR) not in sys.path:
-    sys.path.insert(0, str(TESTS_DIR))  # pipeline_data, export_test_family, also for child processes
-
-from pipeline_data import latent_embeddings, write_embeddings, write_shards  # noqa: E402
+from tests.testkit import export_test_family
+from tests.testkit.embeddings import latent_embeddings, write_embeddings
+from tests.testkit.shards import write_galaxy_shards
 
 
 @pytest.fixture
@@ -36,14 +31,12 @@ def embeddings_writer():
 
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory):
-    return write_shards(tmp_path_factory.mktemp("shards") / "tiny")
+    return write_galaxy_shards(tmp_path_factory.mktemp("shards") / "tiny")
 
 
 @pytest.fixture
 def tiny_checkpoint(tmp_path, tiny_shards):
     """(model.pt path, the model) of the tiny two-tower test family."""
-    import export_test_family
-
     path = tmp_path / "model.pt"
     model = export_test_family.write_checkpoint(path, tiny_shards)
     return path, model

@@ -51,6 +51,7 @@ def test_retrieval_cli(tmp_path, make_embeddings, capsys):
     assert "give both" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_zero_shot_report_and_controls(tmp_path, make_embeddings, embeddings_writer):
     informative, data = make_embeddings("good.h5", n=500, noise=0.05)
     rng = np.random.default_rng(3)

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
-import export_test_family
 import numpy as np
 import pytest
 import torch
@@ -16,8 +13,7 @@ from foundation.data.raw_inputs import fetch_samples
 from foundation.embeddings import open_embeddings, part_path, partial_path
 from foundation.errors import ConfigError, DataError
 from foundation.export import ExportSettings, export_embeddings, load_model, start_export
-
-TESTS_DIR = Path(__file__).resolve().parent
+from tests.testkit import export_test_family
 
 
 def _export(loaded, data, out, **settings):
@@ -76,7 +72,8 @@ def test_export_cli_writes_every_sample_once(tmp_path, tiny_shards, tiny_checkpo
         )
         assert set(emb.split.tolist()) == {"train", "valid", "test"}
         attrs = emb.attrs
-        assert attrs["checkpoint"] == str(ckpt.resolve()) and attrs["family"] == "export_test_family:FAMILY"
+        assert attrs["checkpoint"] == str(ckpt.resolve())
+        assert attrs["family"] == "tests.testkit.export_test_family:FAMILY"
         assert attrs["precision"] == "fp32" and attrs["config"]["model"]["dim"] == 8
         assert not emb.normalized("image")
     # Re-running finds the finished file and does nothing.
@@ -261,8 +258,7 @@ def test_torchrun_two_ranks_write_parts_and_merge(tmp_path, tiny_shards, tiny_ch
     ckpt, _ = tiny_checkpoint
     out = tmp_path / "emb.h5"
     args = ["export", "--checkpoint", str(ckpt), "--data", str(tiny_shards), "--out", str(out)]
-    pythonpath = os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])
-    env = {"PYTHONPATH": pythonpath, "FOUNDATION_FAMILY_MODULES": "export_test_family"}
+    env = {"FOUNDATION_FAMILY_MODULES": "tests.testkit.export_test_family"}
     proc = torchrun([*args, "--num-workers", "0", "--device", "cpu"], env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "merged 2 parts" in proc.stdout

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import re
 
-import export_test_family
 import numpy as np
 import pytest
-from pipeline_data import write_shards
 
 import foundation.embeddings
 from foundation.cli import main
 from foundation.embeddings import open_embeddings, partial_path
 from foundation.lock import FolderLock
+from tests.testkit import export_test_family
+from tests.testkit.shards import write_galaxy_shards
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(64)
 
@@ -78,7 +78,7 @@ def test_out_that_is_not_an_export_is_refused(tmp_path, tiny_shards, tiny_checkp
 def _shards_with_tokenizer(folder, text):
     tok = folder.parent / f"{folder.name}-tokenizer.json"
     tok.write_text(text)
-    return write_shards(folder, n=40, files={"tokenizer.json": tok})
+    return write_galaxy_shards(folder, n=40, files={"tokenizer.json": tok})
 
 
 def test_shards_tokenised_with_another_tokenizer_are_refused(tmp_path, capsys):

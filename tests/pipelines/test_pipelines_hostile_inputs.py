@@ -9,12 +9,12 @@ import os
 import h5py
 import numpy as np
 import pytest
-from bounded_run import assert_one_line_error, run_foundation, run_python
-from pipeline_data import latent_embeddings
 
 from foundation.cli import main
 from foundation.embeddings import open_embeddings
 from foundation.errors import DataError
+from tests.testkit.bounded import assert_one_line_error, run_foundation, run_python
+from tests.testkit.embeddings import latent_embeddings
 
 BOMB_ROWS = 2**31
 
@@ -252,6 +252,7 @@ print(refused, "of", len(chosen), "refused")
 _KNOWN_BAD = [275, 506, 702]
 
 
+@pytest.mark.slow
 def test_fuzzed_embeddings_files_are_read_or_refused_in_one_line(tmp_path, embeddings_writer):
     # Seeded random byte mutations of a valid file: every outcome is a read or a one-line
     # DataError, never a traceback, a hang or a crash, within a time and memory bound (the process

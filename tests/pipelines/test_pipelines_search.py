@@ -220,7 +220,7 @@ def _small_indexes(tmp_path, make_embeddings) -> list:
 def test_damaged_index_files_are_refused_in_one_line_within_bounds(tmp_path, make_embeddings):
     # faiss trusts the sizes in an index file: mutated IVF headers made it allocate gigabytes
     # (std::bad_alloc, or a zero-filled buffer filling memory). A bounded child reads the file first.
-    from bounded_run import run_python
+    from tests.testkit.bounded import run_python
 
     folders = _small_indexes(tmp_path, make_embeddings)
     result = run_python(
@@ -238,7 +238,7 @@ def test_index_header_declaring_a_huge_vector_buffer_is_one_line(tmp_path, make_
     # faiss's flat index: fourcc, d (int32), ntotal (int64), two unused int64, is_trained (1 byte),
     # metric (int32), then the vectors: their float count (uint64) and the floats. 8 GiB of floats
     # declared in a 10 KB file: faiss allocates and zero-fills them before it reads.
-    from bounded_run import assert_one_line_error, run_foundation
+    from tests.testkit.bounded import assert_one_line_error, run_foundation
 
     path, data = make_embeddings(n=300, dim=8)
     index = tmp_path / "flat"
@@ -257,7 +257,8 @@ def test_hnsw_graph_with_a_neighbour_beyond_the_index_is_one_line(tmp_path, make
     # (SIGSEGV). Recent faiss (1.15 here) refuses such a file when reading it; with older faiss
     # the bounded child's own graph check (tested below) refuses it.
     import faiss
-    from bounded_run import assert_one_line_error, run_foundation
+
+    from tests.testkit.bounded import assert_one_line_error, run_foundation
 
     path, data = make_embeddings(n=300, dim=8)
     folder = tmp_path / "hnsw"
@@ -295,7 +296,8 @@ def test_index_answering_rows_beyond_the_embeddings_is_one_line(tmp_path, make_e
     # The ids an IVF/HNSW index answers come from its file (the IDMap): a damaged one indexed past
     # the embeddings' rows (an IndexError traceback, or a wrong neighbour through a negative index).
     import faiss
-    from bounded_run import assert_one_line_error, run_foundation
+
+    from tests.testkit.bounded import assert_one_line_error, run_foundation
 
     path, data = make_embeddings(n=300, dim=8)
     folder = tmp_path / "hnsw"

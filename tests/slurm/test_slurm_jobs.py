@@ -10,7 +10,6 @@ must be bitwise those of an uninterrupted job of the same config (CPU, fp32, sam
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -21,37 +20,46 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
+
+from tests.testkit import REPO, child_env
+from tests.testkit.configs import config_dict
+from tests.testkit.shards import write_toy_shards
 
 pytestmark = pytest.mark.slurm
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
 PRETRAIN = REPO / "slurm" / "pretrain.sbatch"
 EXPORT = REPO / "slurm" / "export.sbatch"
 STEPS = 60
-# 0.15 s per step: a 9 s run, long enough to signal it twice mid-run on a loaded 2-core machine.
-CONFIG = """\
-family: slurm_toy:FAMILY
-data: {{path: {shards}, batch_size: 8, num_workers: 1}}
-model: {{features: 8, width: 32, step_delay: 0.15}}
-run: {{dir: {run_dir}, seed: 3}}
-optim: {{lr: 0.01, warmup_steps: 5}}
-train:
-  steps: {steps}
-  log_every: 1
-  val_every: 20
-  val_batches: 2
-  ckpt_every: 0
-  tensorboard: false
-"""
+# 0.15 s per step (the toy family's TOY_SLEEP): a 9 s run, long enough to signal it twice mid-run
+# on a loaded 2-core machine.
+STEP_DELAY_S = "0.15"
+
+
+def job_config(shards: Path, run_dir: Path) -> str:
+    """The jobs' pretraining config (YAML) of the toy family."""
+    data = config_dict(
+        shards,
+        run_dir,
+        data={"batch_size": 8, "num_workers": 1},
+        model={"width": 32},
+        run={"seed": 3},
+        optim={"lr": 0.01, "warmup_steps": 5},
+        train={"steps": STEPS, "log_every": 1, "val_every": 20, "val_batches": 2, "ckpt_every": 0},
+    )
+    return yaml.safe_dump(data)
 
 
 def job_env(config: Path, **extra: str) -> dict[str, str]:
     """The job's variables; VENV only where this is not the repository's .venv (the scripts'
     default, which the jobs then find by themselves)."""
-    pythonpath = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH", "")) if p)
     # The toy family is a module:ATTRIBUTE family: saved runs may load it once it is named trusted.
-    env = {"CONFIG": str(config), "PYTHONPATH": pythonpath, "FOUNDATION_FAMILY_MODULES": "slurm_toy", **extra}
+    env = child_env(
+        CONFIG=str(config),
+        FOUNDATION_FAMILY_MODULES="tests.testkit.toyfamily",
+        TOY_SLEEP=STEP_DELAY_S,
+        **extra,
+    )
     if Path(sys.prefix).resolve() != (REPO / ".venv").resolve():
         env["VENV"] = sys.prefix
     return env
@@ -84,12 +92,8 @@ def resumed_steps(log: Path) -> list[int]:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    spec = importlib.util.spec_from_file_location("slurm_toy", HERE / "slurm_toy.py")
-    toy = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("slurm_toy", toy)
-    spec.loader.exec_module(toy)
     root = tmp_path_factory.mktemp("slurm-jobs")
-    toy.write_shards(root / "shards")
+    write_toy_shards(root / "shards", 448, 64, samples_per_shard=64)
     return root
 
 
@@ -98,7 +102,7 @@ def reference_run(slurm, workspace):
     """An uninterrupted pretraining job (submitted once; tests wait for it as they need it)."""
     run_dir = workspace / "reference"
     config = workspace / "reference.yaml"
-    config.write_text(CONFIG.format(shards=workspace / "shards", run_dir=run_dir, steps=STEPS))
+    config.write_text(job_config(workspace / "shards", run_dir))
     job = slurm.sbatch(
         PRETRAIN,
         "--job-name=reference",
@@ -114,7 +118,7 @@ def reference_run(slurm, workspace):
 def test_pretrain_requeued_twice_resumes_to_the_uninterrupted_weights(slurm, workspace, reference_run):
     run_dir = workspace / "preempted"
     config = workspace / "preempted.yaml"
-    config.write_text(CONFIG.format(shards=workspace / "shards", run_dir=run_dir, steps=STEPS))
+    config.write_text(job_config(workspace / "shards", run_dir))
     job = slurm.sbatch(
         PRETRAIN,
         "--job-name=preempted",
@@ -168,11 +172,7 @@ def test_pretrain_requeued_twice_resumes_to_the_uninterrupted_weights(slurm, wor
 
 def test_pretrain_bad_config_fails_fast_with_one_clear_line(slurm, workspace):
     config = workspace / "typo.yaml"
-    config.write_text(
-        CONFIG.format(shards=workspace / "shards", run_dir=workspace / "typo", steps=STEPS).replace(
-            "log_every", "log_evry"
-        )
-    )
+    config.write_text(job_config(workspace / "shards", workspace / "typo").replace("log_every", "log_evry"))
     job = slurm.sbatch(
         PRETRAIN,
         "--job-name=typo",

@@ -7,8 +7,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import toyfamily
-from conftest import config_dict, write_config
 from torch import nn
 
 from foundation.cli import main as cli_main
@@ -17,6 +15,8 @@ from foundation.errors import ConfigError
 from foundation.train import optim
 from foundation.train.distributed import expand_nodelist, read_launch
 from foundation.train.trainer import config_changes, resolve_parallel, resume_hash
+from tests.testkit import toyfamily
+from tests.testkit.configs import TOY_FAMILY, config_dict, write_config
 
 
 @pytest.fixture
@@ -44,7 +44,7 @@ def test_bad_values_get_a_clear_message(cfg_path, override, message):
 
 
 def test_missing_required_key(tmp_path):
-    path = write_config(tmp_path / "cfg.yaml", {"family": "toyfamily:FAMILY", "data": {"batch_size": 2}})
+    path = write_config(tmp_path / "cfg.yaml", {"family": TOY_FAMILY, "data": {"batch_size": 2}})
     with pytest.raises(ConfigError, match=r"missing required key\(s\) 'data\.path'"):
         load_pretrain_config(path)
 

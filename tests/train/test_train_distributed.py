@@ -8,25 +8,19 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
-from conftest import (
-    assert_bitwise_equal,
-    child_env,
-    config_dict,
-    final_weights,
-    free_port,
-    launch,
-    write_config,
-)
 
 from foundation.config import load_pretrain_config
 from foundation.data import ShardDataset
 from foundation.train import EXIT_PREEMPTED, train
 from foundation.train import checkpoint as ckpt
+from tests.testkit import child_env
+from tests.testkit.configs import config_dict, write_config
+from tests.testkit.ranks import run_ranks, torchrun_command
+from tests.testkit.runs import assert_bitwise_equal, final_weights
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +60,7 @@ def ddp_run(shards, tmp_path_factory):
     """An uninterrupted 2-rank DDP run: the reference for the resume tests below."""
     run_dir = tmp_path_factory.mktemp("ddp") / "run"
     path = write_config(run_dir.parent / "cfg.yaml", config_dict(shards, run_dir, **DDP))
-    assert_ok(launch(path))
+    assert_ok(run_ranks(["pretrain", str(path)]))
     return run_dir
 
 
@@ -101,11 +95,12 @@ def test_ddp_and_fsdp_match_one_process_with_the_same_global_batch(ddp_run, shar
     fsdp = section_merge(DDP, data={"batch_size": 4}, train={"grad_accum": 1, "parallel": "fsdp"})
     path = write_config(tmp_path / "fsdp.yaml", config_dict(shards, tmp_path / "fsdp", **fsdp))
     torchrun = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-         "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-         "-m", "foundation.cli", "pretrain", str(path)],
-        env=child_env(), capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
+        torchrun_command(["pretrain", str(path)]),
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert torchrun.returncode == 0, torchrun.stdout[-3000:] + torchrun.stderr[-3000:]
     assert ckpt.read_meta(ckpt.latest_checkpoint(tmp_path / "fsdp")[1])["parallel"] == "fsdp"
 
@@ -132,13 +127,13 @@ def test_two_ranks_stop_together_and_resume_bitwise(ddp_run, shards, tmp_path):
     data = config_dict(shards, run_dir, **section_merge(DDP, data={"num_workers": 2}))
     path = write_config(tmp_path / "cfg.yaml", data)
 
-    stopped = launch(path, env={"TOY_ACTION": f"{call}:SIGUSR1:1"})
+    stopped = run_ranks(["pretrain", str(path)], env={"TOY_ACTION": f"{call}:SIGUSR1:1"})
     assert_ok(stopped, EXIT_PREEMPTED)
     status = json.loads((run_dir / "status.json").read_text())
     assert (status["state"], status["step"]) == ("preempted", stop_step), f"signal at micro-step {call}"
     assert ckpt.latest_checkpoint(run_dir)[0] == stop_step
 
-    assert_ok(launch(path))
+    assert_ok(run_ranks(["pretrain", str(path)]))
     assert json.loads((run_dir / "status.json").read_text())["state"] == "done"
     assert_bitwise_equal(final_weights(run_dir), final_weights(ddp_run))
     assert losses(run_dir) == losses(ddp_run), f"signal at micro-step {call}"
@@ -163,11 +158,12 @@ def test_external_sigterm_to_torchrun_at_a_random_moment_resumes_exactly(ddp_run
     run_dir = tmp_path / "run"
     path = write_config(tmp_path / "cfg.yaml", config_dict(shards, run_dir, **DDP))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-         "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-         "-m", "foundation.cli", "pretrain", str(path)],
-        env=child_env(TOY_SLEEP="0.25"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        torchrun_command(["pretrain", str(path)]),
+        env=child_env(TOY_SLEEP="0.25"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         _wait_for_step(run_dir, 2, proc)
         time.sleep(UNSEEDED.uniform(0.0, 0.5))
@@ -179,7 +175,7 @@ def test_external_sigterm_to_torchrun_at_a_random_moment_resumes_exactly(ddp_run
     assert status["state"] == "preempted" and status["step"] < 10, out[-3000:]
     assert ckpt.latest_checkpoint(run_dir)[0] == status["step"]
 
-    assert_ok(launch(path))
+    assert_ok(run_ranks(["pretrain", str(path)]))
     assert_bitwise_equal(final_weights(run_dir), final_weights(ddp_run))
 
 
@@ -198,7 +194,7 @@ def test_two_ranks_fall_back_together_from_a_damaged_checkpoint(ddp_run, shards,
     shutil.copytree(ddp_run, run_dir)
     damage(run_dir / "checkpoints" / "step-10")
     path = write_config(tmp_path / "cfg.yaml", config_dict(shards, run_dir, **DDP))
-    results = launch(path)
+    results = run_ranks(["pretrain", str(path)])
     assert_ok(results)
     assert "trying the one before" in results[0].stdout
     assert_bitwise_equal(final_weights(run_dir), final_weights(ddp_run))

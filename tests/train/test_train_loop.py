@@ -14,9 +14,7 @@ import time
 
 import pytest
 import torch
-import toyfamily
 import yaml
-from conftest import assert_bitwise_equal, child_env, config_dict, final_weights, write_config, write_shards
 
 from foundation import attention, config, registry
 from foundation.cli import main as cli_main
@@ -26,6 +24,10 @@ from foundation.errors import ConfigError
 from foundation.train import EXIT_DIVERGED, EXIT_PREEMPTED, TrainingDiverged, load_pretrained, train
 from foundation.train import checkpoint as ckpt
 from foundation.train.trainer import Trainer
+from tests.testkit import child_env, toyfamily
+from tests.testkit.configs import config_dict, write_config
+from tests.testkit.runs import assert_bitwise_equal, final_weights
+from tests.testkit.shards import write_toy_shards
 
 # Not the per-test seeded `random` (tests/conftest.py): every run tries other steps; the step is in
 # the assertion messages.
@@ -224,7 +226,7 @@ def test_gradient_accumulation_matches_the_full_batch(shards, tmp_path, monkeypa
 
 
 def test_non_finite_loss_stops_without_saving_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
-    poisoned = write_shards(tmp_path / "poisoned", nan_at=40)
+    poisoned = write_toy_shards(tmp_path / "poisoned", nan_at=40)
     data = config_dict(poisoned, tmp_path / "run", train={"ckpt_every": 1, "keep_last": 3, "steps": 30})
     path = write_config(tmp_path / "cfg.yaml", data)
     toyfamily._TRAIN_CALLS = 0
@@ -259,6 +261,7 @@ sys.exit(main(["pretrain", sys.argv[1]]))
 """
 
 
+@pytest.mark.slow
 def test_kill_during_save_leaves_the_previous_checkpoint_loadable(reference, shards, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     path = write_config(tmp_path / "cfg.yaml", config_dict(shards, run_dir, **REFERENCE))
@@ -370,6 +373,7 @@ def test_a_crash_is_recorded_as_failed_not_as_preempted(shards, tmp_path, monkey
     assert (status["state"], status["step"]) == ("failed", 5) and "toy failure" in status["error"]
 
 
+@pytest.mark.slow
 def test_sigusr1_to_the_whole_process_group_spares_the_loader_workers(
     reference, shards, tmp_path, monkeypatch
 ):

@@ -14,9 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import toyfamily
 import yaml
-from conftest import assert_bitwise_equal, child_env, config_dict, final_weights, write_config, write_shards
 
 from foundation import atomic
 from foundation.cli import main as cli_main
@@ -25,6 +23,10 @@ from foundation.lock import lock_path_for
 from foundation.train import checkpoint as ckpt
 from foundation.train import load_pretrained, trainer
 from foundation.train.metrics import MetricsWriter
+from tests.testkit import child_env, toyfamily
+from tests.testkit.configs import config_dict, write_config
+from tests.testkit.runs import assert_bitwise_equal, final_weights
+from tests.testkit.shards import write_toy_shards
 
 MODEL = {"model": {"width": 16, "depth": 2, "dropout": 0.1}}
 
@@ -165,7 +167,7 @@ def test_rank_state_round_trips_through_json():
 
 
 def test_resume_on_another_shard_set_is_refused_and_changes_nothing(finished, shards, tmp_path, capsys):
-    other = write_shards(tmp_path / "other", n_train=64)
+    other = write_toy_shards(tmp_path / "other", n_train=64)
     run_dir, cfg_path = copy_run(finished, shards, tmp_path, data={"path": str(other)})
     before = folder_bytes(run_dir)
     assert cli_main(["pretrain", str(cfg_path)]) == 2
@@ -266,6 +268,7 @@ def test_a_full_disk_during_a_checkpoint_save_is_one_line(shards, tmp_path, monk
 # ---------------------------------------------------------------------- one pretrain per run folder
 
 
+@pytest.mark.slow
 def test_a_second_pretrain_on_a_busy_run_dir_is_refused_and_harms_nothing(shards, tmp_path):
     run_dir = tmp_path / "run"
     path = write_config(tmp_path / "cfg.yaml", config_dict(shards, run_dir, **MODEL))

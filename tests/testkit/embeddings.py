@@ -1,5 +1,4 @@
-"""Data builders of the pipeline tests, importable by name from test modules (a `conftest` import
-would resolve to whichever test folder's conftest came first on sys.path)."""
+"""Synthetic embeddings files for the search and evaluation tests."""
 
 from __future__ import annotations
 
@@ -40,32 +39,3 @@ def write_embeddings(path: Path, data: dict, chunk: int = 128, **attrs) -> Path:
             split=data["split"][sl] if data.get("split") is not None else None,
         )
     return writer.finish()
-
-
-def write_shards(
-    out: Path, n: int = 120, seed: int = 0, samples_per_shard: int = 16, files: dict | None = None
-) -> Path:
-    """A shard set of galaxies-in-miniature: image (3,4,4), spectrum (20,), redshift, JSON meta."""
-    from foundation.data import ShardSetWriter
-
-    rng = np.random.default_rng(seed)
-    with ShardSetWriter(
-        out,
-        {"train": 0.6, "valid": 0.2, "test": 0.2},
-        samples_per_shard=samples_per_shard,
-        family="export_test_family:FAMILY",
-        extra={"targets": ["redshift", "stellar_mass"]},
-        files=files,
-    ) as w:
-        for i in range(n):
-            z = float(rng.uniform(0, 1))
-            w.write(
-                {
-                    "__key__": f"obj-{i:04d}",
-                    "image": (rng.normal(size=(3, 4, 4)) + z).astype(np.float32),
-                    "spectrum": (rng.normal(size=20) * (1 + z)).astype(np.float32),
-                    "redshift": z,
-                    "meta": {"stellar_mass": 10.0 + i / n, "ra": 1.0},
-                }
-            )
-    return out

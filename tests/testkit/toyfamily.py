@@ -1,9 +1,11 @@
-"""A tiny model family for the trainer tests (importable by spawned ranks as `toyfamily:FAMILY`).
+"""The toy model family of the trainer, SLURM and registry tests, loaded by spawned ranks and
+jobs as `tests.testkit.toyfamily:FAMILY` (see `tests.testkit.child_env`).
 
-Samples: `x` (L, D) float32 tokens and `y` a float32 target. The model embeds the tokens, runs a
-few pre-LN attention blocks through `foundation.attention` (so the backend choice is exercised),
-pools, and regresses `y`. It has biases, norms, an embedding table and >=2-D weights, so the
-weight-decay split has something to split.
+Samples: `x` (L, D) float32 tokens and `y` a float32 target (`tests.testkit.shards.write_toy_shards`).
+The model embeds the tokens, runs a few pre-LN attention blocks through `foundation.attention` (so
+the backend choice is exercised), pools, and regresses `y`. It has biases, norms, an embedding
+table and >=2-D weights, so the weight-decay split has something to split. Its pooled hidden state
+is what `foundation export` writes for it (`hidden`).
 """
 
 from __future__ import annotations
@@ -65,11 +67,15 @@ class ToyNet(nn.Module):
         self.norm = nn.LayerNorm(cfg.width)
         self.head = nn.Linear(cfg.width, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, width): the normalised hidden state averaged over tokens."""
         h = self.proj(x) + self.position.weight[: x.shape[1]]
         for block in self.blocks:
             h = block(h)
-        return self.head(self.norm(h).mean(dim=1)).sum(-1)  # (B,); not a view (FSDP2 warns on views)
+        return self.norm(h).mean(dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pooled(x)).sum(-1)  # (B,); not a view (FSDP2 warns on views)
 
 
 MANIFESTS_SEEN: list = []  # every manifest build_model was given (tests check where it came from)
@@ -120,6 +126,11 @@ def loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]
     return mse, {"mae": float((prediction.detach().float() - target.float()).abs().mean())}
 
 
+def embed(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+    """The pooled hidden state: what `foundation export` writes for this family."""
+    return {"hidden": model.pooled(batch["x"].float())}
+
+
 def flops_per_sample(cfg: ToyConfig, manifest) -> float:
     params = cfg.depth * 12 * cfg.width**2 + cfg.features * cfg.width
     return 6.0 * params * cfg.length
@@ -136,4 +147,5 @@ FAMILY = Family(
     loss=loss,
     flops_per_sample=flops_per_sample,
     tokens_per_batch=tokens_per_batch,
+    embed=embed,
 )

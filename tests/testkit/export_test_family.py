@@ -1,4 +1,5 @@
-"""A tiny two-modality family for the export tests (importable by child processes via PYTHONPATH).
+"""A tiny two-tower (image, spectrum) family for the export tests, loaded by child processes as
+`tests.testkit.export_test_family:FAMILY`; its data is `tests.testkit.shards.write_galaxy_shards`.
 
 Its `embed` counts the samples it sees, so a test can check that a resumed export does not embed
 rows that are already in the file.
@@ -68,7 +69,7 @@ def embed(model, batch):
 
 
 FAMILY = Family(
-    name="export_test_family:FAMILY",
+    name="tests.testkit.export_test_family:FAMILY",
     model_config=TinyConfig,
     build_model=build_model,
     loss=loss,

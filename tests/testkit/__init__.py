@@ -1,0 +1,34 @@
+"""Helpers shared by every test folder, one of each.
+
+- `toyfamily`: the trainer's toy family (`tests.testkit.toyfamily:FAMILY`): train, resume, export.
+- `export_test_family`: a two-tower (image, spectrum) family for the embedding-export tests.
+- `shards`: `write_toy_shards` (toy family samples), `write_galaxy_shards` (galaxies in miniature).
+- `configs`: the toy family's tiny pretraining config (`config_dict`) and `write_config`.
+- `runs`: what a finished run left (`final_weights`) and `assert_bitwise_equal`.
+- `ranks`: `free_port`, N ranks of a `foundation` command (`run_ranks`, `torchrun`) or of a
+  function in a gloo group (`spawn_ranks`).
+- `bounded`: a `foundation` command in a child under a wall-clock and a memory bound.
+- `embeddings`: synthetic embeddings files for the search/evaluation tests.
+
+Import them as `tests.testkit.<module>`: pytest puts the repository root on sys.path (pyproject's
+`pythonpath`), and child processes get it through `child_env()`, so the module:ATTRIBUTE family
+names above load in spawned ranks and SLURM jobs too. Only the repository root goes on the path,
+never a test folder: `tests/pipelines` on sys.path would shadow the `pipelines` package.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a child `foundation` process: the repository root on
+    PYTHONPATH (for `tests.testkit`), one thread per process, no leftover `TOY_*` test hooks."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("TOY_")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    env["OMP_NUM_THREADS"] = "1"
+    env.update(extra)
+    return env
