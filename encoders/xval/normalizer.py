@@ -50,8 +50,12 @@ def _fit_map(values: np.ndarray, kind: Kind) -> FieldMap:
     values = np.asarray(values, dtype=np.float64)
     log_scale = 1.0
     if kind == "signlog":
-        median = float(np.median(np.abs(values))) if len(values) else 0.0
-        log_scale = median if median > 0 and np.isfinite(median) else 1.0
+        magnitudes = np.abs(values)
+        median = float(np.median(magnitudes)) if len(values) else 0.0
+        # A median so small (subnormal) that the largest value divided by it overflows would
+        # turn the fit into inf/NaN: such a field is scaled by 1 instead.
+        usable = median > 0 and np.isfinite(median) and np.isfinite(magnitudes.max() / median)
+        log_scale = median if usable else 1.0
         values = np.sign(values) * np.log1p(np.abs(values) / log_scale)
     mean = float(values.mean()) if len(values) else 0.0
     std = float(values.std()) if len(values) > 1 else 0.0

@@ -150,3 +150,14 @@ def test_baseline_decode_flags_unparseable():
     text_token[0, 2] = -5  # a text token inside a number
     assert np.isnan(p10.decode(text_token)[0])
     assert quantize(np.array([1e9]))[3] == 1  # beyond 9.99e7: clipped and counted
+
+
+def test_normaliser_survives_a_subnormal_median():
+    """Found by the property test above: a median |v| of 5e-324 made the signlog fit inf/NaN."""
+    values = np.array([0.0, 0.0, 1.0, 0.0, 5e-324])
+    names = ["a" if i % 2 else "b" for i in range(len(values))]
+    norm = Normalizer.fit(values, names, kind="signlog", min_count=1, clip=1e9)
+    ids = norm.field_ids(names)
+    z, clipped = norm.transform(values, ids)
+    assert clipped == 0 and np.isfinite(z).all()
+    np.testing.assert_allclose(norm.inverse(z, ids), values, rtol=1e-9, atol=1e-9)
