@@ -54,7 +54,8 @@ def _fit_map(values: np.ndarray, kind: Kind) -> FieldMap:
         median = float(np.median(magnitudes)) if len(values) else 0.0
         # A median so small (subnormal) that the largest value divided by it overflows would
         # turn the fit into inf/NaN: such a field is scaled by 1 instead.
-        usable = median > 0 and np.isfinite(median) and np.isfinite(magnitudes.max() / median)
+        with np.errstate(over="ignore"):
+            usable = median > 0 and np.isfinite(median) and np.isfinite(magnitudes.max() / median)
         log_scale = median if usable else 1.0
         values = np.sign(values) * np.log1p(np.abs(values) / log_scale)
     mean = float(values.mean()) if len(values) else 0.0
