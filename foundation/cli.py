@@ -91,6 +91,11 @@ def discover_commands() -> list[Command]:
         if not all(isinstance(c, Command) for c in listed):
             raise TypeError(f"entry point {entry.value} must be a list of foundation.cli.Command")
         commands.extend(listed)
+    if not commands:
+        raise FoundationError(
+            f"no command is registered in the {COMMANDS_GROUP!r} entry-point group: re-run "
+            "`pip install -e .` (a stale foundation.egg-info in the current folder hides the install)"
+        )
     return commands
 
 
@@ -259,7 +264,11 @@ def describe_os_error(exc: OSError) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser(discover_commands())
+    try:
+        parser = build_parser(discover_commands())
+    except FoundationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help/--version (0) or a usage error (2), already printed

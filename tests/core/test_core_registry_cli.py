@@ -215,3 +215,11 @@ def test_cli_runs_as_a_module():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Show configuration keys" in result.stdout
+
+
+def test_an_install_without_registered_commands_says_how_to_fix_it(monkeypatch, capsys):
+    from foundation import cli
+
+    monkeypatch.setattr(cli, "entry_points", lambda group: [])
+    assert cli.main(["shards", "--help"]) == 2
+    assert "re-run `pip install -e .`" in capsys.readouterr().err
