@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,99 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+@dataclass
+class _Collected:
+    """Every evaluated number of a split, in stored order, in original units."""
+
+    n_samples: int
+    truncated: int
+    sample_keys: np.ndarray
+    field: np.ndarray
+    true: np.ndarray
+    pred: np.ndarray
+    is_number: np.ndarray
+
+
+def _field_ids(normalizer: Any, fields: list[str] | None) -> list[int] | None:
+    if fields is None:
+        return None
+    unknown = [f for f in fields if f not in normalizer.fields]
+    if unknown:
+        raise DataError(
+            f"unknown field(s) {unknown}; fields with their own normaliser: {', '.join(normalizer.fields)}"
+        )
+    return [normalizer.fields.index(f) for f in fields]
+
+
+def _predict_split(
+    model: Any,
+    dataset: Any,
+    normalizer: Any,
+    field_ids: list[int] | None,
+    device: Any,
+    max_batches: int | None,
+) -> _Collected | None:
+    """Predict every number of the split batch by batch, then map the predictions back to
+    original units (a prediction outside the normaliser's range is clipped to it first); None
+    when the split holds no number."""
+    n_samples = truncated = 0
+    parts: list[Predictions] = []
+    key_of: list[np.ndarray] = []
+    torch.manual_seed(0)
+    for b, batch in enumerate(dataset):
+        if max_batches is not None and b >= max_batches:
+            break
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        pred = predict_batch(model, batch, field_ids)
+        keys = np.asarray(batch["__key__"], dtype=object)
+        key_of.append(keys[pred.sample] if len(pred.sample) else np.zeros(0, object))
+        n_samples += len(keys)
+        truncated += int(batch["n_truncated"])
+        parts.append(pred)
+    if not parts or sum(len(p.true) for p in parts) == 0:
+        return None
+    field = np.concatenate([p.field for p in parts])
+    pred_norm = np.concatenate([p.pred_norm for p in parts])
+    pred = np.full_like(pred_norm, np.nan)
+    ok = np.isfinite(pred_norm)
+    pred[ok] = normalizer.inverse(np.clip(pred_norm[ok], -normalizer.clip, normalizer.clip), field[ok])
+    return _Collected(
+        n_samples,
+        truncated,
+        np.concatenate(key_of),
+        field,
+        np.concatenate([p.true for p in parts]),
+        pred,
+        np.concatenate([p.is_number for p in parts]),
+    )
+
+
+def _metrics_by_field(c: _Collected, names: list[str], xval: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(per-field metrics, overall metrics); xVal models also report how often the token head
+    did not predict a number where one stood."""
+    per_field: dict[str, Any] = {}
+    for fid in np.unique(c.field):
+        sel = c.field == fid
+        entry = metrics(c.true[sel], c.pred[sel])
+        if xval:
+            entry["token_head_not_num_fraction"] = float(1 - c.is_number[sel].mean())
+        per_field[names[int(fid)]] = entry
+    overall = metrics(c.true, c.pred)
+    if xval:
+        overall["token_head_not_num_fraction"] = float(1 - c.is_number.mean())
+    return per_field, overall
+
+
+def _write_predictions(path: Path, c: _Collected, names: list[str]) -> None:
+    with replacing(path) as tmp, tmp.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["key", "field", "true", "predicted", "is_number"])
+        for key, fid, true, pred, is_number in zip(
+            c.sample_keys, c.field, c.true, c.pred, c.is_number, strict=True
+        ):
+            writer.writerow([key, names[int(fid)], repr(float(true)), repr(float(pred)), int(is_number)])
+
+
 def evaluate(
     checkpoint: str | Path,
     data: str | Path,
@@ -150,68 +244,20 @@ def evaluate(
     manifest = Manifest.load(data)
     _check_compatible(_training_manifest(checkpoint, cfg), manifest)
     normalizer = normalizer_from(manifest)
-    field_ids = None
-    if fields is not None:
-        unknown = [f for f in fields if f not in normalizer.fields]
-        if unknown:
-            raise DataError(
-                f"unknown field(s) {unknown}; fields with their own normaliser: "
-                f"{', '.join(normalizer.fields)}"
-            )
-        field_ids = [normalizer.fields.index(f) for f in fields]
+    field_ids = _field_ids(normalizer, fields)
     collate = XValCollate(normalizer, model.encoding, model.text_vocab_size, cfg.model.max_len, pack=False)
     dataset = ShardDataset.in_order(data, split, batch_size, collate)
-    keys: list[str] = []
-    truncated = 0
-    parts: list[Predictions] = []
-    key_of: list[np.ndarray] = []
-    torch.manual_seed(0)
-    for b, batch in enumerate(dataset):
-        if max_batches is not None and b >= max_batches:
-            break
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        pred = predict_batch(model, batch, field_ids)
-        key_of.append(
-            np.asarray(batch["__key__"], dtype=object)[pred.sample]
-            if len(pred.sample)
-            else np.zeros(0, object)
-        )
-        keys.extend(batch["__key__"])
-        truncated += int(batch["n_truncated"])
-        parts.append(pred)
-    if truncated:
+    collected = _predict_split(model, dataset, normalizer, field_ids, device, max_batches)
+    if collected is None:
+        raise DataError(f"split {split!r} of {data} has no numbers to evaluate")
+    if collected.truncated:
         log.warning(
             "%d sample(s) are longer than model.max_len=%d; the numbers past the cut are not evaluated",
-            truncated,
+            collected.truncated,
             cfg.model.max_len,
         )
-    if not parts or sum(len(p.true) for p in parts) == 0:
-        raise DataError(f"split {split!r} of {data} has no numbers to evaluate")
-    field = np.concatenate([p.field for p in parts])
-    true = np.concatenate([p.true for p in parts])
-    pred_norm = np.concatenate([p.pred_norm for p in parts])
-    is_number = np.concatenate([p.is_number for p in parts])
-    sample_keys = np.concatenate(key_of)
-    pred = np.full_like(pred_norm, np.nan)
-    ok = np.isfinite(pred_norm)
-    pred[ok] = normalizer.inverse(np.clip(pred_norm[ok], -normalizer.clip, normalizer.clip), field[ok])
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    xval = model.encoding.is_xval
-    per_field: dict[str, Any] = {}
-    plot_data: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for fid in np.unique(field):
-        sel = field == fid
-        name = normalizer.fields[int(fid)]
-        entry = metrics(true[sel], pred[sel])
-        if xval:
-            entry["token_head_not_num_fraction"] = float(1 - is_number[sel].mean())
-        per_field[name] = entry
-        plot_data[name] = (true[sel], pred[sel])
-    overall = metrics(true, pred)
-    if xval:
-        overall["token_head_not_num_fraction"] = float(1 - is_number.mean())
+    names = list(normalizer.fields)
+    per_field, overall = _metrics_by_field(collected, names, model.encoding.is_xval)
     report = {
         "checkpoint": str(checkpoint),
         "data": str(data),
@@ -220,26 +266,20 @@ def evaluate(
         "encoding": cfg.model.encoding,
         "mode": cfg.model.mode,
         "protocol": "mask each field in turn" if cfg.model.mode == "mlm" else "teacher-forced next token",
-        "n_samples": len(keys),
-        "n_numbers": int(len(true)),
-        "n_truncated_samples": truncated,
+        "n_samples": collected.n_samples,
+        "n_numbers": int(len(collected.true)),
+        "n_truncated_samples": collected.truncated,
         "units": "original (de-normalised)",
         "fields": per_field,
         "overall": overall,
     }
-    with replacing(out / "predictions.csv") as tmp, tmp.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["key", "field", "true", "predicted", "is_number"])
-        for row in zip(sample_keys, field, true, pred, is_number, strict=True):
-            writer.writerow(
-                [
-                    row[0],
-                    normalizer.fields[int(row[1])],
-                    repr(float(row[2])),
-                    repr(float(row[3])),
-                    int(row[4]),
-                ]
-            )
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_predictions(out / "predictions.csv", collected, names)
+    plot_data = {
+        names[int(fid)]: (collected.true[collected.field == fid], collected.pred[collected.field == fid])
+        for fid in np.unique(collected.field)
+    }
     plot_predictions(
         out / "predicted_vs_true.png", plot_data, f"{cfg.model.encoding} ({cfg.model.mode}) on {split}"
     )
