@@ -212,7 +212,7 @@ _WHY_NOT_COMBINABLE = {
     "merge cannot recompute them — prepare the parts with shared statistics, or in one run",
     "astroclip": "AstroCLIP's training statistics include medians (image_sky_sigma, "
     "image_scale_floor) and per-part match reports that cannot be combined from per-part numbers; "
-    "prepare AstroCLIP in one run (prepare --workers N) until its prepare can reuse statistics",
+    "prepare AstroCLIP in one run until its prepare can reuse statistics",
     "mpp": "MPP's per-field training statistics (stats.fields) and data-set counts (extra.mpp) are "
     "stored without the element counts needed to combine them; prepare MPP in one run "
     "(prepare --workers N) until its prepare can reuse statistics",
@@ -233,6 +233,7 @@ def merge_family_data(parts: Sequence[Part]) -> tuple[dict[str, Any], dict[str, 
 def merge_split_field_stats(parts: Sequence[Part], split: str) -> dict[str, dict[str, Any]]:
     """A split's `field_stats` over all parts: counts and min/max exactly, mean/std by the pairwise
     (Chan) update from each part's count, mean and std — what one writer would give, to rounding."""
+    _refuse_missing_field_stats(parts, split)
     merged: dict[str, RunningStats] = {}
     masks: dict[str, str] = {}
     for part in parts:
@@ -254,6 +255,21 @@ def merge_split_field_stats(parts: Sequence[Part], split: str) -> dict[str, dict
         if name in masks:
             out[name]["mask"] = masks[name]
     return out
+
+
+def _refuse_missing_field_stats(parts: Sequence[Part], split: str) -> None:
+    """A part with samples in `split` but no statistics of a (non-optional) field another part has
+    (written with field_stats=False) would leave the merged numbers silently partial."""
+    infos = [(p, p.manifest.splits.get(split)) for p in parts]
+    infos = [(p, info) for p, info in infos if info is not None and info.samples]
+    have = {name for _, info in infos for name in info.field_stats}
+    for part, info in infos:
+        missing = sorted(n for n in have - set(info.field_stats) if not part.manifest.schema[n].optional)
+        if missing:
+            raise DataError(
+                f"part {part.label}: splits.{split}.field_stats lacks field(s) {missing} that other parts "
+                "have (written with field_stats=False?); re-create that part with statistics"
+            )
 
 
 def check_degenerate(

@@ -277,3 +277,10 @@ def test_a_part_given_twice_or_out_inside_a_part_is_refused(whole_and_parts):
         merge_shard_sets([parts[0], parts[0]], parts[0].parent / "out")
     with pytest.raises(DataError, match="merge into a new folder"):
         merge_shard_sets(parts, parts[0] / "sub")
+
+
+def test_a_part_without_field_stats_is_refused(tmp_path):
+    a = _write(tmp_path / "part-a", range(0, 50))
+    b = _write(tmp_path / "part-b", range(50, 100), field_stats=False)
+    with pytest.raises(DataError, match=rf"part {b}: splits\.\w+\.field_stats lacks field\(s\) \['flux'"):
+        merge_shard_sets([a, b], tmp_path / "out")
