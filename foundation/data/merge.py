@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -44,6 +45,8 @@ from foundation.data.summary import (
 from foundation.data.verify import duplicate_keys, key_hashes
 from foundation.errors import DataError
 from foundation.lock import FolderLock, command_line
+
+log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 22
 
@@ -215,7 +218,7 @@ _WHY_NOT_COMBINABLE = {
     "prepare AstroCLIP in one run until its prepare can reuse statistics",
     "mpp": "MPP's per-field training statistics (stats.fields) and data-set counts (extra.mpp) are "
     "stored without the element counts needed to combine them; prepare MPP in one run "
-    "(prepare --workers N) until its prepare can reuse statistics",
+    "until its prepare can reuse statistics",
 }
 
 _FAMILY_MERGE = {"xval": _merge_xval}
@@ -483,6 +486,7 @@ def merge_shard_sets(
     _check_out(out, loaded, overwrite)
     with FolderLock(out, command_line()):
         _check_out(out, loaded, overwrite)  # again, now that no other writer can change it
+        _remove_dead_temporaries(out)
         folder = atomic.temporary_name(out)
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
@@ -538,6 +542,19 @@ def _build(
     )
     manifest.save(folder)
     return manifest
+
+
+def _remove_dead_temporaries(out: Path) -> None:
+    """Hidden folders of merges into `out` that were killed: the new set being built
+    (`.<out>.tmp-<pid>`) and, once `out` is there again, an old set moved aside
+    (`.<out>.old-<pid>`). Under `out`'s lock no live merge owns one."""
+    if not out.parent.is_dir():
+        return
+    prefixes = [f".{out.name}.tmp-"] + ([f".{out.name}.old-"] if out.exists() else [])
+    for path in out.parent.iterdir():
+        if any(path.name.startswith(p) for p in prefixes) and path.is_dir() and not path.is_symlink():
+            log.warning("%s: removing %s, left by an interrupted merge", out, path.name)
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _publish(folder: Path, out: Path) -> None:

@@ -284,3 +284,28 @@ def test_a_part_without_field_stats_is_refused(tmp_path):
     b = _write(tmp_path / "part-b", range(50, 100), field_stats=False)
     with pytest.raises(DataError, match=rf"part {b}: splits\.\w+\.field_stats lacks field\(s\) \['flux'"):
         merge_shard_sets([a, b], tmp_path / "out")
+
+
+def test_mpp_statistics_are_refused_with_the_reason(tmp_path):
+    a = _write(tmp_path / "part-a", range(0, 50), family="mpp", stats={"fields": {"u": {"mean": 0.0}}})
+    b = _write(tmp_path / "part-b", range(50, 100), family="mpp", stats={"fields": {"u": {"mean": 1.0}}})
+    with pytest.raises(DataError, match=r"stats\.fields\.u\.mean differs .*element counts"):
+        merge_shard_sets([a, b], tmp_path / "out")
+
+
+def test_out_is_locked_while_merging(whole_and_parts, tmp_path):
+    from foundation.lock import FolderLock, LockedError
+
+    _, parts = whole_and_parts
+    with FolderLock(tmp_path / "out", "another merge"), pytest.raises(LockedError):
+        merge_shard_sets(parts, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_killed_merge_leaves_nothing_the_next_one_keeps(whole_and_parts, tmp_path):
+    _, parts = whole_and_parts
+    dead = tmp_path / ".out.tmp-999999"
+    dead.mkdir()
+    (dead / "train-000000.tar").write_bytes(b"half")
+    merge_shard_sets(parts, tmp_path / "out")
+    assert not dead.exists() and verify_shard_set(tmp_path / "out").ok
