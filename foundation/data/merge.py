@@ -309,8 +309,33 @@ class _Progress:
             self.bar.update(n)
 
 
-def _same_file_system(a: Path, b: Path) -> bool:
-    return os.stat(a).st_dev == os.stat(b).st_dev
+def _hard_link(source: Path, target: Path) -> bool:
+    """Link `target` to `source`; False where the file system refuses (then it is copied)."""
+    try:
+        os.link(source, target)
+    except OSError:
+        return False
+    return True
+
+
+def _hash(path: Path, bar: _Progress) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_CHUNK), b""):
+            sha.update(chunk)
+            bar.update(len(chunk))
+    return sha.hexdigest()
+
+
+def _copy(source: Path, target: Path, bar: _Progress) -> str:
+    """Copy, hashing the bytes written (publishing flushes them to disk)."""
+    sha = hashlib.sha256()
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        for chunk in iter(lambda: src.read(_CHUNK), b""):
+            sha.update(chunk)
+            dst.write(chunk)
+            bar.update(len(chunk))
+    return sha.hexdigest()
 
 
 def place_shard(source: Path, target: Path, info: ShardInfo, part: Part, link: bool, bar: _Progress) -> None:
@@ -327,22 +352,8 @@ def place_shard(source: Path, target: Path, info: ShardInfo, part: Part, link: b
             f"part {part.label}: shard {info.name} has {size} bytes, its manifest records {info.bytes} "
             "(truncated or replaced); re-create that part"
         )
-    sha = hashlib.sha256()
-    if link:
-        os.link(source, target)
-        with open(target, "rb") as handle:
-            for chunk in iter(lambda: handle.read(_CHUNK), b""):
-                sha.update(chunk)
-                bar.update(len(chunk))
-    else:
-        with open(source, "rb") as src, open(target, "wb") as dst:
-            for chunk in iter(lambda: src.read(_CHUNK), b""):
-                sha.update(chunk)
-                dst.write(chunk)
-                bar.update(len(chunk))
-            dst.flush()
-            os.fsync(dst.fileno())
-    if sha.hexdigest() != info.sha256:
+    digest = _hash(target, bar) if link and _hard_link(source, target) else _copy(source, target, bar)
+    if digest != info.sha256:
         raise DataError(
             f"part {part.label}: shard {info.name}: sha256 does not match its manifest (damaged or "
             "replaced); re-create that part (`foundation shards verify` names the damaged member)"
@@ -513,7 +524,6 @@ def _build(
     """Write the merged set into `folder` (not yet visible): shards, files, manifest last."""
     split_names = sorted({s for p in parts for s in p.manifest.splits})
     total = sum(p.manifest.splits[s].bytes for p in parts for s in p.manifest.splits)
-    link = link and all(_same_file_system(p.path, folder) for p in parts)
     bar = _Progress()
     if progress:
         from tqdm import tqdm

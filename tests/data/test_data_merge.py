@@ -117,6 +117,8 @@ def test_merge_is_deterministic_and_renumbers_in_part_name_order(whole_and_parts
     assert [s.to_dict() for s in a.split("train").shards] == [s.to_dict() for s in b.split("train").shards]
     names = [s.name for s in a.split("train").shards]
     assert names == [f"train-{i:06d}.tar" for i in range(len(names))]
+    assert (tmp_path / "a" / names[0]).stat().st_nlink == 1  # copied
+    assert (tmp_path / "b" / names[0]).stat().st_nlink == 2  # hard-linked to part-0's shard
     first = Manifest.load(parts[0]).split("train").shards
     assert [s.sha256 for s in a.split("train").shards[: len(first)]] == [s.sha256 for s in first]
 
