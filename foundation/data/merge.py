@@ -50,9 +50,6 @@ log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 22
 
-#: Provenance keys of a part that describe its own run (kept per part, not required to agree).
-_PER_PART_PROVENANCE = ("sources", "command", "created", "package_version", "python", "numpy")
-
 
 @dataclass(frozen=True)
 class Part:
