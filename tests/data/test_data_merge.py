@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import tarfile
 from pathlib import Path
@@ -311,3 +312,42 @@ def test_a_killed_merge_leaves_nothing_the_next_one_keeps(whole_and_parts, tmp_p
     (dead / "train-000000.tar").write_bytes(b"half")
     merge_shard_sets(parts, tmp_path / "out")
     assert not dead.exists() and verify_shard_set(tmp_path / "out").ok
+
+
+def test_xval_parts_prepared_with_one_vocabulary_merge_to_the_one_go_set(tmp_path):
+    """The real xVal prepare: parts reusing one tokenizer and normaliser (--vocab-from) merge to
+    what one prepare over all files writes; parts that fitted their own are refused."""
+    from encoders.xval.prepare import PrepareOptions, prepare
+
+    files = []
+    for f in range(3):
+        path = tmp_path / f"in{f}.jsonl"
+        lines = [
+            {"text": f"star {i} has mass {1.5 + i * 0.37 + f:.3f}" + " and radius 2.5" * (i % (f + 2))}
+            for i in range(40)
+        ]
+        path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        files.append(path)
+    options = {
+        "vocab_size": 300,
+        "samples_per_shard": 16,
+        "split_fractions": FRACTIONS,
+        "min_field_count": 5,
+        "progress": False,
+    }
+    prepare(files, tmp_path / "fit", PrepareOptions(**options))
+    shared = PrepareOptions(**options, vocab_from=str(tmp_path / "fit"))
+    whole = prepare(files, tmp_path / "whole", shared)
+    parts = [prepare(files[:1], tmp_path / "part-0", shared), prepare(files[1:], tmp_path / "part-1", shared)]
+    merged = merge_shard_sets([p.path for p in parts], tmp_path / "merged")
+    assert merged.extra == whole.extra and merged.files == whole.files
+    assert merged.stats["normalizer"] == whole.stats["normalizer"]
+    assert merged.stats["clipped_train_values"] == whole.stats["clipped_train_values"]
+    for key, value in whole.stats["lengths"].items():
+        assert math.isclose(merged.stats["lengths"][key], value, rel_tol=1e-12), key
+    for split in FRACTIONS:
+        assert _members_by_key(tmp_path / "merged", split) == _members_by_key(whole.path, split)
+        _assert_same_stats(merged.field_stats(split), whole.field_stats(split))
+    own = prepare(files[1:], tmp_path / "own-1", PrepareOptions(**options))
+    with pytest.raises(DataError, match=r"files\.tokenizer\.json differs .*--vocab-from"):
+        merge_shard_sets([parts[0].path, own.path], tmp_path / "refused")
