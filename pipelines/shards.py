@@ -1,11 +1,11 @@
-"""`foundation shards info|verify|index DIR`: look inside, check, or adopt a shard set."""
+"""`foundation shards info|verify|index|merge`: look inside, check, adopt or join shard sets."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from foundation.cli import Command
+from foundation.cli import Command, add_progress_argument, progress_enabled
 
 
 def _human(n: float) -> str:
@@ -169,6 +169,44 @@ def _run_index(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- merge
+
+
+def _add_merge(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "parts", nargs="+", metavar="PART", help="Partial shard sets (e.g. one per SLURM array task)."
+    )
+    parser.add_argument("--out", required=True, help="Folder of the merged shard set.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing --out.")
+    parser.add_argument(
+        "--copy", action="store_true", help="Copy shards even where a hard link would do (same file system)."
+    )
+    parser.add_argument(
+        "--allow-degenerate",
+        action="store_true",
+        help="Merge even if a field of the merged set is degenerate (recorded in its provenance).",
+    )
+    add_progress_argument(parser)
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    from foundation.data.merge import merge_shard_sets
+
+    manifest = merge_shard_sets(
+        args.parts,
+        args.out,
+        overwrite=args.overwrite,
+        link=not args.copy,
+        allow_degenerate=args.allow_degenerate,
+        progress=progress_enabled(args.progress),
+    )
+    summary = ", ".join(
+        f"{name} {s.samples} samples in {len(s.shards)} shards" for name, s in manifest.splits.items()
+    )
+    print(f"merged {len(args.parts)} part(s) into {manifest.path}: {summary}")
+    return 0
+
+
 COMMANDS = [
     Command(
         ("shards", "info"), "Show a shard set's splits, sizes, schema and statistics.", _add_info, _run_info
@@ -184,5 +222,11 @@ COMMANDS = [
         "Write a manifest.json for existing tar shards (e.g. written with webdataset).",
         _add_index,
         _run_index,
+    ),
+    Command(
+        ("shards", "merge"),
+        "Join partial shard sets (e.g. one per SLURM array task) into one; statistics combined exactly.",
+        _add_merge,
+        _run_merge,
     ),
 ]

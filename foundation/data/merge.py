@@ -1,0 +1,581 @@
+"""`foundation shards merge PARTS... --out SHARDS`: join partial shard sets into one.
+
+Each task of a SLURM array (one per input partition) writes a partial shard set; this joins them
+so that downstream nothing differs from a set written in one go: the same keys in the same
+splits, the same sample bytes, the same `field_stats` (to float rounding) and family statistics.
+The contract (what must agree, what is combined, what is refused) is in docs/shards.md,
+"Merging partial shard sets".
+
+Order: parts are sorted by folder name (then full path), so the merged set does not depend on
+the order they are given in; within a split, the shards of the first part come first, each
+part's shards in their own order, renumbered `<split>-000000.tar` onwards.
+
+Nothing half-written: everything goes into a hidden folder beside `--out` (shards hard-linked
+when on the same file system, else copied; each shard's sha256 and size re-checked against its
+part's manifest), the manifest is written last, and the folder is renamed into place, all under
+`--out`'s `FolderLock`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from foundation import atomic
+from foundation.data.manifest import FileInfo, Manifest, ShardInfo, SplitInfo, shard_name
+from foundation.data.reader import ShardReader, file_sha256
+from foundation.data.schema import FieldSpec
+from foundation.data.summary import (
+    DegenerateDataError,
+    RunningStats,
+    degenerate_reason,
+    merged_field_stats,
+)
+from foundation.data.verify import duplicate_keys, key_hashes
+from foundation.errors import DataError
+from foundation.lock import FolderLock, command_line
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 1 << 22
+
+
+@dataclass(frozen=True)
+class Part:
+    """One partial shard set: its folder as given, and its validated manifest."""
+
+    label: str
+    manifest: Manifest
+
+    @property
+    def path(self) -> Path:
+        assert self.manifest.path is not None
+        return self.manifest.path
+
+
+def load_parts(paths: Sequence[str | os.PathLike]) -> list[Part]:
+    """The parts' manifests, sorted by folder name (then full path): the merge order."""
+    if not paths:
+        raise DataError("shards merge needs at least one part (a shard-set folder)")
+    parts = [Part(str(p), Manifest.load(p)) for p in paths]
+    parts.sort(key=lambda part: (part.path.name, str(part.path)))
+    seen: dict[Path, str] = {}
+    for part in parts:
+        real = part.path.resolve()
+        if real in seen:
+            raise DataError(f"part {part.label} is given twice (also as {seen[real]}); give each part once")
+        seen[real] = part.label
+    return parts
+
+
+# ----------------------------------------------------------------------------- compatibility
+
+
+def _first_difference(a: Any, b: Any, where: str) -> str | None:
+    """The dotted key where two JSON values first differ (None if equal)."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        for key in sorted(set(a) | set(b), key=str):
+            if key not in a or key not in b:
+                return f"{where}.{key}"
+            found = _first_difference(a[key], b[key], f"{where}.{key}")
+            if found:
+                return found
+        return None
+    return None if a == b else where
+
+
+def _refuse_difference(parts: Sequence[Part], get: Callable[[Manifest], Any], what: str, why: str) -> None:
+    """Every part must give the same value as the first one; else a one-line error naming both."""
+    first = parts[0]
+    for part in parts[1:]:
+        where = _first_difference(get(first.manifest), get(part.manifest), what)
+        if where is not None:
+            raise DataError(f"part {part.label}: {where} differs from part {first.label}'s; {why}")
+
+
+def merged_schema(parts: Sequence[Part]) -> dict[str, FieldSpec]:
+    """The schema one writer over all samples would infer: same fields, kinds, dtypes and
+    annotations; an array dimension that differs between parts becomes null (varies)."""
+    first = parts[0]
+    schema = dict(first.manifest.schema)
+    for part in parts[1:]:
+        mine = part.manifest.schema
+        if set(mine) != set(schema):
+            odd = sorted(set(mine) ^ set(schema))
+            raise DataError(
+                f"part {part.label}: schema fields differ from part {first.label}'s (field(s) {odd}); "
+                "parts of one set must be prepared with the same options"
+            )
+        for name, spec in mine.items():
+            schema[name] = _merge_field(schema[name], spec, name, part, first)
+    return schema
+
+
+def _merge_field(have: FieldSpec, spec: FieldSpec, name: str, part: Part, first: Part) -> FieldSpec:
+    for key in ("kind", "dtype", "unit", "description", "optional"):
+        if getattr(have, key) != getattr(spec, key):
+            raise DataError(
+                f"part {part.label}: schema.{name}.{key} is {getattr(spec, key)!r} but "
+                f"{getattr(have, key)!r} in part {first.label}; parts must be prepared with the same options"
+            )
+    if have.shape is None or spec.shape is None or have.shape == spec.shape:
+        return have
+    if len(have.shape) != len(spec.shape):
+        raise DataError(
+            f"part {part.label}: schema.{name}.shape has {len(spec.shape)} dimensions but "
+            f"{len(have.shape)} in part {first.label}"
+        )
+    shape = tuple(a if a == b else None for a, b in zip(have.shape, spec.shape, strict=True))
+    return replace(have, shape=shape)
+
+
+def check_compatible(parts: Sequence[Part]) -> None:
+    """Family, split rule, seed and extra files must agree (the schema: `merged_schema`)."""
+    same = "parts of one set must be prepared with the same options"
+    _refuse_difference(parts, lambda m: m.family, "family", same)
+    _refuse_difference(
+        parts, lambda m: m.split_rule, "split_rule", "the parts routed samples to splits differently; " + same
+    )
+    _refuse_difference(parts, lambda m: m.provenance.get("seed"), "provenance.seed", same)
+    _refuse_difference(
+        parts,
+        lambda m: {name: (f.bytes, f.sha256) for name, f in m.files.items()},
+        "files",
+        "an extra file (e.g. a tokenizer) fitted per part cannot stand for the merged set; prepare "
+        "every part with the same one (xval: --vocab-from SHARDS)",
+    )
+
+
+# ----------------------------------------------------------------------------- family statistics
+
+
+def _merge_plain(parts: Sequence[Part], family: str | None) -> tuple[dict, dict]:
+    """Families whose `stats`/`extra` merge cannot combine: they must be equal in every part."""
+    why = _WHY_NOT_COMBINABLE.get(family or "", _WHY_NOT_COMBINABLE[""])
+    _refuse_difference(parts, lambda m: m.stats, "stats", why)
+    _refuse_difference(parts, lambda m: m.extra, "extra", why)
+    return dict(parts[0].manifest.stats), dict(parts[0].manifest.extra)
+
+
+def _merge_xval(parts: Sequence[Part], family: str | None) -> tuple[dict, dict]:
+    """xVal: the normaliser, tokenizer and `extra.xval` must be the same in every part (fitted
+    once, then reused with --vocab-from); the training lengths and clip counts combine exactly."""
+    why = (
+        "the xVal normaliser is fitted on each part's own training split, so parts prepared "
+        "separately differ; fit it once and prepare every part with --vocab-from SHARDS"
+    )
+    _refuse_difference(parts, lambda m: m.stats.get("normalizer"), "stats.normalizer", why)
+    _refuse_difference(parts, lambda m: m.extra, "extra", why)
+    combined = ("lengths", "clipped_train_values")
+    _refuse_difference(
+        parts,
+        lambda m: {k: v for k, v in m.stats.items() if k not in combined},
+        "stats",
+        _WHY_NOT_COMBINABLE[""],
+    )
+    stats = dict(parts[0].manifest.stats)
+    lengths = [p.manifest.stats.get("lengths") for p in parts]
+    if all(isinstance(x, Mapping) for x in lengths):
+        stats["lengths"] = _merge_xval_lengths(lengths)
+    clipped = [p.manifest.stats.get("clipped_train_values") for p in parts]
+    if all(isinstance(x, int) for x in clipped):
+        stats["clipped_train_values"] = sum(clipped)
+    return stats, dict(parts[0].manifest.extra)
+
+
+def _merge_xval_lengths(lengths: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per-record means weighted by each part's training records; the maximum of the maxima."""
+    records = [int(x.get("train_records", 0)) for x in lengths]
+    total = sum(records)
+    n = max(total, 1)  # as prepare divides
+    return {
+        "text_tokens": sum(x["text_tokens"] * max(r, 1) for x, r in zip(lengths, records, strict=True)) / n,
+        "numbers": sum(x["numbers"] * max(r, 1) for x, r in zip(lengths, records, strict=True)) / n,
+        "max_tokens_xval": max(x["max_tokens_xval"] for x in lengths),
+        "train_records": total,
+    }
+
+
+_WHY_NOT_COMBINABLE = {
+    "": "family statistics and extra metadata are copied only when every part holds the same; "
+    "merge cannot recompute them — prepare the parts with shared statistics, or in one run",
+    "astroclip": "AstroCLIP's training statistics include medians (image_sky_sigma, "
+    "image_scale_floor) and per-part match reports that cannot be combined from per-part numbers; "
+    "prepare AstroCLIP in one run until its prepare can reuse statistics",
+    "mpp": "MPP's per-field training statistics (stats.fields) and data-set counts (extra.mpp) are "
+    "stored without the element counts needed to combine them; prepare MPP in one run "
+    "until its prepare can reuse statistics",
+}
+
+_FAMILY_MERGE = {"xval": _merge_xval}
+
+
+def merge_family_data(parts: Sequence[Part]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The merged set's `stats` and `extra`, by the family's rule (docs/shards.md)."""
+    family = parts[0].manifest.family
+    return _FAMILY_MERGE.get(family or "", _merge_plain)(parts, family)
+
+
+# ----------------------------------------------------------------------------- field statistics
+
+
+def merge_split_field_stats(parts: Sequence[Part], split: str) -> dict[str, dict[str, Any]]:
+    """A split's `field_stats` over all parts: counts and min/max exactly, mean/std by the pairwise
+    (Chan) update from each part's count, mean and std — what one writer would give, to rounding."""
+    _refuse_missing_field_stats(parts, split)
+    merged: dict[str, RunningStats] = {}
+    masks: dict[str, str] = {}
+    for part in parts:
+        info = part.manifest.splits.get(split)
+        for name, data in sorted((info.field_stats if info else {}).items()):
+            if not isinstance(data, Mapping):
+                continue
+            merged.setdefault(name, RunningStats()).merge(RunningStats.from_dict(data))
+            mask = data.get("mask")
+            if mask is not None:
+                if masks.setdefault(name, mask) != mask:
+                    raise DataError(
+                        f"part {part.label}: splits.{split}.field_stats.{name}.mask is {mask!r} but "
+                        f"{masks[name]!r} in another part; parts must use the same masks"
+                    )
+    out = {}
+    for name in sorted(merged):
+        out[name] = merged[name].to_dict()
+        if name in masks:
+            out[name]["mask"] = masks[name]
+    return out
+
+
+def _refuse_missing_field_stats(parts: Sequence[Part], split: str) -> None:
+    """A part with samples in `split` but no statistics of a (non-optional) field another part has
+    (written with field_stats=False) would leave the merged numbers silently partial."""
+    infos = [(p, p.manifest.splits.get(split)) for p in parts]
+    infos = [(p, info) for p, info in infos if info is not None and info.samples]
+    have = {name for _, info in infos for name in info.field_stats}
+    for part, info in infos:
+        missing = sorted(n for n in have - set(info.field_stats) if not part.manifest.schema[n].optional)
+        if missing:
+            raise DataError(
+                f"part {part.label}: splits.{split}.field_stats lacks field(s) {missing} that other parts "
+                "have (written with field_stats=False?); re-create that part with statistics"
+            )
+
+
+def check_degenerate(
+    splits: Mapping[str, SplitInfo], schema: Mapping[str, FieldSpec], out: Path, allow: bool
+) -> dict[str, str]:
+    """The writer's degenerate-field rules over the merged set (all splits); {field: what} when
+    allowed, DegenerateDataError otherwise."""
+    stats = merged_field_stats(info.field_stats for info in splits.values())
+    found = {}
+    for name, entry in stats.items():
+        reason = degenerate_reason(entry, schema[name]) if name in schema else None
+        if reason is not None:
+            found[name] = reason[1]
+    if found and not allow:
+        listed = "; ".join(f"field {name!r} {what}" for name, what in found.items())
+        raise DegenerateDataError(
+            f"{out}: the merged data are degenerate, so nothing was written: {listed}. Check the parts "
+            "(`foundation shards info PART`), or pass --allow-degenerate to merge them anyway"
+        )
+    return found
+
+
+# ----------------------------------------------------------------------------- shards
+
+
+@dataclass
+class _Progress:
+    """A byte counter for the progress bar (tqdm, created only when asked for)."""
+
+    bar: Any = None
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+
+def _hard_link(source: Path, target: Path) -> bool:
+    """Link `target` to `source`; False where the file system refuses (then it is copied)."""
+    try:
+        os.link(source, target)
+    except OSError:
+        return False
+    return True
+
+
+def _hash(path: Path, bar: _Progress) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_CHUNK), b""):
+            sha.update(chunk)
+            bar.update(len(chunk))
+    return sha.hexdigest()
+
+
+def _copy(source: Path, target: Path, bar: _Progress) -> str:
+    """Copy, hashing the bytes written (publishing flushes them to disk)."""
+    sha = hashlib.sha256()
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        for chunk in iter(lambda: src.read(_CHUNK), b""):
+            sha.update(chunk)
+            dst.write(chunk)
+            bar.update(len(chunk))
+    return sha.hexdigest()
+
+
+def place_shard(source: Path, target: Path, info: ShardInfo, part: Part, link: bool, bar: _Progress) -> None:
+    """Put one shard at `target` (hard link or copy), after checking that the bytes there have
+    the size and sha256 its part's manifest records."""
+    try:
+        size = source.stat().st_size
+    except FileNotFoundError:
+        raise DataError(
+            f"part {part.label}: shard {info.name} is listed in its manifest but missing"
+        ) from None
+    if size != info.bytes:
+        raise DataError(
+            f"part {part.label}: shard {info.name} has {size} bytes, its manifest records {info.bytes} "
+            "(truncated or replaced); re-create that part"
+        )
+    digest = _hash(target, bar) if link and _hard_link(source, target) else _copy(source, target, bar)
+    if digest != info.sha256:
+        raise DataError(
+            f"part {part.label}: shard {info.name}: sha256 does not match its manifest (damaged or "
+            "replaced); re-create that part (`foundation shards verify` names the damaged member)"
+        )
+
+
+@dataclass
+class _Placed:
+    """A shard of the merged set: where it came from and its keys' hashes."""
+
+    part: Part
+    source: ShardInfo
+    target: ShardInfo
+    hashes: np.ndarray
+
+
+def place_split(
+    parts: Sequence[Part],
+    split: str,
+    folder: Path,
+    schema: Mapping[str, FieldSpec],
+    link: bool,
+    bar: _Progress,
+) -> list[_Placed]:
+    """Every part's shards of `split` in merge order, renumbered into `folder`."""
+    placed = []
+    for part in parts:
+        info = part.manifest.splits.get(split)
+        for shard in info.shards if info else []:
+            name = shard_name(split, len(placed))
+            target = folder / name
+            place_shard(part.path / shard.name, target, shard, part, link, bar)
+            reader = ShardReader(target, schema, expected_samples=shard.samples)
+            try:
+                hashes = key_hashes(reader.keys)
+            finally:
+                reader.close()
+            placed.append(
+                _Placed(part, shard, ShardInfo(name, shard.samples, shard.bytes, shard.sha256), hashes)
+            )
+    return placed
+
+
+def refuse_overlapping_keys(placed: Sequence[_Placed], folder: Path, schema: Mapping[str, FieldSpec]) -> None:
+    """A key in two parts (in any splits) would be one sample twice: refuse, naming both parts."""
+    for (a, i), (b, j) in duplicate_keys([p.hashes for p in placed], limit=1000):
+        keys = [_key_at(folder / placed[s].target.name, schema, k) for s, k in ((a, i), (b, j))]
+        if keys[0] != keys[1]:
+            continue  # a 64-bit hash collision, not the same key
+        first, second = placed[a], placed[b]
+        if first.part is second.part:
+            raise DataError(
+                f"part {first.part.label}: sample key {keys[0]!r} appears twice (shards "
+                f"{first.source.name} and {second.source.name}); run `foundation shards verify` on it"
+            )
+        raise DataError(
+            f"sample key {keys[0]!r} is in both part {first.part.label} ({first.source.name}) and part "
+            f"{second.part.label} ({second.source.name}); the parts overlap — partition the inputs so "
+            "that each sample is written by one task"
+        )
+
+
+def _key_at(path: Path, schema: Mapping[str, FieldSpec], index: int) -> str:
+    reader = ShardReader(path, schema)
+    try:
+        return reader.keys[index]
+    finally:
+        reader.close()
+
+
+# ----------------------------------------------------------------------------- provenance
+
+
+def merged_provenance(parts: Sequence[Part], degenerate: Mapping[str, str]) -> dict[str, Any]:
+    """This merge's own run record, the parts' sources in merge order, and each part's provenance."""
+    from foundation import __version__
+
+    out: dict[str, Any] = {
+        "sources": [str(s) for p in parts for s in (p.manifest.provenance.get("sources") or [])],
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "",
+        "package_version": __version__,
+        "seed": parts[0].manifest.provenance.get("seed"),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "merged_from": [{"part": p.label, **p.manifest.provenance} for p in parts],
+    }
+    if degenerate:
+        out["degenerate_fields"] = dict(degenerate)
+    return out
+
+
+# ----------------------------------------------------------------------------- the merge
+
+
+def _check_out(out: Path, parts: Sequence[Part], overwrite: bool) -> None:
+    real = out.resolve()
+    for part in parts:
+        if real == part.path.resolve() or part.path.resolve() in real.parents:
+            raise DataError(f"--out {out} is part {part.label} (or inside it); merge into a new folder")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise DataError(
+            f"--out {out} already exists and is not empty; refusing to replace it: pass --overwrite "
+            "(overwrite=True), or choose another folder"
+        )
+
+
+def _copy_files(parts: Sequence[Part], folder: Path) -> dict[str, FileInfo]:
+    """The extra files (equal in every part: checked), copied from the first part and re-hashed."""
+    first = parts[0]
+    out = {}
+    for name, info in sorted(first.manifest.files.items()):
+        target = folder / name
+        shutil.copyfile(first.path / name, target)
+        if file_sha256(target) != info.sha256:
+            raise DataError(
+                f"part {first.label}: file {name}: sha256 does not match its manifest (damaged or replaced)"
+            )
+        out[name] = info
+    return out
+
+
+def merge_shard_sets(
+    parts: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    link: bool = True,
+    allow_degenerate: bool = False,
+    progress: bool = False,
+) -> Manifest:
+    """Join partial shard sets into the shard set `out` (see the module docstring); returns its
+    manifest. `link=False` copies shards even where a hard link would do."""
+    out = Path(out)
+    loaded = load_parts(parts)
+    schema = merged_schema(loaded)
+    check_compatible(loaded)
+    stats, extra = merge_family_data(loaded)
+    _check_out(out, loaded, overwrite)
+    with FolderLock(out, command_line()):
+        _check_out(out, loaded, overwrite)  # again, now that no other writer can change it
+        _remove_dead_temporaries(out)
+        folder = atomic.temporary_name(out)
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        try:
+            manifest = _build(loaded, folder, schema, stats, extra, link, allow_degenerate, progress, out)
+            _publish(folder, out)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+    manifest.path = out
+    return manifest
+
+
+def _build(
+    parts: Sequence[Part],
+    folder: Path,
+    schema: dict[str, FieldSpec],
+    stats: dict[str, Any],
+    extra: dict[str, Any],
+    link: bool,
+    allow_degenerate: bool,
+    progress: bool,
+    out: Path,
+) -> Manifest:
+    """Write the merged set into `folder` (not yet visible): shards, files, manifest last."""
+    split_names = sorted({s for p in parts for s in p.manifest.splits})
+    total = sum(p.manifest.splits[s].bytes for p in parts for s in p.manifest.splits)
+    bar = _Progress()
+    if progress:
+        from tqdm import tqdm
+
+        bar.bar = tqdm(total=total, unit="B", unit_scale=True, desc="merge")
+    try:
+        placed = {s: place_split(parts, s, folder, schema, link, bar) for s in split_names}
+    finally:
+        if bar.bar is not None:
+            bar.bar.close()
+    refuse_overlapping_keys([p for s in split_names for p in placed[s]], folder, schema)
+    splits = {
+        s: SplitInfo(s, [p.target for p in placed[s]], merge_split_field_stats(parts, s)) for s in split_names
+    }
+    degenerate = check_degenerate(splits, schema, out, allow_degenerate)
+    manifest = Manifest(
+        schema=schema,
+        splits=splits,
+        family=parts[0].manifest.family,
+        stats=stats,
+        extra=extra,
+        files=_copy_files(parts, folder),
+        provenance=merged_provenance(parts, degenerate),
+        split_rule=parts[0].manifest.split_rule,
+        member_crc32=all(p.manifest.member_crc32 for p in parts),
+    )
+    manifest.save(folder)
+    return manifest
+
+
+def _remove_dead_temporaries(out: Path) -> None:
+    """Hidden folders of merges into `out` that were killed: the new set being built
+    (`.<out>.tmp-<pid>`) and, once `out` is there again, an old set moved aside
+    (`.<out>.old-<pid>`). Under `out`'s lock no live merge owns one."""
+    if not out.parent.is_dir():
+        return
+    prefixes = [f".{out.name}.tmp-"] + ([f".{out.name}.old-"] if out.exists() else [])
+    for path in out.parent.iterdir():
+        if any(path.name.startswith(p) for p in prefixes) and path.is_dir() and not path.is_symlink():
+            log.warning("%s: removing %s, left by an interrupted merge", out, path.name)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _publish(folder: Path, out: Path) -> None:
+    """Rename the finished folder to `out`. An existing `out` (checked: empty, or --overwrite) is
+    moved aside first and removed only once the new set is in place."""
+    aside = None
+    if out.exists():
+        aside = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.rename(out, aside)
+    try:
+        atomic.publish(folder, out, overwrite=False)
+    except BaseException:
+        if aside is not None:
+            os.rename(aside, out)
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)

@@ -1,0 +1,353 @@
+"""`foundation shards merge`: partial shard sets joined into one equal to a set written in one go."""
+
+from __future__ import annotations
+
+import json
+import math
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from foundation.cli import main
+from foundation.data import Manifest, ShardDataset, ShardSetWriter
+from foundation.data.merge import merge_shard_sets
+from foundation.data.summary import DegenerateDataError
+from foundation.data.verify import verify_shard_set
+from foundation.errors import DataError
+
+FRACTIONS = {"train": 0.6, "valid": 0.2, "test": 0.2}
+N = 150
+
+
+def _sample(i: int) -> dict:
+    rng = np.random.default_rng(i)
+    flux = rng.normal(2.0, 1.5, size=6).astype(np.float32)
+    if i % 11 == 0:
+        flux[1] = np.nan
+    return {
+        "__key__": f"obj-{i:05d}",
+        "flux": flux,
+        "flux_mask": rng.random(6) < 0.2,
+        "label": i,
+        "z": float(i) / 10,
+        "name": f"object {i}",
+        "meta": {"index": i},
+    }
+
+
+def _write(path: Path, indices, *, family="test", salt="7", stats=None, sample=_sample, **kwargs) -> Path:
+    with ShardSetWriter(
+        path,
+        FRACTIONS,
+        samples_per_shard=7,
+        family=family,
+        seed=7,
+        split_salt=salt,
+        stats=stats if stats is not None else {"scale": 1.5},
+        provenance={"sources": [f"{path.name}.txt"]},
+        **kwargs,
+    ) as writer:
+        for i in indices:
+            writer.write(sample(i))
+    return path
+
+
+def _parts(tmp_path: Path, count: int = 3, **kwargs) -> list[Path]:
+    """The same N samples as the one-go set, partitioned by key (index modulo `count`)."""
+    return [_write(tmp_path / f"part-{k}", range(k, N, count), **kwargs) for k in range(count)]
+
+
+def _members_by_key(folder: Path, split: str) -> dict[str, dict[str, bytes]]:
+    """Every sample's tar members (name -> bytes), read with the standard library's tarfile."""
+    out: dict[str, dict[str, bytes]] = {}
+    for path in Manifest.load(folder).shard_paths(split):
+        with tarfile.open(path) as tar:
+            for member in tar.getmembers():
+                key = member.name.split(".", 1)[0]
+                out.setdefault(key, {})[member.name] = tar.extractfile(member).read()
+    return out
+
+
+def _assert_same_stats(merged: dict, whole: dict) -> None:
+    """Counts and min/max exactly; mean/std to 1e-12 relative: both are sums of the same numbers
+    in another order (the pairwise update per part, then across parts), so only rounding differs."""
+    assert merged.keys() == whole.keys()
+    for name, entry in whole.items():
+        got = merged[name]
+        assert got.keys() == entry.keys(), name
+        for key, value in entry.items():
+            if key in ("mean", "std"):
+                assert math.isclose(got[key], value, rel_tol=1e-12, abs_tol=1e-12), (name, key)
+            else:
+                assert got[key] == value, (name, key)
+
+
+@pytest.fixture
+def whole_and_parts(tmp_path):
+    whole = _write(tmp_path / "whole", range(N))
+    return whole, _parts(tmp_path)
+
+
+def test_merged_set_equals_the_set_written_in_one_go(whole_and_parts, tmp_path):
+    whole, parts = whole_and_parts
+    out = tmp_path / "merged"
+    merged = merge_shard_sets(list(reversed(parts)), out)  # the order given does not matter
+    reference = Manifest.load(whole)
+    assert merged.schema == reference.schema
+    assert merged.split_rule == reference.split_rule
+    assert merged.stats == reference.stats
+    for split in FRACTIONS:
+        assert _members_by_key(out, split) == _members_by_key(whole, split)
+        _assert_same_stats(merged.field_stats(split), reference.field_stats(split))
+        assert merged.split(split).samples == reference.split(split).samples
+    assert [p["part"] for p in merged.provenance["merged_from"]] == [str(p) for p in parts]
+    assert merged.provenance["sources"] == ["part-0.txt", "part-1.txt", "part-2.txt"]
+    assert verify_shard_set(out).ok
+    for split in FRACTIONS:
+        keys = [k for batch in ShardDataset.in_order(out, split, batch_size=8) for k in batch["__key__"]]
+        want = [k for batch in ShardDataset.in_order(whole, split, batch_size=8) for k in batch["__key__"]]
+        assert sorted(keys) == sorted(want) and len(set(keys)) == len(keys)
+
+
+def test_merge_is_deterministic_and_renumbers_in_part_name_order(whole_and_parts, tmp_path):
+    _, parts = whole_and_parts
+    a = merge_shard_sets(parts, tmp_path / "a", link=False)
+    b = merge_shard_sets(list(reversed(parts)), tmp_path / "b")
+    assert [s.to_dict() for s in a.split("train").shards] == [s.to_dict() for s in b.split("train").shards]
+    names = [s.name for s in a.split("train").shards]
+    assert names == [f"train-{i:06d}.tar" for i in range(len(names))]
+    assert (tmp_path / "a" / names[0]).stat().st_nlink == 1  # copied
+    assert (tmp_path / "b" / names[0]).stat().st_nlink == 2  # hard-linked to part-0's shard
+    first = Manifest.load(parts[0]).split("train").shards
+    assert [s.sha256 for s in a.split("train").shards[: len(first)]] == [s.sha256 for s in first]
+
+
+def test_cli_merge_then_verify(whole_and_parts, tmp_path, capsys):
+    _, parts = whole_and_parts
+    out = tmp_path / "cli"
+    assert main(["shards", "merge", *map(str, parts), "--out", str(out), "--progress", "off"]) == 0
+    assert f"merged 3 part(s) into {out}" in capsys.readouterr().out
+    assert main(["shards", "verify", str(out)]) == 0
+    assert main(["shards", "merge", *map(str, parts), "--out", str(out)]) == 2  # exists
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_existing_out_is_replaced_only_with_overwrite(whole_and_parts, tmp_path):
+    _, parts = whole_and_parts
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(DataError, match="already exists"):
+        merge_shard_sets(parts, out)
+    assert (out / "keep.txt").read_text() == "mine"
+    merge_shard_sets(parts, out, overwrite=True)
+    assert not (out / "keep.txt").exists() and verify_shard_set(out).ok
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_corrupt_shard_in_a_part_publishes_nothing(whole_and_parts, tmp_path):
+    _, parts = whole_and_parts
+    shard = Manifest.load(parts[1]).shard_paths("train")[0]
+    data = bytearray(shard.read_bytes())
+    data[600] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=rf"part {parts[1]}: shard train-000000.tar: sha256 does not match"):
+        merge_shard_sets(parts, out)
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_truncated_shard_is_refused(whole_and_parts, tmp_path):
+    _, parts = whole_and_parts
+    shard = Manifest.load(parts[0]).shard_paths("valid")[0]
+    shard.write_bytes(shard.read_bytes()[:-512])
+    with pytest.raises(DataError, match="has .* bytes, its manifest records"):
+        merge_shard_sets(parts, tmp_path / "out")
+
+
+def test_overlapping_parts_are_refused_naming_both(tmp_path):
+    a = _write(tmp_path / "part-a", range(0, 60))
+    b = _write(tmp_path / "part-b", range(50, 100))
+    with pytest.raises(
+        DataError, match=r"sample key 'obj-000\d\d' is in both part .*part-a .* and part .*part-b"
+    ):
+        merge_shard_sets([a, b], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"family": "other"}, r"family differs"),
+        ({"salt": "8"}, r"split_rule\.salt differs"),
+        ({"stats": {"scale": 2.0}}, r"stats\.scale differs"),
+        ({"extra": {"bands": ["g"]}}, r"extra\.bands differs"),
+    ],
+)
+def test_incompatible_parts_are_refused_naming_part_and_key(tmp_path, change, message):
+    a = _write(tmp_path / "part-a", range(0, 50))
+    b = _write(tmp_path / "part-b", range(50, 100), **change)
+    with pytest.raises(DataError, match=rf"part {b}: {message} from part {a}'s"):
+        merge_shard_sets([a, b], tmp_path / "out")
+
+
+def test_schema_mismatch_is_refused(tmp_path):
+    def as_float64(i):
+        s = _sample(i)
+        s["flux"] = s["flux"].astype(np.float64)
+        return s
+
+    a = _write(tmp_path / "part-a", range(0, 50))
+    b = _write(tmp_path / "part-b", range(50, 100), sample=as_float64)
+    with pytest.raises(DataError, match=rf"part {b}: schema\.flux\.dtype is 'float64' but 'float32'"):
+        merge_shard_sets([a, b], tmp_path / "out")
+
+
+def test_extra_files_must_be_the_same(tmp_path):
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    one.write_text("{}")
+    two.write_text('{"a": 1}')
+    a = _write(tmp_path / "part-a", range(0, 50), files={"tokenizer.json": one})
+    b = _write(tmp_path / "part-b", range(50, 100), files={"tokenizer.json": two})
+    with pytest.raises(DataError, match=rf"part {b}: files\.tokenizer\.json differs"):
+        merge_shard_sets([a, b], tmp_path / "out")
+    c = _write(tmp_path / "part-c", range(50, 100), files={"tokenizer.json": one})
+    merged = merge_shard_sets([a, c], tmp_path / "out")
+    assert (tmp_path / "out" / "tokenizer.json").read_text() == "{}" and "tokenizer.json" in merged.files
+
+
+def test_degenerate_merged_set_is_refused_unless_allowed(tmp_path):
+    def constant(i):
+        s = _sample(i)
+        s["flux"] = np.full(6, 3.0, np.float32)
+        return s
+
+    a = _write(tmp_path / "part-a", range(0, 40), sample=constant, allow_degenerate=True)
+    b = _write(tmp_path / "part-b", range(40, 80), sample=constant, allow_degenerate=True)
+    with pytest.raises(DegenerateDataError, match="field 'flux' is constant"):
+        merge_shard_sets([a, b], tmp_path / "out")
+    merged = merge_shard_sets([a, b], tmp_path / "out", allow_degenerate=True)
+    assert "flux" in merged.provenance["degenerate_fields"]
+
+
+def _xval_stats(records: int, text_tokens: float, normalizer=None) -> dict:
+    return {
+        "normalizer": normalizer or {"kind": "median", "fields": {"a": 1.0}},
+        "lengths": {
+            "text_tokens": text_tokens,
+            "numbers": 2.0,
+            "max_tokens_xval": records,
+            "train_records": records,
+        },
+        "clipped_train_values": records,
+    }
+
+
+def test_xval_lengths_combine_and_a_per_part_normaliser_is_refused(tmp_path):
+    a = _write(tmp_path / "part-a", range(0, 50), family="xval", stats=_xval_stats(30, 10.0))
+    b = _write(tmp_path / "part-b", range(50, 100), family="xval", stats=_xval_stats(10, 20.0))
+    stats = merge_shard_sets([a, b], tmp_path / "out").stats
+    assert stats["lengths"] == {
+        "text_tokens": 12.5,
+        "numbers": 2.0,
+        "max_tokens_xval": 30,
+        "train_records": 40,
+    }
+    assert stats["clipped_train_values"] == 40
+    c = _write(
+        tmp_path / "part-c",
+        range(50, 100),
+        family="xval",
+        stats=_xval_stats(10, 20.0, {"kind": "median", "fields": {"a": 2.0}}),
+    )
+    with pytest.raises(DataError, match=r"stats\.normalizer\.fields\.a differs .*--vocab-from"):
+        merge_shard_sets([a, c], tmp_path / "out2")
+
+
+def test_astroclip_statistics_are_refused_with_the_reason(tmp_path):
+    a = _write(tmp_path / "part-a", range(0, 50), family="astroclip", stats={"image_scale_floor": 0.1})
+    b = _write(tmp_path / "part-b", range(50, 100), family="astroclip", stats={"image_scale_floor": 0.2})
+    with pytest.raises(DataError, match=r"image_scale_floor differs .*medians"):
+        merge_shard_sets([a, b], tmp_path / "out")
+
+
+def test_a_part_given_twice_or_out_inside_a_part_is_refused(whole_and_parts):
+    _, parts = whole_and_parts
+    with pytest.raises(DataError, match="is given twice"):
+        merge_shard_sets([parts[0], parts[0]], parts[0].parent / "out")
+    with pytest.raises(DataError, match="merge into a new folder"):
+        merge_shard_sets(parts, parts[0] / "sub")
+
+
+def test_a_part_without_field_stats_is_refused(tmp_path):
+    a = _write(tmp_path / "part-a", range(0, 50))
+    b = _write(tmp_path / "part-b", range(50, 100), field_stats=False)
+    with pytest.raises(DataError, match=rf"part {b}: splits\.\w+\.field_stats lacks field\(s\) \['flux'"):
+        merge_shard_sets([a, b], tmp_path / "out")
+
+
+def test_mpp_statistics_are_refused_with_the_reason(tmp_path):
+    a = _write(tmp_path / "part-a", range(0, 50), family="mpp", stats={"fields": {"u": {"mean": 0.0}}})
+    b = _write(tmp_path / "part-b", range(50, 100), family="mpp", stats={"fields": {"u": {"mean": 1.0}}})
+    with pytest.raises(DataError, match=r"stats\.fields\.u\.mean differs .*element counts"):
+        merge_shard_sets([a, b], tmp_path / "out")
+
+
+def test_out_is_locked_while_merging(whole_and_parts, tmp_path):
+    from foundation.lock import FolderLock, LockedError
+
+    _, parts = whole_and_parts
+    with FolderLock(tmp_path / "out", "another merge"), pytest.raises(LockedError):
+        merge_shard_sets(parts, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_killed_merge_leaves_nothing_the_next_one_keeps(whole_and_parts, tmp_path):
+    _, parts = whole_and_parts
+    dead = tmp_path / ".out.tmp-999999"
+    dead.mkdir()
+    (dead / "train-000000.tar").write_bytes(b"half")
+    merge_shard_sets(parts, tmp_path / "out")
+    assert not dead.exists() and verify_shard_set(tmp_path / "out").ok
+
+
+def test_xval_parts_prepared_with_one_vocabulary_merge_to_the_one_go_set(tmp_path):
+    """The real xVal prepare: parts reusing one tokenizer and normaliser (--vocab-from) merge to
+    what one prepare over all files writes; parts that fitted their own are refused."""
+    from encoders.xval.prepare import PrepareOptions, prepare
+
+    files = []
+    for f in range(3):
+        path = tmp_path / f"in{f}.jsonl"
+        lines = [
+            {"text": f"star {i} has mass {1.5 + i * 0.37 + f:.3f}" + " and radius 2.5" * (i % (f + 2))}
+            for i in range(40)
+        ]
+        path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        files.append(path)
+    options = {
+        "vocab_size": 300,
+        "samples_per_shard": 16,
+        "split_fractions": FRACTIONS,
+        "min_field_count": 5,
+        "progress": False,
+    }
+    prepare(files, tmp_path / "fit", PrepareOptions(**options))
+    shared = PrepareOptions(**options, vocab_from=str(tmp_path / "fit"))
+    whole = prepare(files, tmp_path / "whole", shared)
+    parts = [prepare(files[:1], tmp_path / "part-0", shared), prepare(files[1:], tmp_path / "part-1", shared)]
+    merged = merge_shard_sets([p.path for p in parts], tmp_path / "merged")
+    assert merged.extra == whole.extra and merged.files == whole.files
+    assert merged.stats["normalizer"] == whole.stats["normalizer"]
+    assert merged.stats["clipped_train_values"] == whole.stats["clipped_train_values"]
+    for key, value in whole.stats["lengths"].items():
+        assert math.isclose(merged.stats["lengths"][key], value, rel_tol=1e-12), key
+    for split in FRACTIONS:
+        assert _members_by_key(tmp_path / "merged", split) == _members_by_key(whole.path, split)
+        _assert_same_stats(merged.field_stats(split), whole.field_stats(split))
+    own = prepare(files[1:], tmp_path / "own-1", PrepareOptions(**options))
+    with pytest.raises(DataError, match=r"files\.tokenizer\.json differs .*--vocab-from"):
+        merge_shard_sets([parts[0].path, own.path], tmp_path / "refused")
