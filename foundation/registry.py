@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
@@ -56,6 +56,10 @@ class Family:
     """batch -> number of real (non-padding) tokens, for tokens/s."""
     embed: Callable[[nn.Module, Batch], dict[str, torch.Tensor]] | None = None
     """(model, batch) -> {modality: (B, D) embeddings}, for `foundation export`."""
+    merge_stats: Callable[[Sequence[Any]], tuple[dict[str, Any], dict[str, Any]]] | None = None
+    """(parts: `foundation.data.merge.Part`s in merge order) -> the merged shard set's `stats` and
+    `extra`, for `foundation shards merge`; raise DataError where the parts' cannot be combined.
+    None: they must be equal in every part."""
 
 
 _REGISTERED: dict[str, Family] = {}

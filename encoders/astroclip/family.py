@@ -195,6 +195,13 @@ def embed(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
     return _unwrap(model).embed(batch)
 
 
+def merge_stats(parts):
+    """`foundation shards merge`: the rule of `prepare.merge_stats` (imported when a merge runs)."""
+    from encoders.astroclip.prepare import merge_stats as rule
+
+    return rule(parts)
+
+
 FAMILY = Family(
     name="astroclip",
     model_config=AstroCLIPConfig,
@@ -203,6 +210,7 @@ FAMILY = Family(
     make_collate=make_collate,
     flops_per_sample=flops_per_sample,
     embed=embed,
+    merge_stats=merge_stats,
 )
 
 __all__ = ["FAMILY", "build_model", "check_manifest", "embed", "loss", "make_collate"]

@@ -598,3 +598,17 @@ def shuffle_pairs(src: Path, dst: Path, *, seed: int = 0, split: str = "train") 
                     out[f] = donor[f]
             out = {k: v for k, v in out.items() if v is not None}
             writer.write(out, split=name)
+
+
+MERGE_REFUSAL = (
+    "AstroCLIP's training statistics include medians (image_sky_sigma, image_scale_floor) and "
+    "per-part match reports that cannot be combined from per-part numbers; prepare AstroCLIP in "
+    "one run until its prepare can reuse statistics"
+)
+
+
+def merge_stats(parts: Sequence[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`shards merge` of astroclip parts: statistics equal in every part only (see MERGE_REFUSAL)."""
+    from foundation.data.merge import require_equal_family_data
+
+    return require_equal_family_data(parts, MERGE_REFUSAL)

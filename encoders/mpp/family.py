@@ -162,6 +162,13 @@ def embed(model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {"fields": tokens.mean(dim=(1, 2, 3))}
 
 
+def merge_stats(parts):
+    """`foundation shards merge`: the rule of `prepare.merge_stats` (imported when a merge runs)."""
+    from encoders.mpp.prepare import merge_stats as rule
+
+    return rule(parts)
+
+
 FAMILY = Family(
     name="mpp",
     model_config=MPPConfig,
@@ -171,6 +178,7 @@ FAMILY = Family(
     flops_per_sample=flops_per_sample,
     tokens_per_batch=tokens_per_batch,
     embed=embed,
+    merge_stats=merge_stats,
 )
 
 __all__ = ["FAMILY", "build_model", "loss"]

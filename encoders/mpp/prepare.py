@@ -293,3 +293,17 @@ def prepare(
         writer.stats["fields"] = stats.result()
     summary.samples = {name: info["samples"] for name, info in datasets.items()}
     return summary
+
+
+MERGE_REFUSAL = (
+    "MPP's per-field training statistics (stats.fields) and data-set counts (extra.mpp) are stored "
+    "without the element counts needed to combine them; prepare MPP in one run until its prepare "
+    "can reuse statistics"
+)
+
+
+def merge_stats(parts: Sequence[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`shards merge` of mpp parts: statistics equal in every part only (see MERGE_REFUSAL)."""
+    from foundation.data.merge import require_equal_family_data
+
+    return require_equal_family_data(parts, MERGE_REFUSAL)

@@ -130,6 +130,13 @@ def embed(model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {"text": sums / counts[:, None]}
 
 
+def merge_stats(parts):
+    """`foundation shards merge`: the rule of `prepare.merge_stats` (imported when a merge runs)."""
+    from encoders.xval.prepare import merge_stats as rule
+
+    return rule(parts)
+
+
 FAMILY = Family(
     name=FAMILY_NAME,
     model_config=XValConfig,
@@ -139,4 +146,5 @@ FAMILY = Family(
     flops_per_sample=flops_per_sample,
     tokens_per_batch=tokens_per_batch,
     embed=embed,
+    merge_stats=merge_stats,
 )

@@ -16,7 +16,7 @@ import re
 import sys
 import tempfile
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -334,3 +334,42 @@ def prepare(paths: Sequence[str | Path], out: str | Path, opts: PrepareOptions |
     if skipped:
         log.warning("left out %d record(s) that contain the reserved marker [NUM]", skipped)
     return Manifest.load(out)
+
+
+def merge_stats(parts: Sequence[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`shards merge` of xVal parts: the normaliser, tokenizer and `extra.xval` must be the same
+    in every part (fitted once, then reused with --vocab-from); the training lengths and clip
+    counts combine exactly."""
+    from foundation.data.merge import NOT_COMBINABLE, refuse_difference
+
+    why = (
+        "the xVal normaliser is fitted on each part's own training split, so parts prepared "
+        "separately differ; fit it once and prepare every part with --vocab-from SHARDS"
+    )
+    refuse_difference(parts, lambda m: m.stats.get("normalizer"), "stats.normalizer", why)
+    refuse_difference(parts, lambda m: m.extra, "extra", why)
+    combined = ("lengths", "clipped_train_values")
+    refuse_difference(
+        parts, lambda m: {k: v for k, v in m.stats.items() if k not in combined}, "stats", NOT_COMBINABLE
+    )
+    stats = dict(parts[0].manifest.stats)
+    lengths = [p.manifest.stats.get("lengths") for p in parts]
+    if all(isinstance(x, Mapping) for x in lengths):
+        stats["lengths"] = _merge_lengths(lengths)
+    clipped = [p.manifest.stats.get("clipped_train_values") for p in parts]
+    if all(isinstance(x, int) for x in clipped):
+        stats["clipped_train_values"] = sum(clipped)
+    return stats, dict(parts[0].manifest.extra)
+
+
+def _merge_lengths(lengths: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per-record means weighted by each part's training records; the maximum of the maxima."""
+    records = [int(x.get("train_records", 0)) for x in lengths]
+    n = max(sum(records), 1)  # as prepare divides
+    weighted = [(x, max(r, 1)) for x, r in zip(lengths, records, strict=True)]
+    return {
+        "text_tokens": sum(x["text_tokens"] * r for x, r in weighted) / n,
+        "numbers": sum(x["numbers"] * r for x, r in weighted) / n,
+        "max_tokens_xval": max(x["max_tokens_xval"] for x in lengths),
+        "train_records": sum(records),
+    }

@@ -95,7 +95,7 @@ def _first_difference(a: Any, b: Any, where: str) -> str | None:
     return None if a == b else where
 
 
-def _refuse_difference(parts: Sequence[Part], get: Callable[[Manifest], Any], what: str, why: str) -> None:
+def refuse_difference(parts: Sequence[Part], get: Callable[[Manifest], Any], what: str, why: str) -> None:
     """Every part must give the same value as the first one; else a one-line error naming both."""
     first = parts[0]
     for part in parts[1:]:
@@ -143,12 +143,12 @@ def _merge_field(have: FieldSpec, spec: FieldSpec, name: str, part: Part, first:
 def check_compatible(parts: Sequence[Part]) -> None:
     """Family, split rule, seed and extra files must agree (the schema: `merged_schema`)."""
     same = "parts of one set must be prepared with the same options"
-    _refuse_difference(parts, lambda m: m.family, "family", same)
-    _refuse_difference(
+    refuse_difference(parts, lambda m: m.family, "family", same)
+    refuse_difference(
         parts, lambda m: m.split_rule, "split_rule", "the parts routed samples to splits differently; " + same
     )
-    _refuse_difference(parts, lambda m: m.provenance.get("seed"), "provenance.seed", same)
-    _refuse_difference(
+    refuse_difference(parts, lambda m: m.provenance.get("seed"), "provenance.seed", same)
+    refuse_difference(
         parts,
         lambda m: {name: (f.bytes, f.sha256) for name, f in m.files.items()},
         "files",
@@ -160,71 +160,33 @@ def check_compatible(parts: Sequence[Part]) -> None:
 # ----------------------------------------------------------------------------- family statistics
 
 
-def _merge_plain(parts: Sequence[Part], family: str | None) -> tuple[dict, dict]:
-    """Families whose `stats`/`extra` merge cannot combine: they must be equal in every part."""
-    why = _WHY_NOT_COMBINABLE.get(family or "", _WHY_NOT_COMBINABLE[""])
-    _refuse_difference(parts, lambda m: m.stats, "stats", why)
-    _refuse_difference(parts, lambda m: m.extra, "extra", why)
+NOT_COMBINABLE = (
+    "family statistics and extra metadata are copied only when every part holds the same; "
+    "merge cannot recompute them — prepare the parts with shared statistics, or in one run"
+)
+
+
+def require_equal_family_data(parts: Sequence[Part], why: str = NOT_COMBINABLE) -> tuple[dict, dict]:
+    """The rule for families whose `stats`/`extra` cannot be combined: equal in every part."""
+    refuse_difference(parts, lambda m: m.stats, "stats", why)
+    refuse_difference(parts, lambda m: m.extra, "extra", why)
     return dict(parts[0].manifest.stats), dict(parts[0].manifest.extra)
 
 
-def _merge_xval(parts: Sequence[Part], family: str | None) -> tuple[dict, dict]:
-    """xVal: the normaliser, tokenizer and `extra.xval` must be the same in every part (fitted
-    once, then reused with --vocab-from); the training lengths and clip counts combine exactly."""
-    why = (
-        "the xVal normaliser is fitted on each part's own training split, so parts prepared "
-        "separately differ; fit it once and prepare every part with --vocab-from SHARDS"
-    )
-    _refuse_difference(parts, lambda m: m.stats.get("normalizer"), "stats.normalizer", why)
-    _refuse_difference(parts, lambda m: m.extra, "extra", why)
-    combined = ("lengths", "clipped_train_values")
-    _refuse_difference(
-        parts,
-        lambda m: {k: v for k, v in m.stats.items() if k not in combined},
-        "stats",
-        _WHY_NOT_COMBINABLE[""],
-    )
-    stats = dict(parts[0].manifest.stats)
-    lengths = [p.manifest.stats.get("lengths") for p in parts]
-    if all(isinstance(x, Mapping) for x in lengths):
-        stats["lengths"] = _merge_xval_lengths(lengths)
-    clipped = [p.manifest.stats.get("clipped_train_values") for p in parts]
-    if all(isinstance(x, int) for x in clipped):
-        stats["clipped_train_values"] = sum(clipped)
-    return stats, dict(parts[0].manifest.extra)
-
-
-def _merge_xval_lengths(lengths: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Per-record means weighted by each part's training records; the maximum of the maxima."""
-    records = [int(x.get("train_records", 0)) for x in lengths]
-    total = sum(records)
-    n = max(total, 1)  # as prepare divides
-    return {
-        "text_tokens": sum(x["text_tokens"] * max(r, 1) for x, r in zip(lengths, records, strict=True)) / n,
-        "numbers": sum(x["numbers"] * max(r, 1) for x, r in zip(lengths, records, strict=True)) / n,
-        "max_tokens_xval": max(x["max_tokens_xval"] for x in lengths),
-        "train_records": total,
-    }
-
-
-_WHY_NOT_COMBINABLE = {
-    "": "family statistics and extra metadata are copied only when every part holds the same; "
-    "merge cannot recompute them — prepare the parts with shared statistics, or in one run",
-    "astroclip": "AstroCLIP's training statistics include medians (image_sky_sigma, "
-    "image_scale_floor) and per-part match reports that cannot be combined from per-part numbers; "
-    "prepare AstroCLIP in one run until its prepare can reuse statistics",
-    "mpp": "MPP's per-field training statistics (stats.fields) and data-set counts (extra.mpp) are "
-    "stored without the element counts needed to combine them; prepare MPP in one run "
-    "until its prepare can reuse statistics",
-}
-
-_FAMILY_MERGE = {"xval": _merge_xval}
-
-
 def merge_family_data(parts: Sequence[Part]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The merged set's `stats` and `extra`, by the family's rule (docs/shards.md)."""
-    family = parts[0].manifest.family
-    return _FAMILY_MERGE.get(family or "", _merge_plain)(parts, family)
+    """The merged set's `stats` and `extra`, by the family's `merge_stats` rule (its registry
+    entry), else equal in every part (docs/shards.md)."""
+    from foundation import registry
+    from foundation.errors import ConfigError
+
+    name = parts[0].manifest.family
+    try:
+        family = registry.get(name) if name else None
+    except ConfigError:  # a family this installation does not have: its data must simply agree
+        family = None
+    if family is None or family.merge_stats is None:
+        return require_equal_family_data(parts)
+    return family.merge_stats(parts)
 
 
 # ----------------------------------------------------------------------------- field statistics
