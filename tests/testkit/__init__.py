@@ -1,8 +1,9 @@
 """Helpers shared by every test folder, one of each.
 
-- `toyfamily`: the trainer's toy family (`tests.testkit.toyfamily:FAMILY`): train, resume, export.
-- `export_test_family`: a two-tower (image, spectrum) family for the embedding-export tests.
-- `shards`: `write_toy_shards` (toy family samples), `write_galaxy_shards` (galaxies in miniature).
+- `toyfamily`: the one toy family (`tests.testkit.toyfamily:FAMILY`): train, resume, export; its
+  image and spectrum towers and `write_checkpoint` serve the embedding-export tests.
+- `shards`: `write_toy_shards` (token samples), `write_galaxy_shards` (galaxies in miniature, for
+  the toy family's towers).
 - `configs`: the toy family's tiny pretraining config (`config_dict`) and `write_config`.
 - `runs`: what a finished run left (`final_weights`) and `assert_bitwise_equal`.
 - `ranks`: `free_port`, N ranks of a `foundation` command (`run_ranks`, `torchrun`) or of a
