@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from encoders.astroclip.model import AstroCLIP, AstroCLIPConfig, ImageTowerConfig, SpectrumTowerConfig
+from encoders.astroclip.model import AstroCLIP, AstroCLIPConfig
+from tests.testkit.configs import ASTROCLIP_SMALL, tiny_model_config
 
 
 def _benchmark():
@@ -20,19 +21,8 @@ def _benchmark():
 
 
 def _tiny(stage: str) -> AstroCLIPConfig:
-    spectrum = SpectrumTowerConfig(
-        wave_step=40.0,
-        patch=8,
-        stride=4,
-        width=32,
-        depth=2,
-        heads=2,
-        dropout=0.1,
-        mask_segments=3,
-        mask_length=4,
-    )
-    image = ImageTowerConfig(size=16, patch=4, width=32, depth=2, heads=2, encode_visible_only=False)
-    return AstroCLIPConfig(stage=stage, spectrum=spectrum, image=image)
+    deeper = {"spectrum": {"depth": 2, "dropout": 0.1}, "image": {"depth": 2, "encode_visible_only": False}}
+    return tiny_model_config("astroclip", ASTROCLIP_SMALL, deeper, stage=stage)
 
 
 @pytest.mark.parametrize("stage", ["spectrum_masked", "image_masked"])

@@ -9,26 +9,15 @@ import torch
 from encoders.astroclip.collate import Collate, augment_image, crop, segment_mask
 from encoders.astroclip.family import FAMILY, check_manifest
 from encoders.astroclip.heads import AttentionPoolHead
-from encoders.astroclip.model import AstroCLIP, AstroCLIPConfig, ImageTowerConfig, SpectrumTowerConfig
+from encoders.astroclip.model import AstroCLIP, AstroCLIPConfig
 from foundation import config
 from foundation.data import FieldSpec
 from foundation.errors import ConfigError
+from tests.testkit.configs import ASTROCLIP_SMALL, tiny_model_config
 
 
 def tiny(stage="align", **kw) -> AstroCLIPConfig:
-    spectrum = SpectrumTowerConfig(
-        wave_step=40.0,
-        patch=8,
-        stride=4,
-        width=32,
-        depth=1,
-        heads=2,
-        dropout=0.0,
-        mask_segments=3,
-        mask_length=4,
-    )
-    image = ImageTowerConfig(size=16, patch=4, width=32, depth=1, heads=2, max_shift=2)
-    return AstroCLIPConfig(stage=stage, spectrum=spectrum, image=image, embed_dim=16, head_heads=2, **kw)
+    return tiny_model_config("astroclip", ASTROCLIP_SMALL, {"image": {"max_shift": 2}}, stage=stage, **kw)
 
 
 def batch(cfg: AstroCLIPConfig, n=4, seed=0, train=True) -> dict:

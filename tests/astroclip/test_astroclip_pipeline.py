@@ -10,28 +10,12 @@ import torch
 from foundation.cli import main
 from foundation.data import Manifest, ShardDataset
 from foundation.errors import DataError
+from tests.testkit.configs import ASTROCLIP_SMALL, model_overrides
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "astroclip"
 # Tiny overrides: shapes small enough for seconds of CPU, same code paths as the shipped configs.
-SPECTRUM = [
-    "model.spectrum.wave_step=40",
-    "model.spectrum.patch=8",
-    "model.spectrum.stride=4",
-    "model.spectrum.width=32",
-    "model.spectrum.depth=1",
-    "model.spectrum.heads=2",
-    "model.spectrum.mask_segments=3",
-    "model.spectrum.mask_length=4",
-]
-IMAGE = [
-    "model.image.size=16",
-    "model.image.patch=4",
-    "model.image.width=32",
-    "model.image.depth=1",
-    "model.image.heads=2",
-    "model.embed_dim=16",
-    "model.head_heads=2",
-]
+SPECTRUM = model_overrides({"spectrum": ASTROCLIP_SMALL["spectrum"]})
+IMAGE = model_overrides({key: ASTROCLIP_SMALL[key] for key in ("image", "embed_dim", "head_heads")})
 LOOP = [
     "data.batch_size=8",
     "data.num_workers=0",

@@ -25,19 +25,21 @@ import yaml
 
 from tests.core import fuzz_harness as fz
 from tests.testkit import child_env
+from tests.testkit.configs import tiny_config_dict
 
 BASE_SEED = int(os.environ.get("FOUNDATION_FUZZ_SEED", "0"))
 SCALE = float(os.environ.get("FOUNDATION_FUZZ_SCALE", "1"))
 TIMEOUT_S = 20.0
 RSS_MARGIN = 1 << 30  # a case may grow 1 GiB beyond the (torch-importing) parent it forks from
 
-BASE_CONFIG = {
-    "family": "xval",
-    "data": {"path": "SHARDS", "batch_size": 4, "num_workers": 0},
-    "model": {"d_model": 16, "n_layers": 1, "n_heads": 2, "max_len": 64},
-    "run": {"dir": "run", "seed": 0},
-    "optim": {"lr": 1e-3, "warmup_steps": 1},
-    "train": {
+BASE_CONFIG = tiny_config_dict(
+    "xval",
+    "SHARDS",
+    "run",
+    data={"batch_size": 4},
+    model={"d_model": 16, "n_layers": 1, "n_heads": 2, "max_len": 64},
+    optim={"warmup_steps": 1},
+    train={
         "steps": 2,
         "log_every": 1,
         "val_every": 0,
@@ -46,7 +48,7 @@ BASE_CONFIG = {
         "progress": False,
         "device": "cpu",
     },
-}
+)
 
 
 def _import_everything() -> None:

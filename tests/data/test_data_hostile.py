@@ -28,7 +28,7 @@ import yaml
 from foundation.data import Manifest, ShardWriter, codec, tario
 from foundation.errors import DataError
 from tests.testkit import child_env
-from tests.testkit.configs import TOY_FAMILY
+from tests.testkit.configs import config_dict
 from tests.testkit.shards import write_toy_shards
 
 SHARD = "train-000000.tar"
@@ -678,20 +678,13 @@ def test_pretrain_exits_promptly_when_a_loader_worker_raises(tmp_path):
     shards = write_toy_shards(tmp_path / "shards", 32, 8, samples_per_shard=8, seed=0)
     for path in shards.glob("train-*.tar"):  # every x member now claims int32: the schema says float32
         path.write_bytes(path.read_bytes().replace(b"'descr': '<f4'", b"'descr': '<i4'"))
-    config = {
-        "family": TOY_FAMILY,
-        "data": {"path": str(shards), "batch_size": 4, "num_workers": 2, "shuffle": True},
-        "model": {"width": 16, "depth": 1},
-        "run": {"dir": str(tmp_path / "run"), "seed": 7},
-        "train": {
-            "steps": 4,
-            "log_every": 2,
-            "val_every": 100,
-            "ckpt_every": 100,
-            "progress": False,
-            "tensorboard": False,
-        },
-    }
+    config = config_dict(
+        shards,
+        tmp_path / "run",
+        data={"num_workers": 2},
+        model={"depth": 1},
+        train={"steps": 4, "log_every": 2, "val_every": 100, "ckpt_every": 100},
+    )
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config))
     proc = subprocess.run(
         [sys.executable, "-m", "foundation.cli", "pretrain", str(tmp_path / "cfg.yaml")],

@@ -16,8 +16,9 @@ from encoders.mpp.model import (
     count_parameters,
     revin_normalize,
 )
+from tests.testkit.configs import tiny_model_config
 
-TINY = MPPConfig(embed_dim=24, num_heads=2, depth=2, patch_size=4, layer_scale_init=0.5)
+TINY = tiny_model_config("mpp", embed_dim=24, patch_size=4, layer_scale_init=0.5)
 VOCAB = ["a", "b", "c", "d", "e"]
 
 

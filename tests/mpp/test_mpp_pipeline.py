@@ -14,6 +14,7 @@ from encoders.mpp.family import FAMILY, build_model
 from encoders.mpp.model import AViT, MPPConfig
 from foundation.cli import main
 from foundation.errors import DataError
+from tests.testkit.configs import tiny_model_config
 
 ROOT = Path(__file__).parents[2]
 TINY = str(ROOT / "configs" / "mpp" / "tiny.yaml")
@@ -121,7 +122,7 @@ def test_collate_errors_are_specific():
 
 
 def test_untrained_model_rollout_equals_persistence():
-    model = AViT(MPPConfig(embed_dim=16, num_heads=2, depth=1, patch_size=4), ["a", "b"]).eval()
+    model = AViT(tiny_model_config("mpp", embed_dim=16, depth=1, patch_size=4), ["a", "b"]).eval()
     collate = MPPCollate(["a", "b"], history=2, horizon=3, train=False, patch_size=4)
     batch = collate([_sample("s-1", ["a", "b"]), _sample("t-2", ["b"], seed=3)])
     report, example = evaluate(model, [batch], steps=3, windows=parse_windows(None, 3))
@@ -247,7 +248,7 @@ def test_family_hooks(shards):
     from foundation.data import Manifest
 
     pre, _ = shards
-    cfg = MPPConfig(embed_dim=16, num_heads=2, depth=1, patch_size=4, history=2)
+    cfg = tiny_model_config("mpp", embed_dim=16, depth=1, patch_size=4, history=2)
     manifest = Manifest.load(pre)
     model = FAMILY.build_model(cfg, manifest)
     collate = FAMILY.make_collate(cfg, manifest, False)
@@ -262,8 +263,8 @@ def test_family_hooks(shards):
     assert FAMILY.flops_per_sample(cfg, manifest) > 0
     assert FAMILY.embed(model, batch)["fields"].shape == (2, 16)
     # A saved fine-tuned model records its fields: it rebuilds without the pretrained run.
-    saved = MPPConfig(
-        embed_dim=16, num_heads=2, depth=1, patch_size=4, init_from="/gone/run", fields=["q", "r"]
+    saved = tiny_model_config(
+        "mpp", embed_dim=16, depth=1, patch_size=4, init_from="/gone/run", fields=["q", "r"]
     )
     assert build_model(saved, manifest).fields == ["q", "r"]
     with pytest.raises(Exception, match="gone"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.testkit import export_test_family
+from tests.testkit import toyfamily
 from tests.testkit.embeddings import latent_embeddings, write_embeddings
 from tests.testkit.shards import write_galaxy_shards
 
@@ -36,7 +36,7 @@ def tiny_shards(tmp_path_factory):
 
 @pytest.fixture
 def tiny_checkpoint(tmp_path, tiny_shards):
-    """(model.pt path, the model) of the tiny two-tower test family."""
+    """(model.pt path, the model) of the toy family with galaxy towers."""
     path = tmp_path / "model.pt"
-    model = export_test_family.write_checkpoint(path, tiny_shards)
+    model = toyfamily.write_checkpoint(path, tiny_shards)
     return path, model

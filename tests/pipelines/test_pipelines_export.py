@@ -1,4 +1,4 @@
-"""`foundation export` and `foundation export merge` with a tiny two-tower family."""
+"""`foundation export` and `foundation export merge` with the toy family's two towers."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from foundation.data.raw_inputs import fetch_samples
 from foundation.embeddings import open_embeddings, part_path, partial_path
 from foundation.errors import ConfigError, DataError
 from foundation.export import ExportSettings, export_embeddings, load_model, start_export
-from tests.testkit import export_test_family
+from tests.testkit import toyfamily
 
 
 def _export(loaded, data, out, **settings):
@@ -35,7 +35,7 @@ def _expected(model, shards, ids):
     image = torch.from_numpy(np.stack([samples[i]["image"] for i in ids]))
     spectrum = torch.from_numpy(np.stack([samples[i]["spectrum"] for i in ids]))
     with torch.no_grad():
-        out = model(image, spectrum)
+        out = model.towers(image, spectrum)
     return {m: v.numpy() for m, v in out.items()}, samples
 
 
@@ -73,8 +73,8 @@ def test_export_cli_writes_every_sample_once(tmp_path, tiny_shards, tiny_checkpo
         assert set(emb.split.tolist()) == {"train", "valid", "test"}
         attrs = emb.attrs
         assert attrs["checkpoint"] == str(ckpt.resolve())
-        assert attrs["family"] == "tests.testkit.export_test_family:FAMILY"
-        assert attrs["precision"] == "fp32" and attrs["config"]["model"]["dim"] == 8
+        assert attrs["family"] == toyfamily.FAMILY.name
+        assert attrs["precision"] == "fp32" and attrs["config"]["model"]["width"] == 8
         assert not emb.normalized("image")
     # Re-running finds the finished file and does nothing.
     assert main(["export", "--checkpoint", str(ckpt), "--data", str(tiny_shards), "--out", str(out)]) == 0
@@ -87,7 +87,7 @@ def test_interrupted_export_resumes_without_re_embedding(
     ckpt, _ = tiny_checkpoint
     out = tmp_path / "emb.h5"
     loaded = load_model(ckpt)
-    export_test_family.SEEN.clear()
+    toyfamily.KEYS_SEEN.clear()
     monkeypatch.setattr("foundation.export.REPORT_EVERY_S", 0.0)  # without a TTY: progress as log lines
     with caplog.at_level("INFO", logger="foundation.export"):
         first = _export_stopped(
@@ -102,9 +102,9 @@ def test_interrupted_export_resumes_without_re_embedding(
         )
     assert "exported 30 / 120 objects" in caplog.text
     assert first.path == partial_path(out) and not out.exists()
-    assert first.rows == 30 and len(export_test_family.SEEN) == 30
-    done = list(export_test_family.SEEN)
-    export_test_family.SEEN.clear()
+    assert first.rows == 30 and len(toyfamily.KEYS_SEEN) == 30
+    done = list(toyfamily.KEYS_SEEN)
+    toyfamily.KEYS_SEEN.clear()
     # Resume through the CLI, with loader workers this time.
     assert (
         main(
@@ -125,7 +125,7 @@ def test_interrupted_export_resumes_without_re_embedding(
         == 0
     )
     # Worker processes embed nothing themselves: the model runs in this process, on new rows only.
-    assert len(export_test_family.SEEN) == 90 and not set(done) & set(export_test_family.SEEN)
+    assert len(toyfamily.KEYS_SEEN) == 90 and not set(done) & set(toyfamily.KEYS_SEEN)
     reference = tmp_path / "ref.h5"
     _export(load_model(ckpt), tiny_shards, reference, batch_size=10, num_workers=0)
     with open_embeddings(out) as resumed, open_embeddings(reference) as full:
@@ -140,7 +140,7 @@ def test_resume_with_other_weights_is_refused(tmp_path, tiny_shards, tiny_checkp
     _export_stopped(load_model(ckpt), tiny_shards, out, 1, batch_size=10, num_workers=0, chunk_rows=10)
     other = tmp_path / "other" / "model.pt"
     other.parent.mkdir()
-    export_test_family.write_checkpoint(other, tiny_shards, seed=1)
+    toyfamily.write_checkpoint(other, tiny_shards, seed=1)
     with pytest.raises(DataError, match="cannot resume"):
         _export(load_model(other), tiny_shards, out, batch_size=10, num_workers=0)
     # --overwrite starts again.
@@ -151,7 +151,7 @@ def test_resume_with_other_weights_is_refused(tmp_path, tiny_shards, tiny_checkp
 
 def test_family_collate_modalities_normalize_and_random_init(tmp_path, tiny_shards):
     ckpt = tmp_path / "model.pt"
-    trained = export_test_family.write_checkpoint(ckpt, tiny_shards, collate=True)
+    trained = toyfamily.write_checkpoint(ckpt, tiny_shards, collate=True)
     out = tmp_path / "spec.h5"
     result = _export(
         load_model(ckpt),
@@ -197,10 +197,10 @@ def test_family_collate_modalities_normalize_and_random_init(tmp_path, tiny_shar
         == 0
     )
     # Config overrides change the fresh architecture (and only apply to --random-init).
-    wide = load_model(ckpt, random_init=True, overrides=["model.dim=5"])
-    assert wide.model.image.out_features == 5 and "model.dim=5" in wide.source
+    wide = load_model(ckpt, random_init=True, overrides=["model.width=5"])
+    assert wide.model.image.out_features == 5 and "model.width=5" in wide.source
     with pytest.raises(Exception, match="only applies with --random-init"):
-        load_model(ckpt, overrides=["model.dim=5"])
+        load_model(ckpt, overrides=["model.width=5"])
     with open_embeddings(random_out) as rnd, open_embeddings(out) as trained_emb:
         assert rnd.attrs["checkpoint"].startswith("random-init:")
         assert rnd.ids.tolist() == trained_emb.ids.tolist()
@@ -258,7 +258,7 @@ def test_torchrun_two_ranks_write_parts_and_merge(tmp_path, tiny_shards, tiny_ch
     ckpt, _ = tiny_checkpoint
     out = tmp_path / "emb.h5"
     args = ["export", "--checkpoint", str(ckpt), "--data", str(tiny_shards), "--out", str(out)]
-    env = {"FOUNDATION_FAMILY_MODULES": "tests.testkit.export_test_family"}
+    env = {"FOUNDATION_FAMILY_MODULES": "tests.testkit.toyfamily"}
     proc = torchrun([*args, "--num-workers", "0", "--device", "cpu"], env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "merged 2 parts" in proc.stdout

@@ -12,7 +12,7 @@ import foundation.embeddings
 from foundation.cli import main
 from foundation.embeddings import open_embeddings, partial_path
 from foundation.lock import FolderLock
-from tests.testkit import export_test_family
+from tests.testkit import toyfamily
 from tests.testkit.shards import write_galaxy_shards
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(64)
@@ -39,7 +39,7 @@ def test_existing_output_of_another_checkpoint_is_refused(tmp_path, tiny_shards,
     before = out.read_bytes()
     other = tmp_path / "other" / "model.pt"
     other.parent.mkdir()
-    export_test_family.write_checkpoint(other, tiny_shards, seed=1)
+    toyfamily.write_checkpoint(other, tiny_shards, seed=1)
     assert _export(other, tiny_shards, out) == 2
     _one_error_line(capsys, "emb.h5 exists but is not this export", "weights_sha256", "checkpoint")
     assert out.read_bytes() == before
@@ -85,7 +85,7 @@ def test_shards_tokenised_with_another_tokenizer_are_refused(tmp_path, capsys):
     trained = _shards_with_tokenizer(tmp_path / "trained", '{"vocab": {"a": 0}}')
     other = _shards_with_tokenizer(tmp_path / "other", '{"vocab": {"b": 0}}')
     ckpt = tmp_path / "model.pt"
-    export_test_family.write_checkpoint(ckpt, trained)
+    toyfamily.write_checkpoint(ckpt, trained)
     assert _export(ckpt, other, tmp_path / "emb.h5") == 2
     _one_error_line(capsys, "another tokenizer.json than the model's training data", "--vocab-from")
     assert not (tmp_path / "emb.h5").exists() and not partial_path(tmp_path / "emb.h5").exists()

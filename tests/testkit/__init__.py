@@ -1,9 +1,12 @@
 """Helpers shared by every test folder, one of each.
 
-- `toyfamily`: the trainer's toy family (`tests.testkit.toyfamily:FAMILY`): train, resume, export.
-- `export_test_family`: a two-tower (image, spectrum) family for the embedding-export tests.
-- `shards`: `write_toy_shards` (toy family samples), `write_galaxy_shards` (galaxies in miniature).
-- `configs`: the toy family's tiny pretraining config (`config_dict`) and `write_config`.
+- `toyfamily`: the one toy family (`tests.testkit.toyfamily:FAMILY`): train, resume, export; its
+  image and spectrum towers and `write_checkpoint` serve the embedding-export tests.
+- `shards`: `write_toy_shards` (token samples), `write_galaxy_shards` (galaxies in miniature, for
+  the toy family's towers).
+- `configs`: tiny configs, one form each: the toy family's (`config_dict`), the real families'
+  shipped tiny configs with a test's sizes over them (`tiny_model_config`, `tiny_config_dict`,
+  `ASTROCLIP_SMALL`, `model_overrides` for the command line), and `write_config`.
 - `runs`: what a finished run left (`final_weights`) and `assert_bitwise_equal`.
 - `ranks`: `free_port`, N ranks of a `foundation` command (`run_ranks`, `torchrun`) or of a
   function in a gloo group (`spawn_ranks`).

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from tests.testkit import toyfamily
+from tests.testkit.configs import TOY_FAMILY
 
 
 def write_toy_shards(
@@ -38,8 +39,9 @@ def write_toy_shards(
 def write_galaxy_shards(
     out: Path, n: int = 120, seed: int = 0, samples_per_shard: int = 16, files: dict | None = None
 ) -> Path:
-    """Galaxies in miniature for the export family: image (3,4,4), spectrum (20,), redshift, JSON
-    meta (stellar_mass), in train/valid/test splits; `files` are extra files of the set."""
+    """Galaxies in miniature for the toy family's towers: image `toyfamily.GALAXY_IMAGE_SHAPE`,
+    spectrum (`toyfamily.GALAXY_SPECTRUM_LENGTH`,), redshift, JSON meta (stellar_mass), in
+    train/valid/test splits; `files` are extra files of the set."""
     from foundation.data import ShardSetWriter
 
     rng = np.random.default_rng(seed)
@@ -47,17 +49,18 @@ def write_galaxy_shards(
         out,
         {"train": 0.6, "valid": 0.2, "test": 0.2},
         samples_per_shard=samples_per_shard,
-        family="tests.testkit.export_test_family:FAMILY",
+        family=TOY_FAMILY,
         extra={"targets": ["redshift", "stellar_mass"]},
         files=files,
     ) as w:
         for i in range(n):
             z = float(rng.uniform(0, 1))
+            spectrum = rng.normal(size=toyfamily.GALAXY_SPECTRUM_LENGTH) * (1 + z)
             w.write(
                 {
                     "__key__": f"obj-{i:04d}",
-                    "image": (rng.normal(size=(3, 4, 4)) + z).astype(np.float32),
-                    "spectrum": (rng.normal(size=20) * (1 + z)).astype(np.float32),
+                    "image": (rng.normal(size=toyfamily.GALAXY_IMAGE_SHAPE) + z).astype(np.float32),
+                    "spectrum": spectrum.astype(np.float32),
                     "redshift": z,
                     "meta": {"stellar_mass": 10.0 + i / n, "ra": 1.0},
                 }

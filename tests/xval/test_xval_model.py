@@ -17,13 +17,14 @@ from encoders.xval.loss import combine, draw_mlm_mask, masked_inputs, xval_loss
 from encoders.xval.model import XValConfig, XValModel
 from encoders.xval.normalizer import FieldMap, Normalizer
 from encoders.xval.tokenizer import MASK_ID, NUM_ID
+from tests.testkit.configs import tiny_model_config
 
 VOCAB = 40
 
 
 def make_model(mode="mlm", encoding="xval", **kw):
     torch.manual_seed(0)
-    cfg = XValConfig(d_model=32, n_layers=2, n_heads=4, max_len=64, mode=mode, encoding=encoding, **kw)
+    cfg = tiny_model_config("xval", d_model=32, n_heads=4, max_len=64, mode=mode, encoding=encoding, **kw)
     return XValModel(cfg, VOCAB).eval()
 
 
@@ -216,7 +217,9 @@ class ScriptedModel(torch.nn.Module):
 
     def __init__(self, script, number, vocab, encoding="xval"):
         super().__init__()
-        self.cfg = XValConfig(d_model=8, n_layers=1, n_heads=1, max_len=64, mode="causal", encoding=encoding)
+        self.cfg = tiny_model_config(
+            "xval", d_model=8, n_layers=1, n_heads=1, max_len=64, mode="causal", encoding=encoding
+        )
         self.encoding = get_encoding(encoding)
         self.text_vocab_size = vocab
         self.script, self.number = list(script), number
