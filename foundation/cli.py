@@ -18,6 +18,7 @@ import argparse
 import errno
 import logging
 import math
+import os
 import sys
 import typing
 from collections.abc import Callable, Sequence
@@ -187,6 +188,19 @@ def add_shard_output_arguments(
         action="store_true",
         help="Write fields that come out all zeros, all masked, constant or mostly non-finite "
         "(docs/shards.md).",
+    )
+
+
+def add_workers_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The `--workers N` option of every `prepare`: N processes read and transform the inputs; the
+    shard set written is the same for every N."""
+    most = os.cpu_count() or 1
+    parser.add_argument(
+        "--workers",
+        type=bounded_int(1, most),
+        default=1,
+        help="Processes that read and transform the inputs, at most this machine's CPU count "
+        f"({most}); the shards are the same for every value (default: 1).",
     )
 
 
