@@ -56,7 +56,7 @@ def ordered_map(
     if limit < 1:
         raise ValueError(f"max_in_flight must be >= 1, got {limit}")
     pool = ProcessPoolExecutor(
-        workers, mp_context=_start_context(), initializer=_start_worker, initargs=(context,)
+        workers, mp_context=_start_context(fn), initializer=_start_worker, initargs=(context,)
     )
     pending: deque[Future] = deque()
     try:
@@ -73,9 +73,14 @@ def ordered_map(
     pool.shutdown(wait=True)
 
 
-def _start_context() -> multiprocessing.context.BaseContext:
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+def _start_context(fn: Callable) -> multiprocessing.context.BaseContext:
+    """forkserver where there is one (its server imports `fn`'s module once, and every worker of
+    this process forks from it, ready), spawn elsewhere."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__, fn.__module__])  # used when the server first starts
+    return context
 
 
 def _start_worker(context: Any) -> None:

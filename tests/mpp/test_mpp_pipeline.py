@@ -282,3 +282,58 @@ def test_pretrain_on_two_processes(shards, tmp_path, parallel, torchrun):
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "done" and status["step"] == 6
     assert (run / "model.pt").is_file()
+
+
+# ----------------------------------------------------------------------------- prepare --workers
+
+
+def _toy_well_file(path: Path, n_traj: int = 3, steps: int = 9, seed: int = 0, nan_at=None) -> Path:
+    from encoders.mpp.solvers import Simulation
+    from encoders.mpp.well import write_simulation
+
+    rng = np.random.default_rng(seed)
+    tracer = rng.standard_normal((n_traj, steps, 8, 8)).astype(np.float32)
+    if nan_at is not None:
+        tracer[nan_at] = np.nan
+    sim = Simulation(
+        name="toy",
+        t0_fields={"tracer": tracer},
+        t1_fields={"velocity": rng.standard_normal((n_traj, steps, 8, 8, 2)).astype(np.float32)},
+        time=np.arange(steps, dtype=np.float32),
+        x=np.linspace(0, 1, 8, dtype=np.float32),
+        y=np.linspace(0, 1, 8, dtype=np.float32),
+        boundary={"x": "PERIODIC", "y": "WALL"},
+        parameters={"nu": rng.random(n_traj).astype(np.float32)},
+    )
+    return write_simulation(sim, path)
+
+
+def test_prepare_writes_the_same_shards_with_one_or_two_workers(tmp_path, monkeypatch):
+    from encoders.mpp import prepare as mpp_prepare
+    from tests.testkit.same_shards import assert_same_shard_sets
+
+    for i in range(2):
+        _toy_well_file(tmp_path / "toy" / f"toy{i}.hdf5", seed=i)
+    # Units of two windows each, so that a trajectory spans several units.
+    monkeypatch.setattr(mpp_prepare, "UNIT_BYTES", 2 * 3 * 3 * 8 * 8 * 4)
+    outs = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        args = ["--history", "2", "--stride", "1", "--samples-per-shard", "5", "--workers", str(workers)]
+        assert main(["prepare", "mpp", str(tmp_path / "toy"), "--out", str(out), *args]) == 0
+        outs.append(out)
+    assert_same_shard_sets(*outs)
+
+
+def test_prepare_with_workers_names_the_file_of_a_bad_window_in_one_line(tmp_path, capsys):
+    _toy_well_file(tmp_path / "toy" / "good.hdf5")
+    bad = _toy_well_file(tmp_path / "toy" / "nan.hdf5", nan_at=(1, 5, 2, 2))
+    errors = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        args = ["--history", "2", "--workers", str(workers)]
+        assert main(["prepare", "mpp", str(tmp_path / "toy"), "--out", str(out), *args]) == 2
+        errors.append(capsys.readouterr().err)
+        assert not out.exists() or not any(out.iterdir())
+    assert errors[0] == errors[1]
+    assert errors[0].count("\n") == 1 and str(bad) in errors[0] and "non-finite" in errors[0]
