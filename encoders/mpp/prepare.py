@@ -85,12 +85,13 @@ def downsample(frames: np.ndarray, resolution: int, where: str) -> np.ndarray:
 
 
 def channel_sums(frames: np.ndarray) -> list[tuple[int, float, float]]:
-    """(count, sum, sum of squares) of each channel of one window, in float64."""
-    data = frames.astype(np.float64)
-    return [
-        (data[:, i].size, float(data[:, i].sum()), float((data[:, i] ** 2).sum()))
-        for i in range(data.shape[1])
-    ]
+    """(count, sum, sum of squares) of each channel of one window, in float64 (one channel at a time,
+    so that a worker holds one float64 channel, not the whole window)."""
+    out = []
+    for i in range(frames.shape[1]):
+        channel = frames[:, i].astype(np.float64)
+        out.append((channel.size, float(channel.sum()), float((channel**2).sum())))
+    return out
 
 
 class _FieldStats:
@@ -174,7 +175,7 @@ def _open_sources(
 
 
 #: Bytes of source data one unit of work reads at most (one window more if a window is larger).
-UNIT_BYTES = 32 * 2**20
+UNIT_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True)
