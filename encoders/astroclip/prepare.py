@@ -129,7 +129,7 @@ def prepare(
     seed: int = 0,
     overwrite: bool = False,
     allow_degenerate: bool = False,
-    chunk: int = 256,
+    chunk: int = 32,
     workers: int = 1,
     progress: bool | None = False,
     image_mask_means: str | None = None,
@@ -144,7 +144,8 @@ def prepare(
     image has a band without one good pixel, or whose spectrum has no good pixel on the grid, are
     skipped and counted (`report["skipped"]`). `masked_pixels` (zero|keep): what bad pixels hold in
     the shards, 0 or the survey's value (the released AstroCLIP saw the survey values). `workers`
-    processes read and resample chunks of `chunk` objects; the shards are the same for any number."""
+    processes read and resample chunks of `chunk` objects (an MMU object is ~1 MB in flight, so
+    memory is about 2 x workers x chunk MB); the shards are the same for any number."""
     if radius_arcsec <= 0:
         raise DataError(f"--match-radius must be positive, got {radius_arcsec}")
     image_src = ImageSource(images, bands, cutout, mask_means=image_mask_means, masked_pixels=masked_pixels)
