@@ -11,8 +11,9 @@ The per-run context (opened sources, a tokenizer) is sent to each worker once, w
 not with every unit. Workers start with `forkserver` (or `spawn`), never `fork`, so they do not
 inherit the caller's open files and threads. An error in a unit is re-raised in the caller with
 its own type and message (a `DataError` stays the same one line as with one process); the pool is
-then stopped, as it is on Ctrl-C or SIGTERM (which the caller takes as KeyboardInterrupt while the
-map runs), so that the writer's `with` block aborts and publishes nothing.
+then stopped (units not started are cancelled, running ones finish), as it is on Ctrl-C or SIGTERM
+(which the caller takes as KeyboardInterrupt while the map runs), so that the writer's `with`
+block aborts and publishes nothing.
 """
 
 from __future__ import annotations
@@ -95,13 +96,11 @@ def _run_unit(fn: Callable[[Any, Item], Result], item: Item) -> Result:
 
 
 def _stop(pool: ProcessPoolExecutor, pending: deque[Future]) -> None:
-    """Cancel what has not started and end the workers now (not after their current unit)."""
+    """Cancel every unit that has not started and wait for the running ones (one small unit per
+    worker). Workers are not killed: one killed while it sends a result would leave the pool's
+    result pipe mid-message, and the pool's shutdown would then wait forever."""
     for future in pending:
         future.cancel()
-    processes = list((getattr(pool, "_processes", None) or {}).values())
-    for process in processes:
-        with contextlib.suppress(Exception):
-            process.terminate()
     pool.shutdown(wait=True, cancel_futures=True)
 
 

@@ -64,13 +64,14 @@ def _alive(pid: int) -> bool:
 
 
 def test_sigterm_stops_the_map_and_ends_its_workers(tmp_path):
+    """The units not started are dropped, the running ones finish, the workers exit."""
     script = textwrap.dedent(
         f"""
         import sys
         from foundation.data.parallel import ordered_map
         from tests.testkit import parallel_units as units
         try:
-            for _ in ordered_map(units.sleep_forever, range(4), 2, context={str(tmp_path)!r}):
+            for _ in ordered_map(units.slow_unit, range(20), 2, context={str(tmp_path)!r}):
                 pass
         except KeyboardInterrupt:
             print("interrupted")
@@ -97,3 +98,4 @@ def test_sigterm_stops_the_map_and_ends_its_workers(tmp_path):
     while any(map(_alive, worker_pids)) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(map(_alive, worker_pids))
+    assert len(list(tmp_path.glob("done-*"))) <= 6  # of 20: the pool did not run on to the end

@@ -337,3 +337,65 @@ def test_prepare_with_workers_names_the_file_of_a_bad_window_in_one_line(tmp_pat
         assert not out.exists() or not any(out.iterdir())
     assert errors[0] == errors[1]
     assert errors[0].count("\n") == 1 and str(bad) in errors[0] and "non-finite" in errors[0]
+
+
+def test_sigterm_stops_prepare_with_workers_and_publishes_nothing(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.testkit import REPO, child_env
+
+    for i in range(4):
+        _toy_well_file(tmp_path / "toy" / f"toy{i}.hdf5", n_traj=4, steps=41, seed=i)
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        "-m",
+        "foundation.cli",
+        "prepare",
+        "mpp",
+        str(tmp_path / "toy"),
+        "--out",
+        str(out),
+    ]
+    command += ["--history", "1", "--stride", "1", "--samples-per-shard", "4", "--workers", "2"]
+    env = child_env(PYTHONFAULTHANDLER="1")
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(out.glob(".*.tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if proc.poll() is not None or time.monotonic() >= deadline:
+        proc.kill()
+        pytest.fail(f"prepare was not writing when it was to be interrupted: {proc.communicate()[1][-2000:]}")
+    descendants = _descendants(str(proc.pid))
+    assert len(descendants) >= 2  # the workers (and their fork server)
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)  # faulthandler prints where each thread hangs
+        pytest.fail(f"prepare did not stop on SIGTERM: {proc.communicate()[1][-4000:]}")
+    assert proc.returncode == 130 and "interrupted" in err, err[-2000:]
+    assert (
+        not (out / "manifest.json").exists() and not list(out.glob("*.tar*")) and not list(out.glob(".*tmp*"))
+    )
+    time.sleep(0.5)
+    assert not [pid for pid in descendants if _state(pid) not in ("gone", "Z")]
+
+
+def _descendants(pid: str) -> list[str]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            out += [child, *_descendants(child)]
+    return out
+
+
+def _state(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone"

@@ -34,8 +34,9 @@ def mark_started(context: str, item: int) -> int:
     return item
 
 
-def sleep_forever(context: str, item: int) -> int:
-    """Record this worker's pid and hang (to test that an interrupt ends the workers)."""
+def slow_unit(context: str, item: int) -> int:
+    """Record this worker's pid, take a second, record that the unit finished."""
     (Path(context) / f"pid-{os.getpid()}").touch()
-    time.sleep(600)
+    time.sleep(1)
+    (Path(context) / f"done-{item}").touch()
     return item
