@@ -18,6 +18,7 @@ import argparse
 import errno
 import logging
 import math
+import os
 import sys
 import typing
 from collections.abc import Callable, Sequence
@@ -187,6 +188,23 @@ def add_shard_output_arguments(
         action="store_true",
         help="Write fields that come out all zeros, all masked, constant or mostly non-finite "
         "(docs/shards.md).",
+    )
+
+
+MAX_WORKERS = 256
+"""More processes than any node has cores: a typo, not a plan (oversubscribing a few is allowed,
+so a command line gives the same shards on every machine)."""
+
+
+def add_workers_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The `--workers N` option of every `prepare`: N processes read and transform the inputs; the
+    shard set written is the same for every N."""
+    parser.add_argument(
+        "--workers",
+        type=bounded_int(1, MAX_WORKERS),
+        default=1,
+        help=f"Processes that read and transform the inputs (this machine has {os.cpu_count() or 1} "
+        "CPUs); the shards are the same for every value (default: 1).",
     )
 
 

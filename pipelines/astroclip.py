@@ -10,7 +10,13 @@ import argparse
 import json
 from pathlib import Path
 
-from foundation.cli import Command, add_progress_argument, add_shard_output_arguments, progress_enabled
+from foundation.cli import (
+    Command,
+    add_progress_argument,
+    add_shard_output_arguments,
+    add_workers_argument,
+    progress_enabled,
+)
 from foundation.errors import DataError
 
 # ----------------------------------------------------------------------------- synth
@@ -124,6 +130,7 @@ def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
         samples_per_shard=1000,
         seed_help="Salts the split hash.",
     )
+    add_workers_argument(parser)
     add_progress_argument(parser)
 
 
@@ -146,6 +153,7 @@ def _prepare_run(args: argparse.Namespace) -> int:
         splits=args.split_fractions,
         samples_per_shard=args.samples_per_shard,
         seed=args.seed,
+        workers=args.workers,
         overwrite=args.overwrite,
         allow_degenerate=args.allow_degenerate,
         progress=progress_enabled(args.progress),

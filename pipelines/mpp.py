@@ -6,7 +6,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from foundation.cli import Command, add_progress_argument, add_shard_output_arguments, progress_enabled
+from foundation.cli import (
+    Command,
+    add_progress_argument,
+    add_shard_output_arguments,
+    add_workers_argument,
+    progress_enabled,
+)
 from foundation.errors import DataError
 
 # ----------------------------------------------------------------------------- synth
@@ -94,6 +100,7 @@ def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
         samples_per_shard=256,
         seed_help="Salt of the trajectory-to-split hash.",
     )
+    add_workers_argument(parser)
     add_progress_argument(parser)
 
 
@@ -123,6 +130,7 @@ def _prepare_run(args: argparse.Namespace) -> int:
         seed=args.seed,
         overwrite=args.overwrite,
         allow_degenerate=args.allow_degenerate,
+        workers=args.workers,
     )
     command = " ".join(
         [

@@ -13,7 +13,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from foundation.cli import Command, add_shard_output_arguments
+from foundation.cli import Command, add_shard_output_arguments, add_workers_argument
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ def _add_prepare_options(parser: argparse.ArgumentParser) -> None:
         samples_per_shard=1000,
         seed_help="Salts the split hash and the normaliser's sampling.",
     )
+    add_workers_argument(parser)
 
 
 def _options(args: argparse.Namespace, **overrides):
@@ -83,6 +84,7 @@ def _options(args: argparse.Namespace, **overrides):
         overwrite=args.overwrite,
         allow_degenerate=getattr(args, "allow_degenerate", False),
         skip_invalid=getattr(args, "skip_invalid", False),
+        workers=getattr(args, "workers", 1),
     )
     values.update(overrides)
     return PrepareOptions(**values)

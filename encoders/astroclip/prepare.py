@@ -129,7 +129,8 @@ def prepare(
     seed: int = 0,
     overwrite: bool = False,
     allow_degenerate: bool = False,
-    chunk: int = 256,
+    chunk: int = 32,
+    workers: int = 1,
     progress: bool | None = False,
     image_mask_means: str | None = None,
     spectrum_mask_means: str | None = None,
@@ -142,7 +143,9 @@ def prepare(
     taken to mean; by default it comes from the file (see formats.image_mask_meaning). Objects whose
     image has a band without one good pixel, or whose spectrum has no good pixel on the grid, are
     skipped and counted (`report["skipped"]`). `masked_pixels` (zero|keep): what bad pixels hold in
-    the shards, 0 or the survey's value (the released AstroCLIP saw the survey values)."""
+    the shards, 0 or the survey's value (the released AstroCLIP saw the survey values). `workers`
+    processes read and resample chunks of `chunk` objects (an MMU object is ~1 MB in flight, so
+    memory is about 2 x workers x chunk MB); the shards are the same for any number."""
     if radius_arcsec <= 0:
         raise DataError(f"--match-radius must be positive, got {radius_arcsec}")
     image_src = ImageSource(images, bands, cutout, mask_means=image_mask_means, masked_pixels=masked_pixels)
@@ -176,10 +179,13 @@ def prepare(
         hints=_DEGENERATE_HINTS,
         allow_degenerate=allow_degenerate,
     ) as writer:
-        pairs = _PairWriter(
-            writer, image_src, spec_src, match, resolved, _Resamplers(wavelength, masked_pixels)
+        pairs = _PairWriter(writer, image_src, spec_src, match, resolved)
+        pairs.write_all(
+            _ChunkReader(image_src, spec_src, _Resamplers(wavelength, masked_pixels)),
+            chunk,
+            workers,
+            progress,
         )
-        pairs.write_all(chunk, progress)
         pairs.check_written(bands)
         writer.stats.update(pairs.train_stats.summary())
     report.update(
@@ -396,6 +402,27 @@ def _spectrum_stats(flux, bad, std_floor: float = 0.2):
 
 
 @dataclass
+class _ObjectFeatures:
+    """What the training statistics take from one object: its spectrum's token features, image
+    scale and sky noise per band."""
+
+    spectrum: np.ndarray
+    image_log_scale: float
+    sky: np.ndarray
+
+
+def _object_features(
+    image: np.ndarray, ivar: np.ndarray, flux: np.ndarray, bad: np.ndarray
+) -> _ObjectFeatures:
+    sigma = [np.median(1 / np.sqrt(band[band > 0])) if (band > 0).any() else np.nan for band in ivar]
+    return _ObjectFeatures(
+        _spectrum_stats(flux, bad),
+        np.log10(max(float(np.sqrt(np.mean(np.square(image)))), 1e-6)),
+        np.array(sigma),
+    )
+
+
+@dataclass
 class _TrainStats:
     """Statistics of the training split that the towers normalise with (kept in the manifest)."""
 
@@ -403,12 +430,11 @@ class _TrainStats:
     image_log_scale: list[float] = field(default_factory=list)
     sky: list[np.ndarray] = field(default_factory=list)
 
-    def add(self, image: np.ndarray, ivar: np.ndarray, flux: np.ndarray, bad: np.ndarray) -> None:
-        """One training object: its spectrum's token features, image scale and sky noise per band."""
-        self.spectrum.append(_spectrum_stats(flux, bad))
-        self.image_log_scale.append(np.log10(max(float(np.sqrt(np.mean(np.square(image)))), 1e-6)))
-        sigma = [np.median(1 / np.sqrt(band[band > 0])) if (band > 0).any() else np.nan for band in ivar]
-        self.sky.append(np.array(sigma))
+    def add(self, features: _ObjectFeatures) -> None:
+        """One training object's features, in the order the objects are written."""
+        self.spectrum.append(features.spectrum)
+        self.image_log_scale.append(features.image_log_scale)
+        self.sky.append(features.sky)
 
     def summary(self) -> dict[str, Any]:
         spectrum = np.array(self.spectrum)
@@ -446,9 +472,64 @@ class _Resamplers:
         return self.cache[key]
 
 
+@dataclass
+class _Chunk:
+    """A chunk of matched pairs as read, cropped and resampled (arrays in the chunk's order)."""
+
+    image: np.ndarray
+    image_ivar: np.ndarray
+    flux: np.ndarray
+    ivar: np.ndarray
+    bad: np.ndarray
+    empty_image: np.ndarray  # an image band without one good pixel
+    empty_spectrum: np.ndarray  # no good spectral pixel on the grid
+    features: list[_ObjectFeatures | None]  # None for objects that are skipped
+
+
+@dataclass
+class _ChunkReader:
+    """What a worker needs to read chunks of pairs: the sources (file lists and row tables) and the
+    resamplers (each worker keeps its own cache)."""
+
+    image_src: ImageSource
+    spec_src: SpectrumSource
+    resamplers: _Resamplers
+
+
+def _read_chunk(reader: _ChunkReader, rows: tuple[np.ndarray, np.ndarray]) -> _Chunk:
+    """Read the images `rows[0]` and spectra `rows[1]` (one pair per position) and resample the
+    spectra onto the model grid (runs in a worker)."""
+    image_rows, spectrum_rows = rows
+    img = reader.image_src.read(image_rows)
+    flux, ivar, bad = _resample(reader, spectrum_rows)
+    empty_image = img.mask.all(axis=(2, 3)).any(axis=1)
+    empty_spectrum = bad.all(axis=1)
+    features = [
+        None
+        if empty_image[k] or empty_spectrum[k]
+        else _object_features(img.image[k], img.ivar[k], flux[k], bad[k])
+        for k in range(len(image_rows))
+    ]
+    return _Chunk(img.image, img.ivar, flux, ivar, bad, empty_image, empty_spectrum, features)
+
+
+def _resample(reader: _ChunkReader, spectra: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(flux, ivar, bad) of the given spectra on the model grid, in the order given."""
+    pixels = len(reader.resamplers.wavelength)
+    flux = np.empty((len(spectra), pixels), np.float32)
+    ivar = np.empty_like(flux)
+    bad = np.empty(flux.shape, bool)
+    for pos, batch in reader.spec_src.read(spectra):
+        for k, p in enumerate(pos):
+            resample = reader.resamplers(batch.wavelength[k])
+            f, iv, m = resample(batch.flux[k : k + 1], batch.ivar[k : k + 1], batch.mask[k : k + 1])
+            flux[p], ivar[p], bad[p] = f[0], iv[0], m[0]
+    return flux, ivar, bad
+
+
 class _PairWriter:
-    """Reads matched pairs in chunks, resamples their spectra and writes them as samples, counting
-    what it writes, skips and misses, and the training split's statistics."""
+    """Writes the chunks of matched pairs as samples, in order, counting what it writes, skips and
+    misses, and the training split's statistics."""
 
     def __init__(
         self,
@@ -457,55 +538,43 @@ class _PairWriter:
         spec_src: SpectrumSource,
         match: Any,
         resolved: dict[str, tuple[Any, str, str]],
-        resamplers: _Resamplers,
     ):
         self.writer, self.image_src, self.spec_src = writer, image_src, spec_src
-        self.match, self.resolved, self.resamplers = match, resolved, resamplers
+        self.match, self.resolved = match, resolved
         self.used_keys: set[str] = set()
         self.counts: dict[str, int] = {}
         self.skipped = {"image_band_without_good_pixels": 0, "spectrum_without_good_pixels": 0}
         self.missing_targets = {name: 0 for name in resolved}
         self.train_stats = _TrainStats()
 
-    def write_all(self, chunk: int, progress: bool | None) -> None:
-        """Every matched pair, in the spectra's file order (each spectrum file is read once)."""
+    def write_all(self, reader: _ChunkReader, chunk: int, workers: int, progress: bool | None) -> None:
+        """Every matched pair, in the spectra's file order (each spectrum file is read once per
+        chunk); `workers` processes read the chunks, this one writes them in that order."""
+        from foundation.data.parallel import ordered_map
+
         rows = self.spec_src.rows
         order = np.lexsort((rows.row[self.match.index_b], rows.file_index[self.match.index_b]))
+        picks = [order[start : start + chunk] for start in range(0, self.match.matched, chunk)]
+        units = ((self.match.index_a[pick], self.match.index_b[pick]) for pick in picks)
         bar = tqdm(total=self.match.matched, desc="prepare astroclip", unit="object", disable=not progress)
-        for start in range(0, self.match.matched, chunk):
-            pick = order[start : start + chunk]
-            self._write_chunk(pick)
+        for pick, read in zip(picks, ordered_map(_read_chunk, units, workers, context=reader), strict=True):
+            self._write_chunk(pick, read)
             bar.update(len(pick))
         bar.close()
 
-    def _write_chunk(self, pick: np.ndarray) -> None:
-        img = self.image_src.read(self.match.index_a[pick])
-        flux, ivar, bad = self._resample(self.match.index_b[pick])
-        empty_image = img.mask.all(axis=(2, 3)).any(axis=1)
-        empty_spectrum = bad.all(axis=1)
-        self.skipped["image_band_without_good_pixels"] += int(empty_image.sum())
-        self.skipped["spectrum_without_good_pixels"] += int((empty_spectrum & ~empty_image).sum())
+    def _write_chunk(self, pick: np.ndarray, read: _Chunk) -> None:
+        self.skipped["image_band_without_good_pixels"] += int(read.empty_image.sum())
+        self.skipped["spectrum_without_good_pixels"] += int((read.empty_spectrum & ~read.empty_image).sum())
         for k, i in enumerate(pick):
-            if empty_image[k] or empty_spectrum[k]:
+            if read.empty_image[k] or read.empty_spectrum[k]:
                 continue
-            sample = self._sample(i, img.image[k], img.ivar[k], flux[k], ivar[k], bad[k])
+            sample = self._sample(
+                i, read.image[k], read.image_ivar[k], read.flux[k], read.ivar[k], read.bad[k]
+            )
             split = self.writer.write(sample, source=self._source(i))
             self.counts[split] = self.counts.get(split, 0) + 1
             if split == "train":
-                self.train_stats.add(img.image[k], img.ivar[k], flux[k], bad[k])
-
-    def _resample(self, spectra: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(flux, ivar, bad) of the given spectra on the model grid, in the order given."""
-        pixels = len(self.resamplers.wavelength)
-        flux = np.empty((len(spectra), pixels), np.float32)
-        ivar = np.empty_like(flux)
-        bad = np.empty(flux.shape, bool)
-        for pos, batch in self.spec_src.read(spectra):
-            for k, p in enumerate(pos):
-                resample = self.resamplers(batch.wavelength[k])
-                f, iv, m = resample(batch.flux[k : k + 1], batch.ivar[k : k + 1], batch.mask[k : k + 1])
-                flux[p], ivar[p], bad[p] = f[0], iv[0], m[0]
-        return flux, ivar, bad
+                self.train_stats.add(read.features[k])
 
     def _sample(self, i: int, image, image_ivar, flux, ivar, bad) -> dict[str, Any]:
         """Matched pair `i` as a sample: arrays, where it came from, and the targets it has."""

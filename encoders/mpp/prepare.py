@@ -12,12 +12,16 @@ The manifest's `extra["mpp"]` holds the field vocabulary and per-data-set facts;
 Inputs MPP cannot use (3-D, spherical grids, grids `--resolution` cannot divide) leave their data
 set out with the reason, and files shorter than the window are left out and counted; both are
 returned in the summary and recorded in the manifest. Malformed files stop the run.
+
+With `workers` > 1, worker processes read, block-average and check units of consecutive windows
+(`foundation.data.parallel.ordered_map`); this process writes them in input order, so the shard
+set is the same for any number of workers, and at most a few units are held in memory at once.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +47,7 @@ class PrepareOptions:
     seed: int = 0
     overwrite: bool = False
     allow_degenerate: bool = False
+    workers: int = 1
 
     def resolved(self) -> tuple[int, int]:
         window = self.window if self.window is not None else self.history + 1
@@ -79,18 +84,29 @@ def downsample(frames: np.ndarray, resolution: int, where: str) -> np.ndarray:
     )
 
 
+def channel_sums(frames: np.ndarray) -> list[tuple[int, float, float]]:
+    """(count, sum, sum of squares) of each channel of one window, in float64 (one channel at a time,
+    so that a worker holds one float64 channel, not the whole window)."""
+    out = []
+    for i in range(frames.shape[1]):
+        channel = frames[:, i].astype(np.float64)
+        out.append((channel.size, float(channel.sum()), float((channel**2).sum())))
+    return out
+
+
 class _FieldStats:
+    """Per-field moments over the training windows, summed window by window in the order written
+    (so they come out the same for any number of workers)."""
+
     def __init__(self) -> None:
         self.acc: dict[str, list[float]] = {}
 
-    def add(self, names: Sequence[str], frames: np.ndarray) -> None:
-        data = frames.astype(np.float64)
-        for i, name in enumerate(names):
-            ch = data[:, i]
+    def add(self, names: Sequence[str], sums: Sequence[tuple[int, float, float]]) -> None:
+        for name, (n, s1, s2) in zip(names, sums, strict=True):
             a = self.acc.setdefault(name, [0.0, 0.0, 0.0])
-            a[0] += ch.size
-            a[1] += float(ch.sum())
-            a[2] += float((ch**2).sum())
+            a[0] += n
+            a[1] += s1
+            a[2] += s2
 
     def result(self) -> dict[str, dict[str, float]]:
         out = {}
@@ -158,6 +174,66 @@ def _open_sources(
     return usable
 
 
+#: Bytes of source data one unit of work reads at most (one window more if a window is larger).
+UNIT_BYTES = 16 * 2**20
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """Consecutive windows of one trajectory: what one worker reads and checks at a time."""
+
+    source: int  # index into _Reader.sources
+    trajectory: int
+    starts: tuple[int, ...]
+
+
+@dataclass
+class _Window:
+    start: int
+    frames: np.ndarray
+    times: np.ndarray | None
+    sums: list[tuple[int, float, float]]
+
+
+@dataclass
+class _Reader:
+    """What every worker needs to read a unit: the opened sources (paths and metadata only)."""
+
+    sources: list[Any]
+    window: int
+    resolution: int | None
+
+
+def _read_unit(reader: _Reader, unit: _Unit) -> tuple[_Unit, list[_Window]]:
+    """Read, block-average and check the windows of one unit (runs in a worker)."""
+    src = reader.sources[unit.source]
+    out = []
+    for start in unit.starts:
+        frames = src.window(unit.trajectory, start, reader.window)
+        if reader.resolution:
+            frames = downsample(frames, reader.resolution, str(src.path))
+        if not np.isfinite(frames).all():
+            raise DataError(
+                f"{src.path}: trajectory {unit.trajectory} has non-finite values in steps "
+                f"{start}..{start + reader.window - 1}"
+            )
+        out.append(
+            _Window(start, frames, src.times(unit.trajectory, start, reader.window), channel_sums(frames))
+        )
+    return unit, out
+
+
+def _units(sources: Sequence[Any], window: int, starts_of: Any) -> Iterator[_Unit]:
+    """Every trajectory's windows, in input order, cut into units of at most UNIT_BYTES."""
+    for index, src in enumerate(sources):
+        window_bytes = window * len(src.field_names) * int(np.prod(src.shape)) * 4
+        per_unit = max(1, UNIT_BYTES // max(window_bytes, 1))
+        starts = list(starts_of(src))
+        for traj in range(src.n_trajectories):
+            for i in range(0, len(starts), per_unit):
+                yield _Unit(index, traj, tuple(starts[i : i + per_unit]))
+
+
 def prepare(
     inputs: Sequence[str | Path],
     out_dir: str | Path,
@@ -169,6 +245,7 @@ def prepare(
     from tqdm import tqdm
 
     from foundation.data import ShardSetWriter, split_for_key
+    from foundation.data.parallel import ordered_map
 
     window, stride = options.resolved()
     files = discover(inputs)
@@ -244,51 +321,45 @@ def prepare(
         allow_degenerate=options.allow_degenerate,
     ) as writer:
         bar = tqdm(total=total, desc="prepare mpp", unit="window", disable=not progress)
-        for src, split in sources:
+        reader = _Reader([src for src, _ in sources], window, options.resolution)
+        for unit, windows in ordered_map(
+            _read_unit, _units(reader.sources, window, starts_of), options.workers, context=reader
+        ):
+            src, split = sources[unit.source]
             stem = Path(src.path).stem
-            bc_ends = [list(ends) for ends in src.bc_ends]
+            traj = unit.trajectory
+            traj_split = split or split_for_key(
+                _key(src.dataset_name, stem, traj), fractions, salt=str(options.seed)
+            )
+            params = src.parameters(traj)
             counts = datasets[src.dataset_name]["samples"]
-            for traj in range(src.n_trajectories):
-                traj_split = split or split_for_key(
-                    _key(src.dataset_name, stem, traj), fractions, salt=str(options.seed)
+            for win in windows:
+                meta = {
+                    "dataset": src.dataset_name,
+                    "field_names": list(src.field_names),
+                    "params": params,
+                    "source": Path(src.path).name,
+                    "trajectory": traj,
+                    "start": win.start,
+                    "bc_ends": [list(ends) for ends in src.bc_ends],
+                }
+                if win.times is not None:
+                    meta["time"] = [float(t) for t in win.times]
+                key = _key(src.dataset_name, stem, f"t{traj:05d}", f"s{win.start:05d}")
+                writer.write(
+                    {
+                        "__key__": key,
+                        "fields": win.frames,
+                        "bcs": np.asarray(src.bc, dtype=np.int64),
+                        "meta": meta,
+                    },
+                    split=traj_split,
+                    source=str(src.path),
                 )
-                params = src.parameters(traj)
-                for start in starts_of(src):
-                    frames = src.window(traj, start, window)
-                    if options.resolution:
-                        frames = downsample(frames, options.resolution, str(src.path))
-                    if not np.isfinite(frames).all():
-                        raise DataError(
-                            f"{src.path}: trajectory {traj} has non-finite values in steps "
-                            f"{start}..{start + window - 1}"
-                        )
-                    meta = {
-                        "dataset": src.dataset_name,
-                        "field_names": list(src.field_names),
-                        "params": params,
-                        "source": Path(src.path).name,
-                        "trajectory": traj,
-                        "start": start,
-                        "bc_ends": bc_ends,
-                    }
-                    times = src.times(traj, start, window)
-                    if times is not None:
-                        meta["time"] = [float(t) for t in times]
-                    key = _key(src.dataset_name, stem, f"t{traj:05d}", f"s{start:05d}")
-                    writer.write(
-                        {
-                            "__key__": key,
-                            "fields": frames,
-                            "bcs": np.asarray(src.bc, dtype=np.int64),
-                            "meta": meta,
-                        },
-                        split=traj_split,
-                        source=str(src.path),
-                    )
-                    counts[traj_split] = counts.get(traj_split, 0) + 1
-                    if traj_split == "train":
-                        stats.add(src.field_names, frames)
-                    bar.update(1)
+                counts[traj_split] = counts.get(traj_split, 0) + 1
+                if traj_split == "train":
+                    stats.add(src.field_names, win.sums)
+                bar.update(1)
         bar.close()
         writer.stats["fields"] = stats.result()
     summary.samples = {name: info["samples"] for name, info in datasets.items()}

@@ -6,6 +6,9 @@ the text (or, with `whole_record`, the record itself as compact JSON); a `.txt` 
 record per non-empty line. Keys come from `key_field` or from the file name and line number;
 the split from `split_field` or from a hash of the key. Three streaming passes: statistics,
 tokenizer training (train split only), writing — memory does not grow with the corpus.
+With `workers` > 1, worker processes parse and tokenize chunks of records
+(`foundation.data.parallel.ordered_map`) and this process fits and writes from their results in
+input order, so the tokenizer, the normaliser and the shards are the same for any number of workers.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import logging
 import re
 import sys
 import tempfile
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +57,8 @@ SCHEMA = {
 }
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_\-]")
 _RESERVOIR = 200_000
+#: Records per unit of work handed to a worker process.
+CHUNK_RECORDS = 256
 
 
 @dataclass
@@ -78,6 +83,7 @@ class PrepareOptions:
     allow_degenerate: bool = False
     skip_invalid: bool = False
     progress: bool | None = None
+    workers: int = 1
 
 
 @dataclass
@@ -171,6 +177,86 @@ def _parse(record: Record, opts: PrepareOptions):
         raise DataError(f"{record.where}: {exc} (or pass --skip-invalid to leave such records out)") from None
 
 
+@dataclass
+class _Encoded:
+    """A record as it is written: token ids, numbers, their field ids, and counts for the stats."""
+
+    tokens: np.ndarray
+    values: np.ndarray
+    field_ids: np.ndarray
+    numbers: int
+    not_numbers: int
+    clipped: int
+
+
+@dataclass
+class _Encoder:
+    """What a worker needs to encode records (the tokenizer and normaliser once they are fitted)."""
+
+    opts: PrepareOptions
+    tokenizer: TextTokenizer | None = None
+    normalizer: Normalizer | None = None
+
+
+def _chunks(records: Iterator[Record], size: int) -> Iterator[list[Record]]:
+    chunk: list[Record] = []
+    for record in records:
+        chunk.append(record)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _parse_chunk(encoder: _Encoder, records: list[Record]) -> list[Any]:
+    """The parsed text of each record, None for those left out (runs in a worker)."""
+    return [_parse(record, encoder.opts) for record in records]
+
+
+def _encode_chunk(encoder: _Encoder, records: list[Record]) -> list[_Encoded | None]:
+    """Each record tokenized with its numbers' field ids, None for those left out (runs in a worker)."""
+    out: list[_Encoded | None] = []
+    for record in records:
+        parsed = _parse(record, encoder.opts)
+        if parsed is None:
+            out.append(None)
+            continue
+        field_ids = encoder.normalizer.field_ids(parsed.fields)
+        clipped = encoder.normalizer.transform(parsed.values, field_ids)[1]
+        tokens = encoder.tokenizer.encode_parsed(parsed)
+        out.append(_Encoded(tokens, parsed.values, field_ids, len(parsed), parsed.not_numbers, clipped))
+    return out
+
+
+def _parsed_records(
+    paths: Sequence[str | Path], opts: PrepareOptions, desc: str | None = None
+) -> Iterator[tuple[Record, Any]]:
+    """(record, parsed text or None) for every record, in input order, parsed by the workers."""
+    records = read_records(paths, opts)
+    if desc is not None:
+        records = _progress(records, opts, desc)
+    yield from _in_order(records, _parse_chunk, _Encoder(opts), opts.workers)
+
+
+def _in_order(
+    records: Iterator[Record], fn: Any, encoder: _Encoder, workers: int
+) -> Iterator[tuple[Record, Any]]:
+    """(record, fn's result for it), in input order, fn running on chunks in `workers` processes."""
+    from foundation.data.parallel import ordered_map
+
+    chunks = _chunks(records, CHUNK_RECORDS)
+    pending: deque[list[Record]] = deque()
+
+    def remembered() -> Iterator[list[Record]]:
+        for chunk in chunks:
+            pending.append(chunk)
+            yield chunk
+
+    for results in ordered_map(fn, remembered(), workers, context=encoder):
+        yield from zip(pending.popleft(), results, strict=True)
+
+
 class _Reservoir:
     """A deterministic uniform sample of up to `size` values per field (for the normaliser fit)."""
 
@@ -221,8 +307,7 @@ def prepare(paths: Sequence[str | Path], out: str | Path, opts: PrepareOptions |
     reused = Manifest.load(opts.vocab_from) if opts.vocab_from else None
     reservoir = _Reservoir(_RESERVOIR, opts.seed)
     train_records = skipped = 0
-    for record in _progress(read_records(paths, opts), opts, "scanning"):
-        parsed = _parse(record, opts)
+    for record, parsed in _parsed_records(paths, opts, "scanning"):
         if parsed is None:
             skipped += 1
             continue
@@ -254,11 +339,9 @@ def prepare(paths: Sequence[str | Path], out: str | Path, opts: PrepareOptions |
 
         # Pass 2: the tokenizer, on the training split's text around numbers.
         def train_templates() -> Iterator[str]:
-            for record in read_records(paths, opts):
-                if split_of(record) == "train":
-                    parsed = _parse(record, opts)
-                    if parsed is not None:
-                        yield parsed.template
+            for record, parsed in _parsed_records(paths, opts):
+                if parsed is not None and split_of(record) == "train":
+                    yield parsed.template
 
         tokenizer = TextTokenizer.train(train_templates(), vocab_size=opts.vocab_size)
 
@@ -282,19 +365,18 @@ def prepare(paths: Sequence[str | Path], out: str | Path, opts: PrepareOptions |
             allow_degenerate=opts.allow_degenerate,
         )
         with writer:
-            for record in _progress(read_records(paths, opts), opts, "writing"):
-                parsed = _parse(record, opts)
-                if parsed is None:
+            records = _progress(read_records(paths, opts), opts, "writing")
+            encoder = _Encoder(opts, tokenizer, normalizer)
+            for record, encoded in _in_order(records, _encode_chunk, encoder, opts.workers):
+                if encoded is None:
                     continue
-                left_as_text += parsed.not_numbers
-                field_ids = normalizer.field_ids(parsed.fields)
-                tokens = tokenizer.encode_parsed(parsed)
+                left_as_text += encoded.not_numbers
                 split = writer.write(
                     {
                         "__key__": record.key,
-                        "tokens": tokens,
-                        "values": parsed.values,
-                        "fields": field_ids,
+                        "tokens": encoded.tokens,
+                        "values": encoded.values,
+                        "fields": encoded.field_ids,
                         "text": record.text,
                     },
                     split=record.split,
@@ -302,10 +384,10 @@ def prepare(paths: Sequence[str | Path], out: str | Path, opts: PrepareOptions |
                 )
                 if split == "train":
                     lengths["records"] += 1
-                    lengths["text_tokens"] += len(tokens) - len(parsed)
-                    lengths["numbers"] += len(parsed)
-                    lengths["max_tokens"] = max(lengths["max_tokens"], len(tokens))
-                    clipped += normalizer.transform(parsed.values, field_ids)[1]
+                    lengths["text_tokens"] += len(encoded.tokens) - encoded.numbers
+                    lengths["numbers"] += encoded.numbers
+                    lengths["max_tokens"] = max(lengths["max_tokens"], len(encoded.tokens))
+                    clipped += encoded.clipped
             n = max(lengths["records"], 1)
             writer.stats["normalizer"] = normalizer.to_dict()
             writer.stats["lengths"] = {

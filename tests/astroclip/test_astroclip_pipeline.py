@@ -341,3 +341,57 @@ def test_prepare_takes_the_shared_split_fractions_option(capsys):
     assert parser.parse_args(base).split_fractions == {"train": 0.8, "valid": 0.1, "test": 0.1}
     assert main([*base, "--split-fractions", "train=0.5"]) == 2  # refused before any file is read
     assert "must add up to 1" in capsys.readouterr().err
+
+
+def test_prepare_writes_the_same_shards_with_one_or_two_workers(survey, tmp_path):
+    from encoders.astroclip.prepare import prepare
+    from tests.testkit.same_shards import assert_same_shard_sets
+
+    root, _ = survey
+    outs = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        prepare(
+            str(root / "legacysurvey"),
+            str(root / "desi"),
+            str(out),
+            catalog=str(root / "provabgs"),
+            grid=(3600.0, 9824.0, 40.0),
+            samples_per_shard=10,
+            chunk=7,  # several chunks, each a unit of work
+            workers=workers,
+        )
+        outs.append(out)
+    assert_same_shard_sets(*outs)
+
+
+def test_prepare_astroclip_takes_the_workers_option(capsys):
+    base = ["prepare", "astroclip", "--images", "i", "--spectra", "s", "--out", "o"]
+    assert main([*base, "--workers", "0"]) == 2  # refused before any file is read
+    assert "--workers" in capsys.readouterr().err
+
+
+def test_prepare_with_workers_reports_a_bad_mask_in_the_same_one_line(survey, tmp_path, capsys):
+    """A mask value found by a worker stops the run with the one-process error, naming the file."""
+    import shutil
+
+    import h5py
+
+    root, _ = survey
+    images = tmp_path / "legacysurvey"
+    shutil.copytree(root / "legacysurvey", images)
+    path = sorted(images.rglob("*.hdf5"))[-1]
+    with h5py.File(path, "r+") as f:
+        mask = f["image_mask"][...].astype(np.uint8)
+        mask[-1, 0, 0] = 5  # bit flags where booleans are declared, in the last object only
+        del f["image_mask"]
+        f["image_mask"] = mask
+    errors = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        args = ["--images", str(images), "--spectra", str(root / "desi"), "--grid", "3600:9824:40"]
+        assert main(["prepare", "astroclip", *args, "--out", str(out), "--workers", str(workers)]) == 2
+        errors.append(capsys.readouterr().err)
+        assert not (out / "manifest.json").exists()
+    assert errors[0] == errors[1]
+    assert str(path) in errors[0] and "bit flags" in errors[0] and errors[0].count("\n") == 1

@@ -283,3 +283,120 @@ def test_pretrain_on_two_processes(shards, tmp_path, parallel, torchrun):
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "done" and status["step"] == 6
     assert (run / "model.pt").is_file()
+
+
+# ----------------------------------------------------------------------------- prepare --workers
+
+
+def _toy_well_file(path: Path, n_traj: int = 3, steps: int = 9, seed: int = 0, nan_at=None) -> Path:
+    from encoders.mpp.solvers import Simulation
+    from encoders.mpp.well import write_simulation
+
+    rng = np.random.default_rng(seed)
+    tracer = rng.standard_normal((n_traj, steps, 8, 8)).astype(np.float32)
+    if nan_at is not None:
+        tracer[nan_at] = np.nan
+    sim = Simulation(
+        name="toy",
+        t0_fields={"tracer": tracer},
+        t1_fields={"velocity": rng.standard_normal((n_traj, steps, 8, 8, 2)).astype(np.float32)},
+        time=np.arange(steps, dtype=np.float32),
+        x=np.linspace(0, 1, 8, dtype=np.float32),
+        y=np.linspace(0, 1, 8, dtype=np.float32),
+        boundary={"x": "PERIODIC", "y": "WALL"},
+        parameters={"nu": rng.random(n_traj).astype(np.float32)},
+    )
+    return write_simulation(sim, path)
+
+
+def test_prepare_writes_the_same_shards_with_one_or_two_workers(tmp_path, monkeypatch):
+    from encoders.mpp import prepare as mpp_prepare
+    from tests.testkit.same_shards import assert_same_shard_sets
+
+    for i in range(2):
+        _toy_well_file(tmp_path / "toy" / f"toy{i}.hdf5", seed=i)
+    # Units of two windows each, so that a trajectory spans several units.
+    monkeypatch.setattr(mpp_prepare, "UNIT_BYTES", 2 * 3 * 3 * 8 * 8 * 4)
+    outs = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        args = ["--history", "2", "--stride", "1", "--samples-per-shard", "5", "--workers", str(workers)]
+        assert main(["prepare", "mpp", str(tmp_path / "toy"), "--out", str(out), *args]) == 0
+        outs.append(out)
+    assert_same_shard_sets(*outs)
+
+
+def test_prepare_with_workers_names_the_file_of_a_bad_window_in_one_line(tmp_path, capsys):
+    _toy_well_file(tmp_path / "toy" / "good.hdf5")
+    bad = _toy_well_file(tmp_path / "toy" / "nan.hdf5", nan_at=(1, 5, 2, 2))
+    errors = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        args = ["--history", "2", "--workers", str(workers)]
+        assert main(["prepare", "mpp", str(tmp_path / "toy"), "--out", str(out), *args]) == 2
+        errors.append(capsys.readouterr().err)
+        assert not out.exists() or not any(out.iterdir())
+    assert errors[0] == errors[1]
+    assert errors[0].count("\n") == 1 and str(bad) in errors[0] and "non-finite" in errors[0]
+
+
+def test_sigterm_stops_prepare_with_workers_and_publishes_nothing(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.testkit import REPO, child_env
+
+    for i in range(4):
+        _toy_well_file(tmp_path / "toy" / f"toy{i}.hdf5", n_traj=4, steps=41, seed=i)
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        "-m",
+        "foundation.cli",
+        "prepare",
+        "mpp",
+        str(tmp_path / "toy"),
+        "--out",
+        str(out),
+    ]
+    command += ["--history", "1", "--stride", "1", "--samples-per-shard", "4", "--workers", "2"]
+    env = child_env(PYTHONFAULTHANDLER="1")
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(out.glob(".*.tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if proc.poll() is not None or time.monotonic() >= deadline:
+        proc.kill()
+        pytest.fail(f"prepare was not writing when it was to be interrupted: {proc.communicate()[1][-2000:]}")
+    descendants = _descendants(str(proc.pid))
+    assert len(descendants) >= 2  # the workers (and their fork server)
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)  # faulthandler prints where each thread hangs
+        pytest.fail(f"prepare did not stop on SIGTERM: {proc.communicate()[1][-4000:]}")
+    assert proc.returncode == 130 and "interrupted" in err, err[-2000:]
+    assert (
+        not (out / "manifest.json").exists() and not list(out.glob("*.tar*")) and not list(out.glob(".*tmp*"))
+    )
+    time.sleep(0.5)
+    assert not [pid for pid in descendants if _state(pid) not in ("gone", "Z")]
+
+
+def _descendants(pid: str) -> list[str]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            out += [child, *_descendants(child)]
+    return out
+
+
+def _state(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone"

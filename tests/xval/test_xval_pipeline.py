@@ -320,3 +320,49 @@ def test_pretrain_on_two_processes(tmp_path, orbits, torchrun):
     assert payload["step"] == 4 and np.isfinite(
         sum(float(v.float().sum()) for v in payload["state_dict"].values())
     )
+
+
+def test_prepare_writes_the_same_shards_with_one_or_two_workers(tmp_path, orbits, monkeypatch):
+    from encoders.xval import prepare as xval_prepare
+    from tests.testkit.same_shards import assert_same_shard_sets
+
+    monkeypatch.setattr(xval_prepare, "CHUNK_RECORDS", 16)  # many units of work
+    src = str(orbits / "orbits.jsonl")
+    outs = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        args = [
+            "--out",
+            str(out),
+            "--vocab-size",
+            "300",
+            "--samples-per-shard",
+            "64",
+            "--workers",
+            str(workers),
+        ]
+        assert main(["prepare", "xval", src, *args]) == 0
+        outs.append(out)
+    assert_same_shard_sets(*outs)
+
+
+def test_prepare_with_workers_reports_a_bad_record_in_the_same_one_line(tmp_path, capsys, monkeypatch):
+    from encoders.xval import prepare as xval_prepare
+
+    monkeypatch.setattr(xval_prepare, "CHUNK_RECORDS", 8)
+    lines = [f'{{"text": "x {i} y {i / 3}"}}' for i in range(60)]
+    lines[41] = '{"text": "marker [NUM] 7"}'
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    errors = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        assert (
+            main(
+                ["prepare", "xval", str(tmp_path / "in.jsonl"), "--out", str(out), "--workers", str(workers)]
+            )
+            == 2
+        )
+        errors.append(capsys.readouterr().err)
+        assert not (out / "manifest.json").exists()
+    assert errors[0] == errors[1]
+    assert "in.jsonl:42:" in errors[0] and errors[0].count("\n") == 1

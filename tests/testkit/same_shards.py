@@ -1,0 +1,30 @@
+"""`assert_same_shard_sets`: two shard sets written from the same inputs are the same, byte for
+byte, apart from when and by which command line they were made."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+#: Provenance entries that differ between two runs of the same preparation.
+RUN_ENTRIES = ("created", "command")
+
+
+def _manifest_without_run_entries(folder: Path) -> dict:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    provenances = [manifest.get("provenance", {}), *manifest.get("provenance", {}).get("splits", {}).values()]
+    for provenance in provenances:
+        for entry in RUN_ENTRIES:
+            provenance.pop(entry, None)
+    return manifest
+
+
+def assert_same_shard_sets(a: str | Path, b: str | Path) -> None:
+    a, b = Path(a), Path(b)
+    names_a = sorted(p.name for p in a.iterdir())
+    assert names_a == sorted(p.name for p in b.iterdir())
+    assert len([n for n in names_a if n.endswith(".tar")]) >= 2, "compare shard sets of several shards"
+    for name in names_a:
+        if name != "manifest.json":
+            assert (a / name).read_bytes() == (b / name).read_bytes(), f"{name} differs"
+    assert _manifest_without_run_entries(a) == _manifest_without_run_entries(b)
