@@ -11,6 +11,7 @@ with bounded working memory by matching one HEALPix pixel group at a time (surve
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -164,6 +165,7 @@ def match_unique_partitioned(
     reach_a = np.array([a.reach(rows, centre) for rows, centre in zip(spans_a, centres, strict=True)])
     reach_b = np.array([b.reach(rows, centre) for rows, centre in zip(spans_b, centres, strict=True)])
 
+    vectors_b = _LeafVectors(b, spans_b, max_objects=8 * group_size)
     count_b = np.zeros(n_b, dtype=np.int64)
     kept_a, kept_b, kept_sep = [], [], []
     with_counterpart_a = 0
@@ -172,7 +174,7 @@ def match_unique_partitioned(
             continue
         near = _angle(centres[p], centres) <= reach_a[p] + radius_rad + reach_b + _SLACK_RAD
         cone = reach_a[p] + radius_rad + _SLACK_RAD
-        rows_b = [b.within(spans_b[q], centres[p], cone) for q in np.flatnonzero(near)]
+        rows_b = [spans_b[q][_angle(centres[p], vectors_b.get(q)) <= cone] for q in np.flatnonzero(near)]
         rows_b = np.concatenate(rows_b) if rows_b else np.zeros(0, dtype=np.int64)
         if len(rows_b) == 0:
             continue
@@ -261,9 +263,31 @@ class _SortedCatalogue:
             return -math.inf
         return float(_angle(centre, _unit_vectors(self.ra[rows], self.dec[rows])).max())
 
-    def within(self, rows: np.ndarray, centre: np.ndarray, angle: float) -> np.ndarray:
-        """The rows no farther than `angle` radians from `centre`."""
-        return rows[_angle(centre, _unit_vectors(self.ra[rows], self.dec[rows])) <= angle]
+
+class _LeafVectors:
+    """Unit vectors of one source's objects, leaf by leaf, keeping the most recently used leaves up
+    to `max_objects`: a leaf is in the margin of each neighbouring group, which come in nested
+    order, so most are computed once while memory stays bounded."""
+
+    def __init__(self, catalogue: _SortedCatalogue, spans: list[np.ndarray], max_objects: int):
+        self.catalogue = catalogue
+        self.spans = spans
+        self.max_objects = max_objects
+        self._recent: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._size = 0
+
+    def get(self, leaf: int) -> np.ndarray:
+        if leaf in self._recent:
+            self._recent.move_to_end(leaf)
+            return self._recent[leaf]
+        rows = self.spans[leaf]
+        vectors = _unit_vectors(self.catalogue.ra[rows], self.catalogue.dec[rows])
+        self._recent[leaf] = vectors
+        self._size += len(vectors)
+        while self._size > self.max_objects and len(self._recent) > 1:
+            _, oldest = self._recent.popitem(last=False)
+            self._size -= len(oldest)
+        return vectors
 
 
 def _leaf_pixels(
