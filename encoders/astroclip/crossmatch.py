@@ -5,7 +5,8 @@ two or more counterparts on either side are *ambiguous* (blends, shredded galaxi
 and dropped, as are objects with none. Counting both ways makes the rule symmetric.
 
 `match_unique` matches everything at once; `match_unique_partitioned` gives the same result
-with bounded working memory by matching one HEALPix pixel group at a time (survey-sized inputs).
+with bounded working memory by matching one HEALPix pixel group at a time (survey-sized inputs);
+`match_unique_auto` picks between them by size.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from astropy import units as u
 from astropy.coordinates import SkyCoord
 from astropy_healpix import core as healpix
 
+GLOBAL_MATCH_MAX_OBJECTS = 1 << 19  # both sources; above, `match_unique_auto` matches per pixel group
 DEFAULT_GROUP_SIZE = 1 << 17  # objects of both sources per matched group (partitioned match)
 _MAX_ORDER = 24  # finest HEALPix order a group is split to (pixels of ~12 mas)
 _SLACK_RAD = 1e-9  # rounding allowance (0.2 mas) in the pruning bounds; pruning only, never matching
@@ -154,6 +156,8 @@ def match_unique_partitioned(
     n_a, n_b = len(ra_a), len(ra_b)
     if n_a == 0 or n_b == 0 or n_a + n_b <= group_size:
         return match_unique(ra_a, dec_a, ra_b, dec_b, radius_arcsec)
+    _check_coordinates(ra_a, dec_a, "A")
+    _check_coordinates(ra_b, dec_b, "B")
     radius_rad = math.radians(radius_arcsec / 3600.0)
     order = _finest_order(radius_rad)
     a = _SortedCatalogue(ra_a, dec_a, order)
@@ -203,6 +207,26 @@ def match_unique_partitioned(
         unmatched_a=n_a - with_counterpart_a,
         unmatched_b=n_b - with_counterpart_b,
     )
+
+
+def match_unique_auto(
+    ra_a: np.ndarray, dec_a: np.ndarray, ra_b: np.ndarray, dec_b: np.ndarray, radius_arcsec: float = 1.0
+) -> MatchResult:
+    """`match_unique`'s result by the faster route for the size: one global match up to
+    `GLOBAL_MATCH_MAX_OBJECTS` objects (its working memory, ~300 bytes an object, is then small),
+    per HEALPix pixel group above (bounded memory, and no slower; benchmarks/crossmatch.py)."""
+    if len(ra_a) + len(ra_b) <= GLOBAL_MATCH_MAX_OBJECTS:
+        return match_unique(ra_a, dec_a, ra_b, dec_b, radius_arcsec)
+    return match_unique_partitioned(ra_a, dec_a, ra_b, dec_b, radius_arcsec)
+
+
+def _check_coordinates(ra: np.ndarray, dec: np.ndarray, name: str) -> None:
+    """Refuse what astropy's SkyCoord refuses in the global match (a pixel index of -1 would
+    silently leave the object out of every group)."""
+    if not (np.all(np.isfinite(ra)) and np.all(np.isfinite(dec))):
+        raise ValueError(f"source {name} has non-finite coordinates; drop those rows before matching")
+    if np.any(np.abs(dec) > 90):
+        raise ValueError(f"source {name} has declinations outside -90..90 degrees")
 
 
 def _finest_order(radius_rad: float) -> int:

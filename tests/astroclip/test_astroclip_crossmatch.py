@@ -9,7 +9,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from encoders.astroclip import crossmatch
-from encoders.astroclip.crossmatch import MatchResult, match_unique, match_unique_partitioned
+from encoders.astroclip.crossmatch import (
+    MatchResult,
+    match_unique,
+    match_unique_auto,
+    match_unique_partitioned,
+)
 
 ARCSEC = 1 / 3600
 FIELDS = (
@@ -197,8 +202,35 @@ def test_each_group_matches_a_bounded_number_of_objects(monkeypatch):
     assert max(a for a, _ in sizes) <= 2000 and max(b for _, b in sizes) <= 2 * 2000
 
 
+def test_auto_matches_globally_when_small_and_per_group_when_large(monkeypatch):
+    rng = np.random.default_rng(8)
+    ra_a, dec_a = uniform_sky(rng, 3000)
+    ra_b, dec_b = counterpart_sky(rng, ra_a, dec_a, 1.0)
+    expected = match_unique(ra_a, dec_a, ra_b, dec_b, 1.0)
+    calls = []
+    partitioned = crossmatch.match_unique_partitioned
+
+    def recording(*args, **kwargs):
+        calls.append(len(args[0]))
+        return partitioned(*args, group_size=500)
+
+    monkeypatch.setattr(crossmatch, "match_unique_partitioned", recording)
+    assert_same(expected, match_unique_auto(ra_a, dec_a, ra_b, dec_b, 1.0))
+    assert calls == []
+    monkeypatch.setattr(crossmatch, "GLOBAL_MATCH_MAX_OBJECTS", 1000)
+    assert_same(expected, match_unique_auto(ra_a, dec_a, ra_b, dec_b, 1.0))
+    assert calls == [3000]
+
+
 def test_bad_arguments_are_refused():
     one = np.zeros(1)
+    many = np.zeros(50)
+    for bad_ra, bad_dec in ((np.nan, 0.0), (0.0, np.inf), (0.0, 90.5)):
+        ra, dec = many.copy(), many.copy()
+        ra[7], dec[7] = bad_ra, bad_dec
+        for match in (match_unique, lambda *a: match_unique_partitioned(*a, group_size=8)):
+            with pytest.raises(ValueError):
+                match(ra, dec, many, many)
     with pytest.raises(ValueError, match="radius must be positive"):
         match_unique_partitioned(one, one, one, one, radius_arcsec=0)
     with pytest.raises(ValueError, match="group size"):
