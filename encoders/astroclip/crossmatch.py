@@ -137,7 +137,9 @@ def match_unique_partitioned(
     its own pixel and from any pixel across its borders. Nothing here depends on the pixel's shape,
     its neighbours, or where it is (pole, equator, the seam of the base pixels, objects exactly on
     a border): the triangle inequality holds everywhere on the sphere. Rounding is covered by a
-    0.2 mas allowance on these bounds, which only widen the candidate set.
+    0.2 mas allowance on these bounds, which only widen the candidate set. (As in any KD-tree
+    search, the global one included, a pair whose separation equals the radius to ~1e-16 could be
+    decided either way by rounding in the tree's box tests.)
 
     **Uniqueness, exactly as the global rule.** The pairs are then found by the very search
     `match_unique` uses, pair by pair on the same coordinates. Each A object belongs to one leaf,
@@ -176,10 +178,7 @@ def match_unique_partitioned(
     for p, rows_a in enumerate(spans_a):
         if len(rows_a) == 0:
             continue
-        near = _angle(centres[p], centres) <= reach_a[p] + radius_rad + reach_b + _SLACK_RAD
-        cone = reach_a[p] + radius_rad + _SLACK_RAD
-        rows_b = [spans_b[q][_angle(centres[p], vectors_b.get(q)) <= cone] for q in np.flatnonzero(near)]
-        rows_b = np.concatenate(rows_b) if rows_b else np.zeros(0, dtype=np.int64)
+        rows_b = _margin_rows(centres, reach_a[p] + radius_rad, p, reach_b, spans_b, vectors_b)
         if len(rows_b) == 0:
             continue
         ia, ib, sep = _pairs_within(a.ra[rows_a], a.dec[rows_a], b.ra[rows_b], b.dec[rows_b], radius_arcsec)
@@ -207,6 +206,25 @@ def match_unique_partitioned(
         unmatched_a=n_a - with_counterpart_a,
         unmatched_b=n_b - with_counterpart_b,
     )
+
+
+def _margin_rows(
+    centres: np.ndarray,
+    reach: float,
+    p: int,
+    reach_b: np.ndarray,
+    spans_b: list[np.ndarray],
+    vectors_b: _LeafVectors,
+) -> np.ndarray:
+    """Rows of B within `reach` (R_A(p) + r, radians) of leaf p's centre, from the leaves q whose
+    B objects can lie that close (d(c_p, c_q) <= reach + R_B(q)); with the rounding allowance."""
+    near = _angle(centres[p], centres) <= reach + reach_b + _SLACK_RAD
+    limit = _squared_chord(reach + _SLACK_RAD)
+    rows = []
+    for q in np.flatnonzero(near):
+        offsets = vectors_b.get(q) - centres[p]
+        rows.append(spans_b[q][np.einsum("ij,ij->i", offsets, offsets) <= limit])
+    return np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
 
 
 def match_unique_auto(
@@ -248,6 +266,12 @@ def _unit_vectors(ra_deg: np.ndarray, dec_deg: np.ndarray) -> np.ndarray:
     ra, dec = np.radians(ra_deg), np.radians(dec_deg)
     cos_dec = np.cos(dec)
     return np.stack([cos_dec * np.cos(ra), cos_dec * np.sin(ra), np.sin(dec)], axis=-1)
+
+
+def _squared_chord(angle: float) -> float:
+    """Squared straight-line distance between unit vectors `angle` radians apart (monotonic in
+    the angle, so comparing squared chords compares angles without a square root or arcsine)."""
+    return 4.0 if angle >= math.pi else (2 * math.sin(angle / 2)) ** 2
 
 
 def _angle(centre: np.ndarray, points: np.ndarray) -> np.ndarray:
