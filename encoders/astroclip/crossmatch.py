@@ -150,7 +150,9 @@ def match_unique_partitioned(
 
     **Memory.** Beyond the inputs and the result, the O(N) part is a pixel index and a sort order
     per object (16 bytes) and one counter per B object; astropy's SkyCoord and KD-tree work, the
-    bulk of a global match, holds one group and its margin at a time.
+    bulk of a global match, holds one group and its margin at a time. The margin is about as
+    large as the group (the disc around a pixel is ~1.6 times the pixel); a cluster denser than
+    `group_size` within a finest-order pixel (~8 radii) stays one group.
     """
     _check_radius(radius_arcsec)
     if group_size < 1:
