@@ -23,6 +23,7 @@ from astropy_healpix import core as healpix
 GLOBAL_MATCH_MAX_OBJECTS = 1 << 19  # both sources; above, `match_unique_auto` matches per pixel group
 DEFAULT_GROUP_SIZE = 1 << 17  # objects of both sources per matched group (partitioned match)
 _MAX_ORDER = 24  # finest HEALPix order a group is split to (pixels of ~12 mas)
+_CHUNK = 1 << 20  # objects per HEALPix indexing call (bounds astropy's temporaries)
 _SLACK_RAD = 1e-9  # rounding allowance (0.2 mas) in the pruning bounds; pruning only, never matching
 
 
@@ -149,7 +150,7 @@ def match_unique_partitioned(
     ambiguous. A pair is kept when both counts are one, as globally.
 
     **Memory.** Beyond the inputs and the result, the O(N) part is a pixel index and a sort order
-    per object (16 bytes) and one counter per B object; astropy's SkyCoord and KD-tree work, the
+    per object (16 bytes) and one counter per B object (4 bytes); astropy's SkyCoord and KD-tree work, the
     bulk of a global match, holds one group and its margin at a time. The margin is about as
     large as the group (the disc around a pixel is ~1.6 times the pixel); a cluster denser than
     `group_size` within a finest-order pixel (~8 radii) stays one group.
@@ -174,7 +175,7 @@ def match_unique_partitioned(
     reach_b = np.array([b.reach(rows, centre) for rows, centre in zip(spans_b, centres, strict=True)])
 
     vectors_b = _LeafVectors(b, spans_b, max_objects=8 * group_size)
-    count_b = np.zeros(n_b, dtype=np.int64)
+    count_b = np.zeros(n_b, dtype=np.int32)  # at most n_a counterparts each
     kept_a, kept_b, kept_sep = [], [], []
     with_counterpart_a = 0
     for p, rows_a in enumerate(spans_a):
@@ -290,9 +291,14 @@ class _SortedCatalogue:
         self.ra = np.asarray(ra, dtype=np.float64)
         self.dec = np.asarray(dec, dtype=np.float64)
         self.order = order
-        pixel = healpix.lonlat_to_healpix(self.ra * u.deg, self.dec * u.deg, 2**order, order="nested")
-        self.sort = np.argsort(pixel, kind="stable")
-        self.pixel = pixel[self.sort]
+        self.pixel = np.empty(len(self.ra), dtype=np.int64)
+        for start in range(0, len(self.ra), _CHUNK):  # astropy's temporaries: one chunk at a time
+            part = slice(start, start + _CHUNK)
+            self.pixel[part] = healpix.lonlat_to_healpix(
+                self.ra[part] * u.deg, self.dec[part] * u.deg, 2**order, order="nested"
+            )
+        self.sort = np.argsort(self.pixel, kind="stable")
+        self.pixel.sort()  # in place: the same values as pixel[sort], without a second array
 
     def count(self, level: int, ipix: int) -> int:
         lo, hi = self._bounds(level, ipix)
