@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from encoders.astroclip.crossmatch import match_unique
+from encoders.astroclip.crossmatch import match_unique_auto
 from encoders.astroclip.formats import CatalogSource, ImageSource, SpectrumSource
 from encoders.astroclip.resample import Resampler
 from encoders.astroclip.survey import wavelength_grid
@@ -213,7 +213,7 @@ def _check_grid_overlap(grid: tuple[float, float, float], data_range: tuple[floa
 
 def _match_images_to_spectra(image_src: ImageSource, spec_src: SpectrumSource, radius_arcsec: float) -> Any:
     """The unique image-spectrum pairs on the sky; refused when there is none."""
-    match = match_unique(
+    match = match_unique_auto(
         image_src.rows.ra, image_src.rows.dec, spec_src.rows.ra, spec_src.rows.dec, radius_arcsec
     )
     log.info("%s", match.summary("image", "spectrum"))
@@ -231,7 +231,7 @@ def _join_catalog(
     """(catalogue rows, catalogue row of each matched object or -1, report) for a catalogue of
     targets matched on the sky to the spectra of the matched pairs."""
     cat_src = CatalogSource(catalog)
-    cat_match = match_unique(
+    cat_match = match_unique_auto(
         spec_src.rows.ra[match.index_b],
         spec_src.rows.dec[match.index_b],
         cat_src.rows.ra,
