@@ -208,6 +208,31 @@ def add_workers_argument(parser: argparse.ArgumentParser | argparse._ArgumentGro
     )
 
 
+def part_option(text: str) -> tuple[int, int]:
+    """An argparse `type` for `--part I/N`: (I, N) with 0 <= I < N."""
+    index, slash, count = text.partition("/")
+    try:
+        index_value, count_value = int(index), int(count)
+    except ValueError:
+        index_value = count_value = -1
+    if not slash or count_value < 1 or not 0 <= index_value < count_value:
+        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N (e.g. 0/4), got {text!r}")
+    return index_value, count_value
+
+
+def add_part_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The `--part I/N` option of `prepare`: write only part I of N of the input files (one task of
+    a SLURM array; `foundation shards merge` joins the N parts into the set one run writes)."""
+    parser.add_argument(
+        "--part",
+        type=part_option,
+        default=None,
+        metavar="I/N",
+        help="Prepare only part I of N of the input files (sorted by path, file i to part i mod N), "
+        "for `foundation shards merge` to join (default: all files).",
+    )
+
+
 def device_option(text: str) -> str:
     """An argparse `type` for `--device`: auto, cpu, cuda or cuda:N, where that device exists."""
     from foundation.device import check_device_name

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from foundation.cli import (
     Command,
+    add_part_argument,
     add_progress_argument,
     add_shard_output_arguments,
     add_workers_argument,
@@ -101,6 +102,7 @@ def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
         seed_help="Salt of the trajectory-to-split hash.",
     )
     add_workers_argument(parser)
+    add_part_argument(parser)
     add_progress_argument(parser)
 
 
@@ -131,6 +133,7 @@ def _prepare_run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         allow_degenerate=args.allow_degenerate,
         workers=args.workers,
+        part=args.part,
     )
     command = " ".join(
         [
@@ -146,6 +149,7 @@ def _prepare_run(args: argparse.Namespace) -> int:
             for k, v in vars(args).items()
             if k in _PREPARE_OPTIONS and v is not None
         ]
+        + ([f"--part {args.part[0]}/{args.part[1]}"] if args.part else [])
     )
     summary = prepare(
         args.inputs, args.out, options, command=command, progress=progress_enabled(args.progress)

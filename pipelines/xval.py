@@ -13,7 +13,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from foundation.cli import Command, add_shard_output_arguments, add_workers_argument
+from foundation.cli import Command, add_part_argument, add_shard_output_arguments, add_workers_argument
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,7 @@ def _options(args: argparse.Namespace, **overrides):
         allow_degenerate=getattr(args, "allow_degenerate", False),
         skip_invalid=getattr(args, "skip_invalid", False),
         workers=getattr(args, "workers", 1),
+        part=getattr(args, "part", None),
     )
     values.update(overrides)
     return PrepareOptions(**values)
@@ -128,6 +129,7 @@ def _add_prepare(parser: argparse.ArgumentParser) -> None:
         help="Leave out records that contain the reserved marker [NUM] instead of failing.",
     )
     _add_prepare_options(parser)
+    add_part_argument(parser)
 
 
 def _run_prepare(args: argparse.Namespace) -> int:

@@ -48,6 +48,7 @@ class PrepareOptions:
     overwrite: bool = False
     allow_degenerate: bool = False
     workers: int = 1
+    part: tuple[int, int] | None = None  # (I, N): only part I of N of the input files
 
     def resolved(self) -> tuple[int, int]:
         window = self.window if self.window is not None else self.history + 1
@@ -116,8 +117,18 @@ class _FieldStats:
                 "mean": mean,
                 "std": float(np.sqrt(max(ms - mean**2, 0.0))),
                 "rms": float(np.sqrt(ms)),
+                "count": int(n),  # the elements summed: what `shards merge` weights parts by
             }
         return out
+
+    @classmethod
+    def from_result(cls, fields: dict[str, dict[str, Any]]) -> _FieldStats:
+        """Sums back from stored mean/rms/count (`result()`'s output), to combine parts."""
+        stats = cls()
+        for name, entry in fields.items():
+            n = entry["count"]
+            stats.acc[name] = [float(n), entry["mean"] * n, entry["rms"] ** 2 * n]
+        return stats
 
 
 @dataclass
@@ -249,6 +260,12 @@ def prepare(
 
     window, stride = options.resolved()
     files = discover(inputs)
+    provenance: dict[str, Any] = {}
+    if options.part is not None:
+        from foundation.data.merge import files_of_part, part_provenance
+
+        files = files_of_part(files, *options.part, path=lambda f: f[0])
+        provenance["part"] = part_provenance(*options.part, len(files))
     summary = PrepareSummary()
     sources = _open_sources(files, window, options.resolution, summary)
     fractions = options.split_fractions
@@ -315,7 +332,12 @@ def prepare(
         family="mpp",
         schema=schema,
         extra=manifest_extra,
-        provenance={"sources": [str(p) for p, _ in files], "command": command, "seed": options.seed},
+        provenance={
+            "sources": [str(p) for p, _ in files],
+            "command": command,
+            "seed": options.seed,
+            **provenance,
+        },
         seed=options.seed,
         overwrite=options.overwrite,
         allow_degenerate=options.allow_degenerate,
@@ -366,15 +388,85 @@ def prepare(
     return summary
 
 
-MERGE_REFUSAL = (
-    "MPP's per-field training statistics (stats.fields) and data-set counts (extra.mpp) are stored "
-    "without the element counts needed to combine them; prepare MPP in one run until its prepare "
-    "can reuse statistics"
-)
-
-
 def merge_stats(parts: Sequence[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """`shards merge` of mpp parts: statistics equal in every part only (see MERGE_REFUSAL)."""
-    from foundation.data.merge import require_equal_family_data
+    """`shards merge` of mpp parts: what one prepare over all their inputs stores. `stats.fields`
+    from each part's stored count, mean and rms (the sums back, added, divided again: equal to
+    rounding); `extra.mpp` per data set: sample counts added, sources joined (sorted by path), the
+    rest equal in every part; the field vocabulary and skipped inputs joined."""
+    from foundation.data.merge import refuse_difference
 
-    return require_equal_family_data(parts, MERGE_REFUSAL)
+    same = "parts of one set must be prepared with the same options"
+    refuse_difference(parts, lambda m: _other(m.stats, "fields"), "stats", same)
+    refuse_difference(parts, lambda m: _other(m.extra, "mpp"), "extra", same)
+    for key in ("history", "window", "resolution"):
+        refuse_difference(parts, lambda m, k=key: _mpp(m).get(k), f"extra.mpp.{key}", same)
+    stats = dict(parts[0].manifest.stats)
+    stats["fields"] = _merge_field_stats(parts)
+    extra = dict(parts[0].manifest.extra)
+    extra["mpp"] = _merge_mpp_extra(parts)
+    return stats, extra
+
+
+def _other(data: dict[str, Any], key: str) -> dict[str, Any]:
+    return {k: v for k, v in data.items() if k != key}
+
+
+def _mpp(manifest: Any) -> dict[str, Any]:
+    return manifest.extra.get("mpp") or {}
+
+
+def _merge_field_stats(parts: Sequence[Any]) -> dict[str, dict[str, float]]:
+    total = _FieldStats()
+    for part in parts:
+        fields = part.manifest.stats.get("fields") or {}
+        for name, entry in sorted(fields.items()):
+            if not isinstance(entry, dict) or not isinstance(entry.get("count"), int):
+                raise DataError(
+                    f"part {part.label}: stats.fields.{name} has no element count (written by an older "
+                    "prepare), so it cannot be combined; prepare that part again with this version"
+                )
+        for name, (n, s1, s2) in _FieldStats.from_result(fields).acc.items():
+            total.add([name], [(n, s1, s2)])
+    return total.result()
+
+
+_DATASET_SAME = ("fields", "bc", "bc_ends", "grid_type", "shape")
+
+
+def _merge_mpp_extra(parts: Sequence[Any]) -> dict[str, Any]:
+    merged = dict(_mpp(parts[0].manifest))
+    skipped: dict[str, str] = {}
+    for part in parts:
+        for name, reason in _mpp(part.manifest).get("skipped", {}).items():
+            skipped.setdefault(name, reason)
+    datasets: dict[str, dict[str, Any]] = {}
+    owner: dict[str, str] = {}
+    for part in parts:
+        for name, info in _mpp(part.manifest).get("datasets", {}).items():
+            if name in skipped:
+                raise DataError(
+                    f"part {part.label}: data set {name!r} is prepared here but another part left it out "
+                    f"({skipped[name]}); one run leaves a data set with an unusable file out whole — "
+                    "fix or remove that file, or prepare the data set in one part"
+                )
+            have = datasets.get(name)
+            if have is None:
+                datasets[name] = {**info, "samples": dict(info["samples"]), "sources": list(info["sources"])}
+                owner[name] = part.label
+                continue
+            for key in _DATASET_SAME:
+                if have[key] != info[key]:
+                    raise DataError(
+                        f"part {part.label}: extra.mpp.datasets.{name}.{key} is {info[key]!r} but "
+                        f"{have[key]!r} in part {owner[name]}; the parts read different data sets of one name"
+                    )
+            for split, n in info["samples"].items():
+                have["samples"][split] = have["samples"].get(split, 0) + n
+            have["sources"].extend(info["sources"])
+    for info in datasets.values():
+        info["sources"] = sorted(info["sources"])
+    merged["fields"] = sorted({f for p in parts for f in _mpp(p.manifest).get("fields", [])})
+    merged["datasets"] = {name: datasets[name] for name in sorted(datasets)}
+    merged["skipped"] = skipped
+    merged["short_files"] = sorted(f for p in parts for f in _mpp(p.manifest).get("short_files", []))
+    return merged

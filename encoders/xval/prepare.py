@@ -84,6 +84,7 @@ class PrepareOptions:
     skip_invalid: bool = False
     progress: bool | None = None
     workers: int = 1
+    part: tuple[int, int] | None = None  # (I, N): only part I of N of the input files
 
 
 @dataclass
@@ -294,6 +295,12 @@ def prepare(paths: Sequence[str | Path], out: str | Path, opts: PrepareOptions |
     from foundation.data import Manifest, ShardSetWriter, split_for_key
 
     opts = opts or PrepareOptions()
+    part_record = None
+    if opts.part is not None:
+        from foundation.data.merge import files_of_part, part_provenance
+
+        paths = files_of_part(list(paths), *opts.part, path=lambda p: Path(p).resolve())
+        part_record = part_provenance(*opts.part, len(paths))
     if not opts.vocab_from:
         check_vocab_size(opts.vocab_size)  # before two passes over the data, not after
     fractions = dict(opts.split_fractions)
@@ -406,6 +413,8 @@ def prepare(paths: Sequence[str | Path], out: str | Path, opts: PrepareOptions |
             }
             writer.provenance["skipped_invalid"] = skipped
             writer.provenance["numbers_left_as_text"] = left_as_text
+            if part_record is not None:
+                writer.provenance["part"] = part_record
     if left_as_text:
         log.warning(
             "%d number-like spelling(s) were left as text, not numbers: nan/inf, or beyond +-%g "

@@ -79,6 +79,32 @@ def load_parts(paths: Sequence[str | os.PathLike]) -> list[Part]:
     return parts
 
 
+PART_RULE = "input files sorted by path; file i goes to part i mod N"
+
+
+def files_of_part(
+    files: Sequence[Any], index: int, count: int, path: Callable[[Any], Any] = lambda f: f
+) -> list:
+    """`prepare --part I/N`: this part's share of the input `files` (PART_RULE: sorted by
+    `path(file)` as a string, file i to part i mod N), in their given order. Every part of a
+    deterministic partition is non-empty, so a part cannot silently write nothing."""
+    if not 0 <= index < count:
+        raise DataError(f"--part {index}/{count}: the part index must be between 0 and {count - 1}")
+    ranked = sorted(range(len(files)), key=lambda i: str(path(files[i])))
+    mine = set(ranked[index::count])
+    if not mine:
+        raise DataError(
+            f"--part {index}/{count}: there are only {len(files)} input file(s), so part {index} has none; "
+            f"use at most {len(files)} parts"
+        )
+    return [f for i, f in enumerate(files) if i in mine]
+
+
+def part_provenance(index: int, count: int, files: int) -> dict[str, Any]:
+    """What a partial prepare records in its manifest's provenance (`part`)."""
+    return {"index": index, "count": count, "rule": PART_RULE, "files": files}
+
+
 # ----------------------------------------------------------------------------- compatibility
 
 

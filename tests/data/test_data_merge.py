@@ -289,10 +289,11 @@ def test_a_part_without_field_stats_is_refused(tmp_path):
         merge_shard_sets([a, b], tmp_path / "out")
 
 
-def test_mpp_statistics_are_refused_with_the_reason(tmp_path):
+def test_mpp_statistics_without_element_counts_are_refused_with_the_reason(tmp_path):
+    """Parts written before prepare stored `count` per field cannot be combined exactly."""
     a = _write(tmp_path / "part-a", range(0, 50), family="mpp", stats={"fields": {"u": {"mean": 0.0}}})
     b = _write(tmp_path / "part-b", range(50, 100), family="mpp", stats={"fields": {"u": {"mean": 1.0}}})
-    with pytest.raises(DataError, match=r"stats\.fields\.u\.mean differs .*element counts"):
+    with pytest.raises(DataError, match=r"stats\.fields\.u has no element count .*prepare that part again"):
         merge_shard_sets([a, b], tmp_path / "out")
 
 
@@ -351,3 +352,33 @@ def test_xval_parts_prepared_with_one_vocabulary_merge_to_the_one_go_set(tmp_pat
     own = prepare(files[1:], tmp_path / "own-1", PrepareOptions(**options))
     with pytest.raises(DataError, match=r"files\.tokenizer\.json differs .*--vocab-from"):
         merge_shard_sets([parts[0].path, own.path], tmp_path / "refused")
+
+
+def test_xval_parts_by_part_option_merge_to_the_one_go_set(tmp_path):
+    """`prepare xval --part I/N --vocab-from FIT` over all files, N = 2: the merged parts equal one
+    prepare over all files with the same vocabulary; each part records its share."""
+    files = []
+    for f in range(3):
+        path = tmp_path / f"in{f}.jsonl"
+        lines = [{"text": f"star {i} of file {f} has mass {1.5 + i * 0.37 + f:.3f}"} for i in range(30)]
+        path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        files.append(str(path))
+    common = ["--vocab-size", "300", "--samples-per-shard", "16", "--min-field-count", "5"]
+    common += ["--split-fractions", "train=0.6,valid=0.2,test=0.2"]
+    fit = str(tmp_path / "fit")
+    assert main(["prepare", "xval", *files[:1], "--out", fit, *common]) == 0
+    whole = tmp_path / "whole"
+    assert main(["prepare", "xval", *files, "--out", str(whole), "--vocab-from", fit, *common]) == 0
+    parts = [tmp_path / f"part-{i}" for i in range(2)]
+    for i, part in enumerate(parts):
+        args = ["--out", str(part), "--vocab-from", fit, "--part", f"{i}/2"]
+        assert main(["prepare", "xval", *files, *args, *common]) == 0
+    assert [Manifest.load(p).provenance["sources"] for p in parts] == [files[0::2], files[1:2]]
+    assert Manifest.load(parts[1]).provenance["part"]["count"] == 2
+    merged = merge_shard_sets(parts, tmp_path / "merged")
+    one = Manifest.load(whole)
+    assert merged.extra == one.extra and merged.files == one.files
+    assert merged.stats["normalizer"] == one.stats["normalizer"]
+    for split in FRACTIONS:
+        assert _members_by_key(merged.path, split) == _members_by_key(whole, split)
+        _assert_same_stats(merged.field_stats(split), one.field_stats(split))
