@@ -1,0 +1,113 @@
+"""slurm/prepare.sbatch on a real (one-node) SLURM cluster: the xVal chain `submit` starts (fit the
+vocabulary once, an array of 2 parts reusing it, a dependent merge) writes the set one `foundation
+prepare` over all inputs writes; re-submitting redoes only what is missing."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from foundation.cli import main
+from foundation.data import Manifest
+from tests.testkit import REPO, child_env
+
+pytestmark = pytest.mark.slurm
+
+PREPARE = REPO / "slurm" / "prepare.sbatch"
+FRACTIONS = "train=0.6,valid=0.2,test=0.2"
+PREPARE_ARGS = f"--vocab-size 300 --samples-per-shard 16 --min-field-count 5 --split-fractions {FRACTIONS}"
+
+
+def _members_by_key(folder: Path, split: str) -> dict[str, dict[str, bytes]]:
+    out: dict[str, dict[str, bytes]] = {}
+    for path in Manifest.load(folder).shard_paths(split):
+        with tarfile.open(path) as tar:
+            for member in tar.getmembers():
+                out.setdefault(member.name.split(".", 1)[0], {})[member.name] = tar.extractfile(member).read()
+    return out
+
+
+def _corpus(folder: Path) -> list[str]:
+    folder.mkdir()
+    files = []
+    for f in range(3):
+        path = folder / f"in{f}.jsonl"
+        lines = [{"text": f"star {i} of file {f} has mass {1.5 + i * 0.37 + f:.3f}"} for i in range(30)]
+        path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        files.append(str(path))
+    return files
+
+
+def _submit(slurm, workspace: Path, env: dict[str, str]) -> dict[str, str]:
+    """`slurm/prepare.sbatch submit`, as a user runs it; {step: job id} of the jobs it submitted."""
+    done = subprocess.run(
+        ["bash", str(PREPARE), "submit"], cwd=workspace, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    jobs = dict(re.findall(r"submitted (vocabulary|array|merge) job (\d+)", done.stdout))
+    slurm.jobs.extend(jobs.values())
+    return jobs
+
+
+def _wait_chain(slurm, workspace: Path, jobs: dict[str, str]) -> None:
+    if "vocabulary" in jobs:
+        vocab_log = workspace / f"foundation-prepare-vocab-{jobs['vocabulary']}.out"
+        assert slurm.wait_finished(jobs["vocabulary"], 120, vocab_log)["JobState"] == "COMPLETED"
+    for task in range(2):
+        log = workspace / f"foundation-prepare-{jobs['array']}_{task}.out"
+        assert slurm.wait_finished(f"{jobs['array']}_{task}", 120, log)["JobState"] == "COMPLETED"
+    merge_log = workspace / f"foundation-prepare-merge-{jobs['merge']}.out"
+    final = slurm.wait_finished(jobs["merge"], 120, merge_log)
+    assert final["JobState"] == "COMPLETED", f"{final}\n{merge_log.read_text()}"
+
+
+def _assert_equal_to_one_run(merged: Path, whole: Path) -> None:
+    a, b = Manifest.load(merged), Manifest.load(whole)
+    assert a.extra == b.extra and a.files == b.files and a.stats["normalizer"] == b.stats["normalizer"]
+    assert set(a.splits) == set(b.splits) == {"train", "valid", "test"}
+    for split in b.splits:
+        assert _members_by_key(merged, split) == _members_by_key(whole, split), split
+
+
+def test_xval_prepare_array_and_merge_match_one_prepare_and_resubmitting_resumes(slurm, tmp_path):
+    workspace = tmp_path
+    files = _corpus(workspace / "corpus")
+    out = workspace / "shards"
+    parts_dir = workspace / "shards.parts"
+    env = child_env(
+        FAMILY="xval",
+        INPUTS=" ".join(files),
+        OUT=str(out),
+        PARTS="2",
+        PREPARE_ARGS=PREPARE_ARGS,
+        SBATCH_ARGS="--cpus-per-task=1",
+    )
+    if Path(sys.prefix).resolve() != (REPO / ".venv").resolve():
+        env["VENV"] = sys.prefix
+    jobs = _submit(slurm, workspace, env)
+    assert set(jobs) == {"vocabulary", "array", "merge"}
+    _wait_chain(slurm, workspace, jobs)
+
+    # The same corpus in one run, with the vocabulary the chain fitted.
+    whole = workspace / "whole"
+    args = ["--out", str(whole), "--vocab-from", str(parts_dir / "vocab"), *PREPARE_ARGS.split()]
+    assert main(["prepare", "xval", *files, *args]) == 0
+    _assert_equal_to_one_run(out, whole)
+
+    # Lose part 1 and the merged set: re-submitting keeps the vocabulary and part 0, redoes the rest.
+    kept = (parts_dir / "part-00000" / "manifest.json").stat().st_mtime_ns
+    for folder in (out, parts_dir / "part-00001"):
+        subprocess.run(["rm", "-rf", str(folder)], check=True)
+    again = _submit(slurm, workspace, env)
+    assert set(again) == {"array", "merge"}
+    _wait_chain(slurm, workspace, again)
+    log = (workspace / f"foundation-prepare-{again['array']}_0.out").read_text()
+    assert "is already written; skipping" in log
+    assert (parts_dir / "part-00000" / "manifest.json").stat().st_mtime_ns == kept
+    _assert_equal_to_one_run(out, whole)
