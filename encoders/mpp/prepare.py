@@ -7,7 +7,10 @@ of each axis). Files found under
 a `train`/`valid`/`test` folder keep that split; other files (PDEBench) are split by whole
 trajectories with a hash of (data set, file, trajectory), so no trajectory leaks across splits.
 The manifest's `extra["mpp"]` holds the field vocabulary and per-data-set facts; its
-`stats["fields"]` holds per-field mean/std/rms over the training windows.
+`stats["fields"]` holds per-field mean/std/rms over the training windows, with the element count
+they are over, so that `foundation shards merge` combines the statistics of parts exactly
+(`merge_stats`). With `part=(I, N)` only part I of N of the input files is prepared
+(`foundation.data.merge.files_of_part`).
 
 Inputs MPP cannot use (3-D, spherical grids, grids `--resolution` cannot divide) leave their data
 set out with the reason, and files shorter than the window are left out and counted; both are
