@@ -130,6 +130,40 @@ def refuse_difference(parts: Sequence[Part], get: Callable[[Manifest], Any], wha
             raise DataError(f"part {part.label}: {where} differs from part {first.label}'s; {why}")
 
 
+def check_part_coverage(parts: Sequence[Part]) -> None:
+    """Parts written with `prepare --part I/N` must be all N of one partition, each once: a
+    missing part would make a set that silently lacks its files."""
+    records = [(p, p.manifest.provenance.get("part")) for p in parts]
+    marked = [(p, r) for p, r in records if isinstance(r, Mapping)]
+    if not marked:
+        return
+    if len(marked) < len(records):
+        plain = next(p for p, r in records if not isinstance(r, Mapping))
+        raise DataError(
+            f"part {plain.label} was prepared from all its inputs but part {marked[0][0].label} with "
+            "--part; merge the N parts of one partition only"
+        )
+    first, record = marked[0]
+    count = record.get("count")
+    seen: dict[Any, str] = {}
+    for part, mine in marked:
+        if mine.get("count") != count:
+            raise DataError(
+                f"part {part.label} is part of {mine.get('count')} but part {first.label} of {count}; "
+                "merge the parts of one partition"
+            )
+        index = mine.get("index")
+        if index in seen:
+            raise DataError(f"parts {seen[index]} and {part.label} are both part {index}; give each once")
+        seen[index] = part.label
+    missing = [i for i in range(count) if i not in seen] if isinstance(count, int) else []
+    if missing:
+        raise DataError(
+            f"part(s) {missing} of {count} are missing (provenance.part of the parts given); prepare and "
+            "give every part (`prepare ... --part I/N`)"
+        )
+
+
 def merged_schema(parts: Sequence[Part]) -> dict[str, FieldSpec]:
     """The schema one writer over all samples would infer: same fields, kinds, dtypes and
     annotations; an array dimension that differs between parts becomes null (varies)."""
@@ -169,6 +203,7 @@ def _merge_field(have: FieldSpec, spec: FieldSpec, name: str, part: Part, first:
 def check_compatible(parts: Sequence[Part]) -> None:
     """Family, split rule, seed and extra files must agree (the schema: `merged_schema`)."""
     same = "parts of one set must be prepared with the same options"
+    check_part_coverage(parts)
     refuse_difference(parts, lambda m: m.family, "family", same)
     refuse_difference(
         parts, lambda m: m.split_rule, "split_rule", "the parts routed samples to splits differently; " + same

@@ -382,3 +382,26 @@ def test_xval_parts_by_part_option_merge_to_the_one_go_set(tmp_path):
     for split in FRACTIONS:
         assert _members_by_key(merged.path, split) == _members_by_key(whole, split)
         _assert_same_stats(merged.field_stats(split), one.field_stats(split))
+
+
+@pytest.mark.parametrize(
+    ("records", "message"),
+    [
+        ([{"index": 0, "count": 3}, {"index": 2, "count": 3}], r"part\(s\) \[1\] of 3 are missing"),
+        ([{"index": 0, "count": 2}, {"index": 0, "count": 2}], r"are both part 0"),
+        ([{"index": 0, "count": 2}, {"index": 1, "count": 3}], r"is part of 3 but part .* of 2"),
+        ([{"index": 0, "count": 2}, None], r"prepared from all its inputs"),
+    ],
+)
+def test_parts_of_a_partition_must_all_be_given_once(tmp_path, records, message):
+    """`prepare --part I/N` parts: merging only some of them would silently drop their files."""
+    parts = []
+    for k, record in enumerate(records):
+        folder = _write(tmp_path / f"part-{k}", range(k, N, len(records)))
+        if record is not None:
+            manifest = json.loads((folder / "manifest.json").read_text())
+            manifest["provenance"]["part"] = record
+            (folder / "manifest.json").write_text(json.dumps(manifest))
+        parts.append(folder)
+    with pytest.raises(DataError, match=message):
+        merge_shard_sets(parts, tmp_path / "out")
