@@ -1,6 +1,7 @@
-"""slurm/prepare.sbatch on a real (one-node) SLURM cluster: the xVal chain `submit` starts (fit the
-vocabulary once, an array of 2 parts reusing it, a dependent merge) writes the set one `foundation
-prepare` over all inputs writes; re-submitting redoes only what is missing."""
+"""slurm/prepare.sbatch on a real (one-node) SLURM cluster: the chain `submit` starts (xVal: fit the
+vocabulary once, an array of 2 parts reusing it, a dependent merge; MPP: an array of 3 parts and
+the merge) writes the set one `foundation prepare` over all inputs writes; re-submitting redoes
+only what is missing."""
 
 from __future__ import annotations
 
@@ -55,11 +56,18 @@ def _submit(slurm, workspace: Path, env: dict[str, str]) -> dict[str, str]:
     return jobs
 
 
-def _wait_chain(slurm, workspace: Path, jobs: dict[str, str]) -> None:
+def _env(**variables: str) -> dict[str, str]:
+    env = child_env(SBATCH_ARGS="--cpus-per-task=1", **variables)
+    if Path(sys.prefix).resolve() != (REPO / ".venv").resolve():
+        env["VENV"] = sys.prefix
+    return env
+
+
+def _wait_chain(slurm, workspace: Path, jobs: dict[str, str], tasks: int = 2) -> None:
     if "vocabulary" in jobs:
         vocab_log = workspace / f"foundation-prepare-vocab-{jobs['vocabulary']}.out"
         assert slurm.wait_finished(jobs["vocabulary"], 120, vocab_log)["JobState"] == "COMPLETED"
-    for task in range(2):
+    for task in range(tasks):
         log = workspace / f"foundation-prepare-{jobs['array']}_{task}.out"
         assert slurm.wait_finished(f"{jobs['array']}_{task}", 120, log)["JobState"] == "COMPLETED"
     merge_log = workspace / f"foundation-prepare-merge-{jobs['merge']}.out"
@@ -80,16 +88,7 @@ def test_xval_prepare_array_and_merge_match_one_prepare_and_resubmitting_resumes
     files = _corpus(workspace / "corpus")
     out = workspace / "shards"
     parts_dir = workspace / "shards.parts"
-    env = child_env(
-        FAMILY="xval",
-        INPUTS=" ".join(files),
-        OUT=str(out),
-        PARTS="2",
-        PREPARE_ARGS=PREPARE_ARGS,
-        SBATCH_ARGS="--cpus-per-task=1",
-    )
-    if Path(sys.prefix).resolve() != (REPO / ".venv").resolve():
-        env["VENV"] = sys.prefix
+    env = _env(FAMILY="xval", INPUTS=" ".join(files), OUT=str(out), PARTS="2", PREPARE_ARGS=PREPARE_ARGS)
     jobs = _submit(slurm, workspace, env)
     assert set(jobs) == {"vocabulary", "array", "merge"}
     _wait_chain(slurm, workspace, jobs)
@@ -111,3 +110,24 @@ def test_xval_prepare_array_and_merge_match_one_prepare_and_resubmitting_resumes
     assert "is already written; skipping" in log
     assert (parts_dir / "part-00000" / "manifest.json").stat().st_mtime_ns == kept
     _assert_equal_to_one_run(out, whole)
+
+
+def test_mpp_prepare_array_of_three_and_merge_match_one_prepare(slurm, tmp_path):
+    from tests.mpp.test_mpp_pipeline import _assert_same_set_as_one_run, _toy_well_file
+
+    for i in range(4):
+        _toy_well_file(tmp_path / "toy" / f"toy{i}.hdf5", seed=i, n_traj=4)
+    args = f"--history 2 --stride 2 --samples-per-shard 4 --split-fractions {FRACTIONS}"
+    out = tmp_path / "shards"
+    env = _env(FAMILY="mpp", INPUTS=str(tmp_path / "toy"), OUT=str(out), PARTS="3", PREPARE_ARGS=args)
+    jobs = _submit(slurm, tmp_path, env)
+    assert set(jobs) == {"array", "merge"}
+    _wait_chain(slurm, tmp_path, jobs, tasks=3)
+    assert [
+        Manifest.load(out.with_name("shards.parts") / f"part-{i:05d}").provenance["part"]["index"]
+        for i in range(3)
+    ] == [0, 1, 2]
+    assert (
+        main(["prepare", "mpp", str(tmp_path / "toy"), "--out", str(tmp_path / "whole"), *args.split()]) == 0
+    )
+    _assert_same_set_as_one_run(out, tmp_path / "whole")
