@@ -486,3 +486,42 @@ def test_part_option_errors_are_one_line(tmp_path, capsys):
     assert main(["prepare", "mpp", str(tmp_path / "toy"), "--out", out, "--part", "1/2"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "only 1 input file(s), so part 1 has none" in err
+
+
+def _fake_part(label: str, datasets: dict, skipped: dict | None = None):
+    from types import SimpleNamespace
+
+    extra = {"mpp": {"fields": ["u"], "history": 2, "window": 3, "resolution": [8, 8], "datasets": datasets}}
+    extra["mpp"].update(skipped=skipped or {}, short_files=[])
+    fields = {"u": {"mean": 1.0, "std": 0.0, "rms": 1.0, "count": 4}}
+    return SimpleNamespace(label=label, manifest=SimpleNamespace(stats={"fields": fields}, extra=extra))
+
+
+def _dataset(**changes) -> dict:
+    info = {"fields": ["u"], "bc": [2, 2], "bc_ends": [[2, 2], [2, 2]], "grid_type": "cartesian"}
+    info.update(shape=[8, 8], samples={"train": 1}, sources=["/d/a.hdf5"])
+    return {**info, **changes}
+
+
+def test_mpp_merge_refuses_parts_that_one_run_would_not_have_written():
+    from encoders.mpp.prepare import merge_stats
+
+    left_out = _fake_part("part-1", {}, skipped={"toy": "grid 9x9 cannot be block-averaged"})
+    with pytest.raises(
+        DataError, match=r"part part-0: data set 'toy' is prepared here but another part left it out"
+    ):
+        merge_stats([_fake_part("part-0", {"toy": _dataset()}), left_out])
+    other = _fake_part("part-1", {"toy": _dataset(bc=[0, 0], sources=["/d/b.hdf5"])})
+    with pytest.raises(
+        DataError, match=r"part part-1: extra\.mpp\.datasets\.toy\.bc is \[0, 0\] but \[2, 2\]"
+    ):
+        merge_stats([_fake_part("part-0", {"toy": _dataset()}), other])
+    stats, extra = merge_stats(
+        [
+            _fake_part("part-0", {"toy": _dataset()}),
+            _fake_part("part-1", {"toy": _dataset(sources=["/d/0.hdf5"])}),
+        ]
+    )
+    assert stats["fields"]["u"] == {"mean": 1.0, "std": 0.0, "rms": 1.0, "count": 8}
+    assert extra["mpp"]["datasets"]["toy"]["samples"] == {"train": 2}
+    assert extra["mpp"]["datasets"]["toy"]["sources"] == ["/d/0.hdf5", "/d/a.hdf5"]
