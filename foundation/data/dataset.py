@@ -25,6 +25,7 @@ from foundation.data import codec, shm, tario
 from foundation.data.manifest import Manifest
 from foundation.data.plan import EpochPlan, _rng
 from foundation.data.reader import ShardReader
+from foundation.data.remote import RemoteShardSet, is_url
 from foundation.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -51,11 +52,12 @@ def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
 def _plausible_sample_counts(directory, shards) -> list[int]:
     """The manifest's sample count of each shard, refused when its file could not hold that many
     (each sample takes a 512-byte tar header at least): the epoch plan sizes its shuffle buffers
-    from these counts before any shard is opened, so a damaged manifest must not size them."""
+    from these counts before any shard is opened, so a damaged manifest must not size them.
+    `directory` None (a remote set): the recorded sizes, which every fetched shard must match."""
     counts = []
     for shard in shards:
         try:
-            size = os.stat(directory / shard.name).st_size
+            size = shard.bytes if directory is None else os.stat(directory / shard.name).st_size
         except FileNotFoundError:
             size = None  # reported when the shard is opened
         if size is not None and shard.samples * tario.BLOCK > size:
@@ -82,7 +84,8 @@ class ShardDataset(IterableDataset):
     workers) or torchdata's ``StatefulDataLoader`` for exact resume with workers.
 
     Args:
-        path: shard-set directory (holding manifest.json).
+        path: shard-set directory (holding manifest.json), or its URL (`https://`, `s3://`, `gs://`,
+            `hf://`, read through a local cache with default settings), or a `RemoteShardSet`.
         split: "train", "valid", "test", ...
         batch_size: samples per batch (per rank).
         seed: fixes shard order and shuffling for every epoch.
@@ -102,7 +105,7 @@ class ShardDataset(IterableDataset):
 
     def __init__(
         self,
-        path: str | os.PathLike,
+        path: str | os.PathLike | RemoteShardSet,
         split: str = "train",
         batch_size: int = 32,
         seed: int = 0,
@@ -119,7 +122,12 @@ class ShardDataset(IterableDataset):
         max_open_shards: int | None = None,
     ):
         super().__init__()
-        self.manifest = Manifest.load(path)
+        self.remote: RemoteShardSet | None = None
+        if isinstance(path, RemoteShardSet):
+            self.remote = path
+        elif is_url(path):
+            self.remote = RemoteShardSet(path)
+        self.manifest = self.remote.manifest if self.remote else Manifest.load(path)
         self.split = split
         self.split_info = self.manifest.split(split)
         if not self.split_info.shards:
@@ -153,7 +161,7 @@ class ShardDataset(IterableDataset):
                     "the default collate can only stack equal shapes: pass a collate_fn that pads, or "
                     "select other fields with fields=[...]"
                 )
-        sizes = _plausible_sample_counts(self.manifest.path, self.split_info.shards)
+        sizes = _plausible_sample_counts(None if self.remote else self.manifest.path, self.split_info.shards)
         typical = max(1, int(np.median([s for s in sizes if s > 0] or [1])))
         self.shuffle_window = int(shuffle_window) if shuffle_window else 4 * max(sizes)
         self.plan = EpochPlan(
@@ -180,7 +188,7 @@ class ShardDataset(IterableDataset):
     @classmethod
     def in_order(
         cls,
-        path: str | os.PathLike,
+        path: str | os.PathLike | RemoteShardSet,
         split: str,
         batch_size: int,
         collate_fn: Callable[..., Any] | None = None,
@@ -321,7 +329,7 @@ class ShardDataset(IterableDataset):
             return reader
         info = self.split_info.shards[shard]
         reader = ShardReader(
-            self.manifest.path / info.name,
+            self.remote.shard_path(info) if self.remote else self.manifest.path / info.name,
             self.manifest.schema,
             expected_bytes=info.bytes,
             expected_samples=info.samples,

@@ -1,0 +1,305 @@
+"""Shard sets on object storage (`https://`, `http://`, `s3://`, `gs://`, `hf://`) through fsspec.
+
+Each shard is fetched *whole* into a bounded local cache and checked (size and sha256 against the
+manifest) before anything reads it; the local reader then reads the cached file. So batches,
+determinism and exact resume are those of a local shard set: only where the bytes come from
+differs. Transient errors (dropped connections, timeouts, HTTP 429/5xx) are retried with
+exponential backoff; after the last try a `DataError` names the shard and its URL.
+
+Cache layout, one folder per shard-set URL: `<cache_dir>/<hash of URL>/` holds `manifest.json`
+(fetched anew on every open), the extra files, and the shards under their own names, each beside
+a `<name>.sha256` marker written once the shard was checked. A shard is trusted from the cache
+only while its size and marker match the current manifest; least recently used shards are
+removed when the cached shards exceed `cache_bytes`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from foundation import atomic
+from foundation.data.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest
+from foundation.errors import DataError
+
+log = logging.getLogger(__name__)
+
+URL_SCHEMES = ("http", "https", "s3", "gs", "hf")
+DEFAULT_CACHE_BYTES = 16 << 30
+_CHUNK = 4 << 20
+_MARKER = ".sha256"
+
+
+def is_url(path: Any) -> bool:
+    """True for a shard-set location we read through fsspec (`scheme://...`)."""
+    if not isinstance(path, str) or "://" not in path:
+        return False
+    return path.split("://", 1)[0].lower() in URL_SCHEMES
+
+
+def default_cache_dir() -> Path:
+    """`$FOUNDATION_CACHE/shards`, else `~/.cache/foundation/shards`."""
+    root = os.environ.get("FOUNDATION_CACHE") or Path.home() / ".cache" / "foundation"
+    return Path(root) / "shards"
+
+
+class _Transient(Exception):
+    """A failure worth another try (the message says what happened)."""
+
+
+def _http_status(exc: BaseException) -> int | None:
+    status = getattr(exc, "status", None)
+    return status if isinstance(status, int) and status >= 400 else None
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Dropped connections, timeouts and HTTP 429/5xx are worth another try."""
+    status = _http_status(exc)
+    if status is not None:
+        return status == 429 or status >= 500
+    if isinstance(exc, _PERMANENT):
+        return False
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError, OSError, _Transient)):
+        return True
+    try:
+        import aiohttp
+    except ImportError:
+        return False
+    return isinstance(exc, aiohttp.ClientError)
+
+
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+"""Failures another try would not mend (a missing object, a refused permission)."""
+
+
+def _is_permanent(exc: BaseException) -> bool:
+    """A storage refusal to report as a DataError; anything else that is not transient is a bug
+    and keeps its traceback."""
+    return isinstance(exc, _PERMANENT) or _http_status(exc) is not None
+
+
+def _describe(exc: BaseException) -> str:
+    text = (str(exc).splitlines() or [""])[0].strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class RemoteShardSet:
+    """A shard set at a URL, read through a bounded local cache of whole, checked shards.
+
+    Args:
+        url: the shard-set folder's URL (holding manifest.json).
+        cache_dir: where cached shard sets live (default: `default_cache_dir()`).
+        cache_bytes: bound on this set's cached shards; least recently used ones are removed
+            above it (a shard being fetched is kept even if it alone exceeds the bound).
+        retries: further tries after a transient failure.
+        backoff_s, max_backoff_s: the wait before try k+1 is min(max_backoff_s, backoff_s * 2**k),
+            with up to 25 % random jitter (it changes no data, only timing).
+        storage_options: passed to fsspec (e.g. S3 endpoint, credentials profile).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        cache_dir: str | os.PathLike | None = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        *,
+        retries: int = 5,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 30.0,
+        storage_options: dict[str, Any] | None = None,
+    ):
+        if not is_url(url):
+            raise DataError(f"{url!r} is not a shard-set URL; use one of {', '.join(URL_SCHEMES)}://")
+        if int(cache_bytes) <= 0:
+            raise DataError(f"cache_bytes must be positive, got {cache_bytes!r}")
+        self.url = url.rstrip("/")
+        self.cache_bytes = int(cache_bytes)
+        self.retries = max(0, int(retries))
+        self.backoff_s = float(backoff_s)
+        self.max_backoff_s = float(max_backoff_s)
+        self.storage_options = dict(storage_options or {})
+        root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.local = root / hashlib.sha256(self.url.encode()).hexdigest()[:24]
+        self._filesystem: Any = None
+        self.manifest = self._open()
+
+    # ------------------------------------------------------------------ public
+
+    def shard_path(self, info) -> Path:
+        """The local path of shard `info` (a manifest ShardInfo), fetched and checked if needed."""
+        path = self.local / info.name
+        if self._cached(path, info.bytes, info.sha256):
+            os.utime(path)  # most recently used
+            return path
+        self._fetch(info.name, path, info.bytes, info.sha256)
+        self._evict(keep=path)
+        return path
+
+    def fetch_all(self) -> Path:
+        """Fetch every shard (for `shards verify`); the local folder is a complete shard set."""
+        shards = [s for split in self.manifest.splits.values() for s in split.shards]
+        total = sum(s.bytes for s in shards)
+        if total > self.cache_bytes:
+            raise DataError(
+                f"{self.url}: the shard set holds {total} bytes, more than the cache bound of "
+                f"{self.cache_bytes}; raise the bound (--cache-bytes) to fetch it whole"
+            )
+        for info in shards:
+            self.shard_path(info)
+        return self.local
+
+    # ------------------------------------------------------------------ opening
+
+    def _open(self) -> Manifest:
+        """Fetch manifest.json and the extra files it lists; validate them as local ones."""
+        self.local.mkdir(parents=True, exist_ok=True)
+        raw = self._with_retries(MANIFEST_NAME, self._read_manifest_bytes)
+        atomic.write_bytes(self.local / MANIFEST_NAME, raw)
+        manifest = Manifest.load(self.local)
+        for info in manifest.files.values():
+            path = self.local / info.name
+            if not self._cached(path, info.bytes, info.sha256):
+                self._fetch(info.name, path, info.bytes, info.sha256)
+        return manifest
+
+    def _read_manifest_bytes(self) -> bytes:
+        with self._fs().open(
+            self._remote(MANIFEST_NAME), "rb", **self._open_options(MAX_MANIFEST_BYTES + 1)
+        ) as src:
+            raw = src.read(MAX_MANIFEST_BYTES + 1)
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise DataError(
+                f"{self._remote(MANIFEST_NAME)}: manifest is larger than {MAX_MANIFEST_BYTES >> 20} MiB; "
+                "this is not a manifest of ours"
+            )
+        return raw
+
+    # ------------------------------------------------------------------ fetching
+
+    def _fetch(self, name: str, path: Path, size: int, sha256: str) -> None:
+        self._with_retries(name, lambda: self._download(name, path, size, sha256))
+
+    def _download(self, name: str, path: Path, size: int, sha256: str) -> None:
+        """One try: stream the object to a temporary name, check it, then publish it."""
+        digest = hashlib.sha256()
+        received = 0
+        self._marker(path).unlink(missing_ok=True)
+        with atomic.replacing(path) as tmp:
+            with (
+                self._fs().open(self._remote(name), "rb", **self._open_options(size)) as src,
+                open(tmp, "wb") as dst,
+            ):
+                while received <= size:
+                    chunk = src.read(_CHUNK)
+                    if not chunk:
+                        break
+                    received += len(chunk)
+                    digest.update(chunk)
+                    dst.write(chunk)
+            if received != size:
+                raise _Transient(f"received {received} bytes but the manifest records {size}")
+            if digest.hexdigest() != sha256:
+                raise DataError(
+                    f"shard {name} at {self._remote(name)}: its sha256 differs from the manifest's; "
+                    "the copy on the server is damaged or was replaced: re-create or re-upload the shard set"
+                )
+        atomic.write_text(self._marker(path), sha256 + "\n")
+
+    def _with_retries(self, name: str, attempt: Callable[[], Any]) -> Any:
+        for k in range(self.retries + 1):
+            try:
+                return attempt()
+            except Exception as exc:
+                if isinstance(exc, DataError) or not (_is_transient(exc) or _is_permanent(exc)):
+                    raise
+                if not _is_transient(exc):
+                    raise DataError(
+                        f"shard set {self.url}: cannot read {name} from {self._remote(name)} "
+                        f"({_describe(exc)})"
+                    ) from None
+                if k == self.retries:
+                    raise DataError(
+                        f"shard set {self.url}: reading {name} from {self._remote(name)} failed "
+                        f"{self.retries + 1} times, last with {_describe(exc)}; check the server or "
+                        "network and try again"
+                    ) from None
+                delay = min(self.max_backoff_s, self.backoff_s * 2**k) * (1 + random.random() / 4)
+                log.warning("%s: %s; retrying in %.2f s", self._remote(name), _describe(exc), delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    # ------------------------------------------------------------------ cache
+
+    def _marker(self, path: Path) -> Path:
+        return path.with_name(path.name + _MARKER)
+
+    def _cached(self, path: Path, size: int, sha256: str) -> bool:
+        try:
+            if path.stat().st_size != size:
+                return False
+            return self._marker(path).read_text().strip() == sha256
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+
+    def _evict(self, keep: Path) -> None:
+        """Remove least recently used shards until the cached shards fit `cache_bytes`. A reader
+        that has a removed shard open keeps reading it (POSIX keeps the file until closed)."""
+        entries = []
+        for path in self.local.glob("*.tar"):
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue  # another process removed it meanwhile
+            entries.append((stat.st_mtime, path, stat.st_size))
+        total = sum(size for _, _, size in entries)
+        for _, path, size in sorted(entries):
+            if total <= self.cache_bytes:
+                break
+            if path == keep:
+                continue
+            self._marker(path).unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+            total -= size
+
+    # ------------------------------------------------------------------ fsspec
+
+    def _remote(self, name: str) -> str:
+        return f"{self.url}/{name}"
+
+    def _open_options(self, size: int) -> dict[str, Any]:
+        """HTTP: one streaming GET per object. Giving fsspec a size skips its HEAD/GET probe, which
+        reports any failure (a 503 too) as a missing file; `size` bounds what is read anyway."""
+        if self.url.split("://", 1)[0].lower() in ("http", "https"):
+            return {"block_size": 0, "size": size}
+        return {}
+
+    def _fs(self):
+        if self._filesystem is None:
+            try:
+                import fsspec
+            except ImportError:
+                raise DataError(
+                    "reading shard sets from URLs needs fsspec: pip install 'foundation[remote]'"
+                ) from None
+            protocol = self.url.split("://", 1)[0].lower()
+            try:
+                self._filesystem = fsspec.filesystem(protocol, **self.storage_options)
+            except ImportError as exc:
+                raise DataError(
+                    f"reading {protocol}:// URLs needs a package fsspec could not import ({exc}); "
+                    "install it (s3fs for s3://, gcsfs for gs://, huggingface_hub for hf://, aiohttp "
+                    "for http(s)://)"
+                ) from None
+        return self._filesystem
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_filesystem"] = None  # each process opens its own connections
+        return state

@@ -1,0 +1,195 @@
+"""Shard sets read over HTTP from a real server on 127.0.0.1, with injected faults: the batches
+are those of the local folder, damaged shards are refused, the cache stays within its bound."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import socket
+import threading
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fsspec")
+pytest.importorskip("aiohttp")
+
+from foundation.data import ShardDataset  # noqa: E402
+from foundation.data.remote import RemoteShardSet, is_url  # noqa: E402
+from foundation.errors import DataError  # noqa: E402
+
+
+class _Server:
+    """A threaded static file server; `faults[name]` is a list of actions for the next requests
+    of that file ("drop": headers and half the body, then the connection closes; "503"), and
+    `always_fail` names files that always answer 503. `requests` counts GETs per file."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.faults: dict[str, list[str]] = {}
+        self.always_fail: set[str] = set()
+        self.requests: Counter[str] = Counter()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (the http.server name)
+                name = self.path.rsplit("/", 1)[-1]
+                server.requests[name] += 1
+                path = server.root / name
+                if not path.is_file():
+                    self.send_error(404)
+                    return
+                action = "503" if name in server.always_fail else None
+                if action is None and server.faults.get(name):
+                    action = server.faults[name].pop(0)
+                if action == "503":
+                    self.send_error(503)
+                    return
+                body = path.read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if action == "drop":
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/set"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def served(tmp_path, write_split):
+    """(local shard-set folder, running server over it): 103 samples in 11 shards."""
+    local = write_split(tmp_path / "set", 103, 10, family="test")
+    server = _Server(local)
+    yield local, server
+    server.close()
+
+
+def _remote(server, tmp_path, **kwargs) -> RemoteShardSet:
+    options = {"retries": 3, "backoff_s": 0.001, "max_backoff_s": 0.01}
+    return RemoteShardSet(server.url, tmp_path / "cache", **{**options, **kwargs})
+
+
+def _stream(path, **kwargs) -> list[tuple[list[str], np.ndarray]]:
+    ds = ShardDataset(path, batch_size=8, seed=3, epochs=2, drop_last=False, **kwargs)
+    return [(batch["__key__"], batch["flux"].numpy()) for batch in ds]
+
+
+def _assert_same(remote, local) -> None:
+    assert [keys for keys, _ in remote] == [keys for keys, _ in local]
+    for (_, a), (_, b) in zip(remote, local, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_is_url():
+    assert is_url("https://example.org/set") and is_url("s3://bucket/set") and is_url("hf://datasets/o/r")
+    assert not is_url("/data/set") and not is_url("file:///data/set") and not is_url(Path("/x"))
+
+
+def test_faulty_server_gives_the_local_batches(served, tmp_path):
+    local, server = served
+    server.faults = {
+        "train-000000.tar": ["drop"],
+        "train-000003.tar": ["503", "drop"],
+        "manifest.json": ["503"],
+    }
+    remote = _stream(_remote(server, tmp_path))
+    _assert_same(remote, _stream(local))
+    keys = [k for ks, _ in remote for k in ks]
+    assert Counter(keys) == Counter({f"obj-{i:05d}": 2 for i in range(103)})  # two whole epochs
+    assert server.requests["train-000000.tar"] == 2 and server.requests["train-000003.tar"] == 3
+    assert server.requests["train-000005.tar"] == 1  # cached: fetched once for both epochs
+
+
+def test_resume_from_a_remote_set_matches_local(served, tmp_path):
+    local, server = served
+    ds = ShardDataset(_remote(server, tmp_path), batch_size=8, seed=1, epochs=2)
+    it = iter(ds)
+    for _ in range(5):
+        next(it)
+    state = ds.state_dict()
+    resumed = ShardDataset(_remote(server, tmp_path), batch_size=8, seed=1, epochs=2)
+    resumed.load_state_dict(state)
+    rest = [b["__key__"] for b in resumed]
+    full = [b["__key__"] for b in ShardDataset(local, batch_size=8, seed=1, epochs=2)]
+    assert rest == full[5:]
+
+
+def test_cache_stays_within_its_bound(served, tmp_path):
+    local, server = served
+    shard_bytes = max(p.stat().st_size for p in local.glob("*.tar"))
+    bound = 3 * shard_bytes
+    remote = _remote(server, tmp_path, cache_bytes=bound)
+    _assert_same(_stream(remote), _stream(local))
+    cached = list(remote.local.glob("*.tar"))
+    assert 0 < sum(p.stat().st_size for p in cached) <= bound
+    assert server.requests["train-000000.tar"] >= 2  # evicted, then fetched again for epoch 2
+
+
+def test_damaged_shard_on_the_server_is_refused(served, tmp_path):
+    local, server = served
+    victim = local / "train-000002.tar"
+    data = bytearray(victim.read_bytes())
+    data[600] ^= 0xFF  # same size, other bytes
+    victim.write_bytes(bytes(data))
+    remote = _remote(server, tmp_path)
+    with pytest.raises(DataError, match=r"train-000002\.tar.*sha256"):
+        _stream(remote, shuffle=False)
+    assert server.requests["train-000002.tar"] == 1  # not retried: another try gives the same bytes
+    assert not (remote.local / "train-000002.tar").exists()
+    assert not [p for p in remote.local.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+def test_last_retry_error_names_shard_and_url(served, tmp_path):
+    _, server = served
+    server.always_fail = {"train-000001.tar"}
+    remote = _remote(server, tmp_path)
+    with pytest.raises(DataError) as caught:
+        _stream(remote, shuffle=False)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert f"{server.url}/train-000001.tar" in message and "4 times" in message and "503" in message
+    assert server.requests["train-000001.tar"] == 4
+
+
+def test_missing_shard_is_not_retried(served, tmp_path):
+    local, server = served
+    (local / "train-000004.tar").unlink()
+    with pytest.raises(DataError, match=r"train-000004\.tar.*FileNotFoundError"):
+        _stream(_remote(server, tmp_path), shuffle=False)
+    assert server.requests["train-000004.tar"] == 1
+
+
+def test_a_url_as_path_uses_the_default_cache(served, tmp_path, monkeypatch):
+    local, server = served
+    monkeypatch.setenv("FOUNDATION_CACHE", str(tmp_path / "home-cache"))
+    _assert_same(_stream(server.url), _stream(local))
+    assert list((tmp_path / "home-cache" / "shards").glob("*/train-000000.tar"))
+
+
+def test_remote_set_survives_pickling(served, tmp_path):
+    import pickle
+
+    _, server = served
+    remote = _remote(server, tmp_path)
+    remote._fs()
+    copy = pickle.loads(pickle.dumps(remote))
+    assert copy._filesystem is None and copy.manifest.splits["train"].samples == 103
+    assert os.path.samefile(copy.shard_path(copy.manifest.splits["train"].shards[0]).parent, remote.local)
