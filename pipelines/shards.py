@@ -19,8 +19,29 @@ def _human(n: float) -> str:
 # ----------------------------------------------------------------------------- info
 
 
+def _add_location(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "dir", help="Shard-set directory (holding manifest.json), or its URL (https://, s3://, gs://, hf://)."
+    )
+    parser.add_argument(
+        "--cache-dir", help="Local cache for a URL's shards (default: $FOUNDATION_CACHE/shards or ~/.cache)."
+    )
+    parser.add_argument(
+        "--cache-bytes", type=int, default=None, help="Bound on a URL's cached shards (default 16 GiB)."
+    )
+
+
+def _remote(args: argparse.Namespace):
+    """The RemoteShardSet for a URL `dir`, else None."""
+    from foundation.data.remote import DEFAULT_CACHE_BYTES, RemoteShardSet, is_url
+
+    if not is_url(args.dir):
+        return None
+    return RemoteShardSet(args.dir, args.cache_dir, args.cache_bytes or DEFAULT_CACHE_BYTES)
+
+
 def _add_info(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dir", help="Shard-set directory (holding manifest.json).")
+    _add_location(parser)
     parser.add_argument("--json", action="store_true", help="Print the manifest as JSON instead.")
 
 
@@ -31,12 +52,13 @@ def _run_info(args: argparse.Namespace) -> int:
     from foundation.data.schema import describe_shape
     from foundation.data.summary import format_table
 
-    manifest = Manifest.load(args.dir)
+    remote = _remote(args)
+    manifest = remote.manifest if remote else Manifest.load(args.dir)
     if args.json:
         print(json.dumps(manifest.to_dict(), indent=1))
         return 0
     prov = manifest.provenance
-    print(f"shard set  {manifest.path}")
+    print(f"shard set  {remote.url if remote else manifest.path}")
     print(f"family     {manifest.family or '-'}")
     print(f"format     foundation-shards v{manifest.format_version}")
     if prov:
@@ -106,7 +128,7 @@ def _print_field_summary(manifest) -> None:
 
 
 def _add_verify(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dir", help="Shard-set directory (holding manifest.json).")
+    _add_location(parser)
     parser.add_argument(
         "--all", action="store_true", help="List every problem instead of stopping at the first."
     )
@@ -114,9 +136,17 @@ def _add_verify(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_verify(args: argparse.Namespace) -> int:
-    from foundation.data.verify import verify_shard_set
+    from foundation.data.remote import DamagedShardError
+    from foundation.data.verify import VerifyReport, verify_shard_set
 
-    report = verify_shard_set(args.dir, splits=args.split, all_problems=args.all)
+    remote = _remote(args)
+    try:
+        # A URL: every shard is fetched and checked (size, sha256) into the cache, then verified there.
+        local = remote.fetch_all(args.split) if remote else args.dir
+        report = verify_shard_set(local, splits=args.split, all_problems=args.all)
+    except DamagedShardError as exc:
+        report = VerifyReport()
+        report.problems.append(str(exc))
     for problem in report.problems:
         print(f"problem: {problem}", file=sys.stderr)
     if report.problems:

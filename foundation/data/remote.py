@@ -21,7 +21,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,10 @@ def default_cache_dir() -> Path:
     """`$FOUNDATION_CACHE/shards`, else `~/.cache/foundation/shards`."""
     root = os.environ.get("FOUNDATION_CACHE") or Path.home() / ".cache" / "foundation"
     return Path(root) / "shards"
+
+
+class DamagedShardError(DataError):
+    """An object whose bytes differ from what the manifest records (another try would not mend it)."""
 
 
 class _Transient(Exception):
@@ -142,9 +146,11 @@ class RemoteShardSet:
         self._evict(keep=path)
         return path
 
-    def fetch_all(self) -> Path:
-        """Fetch every shard (for `shards verify`); the local folder is a complete shard set."""
-        shards = [s for split in self.manifest.splits.values() for s in split.shards]
+    def fetch_all(self, splits: Sequence[str] | None = None) -> Path:
+        """Fetch every shard of `splits` (default: all), for `shards verify`; return the local
+        folder, then a complete shard set for those splits."""
+        names = list(splits) if splits else sorted(self.manifest.splits)
+        shards = [s for name in names for s in self.manifest.split(name).shards]
         total = sum(s.bytes for s in shards)
         if total > self.cache_bytes:
             raise DataError(
@@ -206,7 +212,7 @@ class RemoteShardSet:
             if received != size:
                 raise _Transient(f"received {received} bytes but the manifest records {size}")
             if digest.hexdigest() != sha256:
-                raise DataError(
+                raise DamagedShardError(
                     f"shard {name} at {self._remote(name)}: its sha256 differs from the manifest's; "
                     "the copy on the server is damaged or was replaced: re-create or re-upload the shard set"
                 )

@@ -193,3 +193,37 @@ def test_remote_set_survives_pickling(served, tmp_path):
     copy = pickle.loads(pickle.dumps(remote))
     assert copy._filesystem is None and copy.manifest.splits["train"].samples == 103
     assert os.path.samefile(copy.shard_path(copy.manifest.splits["train"].shards[0]).parent, remote.local)
+
+
+def test_shards_info_and_verify_take_a_url(served, tmp_path, capsys):
+    from foundation.cli import main
+
+    local, server = served
+    cache = ["--cache-dir", str(tmp_path / "cli-cache")]
+    assert main(["shards", "info", server.url, *cache]) == 0
+    assert f"shard set  {server.url}" in capsys.readouterr().out
+    server.faults = {"train-000007.tar": ["drop"]}
+    assert main(["shards", "verify", server.url, *cache]) == 0
+    assert "OK: 11 shards, 103 samples" in capsys.readouterr().out
+
+
+def test_shards_verify_reports_a_damaged_shard_at_a_url(served, tmp_path, capsys):
+    from foundation.cli import main
+
+    local, server = served
+    victim = local / "train-000009.tar"
+    victim.write_bytes(victim.read_bytes()[:-1] + b"!")
+    assert main(["shards", "verify", server.url, "--cache-dir", str(tmp_path / "c")]) == 1
+    err = capsys.readouterr().err
+    assert "train-000009.tar" in err and "sha256" in err and "FAILED" in err
+
+
+def test_shards_verify_refuses_a_set_larger_than_the_cache_bound(served, tmp_path, capsys):
+    from foundation.cli import main
+
+    _, server = served
+    assert (
+        main(["shards", "verify", server.url, "--cache-dir", str(tmp_path / "c"), "--cache-bytes", "1000"])
+        == 2
+    )
+    assert "--cache-bytes" in capsys.readouterr().err
