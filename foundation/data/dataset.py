@@ -328,12 +328,8 @@ class ShardDataset(IterableDataset):
             self._readers.move_to_end(shard)
             return reader
         info = self.split_info.shards[shard]
-        reader = ShardReader(
-            self.remote.shard_path(info) if self.remote else self.manifest.path / info.name,
-            self.manifest.schema,
-            expected_bytes=info.bytes,
-            expected_samples=info.samples,
-            expected_sha256=info.sha256 if self.check_sha256 else None,
+        reader = (
+            self._open_shard(info) if self.remote else self._open_reader(self.manifest.path / info.name, info)
         )
         self._readers[shard] = reader
         while len(self._readers) > self.max_open_shards:
@@ -341,6 +337,27 @@ class ShardDataset(IterableDataset):
             # closed with the last reference.
             self._readers.popitem(last=False)
         return reader
+
+    def _open_reader(self, path, info) -> ShardReader:
+        return ShardReader(
+            path,
+            self.manifest.schema,
+            expected_bytes=info.bytes,
+            expected_samples=info.samples,
+            expected_sha256=info.sha256 if self.check_sha256 else None,
+        )
+
+    def _open_shard(self, info) -> ShardReader:
+        """A remote shard from the cache; fetched again once if another loader process evicted it
+        between its fetch and its opening (an open shard stays readable after eviction)."""
+        for last in (False, True):
+            path = self.remote.shard_path(info)
+            try:
+                return self._open_reader(path, info)
+            except (DataError, FileNotFoundError):
+                if last or path.exists():
+                    raise
+        raise AssertionError("unreachable")
 
     def _build(self, epoch: int, b: int, pool: shm.BatchBuffers | None = None) -> Any:
         shards, indices = self.plan.batch(epoch, b)

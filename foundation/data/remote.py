@@ -37,6 +37,19 @@ _CHUNK = 4 << 20
 _MARKER = ".sha256"
 
 
+_FORK_HOOK: list[bool] = []
+
+
+def _reset_fsspec_after_fork() -> None:
+    """fsspec runs async file systems on an event-loop thread that a forked child (a loader
+    worker) does not inherit: without a reset, the child's first read waits for it forever."""
+    if not _FORK_HOOK:
+        import fsspec.asyn
+
+        os.register_at_fork(after_in_child=fsspec.asyn.reset_lock)
+        _FORK_HOOK.append(True)
+
+
 def is_url(path: Any) -> bool:
     """True for a shard-set location we read through fsspec (`scheme://...`)."""
     if not isinstance(path, str) or "://" not in path:
@@ -132,6 +145,7 @@ class RemoteShardSet:
         root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.local = root / hashlib.sha256(self.url.encode()).hexdigest()[:24]
         self._filesystem: Any = None
+        self._filesystem_pid = 0
         self.manifest = self._open()
 
     # ------------------------------------------------------------------ public
@@ -287,7 +301,9 @@ class RemoteShardSet:
         return {}
 
     def _fs(self):
-        if self._filesystem is None:
+        """This process's fsspec file system: a forked loader worker opens its own, as an async
+        one's event loop and connections cannot cross a fork."""
+        if self._filesystem is None or self._filesystem_pid != os.getpid():
             try:
                 import fsspec
             except ImportError:
@@ -295,8 +311,12 @@ class RemoteShardSet:
                     "reading shard sets from URLs needs fsspec: pip install 'foundation[remote]'"
                 ) from None
             protocol = self.url.split("://", 1)[0].lower()
+            _reset_fsspec_after_fork()
             try:
-                self._filesystem = fsspec.filesystem(protocol, **self.storage_options)
+                self._filesystem = fsspec.filesystem(
+                    protocol, skip_instance_cache=True, **self.storage_options
+                )
+                self._filesystem_pid = os.getpid()
             except ImportError as exc:
                 raise DataError(
                     f"reading {protocol}:// URLs needs a package fsspec could not import ({exc}); "

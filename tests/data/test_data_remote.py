@@ -227,3 +227,31 @@ def test_shards_verify_refuses_a_set_larger_than_the_cache_bound(served, tmp_pat
         == 2
     )
     assert "--cache-bytes" in capsys.readouterr().err
+
+
+def test_a_shard_evicted_before_opening_is_fetched_again(served, tmp_path):
+    local, server = served
+    remote = _remote(server, tmp_path)
+    fetch = remote.shard_path
+    evicted: list[str] = []
+
+    def fetch_then_lose(info):  # another loader process evicts it right after our fetch
+        path = fetch(info)
+        if not evicted:
+            evicted.append(info.name)
+            path.unlink()
+        return path
+
+    remote.shard_path = fetch_then_lose
+    _assert_same(_stream(remote), _stream(local))
+    assert evicted and server.requests[evicted[0]] == 2
+
+
+def test_loader_workers_read_a_remote_set(served, tmp_path):
+    from torch.utils.data import DataLoader
+
+    local, server = served
+    server.faults = {"train-000002.tar": ["drop"]}
+    ds = ShardDataset(_remote(server, tmp_path), batch_size=8, seed=3, epochs=1)
+    got = [b["__key__"] for b in DataLoader(ds, batch_size=None, num_workers=2)]
+    assert got == [b["__key__"] for b in ShardDataset(local, batch_size=8, seed=3, epochs=1)]
