@@ -190,16 +190,23 @@ class RemoteShardSet:
         return manifest
 
     def _read_manifest_bytes(self) -> bytes:
-        with self._fs().open(
-            self._remote(MANIFEST_NAME), "rb", **self._open_options(MAX_MANIFEST_BYTES + 1)
-        ) as src:
-            raw = src.read(MAX_MANIFEST_BYTES + 1)
-        if len(raw) > MAX_MANIFEST_BYTES:
+        """The whole manifest; one read may return only one network chunk, so read to the end."""
+        pieces: list[bytes] = []
+        received = 0
+        url = self._remote(MANIFEST_NAME)
+        with self._fs().open(url, "rb", **self._open_options(MAX_MANIFEST_BYTES + 1)) as src:
+            while received <= MAX_MANIFEST_BYTES:
+                chunk = src.read(min(_CHUNK, MAX_MANIFEST_BYTES + 1 - received))
+                if not chunk:
+                    break
+                pieces.append(chunk)
+                received += len(chunk)
+        if received > MAX_MANIFEST_BYTES:
             raise DataError(
-                f"{self._remote(MANIFEST_NAME)}: manifest is larger than {MAX_MANIFEST_BYTES >> 20} MiB; "
+                f"{url}: manifest is larger than {MAX_MANIFEST_BYTES >> 20} MiB; "
                 "this is not a manifest of ours"
             )
-        return raw
+        return b"".join(pieces)
 
     # ------------------------------------------------------------------ fetching
 
@@ -223,8 +230,13 @@ class RemoteShardSet:
                     received += len(chunk)
                     digest.update(chunk)
                     dst.write(chunk)
-            if received != size:
+            if received < size:
                 raise _Transient(f"received {received} bytes but the manifest records {size}")
+            if received > size:
+                raise DamagedShardError(
+                    f"shard {name} at {self._remote(name)}: more than the {size} bytes the manifest "
+                    "records; the object was replaced: re-create or re-upload the shard set"
+                )
             if digest.hexdigest() != sha256:
                 raise DamagedShardError(
                     f"shard {name} at {self._remote(name)}: its sha256 differs from the manifest's; "

@@ -7,6 +7,7 @@ import http.server
 import os
 import socket
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -23,13 +24,15 @@ from foundation.errors import DataError  # noqa: E402
 
 class _Server:
     """A threaded static file server; `faults[name]` is a list of actions for the next requests
-    of that file ("drop": headers and half the body, then the connection closes; "503"), and
-    `always_fail` names files that always answer 503. `requests` counts GETs per file."""
+    of that file ("drop": headers and half the body, then the connection closes; "503"),
+    `always_fail` names files that always answer 503, `trickle` files sent in small pieces.
+    `requests` counts GETs per file."""
 
     def __init__(self, root: Path):
         self.root = root
         self.faults: dict[str, list[str]] = {}
         self.always_fail: set[str] = set()
+        self.trickle: set[str] = set()
         self.requests: Counter[str] = Counter()
         server = self
 
@@ -56,6 +59,12 @@ class _Server:
                     self.wfile.flush()
                     self.connection.shutdown(socket.SHUT_RDWR)
                     self.close_connection = True
+                    return
+                if name in server.trickle:
+                    for start in range(0, len(body), 256):
+                        self.wfile.write(body[start : start + 256])
+                        self.wfile.flush()
+                        time.sleep(0.0005)
                     return
                 self.wfile.write(body)
 
@@ -118,6 +127,15 @@ def test_faulty_server_gives_the_local_batches(served, tmp_path):
     assert server.requests["train-000005.tar"] == 1  # cached: fetched once for both epochs
 
 
+def test_manifest_and_shards_arriving_in_small_pieces_are_read_whole(served, tmp_path):
+    local, server = served
+    server.trickle = {"manifest.json", "train-000000.tar"}
+    assert (local / "manifest.json").stat().st_size > 2048
+    remote = _remote(server, tmp_path)
+    assert remote.manifest.splits["train"].samples == 103
+    _assert_same(_stream(remote), _stream(local))
+
+
 def test_resume_from_a_remote_set_matches_local(served, tmp_path):
     local, server = served
     ds = ShardDataset(_remote(server, tmp_path), batch_size=8, seed=1, epochs=2)
@@ -155,6 +173,24 @@ def test_damaged_shard_on_the_server_is_refused(served, tmp_path):
     assert server.requests["train-000002.tar"] == 1  # not retried: another try gives the same bytes
     assert not (remote.local / "train-000002.tar").exists()
     assert not [p for p in remote.local.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+def test_a_longer_shard_on_the_server_is_refused(served, tmp_path):
+    local, server = served
+    victim = local / "train-000006.tar"
+    victim.write_bytes(victim.read_bytes() + bytes(512))
+    with pytest.raises(DataError, match=r"train-000006\.tar.*more than the"):
+        _stream(_remote(server, tmp_path), shuffle=False)
+    assert server.requests["train-000006.tar"] == 1
+
+
+def test_an_oversized_manifest_is_refused_unparsed(served, tmp_path, monkeypatch):
+    import foundation.data.remote as remote_module
+
+    _, server = served
+    monkeypatch.setattr(remote_module, "MAX_MANIFEST_BYTES", 1024)
+    with pytest.raises(DataError, match="manifest is larger than"):
+        _remote(server, tmp_path)
 
 
 def test_last_retry_error_names_shard_and_url(served, tmp_path):
