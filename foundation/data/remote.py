@@ -118,6 +118,7 @@ class RemoteShardSet:
         retries: further tries after a transient failure.
         backoff_s, max_backoff_s: the wait before try k+1 is min(max_backoff_s, backoff_s * 2**k),
             with up to 25 % random jitter (it changes no data, only timing).
+        timeout_s: http(s): a connection or a read that stalls longer fails (and is retried).
         storage_options: passed to fsspec (e.g. S3 endpoint, credentials profile).
     """
 
@@ -130,6 +131,7 @@ class RemoteShardSet:
         retries: int = 5,
         backoff_s: float = 0.5,
         max_backoff_s: float = 30.0,
+        timeout_s: float = 60.0,
         storage_options: dict[str, Any] | None = None,
     ):
         if not is_url(url):
@@ -141,6 +143,7 @@ class RemoteShardSet:
         self.retries = max(0, int(retries))
         self.backoff_s = float(backoff_s)
         self.max_backoff_s = float(max_backoff_s)
+        self.timeout_s = float(timeout_s)
         self.storage_options = dict(storage_options or {})
         root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.local = root / hashlib.sha256(self.url.encode()).hexdigest()[:24]
@@ -325,9 +328,7 @@ class RemoteShardSet:
             protocol = self.url.split("://", 1)[0].lower()
             _reset_fsspec_after_fork()
             try:
-                self._filesystem = fsspec.filesystem(
-                    protocol, skip_instance_cache=True, **self.storage_options
-                )
+                self._filesystem = fsspec.filesystem(protocol, skip_instance_cache=True, **self._options())
                 self._filesystem_pid = os.getpid()
             except ImportError as exc:
                 raise DataError(
@@ -336,6 +337,17 @@ class RemoteShardSet:
                     "for http(s)://)"
                 ) from None
         return self._filesystem
+
+    def _options(self) -> dict[str, Any]:
+        """fsspec's options; for http(s) with connect and read timeouts (aiohttp's default only
+        bounds a whole transfer, at 5 minutes), unless the caller gave client_kwargs."""
+        options = dict(self.storage_options)
+        if self.url.split("://", 1)[0].lower() in ("http", "https") and "client_kwargs" not in options:
+            import aiohttp
+
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout_s, sock_read=self.timeout_s)
+            options["client_kwargs"] = {"timeout": timeout}
+        return options
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

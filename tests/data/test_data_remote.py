@@ -33,6 +33,7 @@ class _Server:
         self.faults: dict[str, list[str]] = {}
         self.always_fail: set[str] = set()
         self.trickle: set[str] = set()
+        self.closing = threading.Event()
         self.requests: Counter[str] = Counter()
         server = self
 
@@ -54,6 +55,11 @@ class _Server:
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
+                if action == "stall":  # half the body, then silence until the server closes
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    server.closing.wait()
+                    return
                 if action == "drop":
                     self.wfile.write(body[: len(body) // 2])
                     self.wfile.flush()
@@ -78,6 +84,7 @@ class _Server:
         self.thread.start()
 
     def close(self):
+        self.closing.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -134,6 +141,15 @@ def test_manifest_and_shards_arriving_in_small_pieces_are_read_whole(served, tmp
     remote = _remote(server, tmp_path)
     assert remote.manifest.splits["train"].samples == 103
     _assert_same(_stream(remote), _stream(local))
+
+
+@pytest.mark.timeout(30)  # without a read timeout the stalled transfer would wait for minutes
+def test_a_stalled_transfer_times_out_and_is_retried(served, tmp_path):
+    local, server = served
+    server.faults = {"train-000001.tar": ["stall"]}
+    remote = _remote(server, tmp_path, timeout_s=0.3)
+    _assert_same(_stream(remote), _stream(local))
+    assert server.requests["train-000001.tar"] == 2
 
 
 def test_resume_from_a_remote_set_matches_local(served, tmp_path):
