@@ -232,7 +232,7 @@ class RemoteShardSet:
                         break
                     received += len(chunk)
                     digest.update(chunk)
-                    dst.write(chunk)
+                    self._write_cache(dst, chunk)
             if received < size:
                 raise _Transient(f"received {received} bytes but the manifest records {size}")
             if received > size:
@@ -246,6 +246,16 @@ class RemoteShardSet:
                     "the copy on the server is damaged or was replaced: re-create or re-upload the shard set"
                 )
         atomic.write_text(self._marker(path), sha256 + "\n")
+
+    def _write_cache(self, dst, chunk: bytes) -> None:
+        """A local write failure (a full disk) is no transient network error: report it at once."""
+        try:
+            dst.write(chunk)
+        except OSError as exc:
+            raise DataError(
+                f"cannot write to the shard cache {self.local} ({exc.strerror}); free space there or "
+                "choose another cache folder"
+            ) from None
 
     def _with_retries(self, name: str, attempt: Callable[[], Any]) -> Any:
         for k in range(self.retries + 1):

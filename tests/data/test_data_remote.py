@@ -307,3 +307,20 @@ def test_loader_workers_read_a_remote_set(served, tmp_path):
     ds = ShardDataset(_remote(server, tmp_path), batch_size=8, seed=3, epochs=1)
     got = [b["__key__"] for b in DataLoader(ds, batch_size=None, num_workers=2)]
     assert got == [b["__key__"] for b in ShardDataset(local, batch_size=8, seed=3, epochs=1)]
+
+
+def test_a_failing_cache_write_is_reported_at_once(served, tmp_path, monkeypatch):
+    _, server = served
+    remote = _remote(server, tmp_path)
+    write = remote._write_cache
+    monkeypatch.setattr(remote, "_write_cache", lambda dst, chunk: write(_Full(), chunk))
+    with pytest.raises(DataError, match="cannot write to the shard cache.*No space left"):
+        _stream(remote, shuffle=False)
+    assert server.requests["train-000000.tar"] == 1
+
+
+class _Full:
+    """A file on a full disk."""
+
+    def write(self, chunk):
+        raise OSError(28, "No space left on device")
