@@ -292,6 +292,7 @@ def test_masked_image_training_of_the_released_tower_is_refused(tower_dirs):
         model(batch)
 
 
+@pytest.mark.slow
 def test_prepare_then_export_with_a_converted_model(tmp_path):
     """Shards on the released grid and cutouts → `foundation export --checkpoint DIR` gives the
     converted model's own embeddings of those objects (the golden test covers the reference)."""

@@ -247,6 +247,7 @@ def test_bad_arguments_are_refused():
     dec_centre=st.sampled_from([-90.0, -45.0, 0.0, 41.8103149, 89.99]),
     patch_arcsec=st.sampled_from([3.0, 30.0, 3600.0]),
 )
+@pytest.mark.slow
 def test_property_small_random_skies_equal_global_match(seed, n_a, n_b, group_size, dec_centre, patch_arcsec):
     rng = np.random.default_rng(seed)
     centre = SkyCoord(ra=rng.uniform(0, 360) * u.deg, dec=dec_centre * u.deg)

@@ -119,6 +119,7 @@ def _samples(path):
     return manifest, out
 
 
+@pytest.mark.slow
 def test_prepare_from_hdf5_and_fits_gives_the_same_shards(data, capsys):
     m1, a = _samples(data / "shards")
     m2, b = _samples(data / "shards-fits")
@@ -343,6 +344,7 @@ def test_prepare_takes_the_shared_split_fractions_option(capsys):
     assert "must add up to 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_prepare_writes_the_same_shards_with_one_or_two_workers(survey, tmp_path):
     from encoders.astroclip.prepare import prepare
     from tests.testkit.same_shards import assert_same_shard_sets
@@ -371,6 +373,7 @@ def test_prepare_astroclip_takes_the_workers_option(capsys):
     assert "--workers" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_prepare_with_workers_reports_a_bad_mask_in_the_same_one_line(survey, tmp_path, capsys):
     """A mask value found by a worker stops the run with the one-process error, naming the file."""
     import shutil

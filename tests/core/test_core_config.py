@@ -176,6 +176,7 @@ def test_a_directory_is_not_a_config(tmp_path):
         config.load(Outer, tmp_path)
 
 
+@pytest.mark.slow
 def test_deeply_nested_override_value_is_refused_not_a_recursion_error():
     with pytest.raises(ConfigError, match=r"sizes: expected a list, got '\[\[\["):
         config.load(Outer, None, ["name=x", "sizes=" + "[" * 100_000])

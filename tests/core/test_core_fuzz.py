@@ -710,6 +710,7 @@ def _misbehaving_commands():
     return [Command((name,), name, noop, run) for name, run in runs.items()]
 
 
+@pytest.mark.slow
 def test_harness_tells_success_clean_errors_tracebacks_hangs_and_memory_bombs_apart(monkeypatch, tmp_path):
     from foundation import cli
 

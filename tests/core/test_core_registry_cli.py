@@ -162,6 +162,7 @@ def test_split_fractions_option_is_parsed_and_checked_once_for_every_prepare():
             parser.parse_args(["--split-fractions", bad])
 
 
+@pytest.mark.slow
 def test_foundation_imports_no_pipeline_or_family_module():
     # foundation/ is the library under pipelines/ and encoders/: importing any of its modules, the CLI
     # included, must not pull either in (verbs and families arrive through entry points when used).

@@ -63,6 +63,7 @@ def _alive(pid: int) -> bool:
     return not (stat.exists() and stat.read_text().split(") ")[-1].startswith("Z"))
 
 
+@pytest.mark.slow
 def test_sigterm_stops_the_map_and_ends_its_workers(tmp_path):
     """The units not started are dropped, the running ones finish, the workers exit."""
     script = textwrap.dedent(

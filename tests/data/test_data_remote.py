@@ -299,6 +299,7 @@ def test_a_shard_evicted_before_opening_is_fetched_again(served, tmp_path):
     assert evicted and server.requests[evicted[0]] == 2
 
 
+@pytest.mark.slow
 def test_loader_workers_read_a_remote_set(served, tmp_path):
     from torch.utils.data import DataLoader
 

@@ -75,6 +75,7 @@ def test_buffers_are_reused_while_batches_are_dropped(small_set):
     assert not mapped()
 
 
+@pytest.mark.slow
 def test_early_stop_and_persistent_workers_leave_nothing_behind(small_set):
     kwargs = dict(batch_size=4, seed=3, epochs=1)
     want = reference(small_set, **kwargs)

@@ -222,6 +222,7 @@ def small_shards(tmp_path_factory):
     return ns, dr
 
 
+@pytest.mark.slow
 def test_finetune_from_a_converted_model_and_rollout_with_it(small_shards, tmp_path):
     ns, dr = small_shards
     converted = tmp_path / "mpp-converted"

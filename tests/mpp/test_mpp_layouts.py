@@ -155,6 +155,7 @@ def test_sample_and_time_varying_boundary_masks(tmp_path):
 # ----------------------------------------------------------------------------- prepare on a Well base
 
 
+@pytest.mark.slow
 def test_prepare_a_well_base_folder_skips_what_it_cannot_use(tmp_path, capsys):
     from foundation.data import Manifest, ShardDataset
 

@@ -155,6 +155,7 @@ def test_finetune_optimizer_holds_every_trainable_parameter(shards, pretrained):
         assert id(model.embed.weight) in in_optimizer and id(model.destem.out_weight) in in_optimizer
 
 
+@pytest.mark.slow
 def test_pretrain_finetune_and_rollout_evaluation(shards, pretrained, tmp_path):
     _, ft = shards
     run = pretrained
@@ -340,6 +341,7 @@ def test_prepare_with_workers_names_the_file_of_a_bad_window_in_one_line(tmp_pat
     assert errors[0].count("\n") == 1 and str(bad) in errors[0] and "non-finite" in errors[0]
 
 
+@pytest.mark.slow
 def test_sigterm_stops_prepare_with_workers_and_publishes_nothing(tmp_path):
     import os
     import signal
@@ -440,6 +442,7 @@ def _assert_same_set_as_one_run(merged: Path, whole: Path) -> None:
             assert math.isclose(a.stats["fields"][name][key], entry[key], rel_tol=1e-9, abs_tol=1e-12)
 
 
+@pytest.mark.slow
 def test_parts_of_the_input_files_merge_to_the_one_run_set(tmp_path):
     """`prepare mpp --part I/3` over three files, then `shards merge`: what one prepare writes."""
     from foundation.data import Manifest

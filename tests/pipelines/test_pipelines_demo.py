@@ -39,6 +39,7 @@ def _stages(tmp_path: Path, calls: list[str], embeddings: Path, key_b: str = "b1
     ]
 
 
+@pytest.mark.slow
 def test_stages_run_once_then_skip_and_redo_what_changed(tmp_path, make_embeddings):
     embeddings, _ = make_embeddings(n=60, dim=4)
     out = tmp_path / "demo"

@@ -105,6 +105,7 @@ def test_zero_shot_report_and_controls(tmp_path, make_embeddings, embeddings_wri
     assert "| model | spectrum | k-NN |" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_zero_shot_cli_and_errors(tmp_path, make_embeddings, capsys):
     path, _ = make_embeddings(n=200)
     out = tmp_path / "zs"

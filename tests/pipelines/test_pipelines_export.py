@@ -287,6 +287,7 @@ def test_export_precision_follows_the_training_rule_on_cpu(tmp_path, tiny_shards
         _export(load_model(ckpt), tiny_shards, tmp_path / "x.h5", precision="fp8", num_workers=0)
 
 
+@pytest.mark.slow
 def test_query_plot_draws_inputs_from_the_shards(tmp_path, tiny_shards, tiny_checkpoint, capsys):
     ckpt, _ = tiny_checkpoint
     emb = tmp_path / "emb.h5"

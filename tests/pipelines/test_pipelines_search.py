@@ -217,6 +217,7 @@ def _small_indexes(tmp_path, make_embeddings) -> list:
     return folders
 
 
+@pytest.mark.slow
 def test_damaged_index_files_are_refused_in_one_line_within_bounds(tmp_path, make_embeddings):
     # faiss trusts the sizes in an index file: mutated IVF headers made it allocate gigabytes
     # (std::bad_alloc, or a zero-filled buffer filling memory). A bounded child reads the file first.

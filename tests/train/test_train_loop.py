@@ -225,6 +225,7 @@ def test_gradient_accumulation_matches_the_full_batch(shards, tmp_path, monkeypa
     assert not all(torch.equal(a[k], b[k]) for k in a)  # really two different computations
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_without_saving_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
     poisoned = write_toy_shards(tmp_path / "poisoned", nan_at=40)
     data = config_dict(poisoned, tmp_path / "run", train={"ckpt_every": 1, "keep_last": 3, "steps": 30})
