@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from foundation.data.merge import merge_shard_sets
 from foundation.data.summary import DegenerateDataError
 from foundation.data.verify import verify_shard_set
 from foundation.errors import DataError
+from tests.testkit.same_shards import members_by_key
 
 FRACTIONS = {"train": 0.6, "valid": 0.2, "test": 0.2}
 N = 150
@@ -59,17 +59,6 @@ def _parts(tmp_path: Path, count: int = 3, **kwargs) -> list[Path]:
     return [_write(tmp_path / f"part-{k}", range(k, N, count), **kwargs) for k in range(count)]
 
 
-def _members_by_key(folder: Path, split: str) -> dict[str, dict[str, bytes]]:
-    """Every sample's tar members (name -> bytes), read with the standard library's tarfile."""
-    out: dict[str, dict[str, bytes]] = {}
-    for path in Manifest.load(folder).shard_paths(split):
-        with tarfile.open(path) as tar:
-            for member in tar.getmembers():
-                key = member.name.split(".", 1)[0]
-                out.setdefault(key, {})[member.name] = tar.extractfile(member).read()
-    return out
-
-
 def _assert_same_stats(merged: dict, whole: dict) -> None:
     """Counts and min/max exactly; mean/std to 1e-12 relative: both are sums of the same numbers
     in another order (the pairwise update per part, then across parts), so only rounding differs."""
@@ -99,7 +88,7 @@ def test_merged_set_equals_the_set_written_in_one_go(whole_and_parts, tmp_path):
     assert merged.split_rule == reference.split_rule
     assert merged.stats == reference.stats
     for split in FRACTIONS:
-        assert _members_by_key(out, split) == _members_by_key(whole, split)
+        assert members_by_key(out, split) == members_by_key(whole, split)
         _assert_same_stats(merged.field_stats(split), reference.field_stats(split))
         assert merged.split(split).samples == reference.split(split).samples
     assert [p["part"] for p in merged.provenance["merged_from"]] == [str(p) for p in parts]
@@ -347,7 +336,7 @@ def test_xval_parts_prepared_with_one_vocabulary_merge_to_the_one_go_set(tmp_pat
     for key, value in whole.stats["lengths"].items():
         assert math.isclose(merged.stats["lengths"][key], value, rel_tol=1e-12), key
     for split in FRACTIONS:
-        assert _members_by_key(tmp_path / "merged", split) == _members_by_key(whole.path, split)
+        assert members_by_key(tmp_path / "merged", split) == members_by_key(whole.path, split)
         _assert_same_stats(merged.field_stats(split), whole.field_stats(split))
     own = prepare(files[1:], tmp_path / "own-1", PrepareOptions(**options))
     with pytest.raises(DataError, match=r"files\.tokenizer\.json differs .*--vocab-from"):
@@ -380,7 +369,7 @@ def test_xval_parts_by_part_option_merge_to_the_one_go_set(tmp_path):
     assert merged.extra == one.extra and merged.files == one.files
     assert merged.stats["normalizer"] == one.stats["normalizer"]
     for split in FRACTIONS:
-        assert _members_by_key(merged.path, split) == _members_by_key(whole, split)
+        assert members_by_key(merged.path, split) == members_by_key(whole, split)
         _assert_same_stats(merged.field_stats(split), one.field_stats(split))
 
 

@@ -15,6 +15,7 @@ from encoders.mpp.model import AViT, MPPConfig
 from foundation.cli import main
 from foundation.errors import DataError
 from tests.testkit.configs import tiny_model_config
+from tests.testkit.same_shards import assert_same_shard_sets, members_by_key
 
 ROOT = Path(__file__).parents[2]
 TINY = str(ROOT / "configs" / "mpp" / "tiny.yaml")
@@ -312,7 +313,6 @@ def _toy_well_file(path: Path, n_traj: int = 3, steps: int = 9, seed: int = 0, n
 
 def test_prepare_writes_the_same_shards_with_one_or_two_workers(tmp_path, monkeypatch):
     from encoders.mpp import prepare as mpp_prepare
-    from tests.testkit.same_shards import assert_same_shard_sets
 
     for i in range(2):
         _toy_well_file(tmp_path / "toy" / f"toy{i}.hdf5", seed=i)
@@ -407,20 +407,6 @@ def _state(pid: str) -> str:
 # ----------------------------------------------------------------------------- prepare --part, shards merge
 
 
-def _members_by_key(folder: Path, split: str) -> dict[str, dict[str, bytes]]:
-    """Every sample's tar members (name -> bytes) of one split, read with the standard library."""
-    import tarfile
-
-    from foundation.data import Manifest
-
-    out: dict[str, dict[str, bytes]] = {}
-    for path in Manifest.load(folder).shard_paths(split):
-        with tarfile.open(path) as tar:
-            for member in tar.getmembers():
-                out.setdefault(member.name.split(".", 1)[0], {})[member.name] = tar.extractfile(member).read()
-    return out
-
-
 def _assert_same_set_as_one_run(merged: Path, whole: Path) -> None:
     """Same keys, splits and sample bytes; `stats.fields` to rounding (relative 1e-9: the sums are
     recovered from stored means and rms, one multiplication and one division each way), the rest
@@ -432,7 +418,7 @@ def _assert_same_set_as_one_run(merged: Path, whole: Path) -> None:
     a, b = Manifest.load(merged), Manifest.load(whole)
     assert set(a.splits) == set(b.splits)
     for split in b.splits:
-        assert _members_by_key(merged, split) == _members_by_key(whole, split), split
+        assert members_by_key(merged, split) == members_by_key(whole, split), split
         assert a.field_stats(split).keys() == b.field_stats(split).keys()
     assert a.extra == b.extra
     assert a.stats.keys() == b.stats.keys() and a.stats["fields"].keys() == b.stats["fields"].keys()

@@ -9,7 +9,6 @@ import json
 import re
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -17,21 +16,13 @@ import pytest
 from foundation.cli import main
 from foundation.data import Manifest
 from tests.testkit import REPO, child_env
+from tests.testkit.same_shards import members_by_key
 
 pytestmark = pytest.mark.slurm
 
 PREPARE = REPO / "slurm" / "prepare.sbatch"
 FRACTIONS = "train=0.6,valid=0.2,test=0.2"
 PREPARE_ARGS = f"--vocab-size 300 --samples-per-shard 16 --min-field-count 5 --split-fractions {FRACTIONS}"
-
-
-def _members_by_key(folder: Path, split: str) -> dict[str, dict[str, bytes]]:
-    out: dict[str, dict[str, bytes]] = {}
-    for path in Manifest.load(folder).shard_paths(split):
-        with tarfile.open(path) as tar:
-            for member in tar.getmembers():
-                out.setdefault(member.name.split(".", 1)[0], {})[member.name] = tar.extractfile(member).read()
-    return out
 
 
 def _corpus(folder: Path) -> list[str]:
@@ -80,7 +71,7 @@ def _assert_equal_to_one_run(merged: Path, whole: Path) -> None:
     assert a.extra == b.extra and a.files == b.files and a.stats["normalizer"] == b.stats["normalizer"]
     assert set(a.splits) == set(b.splits) == {"train", "valid", "test"}
     for split in b.splits:
-        assert _members_by_key(merged, split) == _members_by_key(whole, split), split
+        assert members_by_key(merged, split) == members_by_key(whole, split), split
 
 
 def test_xval_prepare_array_and_merge_match_one_prepare_and_resubmitting_resumes(slurm, tmp_path):

@@ -4,7 +4,10 @@ byte, apart from when and by which command line they were made."""
 from __future__ import annotations
 
 import json
+import tarfile
 from pathlib import Path
+
+from foundation.data import Manifest
 
 #: Provenance entries that differ between two runs of the same preparation.
 RUN_ENTRIES = ("created", "command")
@@ -28,3 +31,14 @@ def assert_same_shard_sets(a: str | Path, b: str | Path) -> None:
         if name != "manifest.json":
             assert (a / name).read_bytes() == (b / name).read_bytes(), f"{name} differs"
     assert _manifest_without_run_entries(a) == _manifest_without_run_entries(b)
+
+
+def members_by_key(folder: str | Path, split: str) -> dict[str, dict[str, bytes]]:
+    """Every sample's tar members (name -> bytes) of one split, read with the standard library's
+    tarfile: two sets holding the same samples compare equal however their shards are cut."""
+    out: dict[str, dict[str, bytes]] = {}
+    for path in Manifest.load(folder).shard_paths(split):
+        with tarfile.open(path) as tar:
+            for member in tar.getmembers():
+                out.setdefault(member.name.split(".", 1)[0], {})[member.name] = tar.extractfile(member).read()
+    return out
