@@ -21,6 +21,7 @@ shuffled-pair control), which roughly doubles the alignment time.
 from __future__ import annotations
 
 import argparse
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -489,6 +490,14 @@ def summary(out: Path, markers: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def browse_command(out: Path) -> str:
+    """`foundation search serve` over the demo's index, embeddings and shards (a page on localhost)."""
+    emb, shards = out / "embeddings" / "astroclip.h5", out / "shards"
+    return "foundation search serve " + shlex.join(
+        map(str, [out / "index", "--embeddings", emb, "--data", shards])
+    )
+
+
 # ----------------------------------------------------------------------------- command
 
 
@@ -553,6 +562,8 @@ def _run(args: argparse.Namespace) -> int:
     print()
     print(text)
     print(f"\ntotal {time.perf_counter() - start:.0f} s this run; summary -> {out / 'SUMMARY.md'}")
+    if (out / "index" / "index.json").exists():
+        print(f"browse the search results: {browse_command(out)}")
     return 0
 
 

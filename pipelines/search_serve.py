@@ -50,8 +50,9 @@ def _check_host(host: str) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from foundation.data.raw_inputs import parse_field_map
-    from foundation.search.serve import SearchBrowser, create_app, make_server
+    from foundation.search.serve import SearchBrowser, create_app, make_server, require_flask
 
+    require_flask()
     fields = parse_field_map(args.fields, []) if args.fields else None
     _check_host(args.host)
     browser = SearchBrowser(args.index, embeddings=args.embeddings, data=args.data, fields=fields)
@@ -59,7 +60,9 @@ def _run(args: argparse.Namespace) -> int:
         try:
             server = make_server(create_app(browser), args.host, args.port)
         except OSError as exc:
-            raise ConfigError(f"cannot listen on {args.host}:{args.port} ({exc.strerror}); pick another --port")
+            raise ConfigError(
+                f"cannot listen on {args.host}:{args.port} ({exc.strerror}); pick another --port"
+            ) from None
         searchable = ", ".join(f"{m} ({how})" for m, how in browser.index_notes.items())
         print(f"{browser.emb.rows} objects from {browser.emb.path}; searchable: {searchable}")
         if browser.samples is None:

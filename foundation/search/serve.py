@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from foundation.errors import DataError, FoundationError
+from foundation.errors import ConfigError, DataError, FoundationError
 from foundation.search.files import _neighbours, _targets_of, ids_digest
 from foundation.search.index import VectorIndex
 from foundation.search.kinds import default_exact_max
@@ -77,7 +77,10 @@ def legacy_rgb(image: np.ndarray, bands: Sequence[str] | None = None) -> np.ndar
         names = ["g", "r", "z"][: planes.shape[0]] if planes.shape[0] <= 3 else None
     if names is None:  # more bands than we can name: the bluest, a middle and the reddest
         planes, names = planes[[0, planes.shape[0] // 2, -1]], ["g", "r", "z"]
-    scaled = [np.maximum(0.0, p * LEGACY_RGB_SCALES[b][1] + LEGACY_RGB_SOFTENING) for p, b in zip(planes, names)]
+    scaled = [
+        np.maximum(0.0, p * LEGACY_RGB_SCALES[b][1] + LEGACY_RGB_SOFTENING)
+        for p, b in zip(planes, names, strict=True)
+    ]
     intensity = sum(scaled) / len(scaled)
     stretch = np.arcsinh(LEGACY_RGB_Q * intensity) / np.sqrt(LEGACY_RGB_Q)
     intensity = np.where(intensity == 0.0, 1e-6, intensity)
@@ -239,6 +242,7 @@ class SearchBrowser:
                 )
                 self.index_notes[m] = "exact search in memory"
         self.ids = emb.ids
+        emb.rows_of(self.ids[:1])  # builds its id -> row map now, not in two request threads at once
         self.sorted_ids = sorted(self.ids.tolist())
         self.targets = {t: emb.target(t) for t in emb.target_names}
         data = data or emb.attrs.get("data")
@@ -290,7 +294,8 @@ class SearchBrowser:
     def _modality(self, name: str | None, what: str) -> str:
         if name not in self.emb.modalities:
             raise RequestError(
-                f"{what}={name!r} is not a modality of the embeddings; use one of {', '.join(self.emb.modalities)}"
+                f"{what}={name!r} is not a modality of the embeddings; "
+                f"use one of {', '.join(self.emb.modalities)}"
             )
         return name
 
@@ -312,7 +317,9 @@ class SearchBrowser:
             raise RequestError(f"k={k} must be between 1 and {self.max_k()}")
         return k
 
-    def query_object(self, oid: str, modality: str | None, k: int, target: str | None = None) -> dict[str, Any]:
+    def query_object(
+        self, oid: str, modality: str | None, k: int, target: str | None = None
+    ) -> dict[str, Any]:
         """Neighbours of object `oid`'s `modality` vector among the `target` modality's vectors."""
         modality = self._modality(modality, "modality")
         target, k, row = self._target(modality, target), self._k(k), self.row(oid)
@@ -336,7 +343,9 @@ class SearchBrowser:
         result["query_targets"] = {}
         return result
 
-    def _search(self, query: np.ndarray, modality: str, target: str, k: int, oid: str | None) -> dict[str, Any]:
+    def _search(
+        self, query: np.ndarray, modality: str, target: str, k: int, oid: str | None
+    ) -> dict[str, Any]:
         exclude_self = oid is not None and target == modality
         index = self.indexes[target]
         sims, rows = index.search(query, min(k + int(exclude_self), index.meta.n))
@@ -353,7 +362,9 @@ class SearchBrowser:
     def _raw(self, oid: str, modality: str) -> Any:
         self.row(oid)
         if self.samples is None or modality not in self.samples.fields:
-            raise RequestError(f"no {modality} inputs to show (serve was given no shard set holding them)", 404)
+            raise RequestError(
+                f"no {modality} inputs to show (serve was given no shard set holding them)", 404
+            )
         if oid not in self.samples:
             raise RequestError(f"object {oid!r} is not in the shards of {self.samples.path}", 404)
         value = self.samples.field(oid, self.samples.fields[modality])
@@ -429,7 +440,11 @@ def _npy_vector(raw: bytes, filename: str) -> np.ndarray:
     if dtype.hasobject or dtype.kind not in "fiu":
         raise RequestError(f"{filename or 'the upload'} holds {dtype}, not numbers")
     count = int(np.prod(shape, dtype=np.int64))
-    if len(shape) > 2 or (len(shape) == 2 and 1 not in shape) or count * dtype.itemsize != len(raw) - handle.tell():
+    if (
+        len(shape) > 2
+        or (len(shape) == 2 and 1 not in shape)
+        or count * dtype.itemsize != len(raw) - handle.tell()
+    ):
         raise RequestError(f"{filename or 'the upload'} must hold one vector (shape {shape} does not fit)")
     return np.frombuffer(raw, dtype=dtype, count=count, offset=handle.tell()).astype(np.float64)
 
@@ -447,8 +462,20 @@ def _int_arg(args: Any, name: str, default: int) -> int:
         raise RequestError(f"{name}={text!r} is not an integer") from None
 
 
+def require_flask() -> Any:
+    """The flask module, or a ConfigError saying how to install it (it is an optional extra)."""
+    try:
+        import flask
+    except ImportError:
+        raise ConfigError(
+            "`foundation search serve` needs Flask, which is not installed: pip install 'foundation[serve]'"
+        ) from None
+    return flask
+
+
 def create_app(browser: SearchBrowser) -> Any:
     """The Flask app of the page and its JSON API over `browser` (see docs/search.md, "Browse")."""
+    require_flask()
     from flask import Flask, Response, jsonify, request
     from werkzeug.exceptions import HTTPException
 
@@ -501,7 +528,9 @@ def create_app(browser: SearchBrowser) -> Any:
         else:
             form = request.get_json(silent=True)
             if not isinstance(form, dict) or "vector" not in form:
-                raise RequestError('POST a JSON object {"vector": [...], "modality": ...} or a file field "vector"')
+                raise RequestError(
+                    'POST a JSON object {"vector": [...], "modality": ...} or a file field "vector"'
+                )
             vector = vector_from_list(form["vector"])
         k = _int_arg(form, "k", 10)
         return jsonify(browser.query_vector(vector, form.get("modality"), k, form.get("target") or None))

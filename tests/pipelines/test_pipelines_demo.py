@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -162,6 +163,7 @@ def test_tiny_demo_end_to_end_then_everything_is_skipped(tmp_path):
     assert (out / "search" / "query.png").stat().st_size > 10_000
     text = summary(out, markers)
     assert "| astroclip | image | k-NN |" in text and "image → spectrum" in text
+    _browse_demo(out, queries[0]["query"])
     # A second run finds every stage done.
     lines.clear()
     run_stages(plan(out, settings), out, echo=lines.append, in_process=True)
@@ -213,3 +215,22 @@ def test_demo_trains_in_bf16_only_where_the_cpu_has_amx(tmp_path, monkeypatch, a
     assert "train.precision=fp32" in forced["pretrain-align"].argv
     with pytest.raises(ConfigError, match="--precision takes"):
         plan(tmp_path, DemoSettings(precision="fp16"))
+
+
+def _browse_demo(out, oid: str) -> None:
+    """The command the demo prints opens its results: `foundation search serve` over the real export."""
+    pytest.importorskip("flask", reason="flask is not installed (the serve extra)")
+    from foundation.search.serve import SearchBrowser, create_app
+    from pipelines.demo import browse_command
+
+    words = shlex.split(browse_command(out))
+    assert words[:3] == ["foundation", "search", "serve"]
+    browser = SearchBrowser([words[3]], embeddings=words[words.index("--embeddings") + 1], data=words[-1])
+    try:
+        client = create_app(browser).test_client()
+        result = client.get(f"/query?object_id={oid}&modality=image&k=4").get_json()
+        assert len(result["neighbours"]) == 4 and set(result["query_targets"]) >= {"redshift", "stellar_mass"}
+        assert client.get(f"/image?object_id={oid}").mimetype == "image/png"
+        assert "Å" in client.get(f"/spectrum?object_id={oid}").get_json()["x_label"]
+    finally:
+        browser.close()

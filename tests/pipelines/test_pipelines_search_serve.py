@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -40,7 +41,9 @@ def _galaxy(rng: np.random.Generator, z: float, size: int = 24) -> np.ndarray:
     v = (-x * np.sin(angle) + y * np.cos(angle)) / axis_ratio
     profile = np.exp(-np.hypot(u, v) / rng.uniform(1.5, 4.0))
     colour = np.array([1.0 - 0.6 * z, 1.0, 1.0 + 1.5 * z])
-    return (colour[:, None, None] * profile * 2.0 + 0.02 * rng.normal(size=(3, size, size))).astype(np.float32)
+    return (colour[:, None, None] * profile * 2.0 + 0.02 * rng.normal(size=(3, size, size))).astype(
+        np.float32
+    )
 
 
 def _spectrum(rng: np.random.Generator, z: float) -> np.ndarray:
@@ -58,7 +61,9 @@ def _write_shards(path: Path, data: dict) -> Path:
     rng = np.random.default_rng(1)
     extra = {"bands": ["g", "r", "z"], "wavelength": WAVELENGTH, "targets": ["redshift", "stellar_mass"]}
     with ShardSetWriter(path, {"train": 0.7, "test": 0.3}, samples_per_shard=16, extra=extra) as writer:
-        for oid, z, mass in zip(data["ids"], data["targets"]["redshift"], data["targets"]["stellar_mass"], strict=True):
+        for oid, z, mass in zip(
+            data["ids"], data["targets"]["redshift"], data["targets"]["stellar_mass"], strict=True
+        ):
             mask = np.zeros(PIXELS, dtype=bool)
             mask[5:9] = True
             writer.write(
@@ -113,7 +118,9 @@ def test_query_by_id_is_cross_modal_and_agrees_with_exact_search(client, fixture
     spectra = data["vectors"]["spectrum"] / np.linalg.norm(data["vectors"]["spectrum"], axis=1, keepdims=True)
     expected = np.argsort(-(spectra @ image))[:5]
     assert [nb["id"] for nb in body["neighbours"]] == [data["ids"][i] for i in expected]
-    np.testing.assert_allclose([nb["similarity"] for nb in body["neighbours"]], (spectra @ image)[expected], rtol=1e-4)
+    np.testing.assert_allclose(
+        [nb["similarity"] for nb in body["neighbours"]], (spectra @ image)[expected], rtol=1e-4
+    )
     assert body["query_targets"]["redshift"] == pytest.approx(data["targets"]["redshift"][7])
     # Its own spectrum is among the nearest (low noise) and marked as the same object.
     assert any(nb["match"] for nb in body["neighbours"] if nb["id"] == "gal-007")
@@ -194,7 +201,10 @@ def test_bad_get_requests_get_4xx_and_one_line(client, url, status, words):
 @pytest.mark.parametrize(
     "kwargs, words",
     [
-        ({"json": {"vector": [0.1] * (DIM - 1), "modality": "image"}}, f"has {DIM - 1} values; spectrum embeddings have {DIM}"),
+        (
+            {"json": {"vector": [0.1] * (DIM - 1), "modality": "image"}},
+            f"has {DIM - 1} values; spectrum embeddings have {DIM}",
+        ),
         ({"json": {"vector": [0.0] * DIM, "modality": "image"}}, "not all zero"),
         ({"json": {"vector": ["a"] * DIM, "modality": "image"}}, "flat list of numbers"),
         ({"json": {"vector": [0.1] * DIM, "modality": "radio"}}, "modality='radio'"),
@@ -231,7 +241,9 @@ def test_an_npy_header_larger_than_its_data_is_refused_before_allocating():
 
 
 def test_an_oversized_upload_gets_413(client):
-    res = client.post("/query", data={"vector": (io.BytesIO(b"1 " * (1 << 20)), "v.txt"), "modality": "image"})
+    res = client.post(
+        "/query", data={"vector": (io.BytesIO(b"1 " * (1 << 20)), "v.txt"), "modality": "image"}
+    )
     assert res.status_code == 413 and "error" in res.get_json()
 
 
@@ -277,9 +289,12 @@ def live_server(browser):
 def test_page_in_headless_chromium(live_server, fixture_set, tmp_path):
     found = _chromium()
     if found is None:
-        print("skipped: chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
-        pytest.skip("chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+        reason = "chromium and chromedriver are not installed (apt-get install chromium chromium-driver)"
+        if os.environ.get("FOUNDATION_REQUIRE_BROWSER") == "1":  # CI installed them: missing is a failure
+            pytest.fail(f"{reason} (and FOUNDATION_REQUIRE_BROWSER=1)")
+        print(f"skipped: {reason}")
+        pytest.skip(reason)
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (the dev extra)")
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -307,13 +322,19 @@ def test_page_in_headless_chromium(live_server, fixture_set, tmp_path):
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#objects li[data-id]")) > 0)
         # Pick a galaxy with the search box and the list.
         driver.find_element(By.ID, "search").send_keys("gal-02")
-        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#objects li[data-id]").get_attribute("data-id") == "gal-020")
+        wait.until(
+            lambda d: (
+                d.find_element(By.CSS_SELECTOR, "#objects li[data-id]").get_attribute("data-id") == "gal-020"
+            )
+        )
         driver.find_element(By.CSS_SELECTOR, "#objects li[data-id='gal-025']").click()
         wait.until(lambda d: d.find_element(By.ID, "query-id").text == "gal-025")
         first = _shown(driver, wait, k=12)
         expected = json.loads(_fetch(driver, live_server + "query?object_id=gal-025&modality=image&k=12"))
         assert first["ids"] == [nb["id"] for nb in expected["neighbours"]]
-        assert first["redshift"] == pytest.approx([nb["targets"]["redshift"] for nb in expected["neighbours"]], rel=1e-9)
+        assert first["redshift"] == pytest.approx(
+            [nb["targets"]["redshift"] for nb in expected["neighbours"]], rel=1e-9
+        )
         assert first["query_redshift"] == pytest.approx(data["targets"]["redshift"][25])
         shot = tmp_path / "query.png"
         driver.save_screenshot(str(shot))
@@ -349,7 +370,9 @@ def _shown(driver, wait, k: int) -> dict:
     return {
         "ids": [c.get_attribute("data-id") for c in cards],
         "redshift": [
-            float(c.find_element(By.CSS_SELECTOR, ".target[data-name='redshift']").get_attribute("data-value"))
+            float(
+                c.find_element(By.CSS_SELECTOR, ".target[data-name='redshift']").get_attribute("data-value")
+            )
             for c in cards
         ],
         "query_redshift": float(query_z.get_attribute("data-value")),
@@ -359,5 +382,6 @@ def _shown(driver, wait, k: int) -> dict:
 def _fetch(driver, url: str) -> str:
     """The API's answer as the page's own browser gets it."""
     return driver.execute_async_script(
-        "const done = arguments[arguments.length - 1]; fetch(arguments[0]).then(r => r.text()).then(done);", url
+        "const done = arguments[arguments.length - 1]; fetch(arguments[0]).then(r => r.text()).then(done);",
+        url,
     )
