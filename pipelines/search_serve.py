@@ -70,11 +70,10 @@ def _run(args: argparse.Namespace) -> int:
         host = f"[{args.host}]" if ":" in args.host else args.host
         print(f"browse at http://{host}:{server.server_port}/  (Ctrl-C to stop)", flush=True)
         try:
-            server.serve_forever()
-        except KeyboardInterrupt:
-            print("stopped")
+            server.serve_forever()  # werkzeug's server returns on Ctrl-C
         finally:
             server.server_close()
+        print("stopped")
     finally:
         browser.close()
     return 0

@@ -7,7 +7,12 @@ import io
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -266,6 +271,37 @@ def test_cli_refuses_an_index_of_another_file(fixture_set, tmp_path, capsys):
     assert "object ids differ" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_cli_serves_until_interrupted(fixture_set):
+    """The command itself: prints where to browse, answers there, stops cleanly on Ctrl-C."""
+    index, emb, shards, _ = fixture_set
+    argv = [sys.executable, "-m", "foundation.cli", "search", "serve", str(index), "--embeddings", str(emb)]
+    proc = subprocess.Popen(
+        [*argv, "--data", str(shards), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        lines = []
+        while not lines or not lines[-1].startswith("browse at "):
+            line = proc.stdout.readline()
+            assert line, "the server exited early:\n" + "".join(lines)
+            lines.append(line)
+        url = lines[-1].split()[2]
+        with urllib.request.urlopen(url + "info", timeout=30) as answer:
+            assert json.load(answer)["rows"] == N
+        with pytest.raises(urllib.error.HTTPError) as bad:
+            urllib.request.urlopen(url + "query?object_id=nope&modality=image", timeout=30)
+        assert bad.value.code == 404 and "unknown object id" in json.load(bad.value)["error"]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        assert "stopped" in proc.stdout.read()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 # ----------------------------------------------------------------------------- in a real browser
 
 
@@ -295,6 +331,7 @@ def test_page_in_headless_chromium(live_server, fixture_set, tmp_path):
         print(f"skipped: {reason}")
         pytest.skip(reason)
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (the dev extra)")
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -317,7 +354,8 @@ def test_page_in_headless_chromium(live_server, fixture_set, tmp_path):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=found[1]), options=options)
     try:
-        wait = WebDriverWait(driver, 20)
+        # The page redraws its cards on every answer: an element found just before may be gone.
+        wait = WebDriverWait(driver, 20, ignored_exceptions=(StaleElementReferenceException,))
         driver.get(live_server)
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#objects li[data-id]")) > 0)
         # Pick a galaxy with the search box and the list.
@@ -347,7 +385,20 @@ def test_page_in_headless_chromium(live_server, fixture_set, tmp_path):
         assert second["ids"] == [nb["id"] for nb in expected["neighbours"]]
         assert "#object_id=" + target in driver.current_url
         driver.save_screenshot(str(tmp_path / "neighbour.png"))
-        print(f"screenshots: {shot} {tmp_path / 'neighbour.png'}")
+        # Upload an embedding: its neighbours are the object's own.
+        np.save(tmp_path / "vector.npy", data["vectors"]["image"][11])
+        driver.find_element(By.ID, "upload").send_keys(str(tmp_path / "vector.npy"))
+        driver.find_element(By.ID, "upload-button").click()
+        wait.until(lambda d: d.find_element(By.ID, "query-id").text == "uploaded vector: vector.npy")
+        expected = json.loads(_fetch(driver, live_server + "query?object_id=gal-011&modality=image&k=12"))
+        wait.until(
+            lambda d: (
+                [c.get_attribute("data-id") for c in d.find_elements(By.CSS_SELECTOR, ".neighbour")]
+                == [nb["id"] for nb in expected["neighbours"]]
+            )
+        )
+        driver.save_screenshot(str(tmp_path / "upload.png"))
+        print(f"screenshots: {shot} {tmp_path / 'neighbour.png'} {tmp_path / 'upload.png'}")
     finally:
         driver.quit()
 
@@ -377,6 +428,11 @@ def _shown(driver, wait, k: int) -> dict:
         ],
         "query_redshift": float(query_z.get_attribute("data-value")),
     }
+
+
+def _neighbour_ids(driver) -> list[str]:
+    """The ids of the neighbour cards, read in one step (the page may redraw them meanwhile)."""
+    return driver.execute_script("return [...document.querySelectorAll('.neighbour')].map(c => c.dataset.id)")
 
 
 def _fetch(driver, url: str) -> str:
