@@ -245,7 +245,11 @@ class SearchBrowser:
         emb.rows_of(self.ids[:1])  # builds its id -> row map now, not in two request threads at once
         self.sorted_ids = sorted(self.ids.tolist())
         self.targets = {t: emb.target(t) for t in emb.target_names}
-        data = data or emb.attrs.get("data")
+        if data is None:
+            data = emb.attrs.get("data")
+            if data and not Path(data).is_dir():  # pictures are optional: serve without them
+                log.warning("the shard set %s that %s records is not there; pass --data", data, emb.path)
+                data = None
         self.samples = SampleStore(data, fields) if data else None
 
     def close(self) -> None:

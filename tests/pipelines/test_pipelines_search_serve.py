@@ -262,6 +262,25 @@ def test_legacy_rgb_colours_red_objects_red_and_is_bounded():
     np.testing.assert_allclose(grey[..., 0], grey[..., 2])
 
 
+def test_without_shards_it_searches_but_shows_no_pictures(fixture_set, tmp_path):
+    """The shard set an export records may have moved: queries work, pictures get a 404."""
+    index, _, _, data = fixture_set
+    import h5py
+
+    emb = write_embeddings(tmp_path / "emb.h5", data)
+    with h5py.File(emb, "r+") as f:  # as an export records the shard set it read
+        f.attrs["data"] = str(tmp_path / "moved")
+    b = SearchBrowser([index], embeddings=emb)
+    try:
+        client = create_app(b).test_client()
+        assert client.get("/info").get_json()["drawn"] == []
+        assert client.get("/query?object_id=gal-001&modality=image&k=2").status_code == 200
+        res = client.get("/image?object_id=gal-001")
+        assert res.status_code == 404 and "no image inputs" in res.get_json()["error"]
+    finally:
+        b.close()
+
+
 def test_cli_refuses_an_index_of_another_file(fixture_set, tmp_path, capsys):
     from foundation.cli import main
 
