@@ -65,6 +65,40 @@ def default_cache_dir() -> Path:
     return Path(root) / "shards"
 
 
+def open_filesystem(url: str, storage_options: dict[str, Any] | None = None, timeout_s: float = 60.0):
+    """A new fsspec file system for `url`'s scheme; for http(s) with connect and read timeouts of
+    `timeout_s` (aiohttp's default only bounds a whole transfer, at 5 minutes) unless
+    `storage_options` gives client_kwargs. s3:// takes its endpoint and credentials the standard
+    way (AWS_ENDPOINT_URL, AWS_PROFILE, ...) or from storage_options (endpoint_url=, key=, secret=)."""
+    try:
+        import fsspec
+    except ImportError:
+        raise DataError("shard sets at URLs need fsspec: pip install 'foundation[remote]'") from None
+    protocol = url.split("://", 1)[0].lower()
+    options = dict(storage_options or {})
+    _reset_fsspec_after_fork()
+    try:
+        if protocol in ("http", "https") and "client_kwargs" not in options:
+            import aiohttp
+
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
+            options["client_kwargs"] = {"timeout": timeout}
+        return fsspec.filesystem(protocol, skip_instance_cache=True, **options)
+    except ImportError as exc:
+        raise DataError(
+            f"{protocol}:// URLs need a package fsspec could not import ({exc}); install it (s3fs "
+            "for s3://, gcsfs for gs://, huggingface_hub for hf://, aiohttp for http(s)://)"
+        ) from None
+
+
+def load_manifest(path: str | os.PathLike, **options: Any) -> Manifest:
+    """The manifest of a shard set in a local folder or at a URL (fetched with its extra files into
+    the cache, so `manifest.path` is a folder holding them); `options` go to `RemoteShardSet`."""
+    if is_url(path):
+        return RemoteShardSet(str(path), **options).manifest
+    return Manifest.load(path)
+
+
 class DamagedShardError(DataError):
     """An object whose bytes differ from what the manifest records (another try would not mend it)."""
 
@@ -421,35 +455,9 @@ class RemoteShardSet:
         """This process's fsspec file system: a forked loader worker opens its own, as an async
         one's event loop and connections cannot cross a fork."""
         if self._filesystem is None or self._filesystem_pid != os.getpid():
-            try:
-                import fsspec
-            except ImportError:
-                raise DataError(
-                    "reading shard sets from URLs needs fsspec: pip install 'foundation[remote]'"
-                ) from None
-            protocol = self.url.split("://", 1)[0].lower()
-            _reset_fsspec_after_fork()
-            try:
-                self._filesystem = fsspec.filesystem(protocol, skip_instance_cache=True, **self._options())
-                self._filesystem_pid = os.getpid()
-            except ImportError as exc:
-                raise DataError(
-                    f"reading {protocol}:// URLs needs a package fsspec could not import ({exc}); "
-                    "install it (s3fs for s3://, gcsfs for gs://, huggingface_hub for hf://, aiohttp "
-                    "for http(s)://)"
-                ) from None
+            self._filesystem = open_filesystem(self.url, self.storage_options, self.timeout_s)
+            self._filesystem_pid = os.getpid()
         return self._filesystem
-
-    def _options(self) -> dict[str, Any]:
-        """fsspec's options; for http(s) with connect and read timeouts (aiohttp's default only
-        bounds a whole transfer, at 5 minutes), unless the caller gave client_kwargs."""
-        options = dict(self.storage_options)
-        if self.url.split("://", 1)[0].lower() in ("http", "https") and "client_kwargs" not in options:
-            import aiohttp
-
-            timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout_s, sock_read=self.timeout_s)
-            options["client_kwargs"] = {"timeout": timeout}
-        return options
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

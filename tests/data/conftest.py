@@ -52,7 +52,8 @@ class FaultProxy:
     """A threaded HTTP proxy on 127.0.0.1 in front of `target` (host, port) that passes every
     request on, except that `faults[name]` (the last path part of an object) lists actions for its
     next GETs: "503" (an S3 ServiceUnavailable reply, which s3fs leaves to its caller) or "drop"
-    (the headers and half the body, then the connection closes). `gets` counts GETs per name."""
+    (the headers and half the body, then the connection closes). `gets` counts GETs per name.
+    `failing_puts` holds substrings: a PUT (or copy) whose path holds one is answered 503 always."""
 
     def __init__(self, target: tuple[str, int]):
         import http.client
@@ -64,6 +65,7 @@ class FaultProxy:
 
         self.faults: dict[str, list[str]] = {}
         self.gets: Counter[str] = Counter()
+        self.failing_puts: set[str] = set()
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -78,6 +80,8 @@ class FaultProxy:
                     proxy.gets[name] += 1
                     if proxy.faults.get(name):
                         action = proxy.faults[name].pop(0)
+                if self.command == "PUT" and any(part in self.path for part in proxy.failing_puts):
+                    action = "503"
                 if action == "503":
                     reply = b"<Error><Code>ServiceUnavailable</Code><Message>Try again.</Message></Error>"
                     self.send_response(503)

@@ -372,3 +372,10 @@ class _Full:
 
     def write(self, chunk):
         raise OSError(28, "No space left on device")
+
+
+def test_writing_a_set_to_http_is_refused(make_sample):
+    from foundation.data import ShardSetWriter
+
+    with pytest.raises(DataError, match=r"http:// is read-only here"):
+        ShardSetWriter("http://127.0.0.1:9/set", {"train": 1.0})
