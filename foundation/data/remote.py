@@ -459,6 +459,9 @@ class RemoteShardSet:
             self._filesystem_pid = os.getpid()
         return self._filesystem
 
+    def __str__(self) -> str:
+        return self.url
+
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_filesystem"] = None  # each process opens its own connections

@@ -222,3 +222,25 @@ def test_prepare_mpp_writes_to_s3(s3_bucket, tmp_path, capsys):
     assert f"wrote shard set {url}" in capsys.readouterr().out
     assert main([*args, "--out", str(tmp_path / "local")]) == 0
     assert_same_shard_sets(_get(s3_bucket, url, tmp_path / "got"), tmp_path / "local")
+
+
+def test_export_from_an_s3_set_gives_the_local_embeddings(s3_bucket, tmp_path, monkeypatch):
+    from foundation.embeddings import open_embeddings
+    from foundation.export import ExportSettings, export_embeddings, load_model
+    from tests.testkit import toyfamily
+    from tests.testkit.shards import write_galaxy_shards
+
+    monkeypatch.setenv("FOUNDATION_CACHE", str(tmp_path / "cache"))
+    local = write_galaxy_shards(tmp_path / "galaxies")
+    url = s3_bucket.upload(local, "sets/galaxies")
+    toyfamily.write_checkpoint(tmp_path / "model.pt", local)
+    loaded = load_model(tmp_path / "model.pt")
+    settings = {"batch_size": 16, "num_workers": 0}
+    export_embeddings(loaded, url, tmp_path / "remote.h5", ExportSettings(**settings))
+    export_embeddings(loaded, local, tmp_path / "local.h5", ExportSettings(**settings))
+    with open_embeddings(tmp_path / "remote.h5") as remote, open_embeddings(tmp_path / "local.h5") as here:
+        assert remote.ids.tolist() == here.ids.tolist() and len(here.ids) == 120
+        for modality in ("image", "spectrum"):
+            np.testing.assert_array_equal(remote.vectors(modality), here.vectors(modality))
+        assert remote.attrs["data"] == url
+        assert remote.attrs["data_manifest_sha256"] == here.attrs["data_manifest_sha256"]
