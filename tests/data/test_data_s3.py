@@ -244,3 +244,19 @@ def test_export_from_an_s3_set_gives_the_local_embeddings(s3_bucket, tmp_path, m
             np.testing.assert_array_equal(remote.vectors(modality), here.vectors(modality))
         assert remote.attrs["data"] == url
         assert remote.attrs["data_manifest_sha256"] == here.attrs["data_manifest_sha256"]
+
+
+def test_a_split_is_added_to_an_s3_set_as_to_a_folder(s3_bucket, tmp_path, write_split):
+    url = s3_bucket.url("sets/splits")
+    for out in (url, tmp_path / "local"):
+        write_split(out, 23, 10, split="train", family="test")
+        write_split(out, 7, 10, split="valid", family="test")
+    manifest = RemoteShardSet(url, tmp_path / "cache").manifest
+    assert {name: split.samples for name, split in manifest.splits.items()} == {"train": 23, "valid": 7}
+    for split in ("train", "valid"):
+        _assert_same(
+            _stream(RemoteShardSet(url, tmp_path / "cache"), split=split),
+            _stream(tmp_path / "local", split=split),
+        )
+    with pytest.raises(DataError, match=r"already holds split\(s\) valid"):
+        write_split(url, 7, 10, split="valid", family="test")
