@@ -4,7 +4,9 @@ Each shard is fetched *whole* into a bounded local cache and checked (size and s
 manifest) before anything reads it; the local reader then reads the cached file. So batches,
 determinism and exact resume are those of a local shard set: only where the bytes come from
 differs. Transient errors (dropped connections, timeouts, HTTP 429/5xx) are retried with
-exponential backoff; after the last try a `DataError` names the shard and its URL.
+exponential backoff, each retry continuing from the bytes already received (an HTTP Range request,
+or a seek on stores read by ranges); after the last try a `DataError` names the shard and its URL.
+Writing a set to a URL is `foundation.data.upload`.
 
 Cache layout, one folder per shard-set URL: `<cache_dir>/<hash of URL>/` holds `manifest.json`
 (fetched anew on every open), the extra files, and the shards under their own names, each beside
