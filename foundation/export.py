@@ -271,9 +271,7 @@ def default_targets(manifest: Any) -> list[str]:
     return [n for n, spec in manifest.schema.items() if spec.kind == "scalar" and spec.dtype == "float64"]
 
 
-def _split_dataset(
-    data: Path, split: str, samples: int, part: int, parts: int, batch_size: int, collate: Any
-):
+def _split_dataset(data: Any, split: str, samples: int, part: int, parts: int, batch_size: int, collate: Any):
     """This part's share of one split (None when it has none)."""
     from foundation.data import ShardDataset
 
@@ -388,18 +386,19 @@ class ExportSource:
     model: Any
     device: Any
     precision: str
-    data: Path
+    data: Any
+    """The shard-set folder (a Path), or a `RemoteShardSet` for a URL."""
     manifest: Any
     splits: list[str]
     targets: list[str]
     attrs: dict[str, Any]
 
 
-def _select(loaded: LoadedModel, data: Path, settings: ExportSettings) -> tuple[Any, list[str], list[str]]:
+def _select(loaded: LoadedModel, data: Any, settings: ExportSettings) -> tuple[Any, list[str], list[str]]:
     """(manifest, splits, target names) of `data`, checked against the model and the settings."""
     from foundation.data import Manifest
 
-    manifest = Manifest.load(data)
+    manifest = data.manifest if _is_remote(data) else Manifest.load(data)
     if not loaded.source.startswith("random-init:"):
         check_same_data_files(loaded.manifest, manifest)
     splits = list(settings.splits or sorted(manifest.splits))
@@ -428,7 +427,7 @@ def _identity(
     loaded: LoadedModel,
     model: Any,
     precision: str,
-    data: Path,
+    data: Any,
     splits: list[str],
     targets: list[str],
     settings: ExportSettings,
@@ -452,8 +451,8 @@ def _identity(
         "family": loaded.family.name,
         "config": config.to_dict(loaded.config),
         "config_hash": config.config_hash(loaded.config),
-        "data": str(data.resolve()),
-        "data_manifest_sha256": hashlib.sha256((data / "manifest.json").read_bytes()).hexdigest(),
+        "data": data.url if _is_remote(data) else str(data.resolve()),
+        "data_manifest_sha256": hashlib.sha256((_local(data) / "manifest.json").read_bytes()).hexdigest(),
         "selection": json.dumps(selection, sort_keys=True),
         "part": settings.part,
         "parts": settings.parts,
@@ -464,9 +463,27 @@ def _identity(
     }
 
 
+def _open_shards(data: str | Path) -> Any:
+    """A local shard-set folder as a Path; a URL (s3://, https://, ...) as a `RemoteShardSet`,
+    read through the shard cache."""
+    from foundation.data.remote import RemoteShardSet, is_url
+
+    return RemoteShardSet(str(data)) if is_url(data) else Path(data)
+
+
+def _is_remote(data: Any) -> bool:
+    return not isinstance(data, Path)
+
+
+def _local(data: Any) -> Path:
+    """The folder holding the manifest as read: the shard cache's copy for a URL."""
+    return data.local if _is_remote(data) else data
+
+
 def open_source(loaded: LoadedModel, data: str | Path, settings: ExportSettings) -> ExportSource:
-    """Everything an export reads, checked, with the model on its device."""
-    data = Path(data)
+    """Everything an export reads, checked, with the model on its device. `data` is a shard-set
+    folder or URL."""
+    data = _open_shards(data)
     manifest, splits, targets = _select(loaded, data, settings)
     model, device, precision = open_model(loaded, settings)
     attrs = _identity(loaded, model, precision, data, splits, targets, settings)

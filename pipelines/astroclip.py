@@ -136,7 +136,7 @@ def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _prepare_run(args: argparse.Namespace) -> int:
     from encoders.astroclip.prepare import parse_grid, parse_targets, prepare
-    from foundation.data import Manifest
+    from foundation.data.remote import load_manifest
     from foundation.data.summary import format_field_summary
 
     bands = [b.strip() for b in args.bands.split(",") if b.strip()]
@@ -161,7 +161,7 @@ def _prepare_run(args: argparse.Namespace) -> int:
         spectrum_mask_means=args.spectrum_mask_means,
         masked_pixels=args.masked_pixels,
     )
-    print(format_field_summary(Manifest.load(args.out)))
+    print(format_field_summary(load_manifest(args.out)))
     m = report["match"]
     print(
         f"matched {m['matched']} objects ({report['images']} images, {report['spectra']} spectra); "

@@ -118,7 +118,7 @@ def _option_text(value: object) -> str:
 
 def _prepare_run(args: argparse.Namespace) -> int:
     from encoders.mpp.prepare import PrepareOptions, prepare
-    from foundation.data import Manifest
+    from foundation.data.remote import load_manifest
     from foundation.data.summary import format_field_summary
 
     options = PrepareOptions(
@@ -160,7 +160,7 @@ def _prepare_run(args: argparse.Namespace) -> int:
         print(f"skipped {name}: {reason}")
     if summary.short_files:
         print(f"skipped {len(summary.short_files)} file(s) with fewer steps than the window")
-    print(format_field_summary(Manifest.load(args.out)))
+    print(format_field_summary(load_manifest(args.out)))
     print(f"wrote shard set {args.out}")
     return 0
 

@@ -292,7 +292,8 @@ def _progress(iterable, opts: PrepareOptions, desc: str):
 
 def prepare(paths: Sequence[str | Path], out: str | Path, opts: PrepareOptions | None = None) -> Any:
     """Write the xVal shard set for `paths` into `out`; returns its Manifest."""
-    from foundation.data import Manifest, ShardSetWriter, split_for_key
+    from foundation.data import ShardSetWriter, split_for_key
+    from foundation.data.remote import load_manifest
 
     opts = opts or PrepareOptions()
     part_record = None
@@ -311,7 +312,7 @@ def prepare(paths: Sequence[str | Path], out: str | Path, opts: PrepareOptions |
         return split_for_key(record.key, fractions, str(opts.seed))
 
     # Pass 1: normaliser statistics and lengths on the training split.
-    reused = Manifest.load(opts.vocab_from) if opts.vocab_from else None
+    reused = load_manifest(opts.vocab_from) if opts.vocab_from else None
     reservoir = _Reservoir(_RESERVOIR, opts.seed)
     train_records = skipped = 0
     for record, parsed in _parsed_records(paths, opts, "scanning"):
@@ -424,7 +425,7 @@ def prepare(paths: Sequence[str | Path], out: str | Path, opts: PrepareOptions |
         )
     if skipped:
         log.warning("left out %d record(s) that contain the reserved marker [NUM]", skipped)
-    return Manifest.load(out)
+    return load_manifest(out)
 
 
 def merge_stats(parts: Sequence[Any]) -> tuple[dict[str, Any], dict[str, Any]]:

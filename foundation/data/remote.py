@@ -4,7 +4,9 @@ Each shard is fetched *whole* into a bounded local cache and checked (size and s
 manifest) before anything reads it; the local reader then reads the cached file. So batches,
 determinism and exact resume are those of a local shard set: only where the bytes come from
 differs. Transient errors (dropped connections, timeouts, HTTP 429/5xx) are retried with
-exponential backoff; after the last try a `DataError` names the shard and its URL.
+exponential backoff, each retry continuing from the bytes already received (an HTTP Range request,
+or a seek on stores read by ranges); after the last try a `DataError` names the shard and its URL.
+Writing a set to a URL is `foundation.data.upload`.
 
 Cache layout, one folder per shard-set URL: `<cache_dir>/<hash of URL>/` holds `manifest.json`
 (fetched anew on every open), the extra files, and the shards under their own names, each beside
@@ -16,12 +18,14 @@ removed when the cached shards exceed `cache_bytes`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
 import random
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +65,40 @@ def default_cache_dir() -> Path:
     """`$FOUNDATION_CACHE/shards`, else `~/.cache/foundation/shards`."""
     root = os.environ.get("FOUNDATION_CACHE") or Path.home() / ".cache" / "foundation"
     return Path(root) / "shards"
+
+
+def open_filesystem(url: str, storage_options: dict[str, Any] | None = None, timeout_s: float = 60.0):
+    """A new fsspec file system for `url`'s scheme; for http(s) with connect and read timeouts of
+    `timeout_s` (aiohttp's default only bounds a whole transfer, at 5 minutes) unless
+    `storage_options` gives client_kwargs. s3:// takes its endpoint and credentials the standard
+    way (AWS_ENDPOINT_URL, AWS_PROFILE, ...) or from storage_options (endpoint_url=, key=, secret=)."""
+    try:
+        import fsspec
+    except ImportError:
+        raise DataError("shard sets at URLs need fsspec: pip install 'foundation[remote]'") from None
+    protocol = url.split("://", 1)[0].lower()
+    options = dict(storage_options or {})
+    _reset_fsspec_after_fork()
+    try:
+        if protocol in ("http", "https") and "client_kwargs" not in options:
+            import aiohttp
+
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
+            options["client_kwargs"] = {"timeout": timeout}
+        return fsspec.filesystem(protocol, skip_instance_cache=True, **options)
+    except ImportError as exc:
+        raise DataError(
+            f"{protocol}:// URLs need a package fsspec could not import ({exc}); install it (s3fs "
+            "for s3://, gcsfs for gs://, huggingface_hub for hf://, aiohttp for http(s)://)"
+        ) from None
+
+
+def load_manifest(path: str | os.PathLike, **options: Any) -> Manifest:
+    """The manifest of a shard set in a local folder or at a URL (fetched with its extra files into
+    the cache, so `manifest.path` is a folder holding them); `options` go to `RemoteShardSet`."""
+    if is_url(path):
+        return RemoteShardSet(str(path), **options).manifest
+    return Manifest.load(path)
 
 
 class DamagedShardError(DataError):
@@ -107,6 +145,75 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+class _Partial:
+    """A download in progress: the temporary file, the bytes received so far and their hash."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = open(path, "wb")
+        self.received = 0
+        self.digest = hashlib.sha256()
+
+    def add(self, chunk: bytes, write: Callable[[Any, bytes], None]) -> None:
+        write(self.file, chunk)
+        self.received += len(chunk)
+        self.digest.update(chunk)
+
+    def restart(self) -> None:
+        if self.received:
+            self.file.seek(0)
+            self.file.truncate()
+            self.received = 0
+            self.digest = hashlib.sha256()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _answered_range(response: Any, offset: int) -> bool:
+    """True if an HTTP response is the 206 for `bytes=offset-` (a server without Range support
+    answers 200 with the whole object)."""
+    if response is None or getattr(response, "status", None) != 206:
+        return False
+    content_range = response.headers.get("Content-Range", "")
+    return content_range.startswith(f"bytes {offset}-")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Further tries after a transient failure; the wait before try k+1 is
+    min(max_backoff_s, backoff_s * 2**k), with up to 25 % random jitter (it changes no data, only timing)."""
+
+    retries: int = 5
+    backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+
+    def delay(self, k: int) -> float:
+        return min(self.max_backoff_s, self.backoff_s * 2**k) * (1 + random.random() / 4)
+
+
+def with_retries(
+    attempt: Callable[[], Any], policy: RetryPolicy, failure: Callable[[str, int | None], str], where: str
+) -> Any:
+    """Run `attempt`, again after transient failures. A refusal (a missing object, a denied
+    permission, HTTP 4xx) and the last transient failure become a DataError with the message
+    `failure(cause, tries)` (`tries` None for a refusal); anything else is a bug and propagates."""
+    for k in range(policy.retries + 1):
+        try:
+            return attempt()
+        except Exception as exc:
+            if isinstance(exc, DataError) or not (_is_transient(exc) or _is_permanent(exc)):
+                raise
+            if not _is_transient(exc):
+                raise DataError(failure(_describe(exc), None)) from None
+            if k == policy.retries:
+                raise DataError(failure(_describe(exc), policy.retries + 1)) from None
+            delay = policy.delay(k)
+            log.warning("%s: %s; retrying in %.2f s", where, _describe(exc), delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
 class RemoteShardSet:
     """A shard set at a URL, read through a bounded local cache of whole, checked shards.
 
@@ -140,15 +247,15 @@ class RemoteShardSet:
             raise DataError(f"cache_bytes must be positive, got {cache_bytes!r}")
         self.url = url.rstrip("/")
         self.cache_bytes = int(cache_bytes)
-        self.retries = max(0, int(retries))
-        self.backoff_s = float(backoff_s)
-        self.max_backoff_s = float(max_backoff_s)
+        self.retry = RetryPolicy(max(0, int(retries)), float(backoff_s), float(max_backoff_s))
         self.timeout_s = float(timeout_s)
         self.storage_options = dict(storage_options or {})
         root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.local = root / hashlib.sha256(self.url.encode()).hexdigest()[:24]
         self._filesystem: Any = None
         self._filesystem_pid = 0
+        self.resumed_bytes = 0
+        """Bytes not fetched again because a retry resumed a download (for tests and logs)."""
         self.manifest = self._open()
 
     # ------------------------------------------------------------------ public
@@ -185,12 +292,20 @@ class RemoteShardSet:
         self.local.mkdir(parents=True, exist_ok=True)
         raw = self._with_retries(MANIFEST_NAME, self._read_manifest_bytes)
         atomic.write_bytes(self.local / MANIFEST_NAME, raw)
-        manifest = Manifest.load(self.local)
+        manifest = self._load_cached_manifest()
         for info in manifest.files.values():
             path = self.local / info.name
             if not self._cached(path, info.bytes, info.sha256):
                 self._fetch(info.name, path, info.bytes, info.sha256)
         return manifest
+
+    def _load_cached_manifest(self) -> Manifest:
+        """Validate the fetched manifest; its errors name the URL it came from, not the cache."""
+        try:
+            return Manifest.load(self.local)
+        except DataError as exc:
+            message = str(exc).replace(str(self.local / MANIFEST_NAME), self._remote(MANIFEST_NAME))
+            raise DataError(message.replace(str(self.local), self.url)) from None
 
     def _read_manifest_bytes(self) -> bytes:
         """The whole manifest; one read may return only one network chunk, so read to the end."""
@@ -214,38 +329,60 @@ class RemoteShardSet:
     # ------------------------------------------------------------------ fetching
 
     def _fetch(self, name: str, path: Path, size: int, sha256: str) -> None:
-        self._with_retries(name, lambda: self._download(name, path, size, sha256))
-
-    def _download(self, name: str, path: Path, size: int, sha256: str) -> None:
-        """One try: stream the object to a temporary name, check it, then publish it."""
-        digest = hashlib.sha256()
-        received = 0
+        """Fetch to a temporary name across tries (a retry resumes from the bytes received where
+        the server allows), check size and sha256, then publish it."""
         self._marker(path).unlink(missing_ok=True)
         with atomic.replacing(path) as tmp:
-            with (
-                self._fs().open(self._remote(name), "rb", **self._open_options(size)) as src,
-                open(tmp, "wb") as dst,
-            ):
-                while received <= size:
-                    chunk = src.read(_CHUNK)
-                    if not chunk:
-                        break
-                    received += len(chunk)
-                    digest.update(chunk)
-                    self._write_cache(dst, chunk)
-            if received < size:
-                raise _Transient(f"received {received} bytes but the manifest records {size}")
-            if received > size:
+            partial = _Partial(tmp)
+            try:
+                self._with_retries(name, lambda: self._download(name, partial, size))
+            finally:
+                partial.close()
+            if partial.received > size:
                 raise DamagedShardError(
                     f"shard {name} at {self._remote(name)}: more than the {size} bytes the manifest "
                     "records; the object was replaced: re-create or re-upload the shard set"
                 )
-            if digest.hexdigest() != sha256:
+            if partial.digest.hexdigest() != sha256:
                 raise DamagedShardError(
                     f"shard {name} at {self._remote(name)}: its sha256 differs from the manifest's; "
                     "the copy on the server is damaged or was replaced: re-create or re-upload the shard set"
                 )
         atomic.write_text(self._marker(path), sha256 + "\n")
+
+    def _download(self, name: str, partial: _Partial, size: int) -> None:
+        """One try: continue `partial` from its end (or from the start where the server ignores
+        the range), up to one byte past `size` so that a longer object is noticed."""
+        with self._open_at(name, size, partial.received) as (src, resumed):
+            if not resumed:
+                partial.restart()
+            self.resumed_bytes += partial.received
+            while partial.received <= size:
+                chunk = src.read(_CHUNK)
+                if not chunk:
+                    break
+                partial.add(chunk, self._write_cache)
+        if partial.received < size:
+            raise _Transient(f"received {partial.received} bytes but the manifest records {size}")
+
+    @contextlib.contextmanager
+    def _open_at(self, name: str, size: int, offset: int):
+        """(file object, whether it starts at `offset`). HTTP: a `Range: bytes=offset-` request,
+        resumed only if the server answers 206 from that offset; other stores: a seek (their files
+        read by ranges)."""
+        url = self._remote(name)
+        if offset == 0:
+            with self._fs().open(url, "rb", **self._open_options(size)) as src:
+                yield src, True
+            return
+        if self._is_http():
+            options = {**self._open_options(size), "headers": {"Range": f"bytes={offset}-"}}
+            with self._fs().open(url, "rb", **options) as src:
+                yield src, _answered_range(getattr(src, "r", None), offset)
+            return
+        with self._fs().open(url, "rb") as src:
+            src.seek(offset)
+            yield src, True
 
     def _write_cache(self, dst, chunk: bytes) -> None:
         """A local write failure (a full disk) is no transient network error: report it at once."""
@@ -258,27 +395,15 @@ class RemoteShardSet:
             ) from None
 
     def _with_retries(self, name: str, attempt: Callable[[], Any]) -> Any:
-        for k in range(self.retries + 1):
-            try:
-                return attempt()
-            except Exception as exc:
-                if isinstance(exc, DataError) or not (_is_transient(exc) or _is_permanent(exc)):
-                    raise
-                if not _is_transient(exc):
-                    raise DataError(
-                        f"shard set {self.url}: cannot read {name} from {self._remote(name)} "
-                        f"({_describe(exc)})"
-                    ) from None
-                if k == self.retries:
-                    raise DataError(
-                        f"shard set {self.url}: reading {name} from {self._remote(name)} failed "
-                        f"{self.retries + 1} times, last with {_describe(exc)}; check the server or "
-                        "network and try again"
-                    ) from None
-                delay = min(self.max_backoff_s, self.backoff_s * 2**k) * (1 + random.random() / 4)
-                log.warning("%s: %s; retrying in %.2f s", self._remote(name), _describe(exc), delay)
-                time.sleep(delay)
-        raise AssertionError("unreachable")
+        def failure(cause: str, tries: int | None) -> str:
+            if tries is None:
+                return f"shard set {self.url}: cannot read {name} from {self._remote(name)} ({cause})"
+            return (
+                f"shard set {self.url}: reading {name} from {self._remote(name)} failed {tries} times, "
+                f"last with {cause}; check the server or network and try again"
+            )
+
+        return with_retries(attempt, self.retry, failure, self._remote(name))
 
     # ------------------------------------------------------------------ cache
 
@@ -318,10 +443,13 @@ class RemoteShardSet:
     def _remote(self, name: str) -> str:
         return f"{self.url}/{name}"
 
+    def _is_http(self) -> bool:
+        return self.url.split("://", 1)[0].lower() in ("http", "https")
+
     def _open_options(self, size: int) -> dict[str, Any]:
         """HTTP: one streaming GET per object. Giving fsspec a size skips its HEAD/GET probe, which
         reports any failure (a 503 too) as a missing file; `size` bounds what is read anyway."""
-        if self.url.split("://", 1)[0].lower() in ("http", "https"):
+        if self._is_http():
             return {"block_size": 0, "size": size}
         return {}
 
@@ -329,35 +457,12 @@ class RemoteShardSet:
         """This process's fsspec file system: a forked loader worker opens its own, as an async
         one's event loop and connections cannot cross a fork."""
         if self._filesystem is None or self._filesystem_pid != os.getpid():
-            try:
-                import fsspec
-            except ImportError:
-                raise DataError(
-                    "reading shard sets from URLs needs fsspec: pip install 'foundation[remote]'"
-                ) from None
-            protocol = self.url.split("://", 1)[0].lower()
-            _reset_fsspec_after_fork()
-            try:
-                self._filesystem = fsspec.filesystem(protocol, skip_instance_cache=True, **self._options())
-                self._filesystem_pid = os.getpid()
-            except ImportError as exc:
-                raise DataError(
-                    f"reading {protocol}:// URLs needs a package fsspec could not import ({exc}); "
-                    "install it (s3fs for s3://, gcsfs for gs://, huggingface_hub for hf://, aiohttp "
-                    "for http(s)://)"
-                ) from None
+            self._filesystem = open_filesystem(self.url, self.storage_options, self.timeout_s)
+            self._filesystem_pid = os.getpid()
         return self._filesystem
 
-    def _options(self) -> dict[str, Any]:
-        """fsspec's options; for http(s) with connect and read timeouts (aiohttp's default only
-        bounds a whole transfer, at 5 minutes), unless the caller gave client_kwargs."""
-        options = dict(self.storage_options)
-        if self.url.split("://", 1)[0].lower() in ("http", "https") and "client_kwargs" not in options:
-            import aiohttp
-
-            timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout_s, sock_read=self.timeout_s)
-            options["client_kwargs"] = {"timeout": timeout}
-        return options
+    def __str__(self) -> str:
+        return self.url
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

@@ -39,6 +39,7 @@ from foundation.data.manifest import (
     check_split_name,
     shard_name,
 )
+from foundation.data.remote import is_url
 from foundation.data.schema import (
     FieldSpec,
     check_field_name,
@@ -249,6 +250,12 @@ class ShardSetWriter:
         self._closed = False
         self._seen_manifest: tuple[int, int, int] | None = None
         self._created_dir = False
+        self._remote = None
+        if is_url(out_dir):  # a local staging folder, each finished shard uploaded (foundation.data.upload)
+            from foundation.data.upload import RemoteOutput
+
+            self._remote = RemoteOutput(str(out_dir), overwrite=overwrite, targets=self._target_splits())
+            self.out_dir = self._remote.staging
         self._folder_lock = FolderLock(self.out_dir, command_line()).acquire()
         self._release_lock = weakref.finalize(self, self._folder_lock.release)
         try:
@@ -256,6 +263,8 @@ class ShardSetWriter:
             self._check_target()
         except BaseException:
             self._release_lock()
+            if self._remote is not None:
+                self._remote.abort()
             raise
 
     # ------------------------------------------------------------------ public
@@ -318,9 +327,15 @@ class ShardSetWriter:
         if self.field_stats:
             self._observe(state, key, values, source)
         if state.current.samples >= self.samples_per_shard:
-            state.done.append((state.current.finish(), state.current.tmp))
-            state.current = None
+            self._finish_shard(state)
         return split
+
+    def _finish_shard(self, state: _SplitState) -> None:
+        info = state.current.finish()
+        if self._remote is not None:
+            self._remote.stage(info, state.current.tmp)
+        state.done.append((info, state.current.tmp))
+        state.current = None
 
     @property
     def counts(self) -> dict[str, int]:
@@ -335,8 +350,7 @@ class ShardSetWriter:
         try:
             for state in self._splits.values():
                 if state.current is not None:
-                    state.done.append((state.current.finish(), state.current.tmp))
-                    state.current = None
+                    self._finish_shard(state)
                 self._check_duplicate_keys(state)
             self._check_degenerate()
             self._recheck_target()
@@ -700,6 +714,13 @@ class ShardSetWriter:
             )
             old_files = set()
         manifest.to_json()  # fail on unserialisable stats/extra before anything is moved into place
+        if self._remote is not None:
+            gone = (old_shards - {s.name for split in manifest.splits.values() for s in split.shards}) | (
+                old_files - set(manifest.files)
+            )
+            strays = targets if (targets is None or self.overwrite) else False
+            self._remote.publish(manifest, [(tmp, final.name) for tmp, final in file_moves], gone, strays)
+            return manifest
         # Shards and files are flushed already; their new names reach the disk with the manifest's
         # (the folder is flushed after it is renamed into place).
         for state in self._splits.values():
@@ -760,6 +781,8 @@ class ShardSetWriter:
         if self._created_dir:  # leave no empty folder behind a failed first write
             with contextlib.suppress(OSError):
                 self.out_dir.rmdir()
+        if self._remote is not None:
+            self._remote.abort()
 
 
 _TEMPORARY = re.compile(r"^\..+\.tmp-[0-9]+(-[0-9a-f]{8})?$")

@@ -26,7 +26,8 @@ class _Server:
     """A threaded static file server; `faults[name]` is a list of actions for the next requests
     of that file ("drop": headers and half the body, then the connection closes; "503"),
     `always_fail` names files that always answer 503, `trickle` files sent in small pieces.
-    `requests` counts GETs per file."""
+    `requests` counts GETs per file; `Range: bytes=N-` is answered with a 206 from N (recorded in
+    `range_starts`) unless `ranges` is False, when the whole file comes with a 200."""
 
     def __init__(self, root: Path):
         self.root = root
@@ -35,6 +36,8 @@ class _Server:
         self.trickle: set[str] = set()
         self.closing = threading.Event()
         self.requests: Counter[str] = Counter()
+        self.ranges = True
+        self.range_starts: dict[str, list[int]] = {}
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -52,7 +55,14 @@ class _Server:
                     self.send_error(503)
                     return
                 body = path.read_bytes()
-                self.send_response(200)
+                start = self._range_start()
+                if start is not None and server.ranges and 0 < start < len(body):
+                    server.range_starts.setdefault(name, []).append(start)
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                    body = body[start:]
+                else:
+                    self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 if action == "stall":  # half the body, then silence until the server closes
@@ -63,6 +73,7 @@ class _Server:
                 if action == "drop":
                     self.wfile.write(body[: len(body) // 2])
                     self.wfile.flush()
+                    time.sleep(0.1)  # the client reads what came before the connection breaks
                     self.connection.shutdown(socket.SHUT_RDWR)
                     self.close_connection = True
                     return
@@ -73,6 +84,12 @@ class _Server:
                         time.sleep(0.0005)
                     return
                 self.wfile.write(body)
+
+            def _range_start(self) -> int | None:
+                value = self.headers.get("Range", "")
+                if value.startswith("bytes=") and value.endswith("-") and value[6:-1].isdigit():
+                    return int(value[6:-1])
+                return None
 
             def log_message(self, *args):
                 pass
@@ -132,6 +149,36 @@ def test_faulty_server_gives_the_local_batches(served, tmp_path):
     assert Counter(keys) == Counter({f"obj-{i:05d}": 2 for i in range(103)})  # two whole epochs
     assert server.requests["train-000000.tar"] == 2 and server.requests["train-000003.tar"] == 3
     assert server.requests["train-000005.tar"] == 1  # cached: fetched once for both epochs
+
+
+def test_a_dropped_download_resumes_with_a_range_request(served, tmp_path):
+    local, server = served
+    name = "train-000004.tar"
+    server.faults = {name: ["drop", "drop"]}  # each try gets half of what is left
+    remote = _remote(server, tmp_path)
+    _assert_same(_stream(remote, shuffle=False), _stream(local, shuffle=False))
+    size = (local / name).stat().st_size
+    assert server.range_starts[name] == [size // 2, size // 2 + (size - size // 2) // 2]
+    assert server.requests[name] == 3 and remote.resumed_bytes == sum(server.range_starts[name])
+
+
+def test_a_server_without_range_support_restarts_the_download(served, tmp_path):
+    local, server = served
+    server.ranges = False
+    server.faults = {"train-000004.tar": ["drop"]}
+    remote = _remote(server, tmp_path)
+    _assert_same(_stream(remote, shuffle=False), _stream(local, shuffle=False))
+    assert server.requests["train-000004.tar"] == 2 and remote.resumed_bytes == 0
+    assert (remote.local / "train-000004.tar").read_bytes() == (local / "train-000004.tar").read_bytes()
+
+
+def test_a_bad_manifest_at_a_url_is_named_by_its_url(served, tmp_path):
+    local, server = served
+    (local / "manifest.json").write_text('{"format": {"name": "something else"}}')
+    with pytest.raises(DataError) as caught:
+        _remote(server, tmp_path)
+    message = str(caught.value)
+    assert f"{server.url}/manifest.json" in message and str(tmp_path / "cache") not in message
 
 
 def test_manifest_and_shards_arriving_in_small_pieces_are_read_whole(served, tmp_path):
@@ -325,3 +372,10 @@ class _Full:
 
     def write(self, chunk):
         raise OSError(28, "No space left on device")
+
+
+def test_writing_a_set_to_http_is_refused(make_sample):
+    from foundation.data import ShardSetWriter
+
+    with pytest.raises(DataError, match=r"http:// is read-only here"):
+        ShardSetWriter("http://127.0.0.1:9/set", {"train": 1.0})
