@@ -23,8 +23,9 @@ def _synth_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="Output root: one Well data set folder per system.")
     parser.add_argument(
         "--systems",
-        default="navier_stokes,diffusion_reaction,shallow_water,gray_scott,burgers",
-        help="Comma-separated: navier_stokes, diffusion_reaction, shallow_water, gray_scott, burgers.",
+        default="all",
+        help="Comma-separated, or all (the default): navier_stokes, diffusion_reaction, shallow_water, "
+        "gray_scott, burgers, compressible_ns_m1, compressible_ns_m01.",
     )
     parser.add_argument("--resolution", type=int, default=64, help="Grid points per side.")
     parser.add_argument("--steps", type=int, default=50, help="Saved time steps per trajectory.")
@@ -49,9 +50,13 @@ def _trajectory_counts(text: str) -> list[int]:
 
 
 def _synth_run(args: argparse.Namespace) -> int:
+    from encoders.mpp.solvers import SYSTEMS
     from encoders.mpp.synth import write_datasets
 
-    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    if args.systems.strip() == "all":
+        systems = list(SYSTEMS)
+    else:
+        systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     write_datasets(
         args.out,
         systems,
