@@ -139,18 +139,7 @@ def binned_spectral_mse(
     return error, error / (energy + 1e-7)
 
 
-Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _spectral_bin(i: int) -> Metric:
-    def metric(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return binned_spectral_mse(pred, target)[0][..., i]
-
-    metric.__doc__ = f"Binned spectral MSE, {SPECTRAL_BINS[i]} wavenumbers."
-    return metric
-
-
-SCALAR_METRICS: dict[str, Metric] = {
+POINTWISE: dict[str, Callable[..., torch.Tensor]] = {
     "mse": mse,
     "nmse": nmse,
     "rmse": rmse,
@@ -159,6 +148,17 @@ SCALAR_METRICS: dict[str, Metric] = {
     "vrmse": vrmse,
     "linf": linf,
     "pearson_r": pearson_r,
-    **{f"spectral_mse_{name}": _spectral_bin(i) for i, name in enumerate(SPECTRAL_BINS)},
 }
-"""Every metric as a function of channel-first (pred, target) → one value per sample and field."""
+METRIC_NAMES = (*POINTWISE, *(f"spectral_mse_{name}" for name in SPECTRAL_BINS))
+"""Every metric `all_metrics` returns, in The Well's order, spectral bins last."""
+
+
+def all_metrics(
+    pred: torch.Tensor, target: torch.Tensor, spatial_dims: Dims = (-2, -1)
+) -> dict[str, torch.Tensor]:
+    """Each metric in METRIC_NAMES → one value per sample and field (the spectrum computed once)."""
+    out = {name: fn(pred, target, spatial_dims) for name, fn in POINTWISE.items()}
+    per_bin, _ = binned_spectral_mse(pred, target, spatial_dims)
+    for i, name in enumerate(SPECTRAL_BINS):
+        out[f"spectral_mse_{name}"] = per_bin[..., i]
+    return out
