@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,25 @@ def predict(model: torch.nn.Module, batch: dict[str, Any], steps: int) -> tuple[
         rollout.append(nxt)
         state = torch.cat([state[:, 1:], nxt[:, None]], dim=1)
     return torch.stack(one_step, 1), torch.stack(rollout, 1)
+
+
+@dataclass
+class KnownFieldsCollate:
+    """Evaluation collate that leaves out the windows with fields outside the model's vocabulary,
+    counting them per data set: one shard set of many systems scores each run on the systems it
+    can read (a model pretrained without a system's fields cannot predict them)."""
+
+    collate: MPPCollate
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any] | None:
+        known = set(self.collate.fields)
+        keep = [s for s in samples if set(s["meta"]["field_names"]) <= known]
+        for s in samples:
+            if not set(s["meta"]["field_names"]) <= known:
+                name = str(s["meta"].get("dataset", ""))
+                self.skipped[name] = self.skipped.get(name, 0) + 1
+        return self.collate(keep) if keep else None
 
 
 def window_name(a: int, b: int) -> str:
@@ -144,7 +164,7 @@ class _Accumulator:
 
 def evaluate(
     model: torch.nn.Module,
-    batches: Iterable[dict[str, Any]],
+    batches: Iterable[dict[str, Any] | None],
     steps: int,
     windows: Sequence[tuple[int, int]],
     progress: Any = None,
@@ -155,6 +175,8 @@ def evaluate(
     example = None
     samples = 0
     for batch in batches:
+        if batch is None:  # every window of it was left out (see KnownFieldsCollate)
+            continue
         names = [model.fields[i] for i in batch["field_ids"].tolist()]
         one_step, rollout = predict(model, batch, steps)
         truth = batch["future"][:, :steps]
@@ -271,26 +293,33 @@ def rollout_report(
         spans = parse_windows(windows, steps)
     except ValueError as exc:
         raise DataError(f"--windows: {exc}") from None
-    collate = MPPCollate(
-        list(model.fields), model.cfg.history, steps, False, model.cfg.loss, model.cfg.patch_size
+    collate = KnownFieldsCollate(
+        MPPCollate(list(model.fields), model.cfg.history, steps, False, model.cfg.loss, model.cfg.patch_size)
     )
     dataset = ShardDataset.in_order(data, split, batch_size, collate)  # all of it, even under torchrun
     total = dataset.manifest.split(split).samples
-    batches: Iterator[dict[str, Any]] = iter(dataset)
+    batches: Iterator[dict[str, Any] | None] = iter(dataset)
     if max_samples is not None:
         total = min(total, max_samples)
         batches = itertools.islice(batches, (max_samples + batch_size - 1) // batch_size)
     moved = (
-        {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()} for batch in batches
+        {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()} if batch else None
+        for batch in batches
     )
     with tqdm(total=total, desc="evaluate rollout", unit="window", disable=not progress) as bar:
         report, example = evaluate(model, moved, steps, spans, progress=bar)
+    if not report["samples"]:
+        raise DataError(
+            f"no window of split {split!r} in {data} has only fields that {checkpoint} knows "
+            f"({', '.join(model.fields)}); evaluate it on data of the systems it was trained on"
+        )
     report = {
         "checkpoint": str(checkpoint),
         "config_hash": config_hash(cfg),
         "data": str(data),
         "split": split,
         "steps": steps,
+        "skipped_unknown_fields": dict(collate.skipped),
         **report,
     }
     out = Path(out)

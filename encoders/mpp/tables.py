@@ -118,7 +118,12 @@ def _provenance(reports: Mapping[str, dict[str, Any]], command: str) -> dict[str
 def _coverage_notes(reports: Mapping[str, dict[str, Any]], systems: list[str]) -> list[str]:
     evaluated = {d for r in reports.values() for d in r["one_step"]["nrmse"]["per_dataset"]}
     missing = [s for s in systems if s not in evaluated]
-    notes = []
+    notes = [
+        f"{label}: left out {', '.join(f'{d} ({n} windows)' for d, n in sorted(skipped.items()))} — "
+        "fields outside its vocabulary."
+        for label, r in reports.items()
+        if (skipped := r.get("skipped_unknown_fields"))
+    ]
     if missing:
         notes.append(
             f"Not in the evaluated data (empty cells in our rows): {', '.join(missing)} "

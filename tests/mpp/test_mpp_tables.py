@@ -8,7 +8,7 @@ import torch
 
 from encoders.mpp import tables
 from encoders.mpp.collate import MPPCollate
-from encoders.mpp.evaluate import evaluate, parse_runs, parse_windows
+from encoders.mpp.evaluate import KnownFieldsCollate, evaluate, parse_runs, parse_windows
 from encoders.mpp.metrics import METRIC_NAMES
 from foundation.errors import DataError
 from foundation.results import find_tables, read_table
@@ -152,3 +152,17 @@ def test_run_labels():
         parse_runs(["x=runs/a", "x=runs/b"])
     with pytest.raises(DataError, match="label"):
         parse_runs(["a b=runs/a"])
+
+
+def test_windows_with_fields_a_model_does_not_know_are_left_out_and_counted():
+    _, samples = _batch(steps=4)
+    collate = KnownFieldsCollate(
+        MPPCollate(["a", "b"], history=HISTORY, horizon=4, train=False, patch_size=4)
+    )
+    batch = collate(samples)
+    assert batch["__key__"] == ["s1", "s2"] and collate.skipped == {"gray_scott": 1}
+    assert collate([samples[2]]) is None and collate.skipped == {"gray_scott": 2}
+    report, _ = evaluate(Offset(["a", "b"], 0.1), [None, batch], 4, parse_windows(None, 4))
+    assert report["samples"] == 2 and set(report["rollout"]["vrmse"]["per_dataset"]) == {"shallow_water"}
+    table = tables.build_tables({"run": {**_report(0.1, 4), "skipped_unknown_fields": {"gray_scott": 2}}})[0]
+    assert any("run: left out gray_scott (2 windows)" in n for n in table.notes)
