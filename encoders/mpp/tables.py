@@ -92,6 +92,14 @@ def _rollout_cells(report: dict[str, Any], mode: str, systems: list[str]) -> lis
     return cells
 
 
+def _reader_of(reports: Mapping[str, dict[str, Any]], system: str) -> dict[str, Any]:
+    """The first report that scored `system` (persistence depends on the data only), else the first."""
+    for report in reports.values():
+        if system in report["persistence"]["vrmse"]["per_dataset"]:
+            return report
+    return next(iter(reports.values()))
+
+
 def _paper_rows(paper: dict[str, dict[str, Any]], systems: list[str], pairs: bool = False) -> list[ResultRow]:
     rows = []
     for label, values in paper.items():
@@ -146,7 +154,8 @@ def build_tables(reports: Mapping[str, dict[str, Any]], command: str = "") -> li
 
     def ours(mode: str, metric: str, key: str) -> list[ResultRow]:
         rows = [ResultRow(label, _per_system(r, mode, metric, systems, key)) for label, r in reports.items()]
-        rows.append(ResultRow(PERSISTENCE, _per_system(first, "persistence", metric, systems, key)))
+        floor = {s: _per_system(_reader_of(reports, s), "persistence", metric, [s], key)[0] for s in systems}
+        rows.append(ResultRow(PERSISTENCE, [floor[s] for s in systems]))
         return rows
 
     mpp = ResultTable(
@@ -185,7 +194,8 @@ def build_tables(reports: Mapping[str, dict[str, Any]], command: str = "") -> li
     )
     rollout_columns = [f"{column_name(s)} {a}:{b}" for s in systems for a, b in WELL_WINDOWS]
     rollout_rows = [ResultRow(label, _rollout_cells(r, "rollout", systems)) for label, r in reports.items()]
-    rollout_rows.append(ResultRow(PERSISTENCE, _rollout_cells(first, "persistence", systems)))
+    floor = [c for s in systems for c in _rollout_cells(_reader_of(reports, s), "persistence", [s])]
+    rollout_rows.append(ResultRow(PERSISTENCE, floor))
     steps = first["steps"]
     window_notes = [
         "Autoregressive rollout VRMSE averaged over rollout steps 6-12 and 13-30 (The Well's 6:12 and "
@@ -221,18 +231,19 @@ def plot_rollout_vs_step(reports: Mapping[str, dict[str, Any]], path: str | Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    first = next(iter(reports.values()))
-    systems = [s for s in system_order(reports) if s in first["rollout"]["vrmse"]["per_dataset"]]
+    evaluated = {d for r in reports.values() for d in r["rollout"]["vrmse"]["per_dataset"]}
+    systems = [s for s in system_order(reports) if s in evaluated]
     cols = min(3, max(1, len(systems)))
     rows = (len(systems) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 3.0 * rows), squeeze=False)
+    colors = {label: f"C{i % 10}" for i, label in enumerate(reports)}  # one colour per run, every panel
     for ax, system in zip(axes.flat, systems, strict=False):
         for label, report in reports.items():
             values = report["rollout"]["vrmse"]["per_dataset"].get(system, {}).get("per_step")
             if values:
-                ax.plot(np.arange(1, len(values) + 1), values, "-", label=label)
-        floor = first["persistence"]["vrmse"]["per_dataset"][system]["per_step"]
-        ax.plot(np.arange(1, len(floor) + 1), floor, "--", color="gray", label="persistence")
+                ax.plot(np.arange(1, len(values) + 1), values, "-", color=colors[label])
+        floor = _reader_of(reports, system)["persistence"]["vrmse"]["per_dataset"][system]["per_step"]
+        ax.plot(np.arange(1, len(floor) + 1), floor, "--", color="gray")
         for a, b in WELL_WINDOWS:
             if a <= len(floor):
                 ax.axvspan(a - 0.5, min(b, len(floor)) + 0.5, color="k", alpha=0.05)
@@ -243,9 +254,10 @@ def plot_rollout_vs_step(reports: Mapping[str, dict[str, Any]], path: str | Path
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(systems) :]:
         ax.axis("off")
-    if systems:
-        axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
+    handles = [plt.Line2D([], [], color=c, label=label) for label, c in colors.items()]
+    handles.append(plt.Line2D([], [], color="gray", linestyle="--", label="persistence"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     write_figure(path, fig, dpi=100)
 
 

@@ -166,3 +166,18 @@ def test_windows_with_fields_a_model_does_not_know_are_left_out_and_counted():
     assert report["samples"] == 2 and set(report["rollout"]["vrmse"]["per_dataset"]) == {"shallow_water"}
     table = tables.build_tables({"run": {**_report(0.1, 4), "skipped_unknown_fields": {"gray_scott": 2}}})[0]
     assert any("run: left out gray_scott (2 windows)" in n for n in table.notes)
+
+
+def test_persistence_row_takes_each_system_from_a_run_that_read_it():
+    batch, _ = _batch(steps=4)
+    partial, _ = evaluate(Offset(["a", "b", "c"], 0.1), [batch], 4, parse_windows(None, 4))
+    only_swe = KnownFieldsCollate(
+        MPPCollate(["a", "b"], history=HISTORY, horizon=4, train=False, patch_size=4)
+    )
+    first, _ = evaluate(Offset(["a", "b"], 0.1), [only_swe(_batch(steps=4)[1])], 4, parse_windows(None, 4))
+    meta = {"data": "shards", "split": "test", "steps": 4}
+    mpp = tables.build_tables({"first": {**meta, **first}, "full": {**meta, **partial}})[0]
+    floor = next(r for r in mpp.rows if r.label == tables.PERSISTENCE).values
+    gray = partial["persistence"]["nrmse"]["per_dataset"]["gray_scott"]["mean"]
+    assert floor[mpp.columns.index("gray_scott")] == pytest.approx(gray)
+    assert next(r for r in mpp.rows if r.label == "first").values[mpp.columns.index("gray_scott")] is None
