@@ -66,3 +66,23 @@ def test_synth_writes_cns_in_the_well_layout(tmp_path):
     write_datasets(again, ["compressible_ns_m1"], [1, 0, 1], resolution=8, steps=3, seed=2)
     redo = WellFile(again / "compressible_ns_m1" / "data" / "train" / "compressible_ns_m1_train.hdf5")
     np.testing.assert_array_equal(redo.window(0, 0, 3), window)
+
+
+def test_synth_cli_writes_every_system_by_default(tmp_path):
+    from foundation.cli import main
+
+    argv = [
+        "synth",
+        "mpp",
+        "--out",
+        str(tmp_path),
+        "--resolution",
+        "8",
+        "--steps",
+        "2",
+        "--trajectories",
+        "1,0,0",
+    ]
+    assert main(argv) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(SYSTEMS)
+    assert {"compressible_ns_m1", "compressible_ns_m01", "navier_stokes", "shallow_water"} <= set(SYSTEMS)
