@@ -23,8 +23,9 @@ def _synth_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="Output root: one Well data set folder per system.")
     parser.add_argument(
         "--systems",
-        default="navier_stokes,diffusion_reaction,shallow_water,gray_scott,burgers",
-        help="Comma-separated: navier_stokes, diffusion_reaction, shallow_water, gray_scott, burgers.",
+        default="all",
+        help="Comma-separated, or all (the default): navier_stokes, diffusion_reaction, shallow_water, "
+        "gray_scott, burgers, compressible_ns_m1, compressible_ns_m01.",
     )
     parser.add_argument("--resolution", type=int, default=64, help="Grid points per side.")
     parser.add_argument("--steps", type=int, default=50, help="Saved time steps per trajectory.")
@@ -49,9 +50,13 @@ def _trajectory_counts(text: str) -> list[int]:
 
 
 def _synth_run(args: argparse.Namespace) -> int:
+    from encoders.mpp.solvers import SYSTEMS
     from encoders.mpp.synth import write_datasets
 
-    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    if args.systems.strip() == "all":
+        systems = list(SYSTEMS)
+    else:
+        systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     write_datasets(
         args.out,
         systems,
@@ -169,11 +174,30 @@ def _prepare_run(args: argparse.Namespace) -> int:
 
 
 def _rollout_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="Run dir, step-N checkpoint or model.pt.")
-    parser.add_argument("--data", required=True, help="Shard set (windows of >= history + steps).")
-    parser.add_argument("--steps", type=int, required=True, help="Autoregressive steps K.")
     parser.add_argument(
-        "--out", required=True, help="Report folder: rollout.json, frames.png, error_vs_step.png."
+        "--checkpoint",
+        required=True,
+        nargs="+",
+        metavar="[LABEL=]RUN",
+        help="Run dir, step-N checkpoint or model.pt; several as LABEL=RUN (e.g. pretrained=runs/a "
+        "scratch=runs/b finetuned=runs/c) are compared on the same data.",
+    )
+    parser.add_argument("--data", required=True, help="Shard set (windows of >= history + steps).")
+    parser.add_argument(
+        "--steps", type=int, required=True, help="Autoregressive steps K (30 for The Well's windows)."
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="Report folder: rollout.json, frames.png, error_vs_step.png (a LABEL subfolder per run "
+        "when several are given).",
+    )
+    parser.add_argument(
+        "--tables",
+        default=None,
+        metavar="DIR",
+        help="Also write the papers' tables here: mpp_one_step_nrmse, well_one_step_vrmse, "
+        "well_rollout_vrmse (.table.json) and rollout_vrmse_vs_step.png.",
     )
     parser.add_argument("--split", default="test", help="Split to evaluate.")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -185,14 +209,31 @@ def _rollout_arguments(parser: argparse.ArgumentParser) -> None:
     add_progress_argument(parser)
 
 
-def _rollout_run(args: argparse.Namespace) -> int:
-    from encoders.mpp.evaluate import rollout_report
+def _rollout_command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this evaluation (recorded in the tables' provenance)."""
+    parts = ["foundation evaluate rollout --checkpoint", *args.checkpoint]
+    parts += ["--data", str(args.data), "--steps", str(args.steps), "--out", str(args.out)]
+    parts += ["--split", args.split, "--batch-size", str(args.batch_size)]
+    for flag, value in (
+        ("--tables", args.tables),
+        ("--windows", args.windows),
+        ("--max-samples", args.max_samples),
+    ):
+        if value is not None:
+            parts += [flag, str(value)]
+    return " ".join(parts)
 
-    report = rollout_report(
-        args.checkpoint,
+
+def _rollout_run(args: argparse.Namespace) -> int:
+    from encoders.mpp.evaluate import compare_runs, parse_runs
+
+    reports = compare_runs(
+        parse_runs(args.checkpoint),
         args.data,
         args.steps,
         args.out,
+        tables=args.tables,
+        command=_rollout_command(args),
         split=args.split,
         batch_size=args.batch_size,
         windows=args.windows,
@@ -200,12 +241,16 @@ def _rollout_run(args: argparse.Namespace) -> int:
         device=args.device,
         progress=progress_enabled(args.progress),
     )
-    print(f"{report['samples']} windows from split {args.split!r}, {args.steps} steps")
-    print(f"{'':14s}{'VRMSE step 1':>14s}{'VRMSE 1..K':>12s}{'NRMSE step 1':>14s}")
-    for mode in ("one_step", "rollout", "persistence"):
-        v, n = report[mode]["vrmse"], report[mode]["nrmse"]
-        print(f"{mode:14s}{v['per_step'][0]:14.4f}{v['mean']:12.4f}{n['per_step'][0]:14.4f}")
-    print(f"report: {Path(args.out) / 'rollout.json'}")
+    for label, report in reports.items():
+        print(f"{label}: {report['samples']} windows from split {args.split!r}, {args.steps} steps")
+        print(f"{'':14s}{'VRMSE step 1':>14s}{'VRMSE 1..K':>12s}{'NRMSE step 1':>14s}")
+        for mode in ("one_step", "rollout", "persistence"):
+            v, n = report[mode]["vrmse"], report[mode]["nrmse"]
+            print(f"{mode:14s}{v['per_step'][0]:14.4f}{v['mean']:12.4f}{n['per_step'][0]:14.4f}")
+    folders = [Path(args.out)] if len(reports) == 1 else [Path(args.out) / label for label in reports]
+    print("reports: " + ", ".join(str(f / "rollout.json") for f in folders))
+    if args.tables is not None:
+        print(f"tables: {Path(args.tables)} (mpp_one_step_nrmse, well_one_step_vrmse, well_rollout_vrmse)")
     return 0
 
 
@@ -224,7 +269,7 @@ COMMANDS = [
     ),
     Command(
         ("evaluate", "rollout"),
-        "One-step and autoregressive K-step NRMSE/VRMSE of an MPP checkpoint, with plots.",
+        "One-step and rollout errors (The Well's metrics) of MPP runs, with plots and the papers' tables.",
         _rollout_arguments,
         _rollout_run,
     ),

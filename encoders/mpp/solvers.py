@@ -15,6 +15,10 @@ everything. The solvers aim for "physically plausible and cheap" (seconds per sy
 - `shallow_water`: radial dam break, first-order Rusanov finite volumes with reflecting walls
   (h, u, v), as PDEBench's 2-D shallow-water set.
 - `gray_scott`: Gray–Scott reaction–diffusion (fields A, B as in The Well). Periodic.
+- `compressible_ns_m1`, `compressible_ns_m01`: compressible Navier–Stokes (density, pressure,
+  velocity) at Mach 1 and 0.1, as PDEBench's 2-D CFD sets that MPP pretrains on; second-order
+  finite volumes (MUSCL, minmod, Rusanov fluxes, Heun steps) with central viscous stresses,
+  conserving mass, momentum and energy. Periodic.
 """
 
 from __future__ import annotations
@@ -381,11 +385,152 @@ def shallow_water(rng: np.random.Generator, n_traj: int, resolution: int, n_step
     )
 
 
+# ----------------------------------------------------------------------------- compressible flow
+
+GAMMA = 5.0 / 3.0
+
+
+def _minmod_slope(q: Array, axis: int) -> Array:
+    """Limited slope of each cell along `axis` (periodic): the smaller one-sided difference when
+    both have the same sign, else 0 — second order where smooth, no new extrema at shocks."""
+    forward = np.roll(q, -1, axis=axis) - q
+    backward = q - np.roll(q, 1, axis=axis)
+    return np.where(
+        forward * backward > 0, np.sign(forward) * np.minimum(np.abs(forward), np.abs(backward)), 0.0
+    )
+
+
+def _euler_flux(rho: Array, u: Array, v: Array, p: Array, axis: int) -> tuple[Array, ...]:
+    """Flux of (ρ, ρu, ρv, E) across faces normal to `axis` (1 = x, 2 = y) from primitive states."""
+    energy = p / (GAMMA - 1) + 0.5 * rho * (u * u + v * v)
+    normal = u if axis == 1 else v
+    return (
+        rho * normal,
+        rho * u * normal + (p if axis == 1 else 0.0),
+        rho * v * normal + (p if axis == 2 else 0.0),
+        (energy + p) * normal,
+    )
+
+
+def _conserved(rho: Array, u: Array, v: Array, p: Array) -> tuple[Array, ...]:
+    return rho, rho * u, rho * v, p / (GAMMA - 1) + 0.5 * rho * (u * u + v * v)
+
+
+def _primitive(state: tuple[Array, ...]) -> tuple[Array, ...]:
+    rho, mx, my, energy = state
+    u, v = mx / rho, my / rho
+    return rho, u, v, (GAMMA - 1) * (energy - 0.5 * rho * (u * u + v * v))
+
+
+def _cns_rhs(state: tuple[Array, ...], dx: float, eta: Array, zeta: Array) -> list[Array]:
+    """dU/dt of compressible Navier–Stokes on a periodic grid: MUSCL (minmod, primitive
+    variables) + Rusanov fluxes for the inviscid part, central differences of the viscous stress
+    σ = η(∇v + ∇vᵀ) + (ζ − 2η/3)(∇·v)I and of σ·v for the viscous part — every term is a
+    difference of fluxes, so mass, momentum and energy are conserved to round-off."""
+    prim = _primitive(state)
+    rhs = [np.zeros_like(q) for q in state]
+    for axis in (1, 2):
+        left = [q + 0.5 * _minmod_slope(q, axis) for q in prim]  # face i+1/2, from cell i
+        right = [np.roll(q - 0.5 * _minmod_slope(q, axis), -1, axis=axis) for q in prim]  # from i+1
+        f_left, f_right = _euler_flux(*left, axis), _euler_flux(*right, axis)
+        speed = np.maximum(
+            np.abs(left[axis]) + np.sqrt(GAMMA * left[3] / left[0]),
+            np.abs(right[axis]) + np.sqrt(GAMMA * right[3] / right[0]),
+        )
+        q_left, q_right = _conserved(*left), _conserved(*right)
+        for k in range(4):
+            flux = 0.5 * (f_left[k] + f_right[k]) - 0.5 * speed * (q_right[k] - q_left[k])
+            rhs[k] -= (flux - np.roll(flux, 1, axis=axis)) / dx
+
+    def d(q: Array, axis: int) -> Array:
+        return (np.roll(q, -1, axis=axis) - np.roll(q, 1, axis=axis)) / (2 * dx)
+
+    _, u, v, _ = prim
+    div = d(u, 1) + d(v, 2)
+    s_xx = 2 * eta * d(u, 1) + (zeta - 2 * eta / 3) * div
+    s_yy = 2 * eta * d(v, 2) + (zeta - 2 * eta / 3) * div
+    s_xy = eta * (d(u, 2) + d(v, 1))
+    rhs[1] += d(s_xx, 1) + d(s_xy, 2)
+    rhs[2] += d(s_xy, 1) + d(s_yy, 2)
+    rhs[3] += d(u * s_xx + v * s_xy, 1) + d(u * s_xy + v * s_yy, 2)
+    return rhs
+
+
+def _compressible_ns(
+    rng: np.random.Generator, n_traj: int, resolution: int, n_steps: int, mach: float, name: str
+) -> Simulation:
+    """Compressible NS on [0,1)², periodic, γ = 5/3, as PDEBench's 2-D CFD "rand" sets: smooth
+    random density and pressure around 1 and a random velocity whose rms is `mach` × the mean
+    sound speed; shear and bulk viscosity η = ζ drawn per trajectory."""
+    _check_sizes(n_traj, resolution, n_steps)
+    n = resolution
+    dx = 1.0 / n
+    viscosity = np.exp(rng.uniform(np.log(2e-3), np.log(1e-2), n_traj))
+    eta = viscosity[:, None, None]
+    rho = 1.0 + 0.2 * np.tanh(_random_smooth(rng, n_traj, n, peak=2.0, width=1.0))
+    p = 1.0 + 0.2 * np.tanh(_random_smooth(rng, n_traj, n, peak=2.0, width=1.0))
+    sound = np.sqrt(GAMMA)  # of the mean state ρ = p = 1
+    u = _random_smooth(rng, n_traj, n, peak=2.0, width=1.0)
+    v = _random_smooth(rng, n_traj, n, peak=2.0, width=1.0)
+    scale = mach * sound / np.sqrt(np.mean(u * u + v * v, axis=(1, 2), keepdims=True))
+    state = _conserved(rho, u * scale, v * scale, p)
+    frame_dt = 0.02
+    frames: dict[str, list[Array]] = {"density": [], "pressure": [], "velocity": []}
+    for _ in range(n_steps):
+        rho, u, v, p = _primitive(state)
+        frames["density"].append(rho)
+        frames["pressure"].append(p)
+        frames["velocity"].append(np.stack([u, v], axis=-1))
+        t = 0.0
+        while t < frame_dt - 1e-9:
+            wave = float((np.maximum(np.abs(u), np.abs(v)) + np.sqrt(GAMMA * p / rho)).max())
+            viscous = float((rho / (4 * eta / 3)).min()) * dx * dx
+            dt = min(frame_dt - t, 0.3 * dx / wave, 0.2 * viscous)
+            k1 = _cns_rhs(state, dx, eta, eta)
+            mid = tuple(q + dt * r for q, r in zip(state, k1, strict=True))
+            k2 = _cns_rhs(mid, dx, eta, eta)
+            state = tuple(q + 0.5 * dt * (a + b) for q, a, b in zip(state, k1, k2, strict=True))  # Heun
+            t += dt
+            rho, u, v, p = _primitive(state)
+        if not (rho.min() > 0 and p.min() > 0):
+            raise FloatingPointError(f"{name}: density or pressure went non-positive (resolution {n})")
+    coords = _cell_centres(n, 0.0, 1.0)
+    return Simulation(
+        name=name,
+        t0_fields={
+            "density": np.stack(frames["density"], 1).astype(np.float32),
+            "pressure": np.stack(frames["pressure"], 1).astype(np.float32),
+        },
+        t1_fields={"velocity": np.stack(frames["velocity"], 1).astype(np.float32)},
+        time=(frame_dt * np.arange(n_steps)).astype(np.float32),
+        x=coords,
+        y=coords,
+        boundary={"x": "PERIODIC", "y": "PERIODIC"},
+        parameters={
+            "mach": np.full(n_traj, mach, dtype=np.float32),
+            "shear_viscosity": viscosity.astype(np.float32),
+            "bulk_viscosity": viscosity.astype(np.float32),
+        },
+    )
+
+
+def compressible_ns_m1(rng: np.random.Generator, n_traj: int, resolution: int, n_steps: int) -> Simulation:
+    """Compressible NS at Mach 1 (PDEBench / MPP "CNS M1.0"): shocks form."""
+    return _compressible_ns(rng, n_traj, resolution, n_steps, 1.0, "compressible_ns_m1")
+
+
+def compressible_ns_m01(rng: np.random.Generator, n_traj: int, resolution: int, n_steps: int) -> Simulation:
+    """Compressible NS at Mach 0.1 (PDEBench / MPP "CNS M0.1"): nearly incompressible, acoustic."""
+    return _compressible_ns(rng, n_traj, resolution, n_steps, 0.1, "compressible_ns_m01")
+
+
 SYSTEMS: dict[str, Callable[[np.random.Generator, int, int, int], Simulation]] = {
     "navier_stokes": navier_stokes,
     "diffusion_reaction": diffusion_reaction,
     "shallow_water": shallow_water,
     "gray_scott": gray_scott,
     "burgers": burgers,
+    "compressible_ns_m1": compressible_ns_m1,
+    "compressible_ns_m01": compressible_ns_m01,
 }
 """Built-in systems by name; `synth mpp --systems` picks from these."""

@@ -14,6 +14,7 @@ from encoders.mpp.family import FAMILY, build_model
 from encoders.mpp.model import AViT, MPPConfig
 from foundation.cli import main
 from foundation.errors import DataError
+from foundation.results import read_table
 from tests.testkit.configs import tiny_model_config
 from tests.testkit.same_shards import assert_same_shard_sets, members_by_key
 
@@ -226,6 +227,23 @@ def test_pretrain_finetune_and_rollout_evaluation(shards, pretrained, tmp_path):
         assert set(v["windows"]) == {"1", "2-4"} and np.isfinite(v["mean"])
     assert report["one_step"]["vrmse"]["per_step"][0] == report["rollout"]["vrmse"]["per_step"][0]
     assert (out / "frames.png").stat().st_size > 0 and (out / "error_vs_step.png").stat().st_size > 0
+    # Several labelled runs on the same data: one report each, and the papers' tables over them.
+    compare, tables_dir = tmp_path / "compare", tmp_path / "tables"
+    argv = ["evaluate", "rollout", "--checkpoint", f"finetuned={ft_run}", f"again={ft_run / 'model.pt'}"]
+    argv += ["--data", str(ft), "--steps", "4", "--out", str(compare), "--tables", str(tables_dir)]
+    assert main([*argv, "--batch-size", "2"]) == 0
+    assert (compare / "finetuned" / "rollout.json").is_file() and (
+        compare / "again" / "rollout.json"
+    ).is_file()
+    mpp = read_table(tables_dir / "mpp_one_step_nrmse.table.json")
+    rows = {row.label: row.values for row in mpp.rows}
+    assert rows["finetuned"] == rows["again"]  # the same weights, the same numbers
+    diff_re = mpp.columns.index("DiffRe2D (diffusion_reaction)")
+    assert 0 < rows["finetuned"][diff_re] < 10
+    assert "--tables" in mpp.provenance["command"] and set(mpp.provenance["config_hash"]) == {
+        "finetuned",
+        "again",
+    }
     # Steps beyond the stored windows get a clear error.
     assert (
         main(
