@@ -416,7 +416,20 @@ def plan(out: Path, s: DemoSettings) -> list[Stage]:
         stages += _shuffled_pair_stages(at, s, common, align_steps)
         labelled.append(f"shuffled-pairs={at.emb / 'shuffled.h5'}")
         evaluated.append("export-shuffled")
-    return stages + _search_stages(at) + _evaluation_stages(at, s, labelled, evaluated)
+    evaluations = _evaluation_stages(at, s, labelled, evaluated)
+    return stages + _search_stages(at) + evaluations + [_report_stage(at, evaluations)]
+
+
+def _report_stage(at: _Layout, evaluations: list[Stage]) -> Stage:
+    """`foundation report` over every result table the evaluations wrote (last, so that it sees all)."""
+    report = at.out / "report"
+    return Stage(
+        "report",
+        "the papers' result tables, ours beside the paper's, as Markdown and HTML pages",
+        [report / "index.html"],
+        argv=["report", str(at.out / "reports"), "--out", str(report), "--overwrite"],
+        after=[stage.name for stage in evaluations],
+    )
 
 
 def write_query_ids(embeddings: Path, path: Path, count: int = 3) -> list[str]:
@@ -482,6 +495,7 @@ def summary(out: Path, markers: list[dict[str, Any]]) -> str:
         ("example query", out / "search" / "query.png"),
         ("zero-shot report", out / "reports" / "zero-shot" / "report.md"),
         ("retrieval report", out / "reports" / "retrieval" / "report.md"),
+        ("result tables", out / "report" / "index.html"),
         ("logs", out / "logs"),
     ]:
         if path.exists():
@@ -553,6 +567,7 @@ def _run(args: argparse.Namespace) -> int:
     print()
     print(text)
     print(f"\ntotal {time.perf_counter() - start:.0f} s this run; summary -> {out / 'SUMMARY.md'}")
+    print(f"result tables (Markdown and HTML) -> {out / 'report' / 'index.html'}")
     return 0
 
 
