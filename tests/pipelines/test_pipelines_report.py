@@ -240,3 +240,20 @@ def test_report_command_in_a_subprocess(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "r" / "astroclip.html").is_file()
+
+
+def test_a_report_being_written_is_locked(tmp_path, capsys):
+    from foundation.lock import FolderLock
+
+    _write_run(tmp_path / "run")
+    with FolderLock(tmp_path / "report", "another report"):
+        assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "report")]) == 2
+    assert "another report" in capsys.readouterr().err
+    assert not (tmp_path / "report").exists()
+
+
+def test_provenance_with_backticks_stays_one_code_span(tmp_path):
+    table = _table(provenance={"command": "echo `date`", "data": {"shards": "s", "n": 3}})
+    text = render_markdown("astroclip", [_found(table, tmp_path)])
+    assert "- command: `` echo `date` ``" in text
+    assert '- data: `{"n": 3, "shards": "s"}`' in text
