@@ -39,7 +39,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass
 class DemoSettings:
-    """Sizes of the demo; the defaults fit 10 minutes on a 2-core CPU (see docs/embeddings.md)."""
+    """Sizes of the demo; the defaults take ~8 min on 2 cores with AMX (bf16), 13-17 min in fp32
+    elsewhere (docs/embeddings.md, "Time")."""
 
     n: int = 5000
     spectrum_steps: int | None = None
@@ -574,7 +575,7 @@ def _run(args: argparse.Namespace) -> int:
 COMMANDS = [
     Command(
         ("demo",),
-        "Run the whole AstroCLIP pipeline on built-in data (CPU, ~10 min; re-running resumes).",
+        "Run the whole AstroCLIP pipeline on built-in data (2 CPU cores: 8-17 min; re-running resumes).",
         _add_arguments,
         _run,
     )
