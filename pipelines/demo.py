@@ -40,7 +40,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass
 class DemoSettings:
-    """Sizes of the demo; the defaults fit 10 minutes on a 2-core CPU (see docs/embeddings.md)."""
+    """Sizes of the demo; the defaults take ~8 min on 2 cores with AMX (bf16), 13-17 min in fp32
+    elsewhere (docs/embeddings.md, "Time")."""
 
     n: int = 5000
     spectrum_steps: int | None = None
@@ -417,7 +418,20 @@ def plan(out: Path, s: DemoSettings) -> list[Stage]:
         stages += _shuffled_pair_stages(at, s, common, align_steps)
         labelled.append(f"shuffled-pairs={at.emb / 'shuffled.h5'}")
         evaluated.append("export-shuffled")
-    return stages + _search_stages(at) + _evaluation_stages(at, s, labelled, evaluated)
+    evaluations = _evaluation_stages(at, s, labelled, evaluated)
+    return stages + _search_stages(at) + evaluations + [_report_stage(at, evaluations)]
+
+
+def _report_stage(at: _Layout, evaluations: list[Stage]) -> Stage:
+    """`foundation report` over every result table the evaluations wrote (last, so that it sees all)."""
+    report = at.out / "report"
+    return Stage(
+        "report",
+        "the papers' result tables, ours beside the paper's, as Markdown and HTML pages",
+        [report / "index.html"],
+        argv=["report", str(at.out / "reports"), "--out", str(report), "--overwrite"],
+        after=[stage.name for stage in evaluations],
+    )
 
 
 def write_query_ids(embeddings: Path, path: Path, count: int = 3) -> list[str]:
@@ -483,6 +497,7 @@ def summary(out: Path, markers: list[dict[str, Any]]) -> str:
         ("example query", out / "search" / "query.png"),
         ("zero-shot report", out / "reports" / "zero-shot" / "report.md"),
         ("retrieval report", out / "reports" / "retrieval" / "report.md"),
+        ("result tables", out / "report" / "index.html"),
         ("logs", out / "logs"),
     ]:
         if path.exists():
@@ -562,6 +577,7 @@ def _run(args: argparse.Namespace) -> int:
     print()
     print(text)
     print(f"\ntotal {time.perf_counter() - start:.0f} s this run; summary -> {out / 'SUMMARY.md'}")
+    print(f"result tables (Markdown and HTML) -> {out / 'report' / 'index.html'}")
     if (out / "index" / "index.json").exists():
         print(f"browse the search results: {browse_command(out)}")
     return 0
@@ -570,7 +586,7 @@ def _run(args: argparse.Namespace) -> int:
 COMMANDS = [
     Command(
         ("demo",),
-        "Run the whole AstroCLIP pipeline on built-in data (CPU, ~10 min; re-running resumes).",
+        "Run the whole AstroCLIP pipeline on built-in data (2 CPU cores: 8-17 min; re-running resumes).",
         _add_arguments,
         _run,
     )

@@ -163,6 +163,7 @@ def test_tiny_demo_end_to_end_then_everything_is_skipped(tmp_path):
     assert (out / "search" / "query.png").stat().st_size > 10_000
     text = summary(out, markers)
     assert "| astroclip | image | k-NN |" in text and "image → spectrum" in text
+    assert (out / "report" / "index.html").is_file() and "result tables" in text
     _browse_demo(out, queries[0]["query"])
     # A second run finds every stage done.
     lines.clear()
