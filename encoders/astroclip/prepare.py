@@ -172,33 +172,7 @@ def prepare(
             if src is not None:
                 src.rows = _subset_rows(src.rows, sky.reads(src.rows.ra, src.rows.dec))
     _check_grid_overlap(grid, spec_src.wavelength_range())
-    match = _match_images_to_spectra(image_src, spec_src, radius_arcsec)
-    sides = _Sides(image_src.rows, spec_src.rows, sky)
-    report: dict[str, Any] = {
-        "images": sides.count(image_src.rows),
-        "spectra": sides.count(spec_src.rows),
-        "match_radius_arcsec": radius_arcsec,
-    }
-    cat_result = None
-    if cat_src is not None:
-        cat_index, cat_result = _join_catalog(cat_src, spec_src, match, radius_arcsec)
-    pair_owned = sides.pairs(match)
-    if sky is not None:
-        own_pairs = match.owned(sides.owns(image_src.rows), sides.owns(spec_src.rows))
-        if own_pairs.matched == 0:
-            raise DataError(
-                f"--part {sky.index}/{sky.count}: no matched image lies in this part's HEALPix pixels "
-                f"[{sky.first}, {sky.stop}) ({match.matched} pairs around them); use fewer parts"
-            )
-        match = own_pairs
-    report["match"] = match.to_dict()
-    sources = [("spectra", spec_src.rows, match.index_b), ("images", image_src.rows, match.index_a)]
-    if cat_src is not None:
-        if sky is not None:
-            cat_result = cat_result.owned(pair_owned, sides.owns(cat_src.rows))
-        cat_index = cat_index[pair_owned]
-        report["catalog"] = {"rows": sides.count(cat_src.rows), "match": cat_result.to_dict()}
-        sources.insert(0, ("catalog", cat_src.rows, cat_index))
+    match, report, sources, separations = _match_all(image_src, spec_src, cat_src, radius_arcsec, sky)
     resolved = _resolve_targets(sources, targets)
     wavelength = wavelength_grid(*grid)
     with (
@@ -231,9 +205,6 @@ def prepare(
         if len(features["image_log_scale"]):
             writer.stats.update(train_summary(features))
         if sky is not None:
-            separations = {"match": match.separation_arcsec}
-            if cat_result is not None:
-                separations["catalog"] = cat_result.separation_arcsec
             _add_part_files(writer, features, separations, scratch)
     report.update(
         {
@@ -256,6 +227,46 @@ def _check_grid_overlap(grid: tuple[float, float, float], data_range: tuple[floa
             f"--grid {start:g}:{stop:g} Å does not overlap the spectra's wavelengths "
             f"({low:.1f}–{high:.1f} Å); choose a grid inside that range"
         )
+
+
+def _match_all(
+    image_src: ImageSource,
+    spec_src: SpectrumSource,
+    cat_src: CatalogSource | None,
+    radius_arcsec: float,
+    sky: SkyPart | None,
+) -> tuple[Any, dict[str, Any], list[tuple[str, Any, Any]], dict[str, np.ndarray]]:
+    """(the pairs to write, the match report, the target sources aligned with the pairs, the
+    separations of the pairs and of their catalogue matches). With a part of the sky, everything
+    read is matched together and the pairs and counts are those of the rows the part owns."""
+    match = _match_images_to_spectra(image_src, spec_src, radius_arcsec)
+    sides = _Sides(image_src.rows, spec_src.rows, sky)
+    report: dict[str, Any] = {
+        "images": sides.count(image_src.rows),
+        "spectra": sides.count(spec_src.rows),
+        "match_radius_arcsec": radius_arcsec,
+    }
+    if cat_src is not None:
+        cat_index, cat_result = _join_catalog(cat_src, spec_src, match, radius_arcsec)
+    pair_owned = sides.pairs(match)
+    if sky is not None:
+        own_pairs = match.owned(sides.owns(image_src.rows), sides.owns(spec_src.rows))
+        if own_pairs.matched == 0:
+            raise DataError(
+                f"--part {sky.index}/{sky.count}: no matched image lies in this part's HEALPix pixels "
+                f"[{sky.first}, {sky.stop}) ({match.matched} pairs around them); use fewer parts"
+            )
+        match = own_pairs
+    report["match"] = match.to_dict()
+    sources = [("spectra", spec_src.rows, match.index_b), ("images", image_src.rows, match.index_a)]
+    separations = {"match": match.separation_arcsec}
+    if cat_src is not None:
+        if sky is not None:
+            cat_result = cat_result.owned(pair_owned, sides.owns(cat_src.rows))
+        report["catalog"] = {"rows": sides.count(cat_src.rows), "match": cat_result.to_dict()}
+        sources.insert(0, ("catalog", cat_src.rows, cat_index[pair_owned]))
+        separations["catalog"] = cat_result.separation_arcsec
+    return match, report, sources, separations
 
 
 def _match_images_to_spectra(image_src: ImageSource, spec_src: SpectrumSource, radius_arcsec: float) -> Any:
@@ -312,7 +323,10 @@ def _part_inputs(
         if spec is None:
             picked.append(None)
             continue
-        files = [f for f in find_files(spec, what) if sky.wants_file(f)]
+        found = find_files(spec, what)
+        files = [f for f in found if sky.wants_file(f)]
+        if not files and what == "--catalog":
+            files = found[:1]  # its columns (the targets) as in one run; its rows lie elsewhere
         if not files:
             raise DataError(
                 f"--part {sky.index}/{sky.count}: no {what} file lies in this part's HEALPix pixels "

@@ -67,7 +67,7 @@ def _assert_flat(tmp_path: Path, write_inputs, sizes=(2, 8)) -> None:
 def _astroclip_inputs(folder: Path, size: int) -> list[str]:
     from tests.astroclip import mmu_layouts
 
-    n = 24 * size
+    n = 36 * size  # from 72 objects on, two full chunks of 32 are in flight
     side = int(np.ceil(np.sqrt(n)))
     ra = 150.0 + (np.arange(n) % side) * 0.01
     dec = 2.0 + (np.arange(n) // side) * 0.01
