@@ -16,7 +16,9 @@ the images, spectra and catalogue rows of its pixels *and of the ring of pixels 
 below a pixel's ~3.7 degree width: `MAX_RADIUS_ARCSEC`), matches them together, and keeps the owned
 pairs. An image and its spectrum on two sides of a pixel border, stored in two MMU files, are
 therefore found by the part that owns the image. Files named `healpix=<i>` are opened only when
-`i` is in the part's pixels or ring; other files are indexed and their rows filtered by position.
+`i` is in the part's pixels or ring (an MMU file holds the objects of its pixel, so an object lies
+in its folder's pixel or, rounded differently on a border, in a neighbour); other files are
+indexed and their rows filtered by position.
 
 **Merging.** Each part counts in its match reports the rows it owns, so `shards merge` adds the
 counts; the statistics that are medians (the training split's sky noise, the reports' median
