@@ -3,14 +3,16 @@
 Inputs are written first, in their real layouts: AstroCLIP as Multimodal Universe legacysurvey
 cutouts (4 x 160 x 160 image and inverse variance, one mask) and DESI spectra (7781 pixels), the
 builders' layouts from tests/astroclip/mmu_layouts.py; MPP as The Well HDF5 files of 256 x 256
-fields (4 channels), written by `encoders.mpp.well.write_simulation`. Each `prepare` runs as its
+fields (4 channels), written by `encoders.mpp.well.write_simulation`; xVal as JSONL records of
+text with numbers (~700 characters each). Each `prepare` runs as its
 own `foundation` process; its process tree's resident memory (the command and its workers,
 summed; RSS and PSS) is sampled every 20 ms for the peak. Reported: objects (samples) per second and shard
 megabytes per second over the whole command (start-up included) and at the margin (the larger
 run's extra samples over its extra time: start-up and fitting excluded), and the peak RSS at
 both sizes — it must not grow with the input.
 
-    python benchmarks/prepare.py            # AstroCLIP 120/240 objects, MPP 8/16 trajectories
+    python benchmarks/prepare.py            # AstroCLIP 120/240 objects, MPP 8/16 trajectories,
+                                            # xVal 5000/10000 records
     python benchmarks/prepare.py --scale 2  # twice as many of each
 """
 
@@ -63,6 +65,8 @@ def write_astroclip_inputs(root: Path, objects: int) -> list[str]:
         "g,r,i,z",
         "--samples-per-shard",
         "100",
+        "--progress",
+        "off",
     ]
 
 
@@ -90,7 +94,23 @@ def write_mpp_inputs(root: Path, trajectories: int, steps: int = 21, size: int =
             parameters={"nu": rng.random(n).astype(np.float32)},
         )
         write_simulation(sim, root / "bench" / f"bench_{i:04d}.hdf5")
-    return ["mpp", str(root / "bench"), "--samples-per-shard", "32"]
+    return ["mpp", str(root / "bench"), "--samples-per-shard", "32", "--progress", "off"]
+
+
+def write_xval_inputs(root: Path, records: int) -> list[str]:
+    """One JSONL file of `records` texts, each with a few numbers (~700 characters)."""
+    import json
+
+    import numpy as np
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(records)
+    with open(root / "corpus.jsonl", "w") as handle:
+        for i in range(records):
+            ra, dec, mass = rng.normal(size=3)
+            text = f"star {i} at ra {ra:.4f} dec {dec:.4f} has mass {mass:.3f}" + " and more words" * 40
+            handle.write(json.dumps({"text": text}) + "\n")
+    return ["xval", str(root / "corpus.jsonl"), "--vocab-size", "1000", "--samples-per-shard", "2000"]
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -121,7 +141,7 @@ def run_prepare(args: list[str], out: Path, workers: int) -> dict[str, float]:
     import json
 
     command = [sys.executable, "-m", "foundation.cli", "prepare", *args]
-    command += ["--out", str(out), "--workers", str(workers), "--progress", "off"]
+    command += ["--out", str(out), "--workers", str(workers)]
     start = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     peak_rss = peak_pss = 0
@@ -196,7 +216,7 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=int, default=1, help="Multiply the input sizes.")
-    parser.add_argument("--only", choices=("astroclip", "mpp"), help="Measure one family.")
+    parser.add_argument("--only", choices=("astroclip", "mpp", "xval"), help="Measure one family.")
     args = parser.parse_args()
     load = os.getloadavg()[0]
     rows: list[dict] = []
@@ -207,6 +227,9 @@ def main() -> None:
         if args.only in (None, "mpp"):
             sizes = (8 * args.scale, 16 * args.scale)
             rows += measure("mpp (trajectories)", write_mpp_inputs, sizes, Path(tmp))
+        if args.only in (None, "xval"):
+            sizes = (5000 * args.scale, 10000 * args.scale)
+            rows += measure("xval (records)", write_xval_inputs, sizes, Path(tmp))
     print(
         f"CPU: {_cpu_name()}, {os.cpu_count()} cores; load average at start {load:.2f}, at end "
         f"{os.getloadavg()[0]:.2f}; Python {platform.python_version()}\n"

@@ -15,6 +15,7 @@ from foundation.cli import (
     add_progress_argument,
     add_shard_output_arguments,
     add_workers_argument,
+    part_option,
     progress_enabled,
 )
 from foundation.errors import DataError
@@ -131,6 +132,15 @@ def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
         seed_help="Salts the split hash.",
     )
     add_workers_argument(parser)
+    parser.add_argument(
+        "--part",
+        type=part_option,
+        default=None,
+        metavar="I/N",
+        help="Prepare only part I of N of the sky (nested nside-16 HEALPix pixels cut into N runs; "
+        "pairs whose image lies in them, matched with the neighbouring pixels too), for "
+        "`foundation shards merge` to join (default: the whole sky).",
+    )
     add_progress_argument(parser)
 
 
@@ -160,6 +170,7 @@ def _prepare_run(args: argparse.Namespace) -> int:
         image_mask_means=args.image_mask_means,
         spectrum_mask_means=args.spectrum_mask_means,
         masked_pixels=args.masked_pixels,
+        part=args.part,
     )
     print(format_field_summary(load_manifest(args.out)))
     m = report["match"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from astropy import units as u
@@ -36,6 +36,9 @@ class MatchResult:
     ambiguous_b: int
     unmatched_a: int  # rows of A with no counterpart within the radius
     unmatched_b: int
+    # Per row: has at least one counterpart within the radius (what `owned` recounts from).
+    has_counterpart_a: np.ndarray | None = field(default=None, repr=False, compare=False)
+    has_counterpart_b: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def matched(self) -> int:
@@ -55,8 +58,38 @@ class MatchResult:
             "ambiguous_b": self.ambiguous_b,
             "unmatched_a": self.unmatched_a,
             "unmatched_b": self.unmatched_b,
-            "median_separation_arcsec": float(np.median(self.separation_arcsec)) if self.matched else 0.0,
+            "median_separation_arcsec": median_separation(self.separation_arcsec),
         }
+
+    def owned(self, own_a: np.ndarray, own_b: np.ndarray) -> MatchResult:
+        """The pairs whose A row is owned (`own_a`, a mask over A's rows), and the ambiguous and
+        unmatched counts of the owned rows of each side: what one part of a sky partition reports,
+        so that the parts' counts add up to the whole match's. A B row paired with an A row
+        another part owns counts as matched here (it is not ambiguous), and its pair is that part's."""
+        if self.has_counterpart_a is None or self.has_counterpart_b is None:
+            raise ValueError("this match carries no per-row counterpart flags")
+        paired_a = np.zeros(len(own_a), dtype=bool)
+        paired_a[self.index_a] = True
+        paired_b = np.zeros(len(own_b), dtype=bool)
+        paired_b[self.index_b] = True
+        keep = own_a[self.index_a]
+        has_a, has_b = self.has_counterpart_a, self.has_counterpart_b
+        return MatchResult(
+            index_a=self.index_a[keep],
+            index_b=self.index_b[keep],
+            separation_arcsec=self.separation_arcsec[keep],
+            ambiguous_a=int((has_a & ~paired_a & own_a).sum()),
+            ambiguous_b=int((has_b & ~paired_b & own_b).sum()),
+            unmatched_a=int((~has_a & own_a).sum()),
+            unmatched_b=int((~has_b & own_b).sum()),
+            has_counterpart_a=has_a,
+            has_counterpart_b=has_b,
+        )
+
+
+def median_separation(separation_arcsec: np.ndarray) -> float:
+    """The match report's median separation (0 when nothing matched)."""
+    return float(np.median(separation_arcsec)) if len(separation_arcsec) else 0.0
 
 
 def _check_radius(radius_arcsec: float) -> None:
@@ -89,7 +122,9 @@ def match_unique(
     n_a, n_b = len(ra_a), len(ra_b)
     if n_a == 0 or n_b == 0:
         empty = np.zeros(0, dtype=np.int64)
-        return MatchResult(empty, empty, np.zeros(0), 0, 0, n_a, n_b)
+        return MatchResult(
+            empty, empty, np.zeros(0), 0, 0, n_a, n_b, np.zeros(n_a, dtype=bool), np.zeros(n_b, dtype=bool)
+        )
     ia, ib, sep = _pairs_within(ra_a, dec_a, ra_b, dec_b, radius_arcsec)
     count_a = np.bincount(ia, minlength=n_a)
     count_b = np.bincount(ib, minlength=n_b)
@@ -109,6 +144,8 @@ def match_unique(
         ambiguous_b=int((has_b & ~keep_b).sum()),
         unmatched_a=int((~has_a).sum()),
         unmatched_b=int((~has_b).sum()),
+        has_counterpart_a=has_a,
+        has_counterpart_b=has_b,
     )
 
 
@@ -176,8 +213,8 @@ def match_unique_partitioned(
 
     vectors_b = _LeafVectors(b, spans_b, max_objects=8 * group_size)
     count_b = np.zeros(n_b, dtype=np.int32)  # at most n_a counterparts each
+    has_a = np.zeros(n_a, dtype=bool)
     kept_a, kept_b, kept_sep = [], [], []
-    with_counterpart_a = 0
     for p, rows_a in enumerate(spans_a):
         if len(rows_a) == 0:
             continue
@@ -186,7 +223,7 @@ def match_unique_partitioned(
             continue
         ia, ib, sep = _pairs_within(a.ra[rows_a], a.dec[rows_a], b.ra[rows_b], b.dec[rows_b], radius_arcsec)
         count_a = np.bincount(ia, minlength=len(rows_a))
-        with_counterpart_a += int((count_a > 0).sum())
+        has_a[rows_a[count_a > 0]] = True
         count_b[rows_b] += np.bincount(ib, minlength=len(rows_b))
         alone = count_a[ia] == 1
         kept_a.append(rows_a[ia[alone]])
@@ -199,6 +236,7 @@ def match_unique_partitioned(
     index_a, index_b, separation = index_a[unique], index_b[unique], separation[unique]
     by_a = np.argsort(index_a, kind="stable")
     matched = len(index_a)
+    with_counterpart_a = int(has_a.sum())
     with_counterpart_b = int((count_b > 0).sum())
     return MatchResult(
         index_a=index_a[by_a],
@@ -208,6 +246,8 @@ def match_unique_partitioned(
         ambiguous_b=with_counterpart_b - matched,
         unmatched_a=n_a - with_counterpart_a,
         unmatched_b=n_b - with_counterpart_b,
+        has_counterpart_a=has_a,
+        has_counterpart_b=count_b > 0,
     )
 
 

@@ -196,8 +196,8 @@ def embed(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
 
 
 def merge_stats(parts):
-    """`foundation shards merge`: the rule of `prepare.merge_stats` (imported when a merge runs)."""
-    from encoders.astroclip.prepare import merge_stats as rule
+    """`foundation shards merge`: the rule of `partition.merge_stats` (imported when a merge runs)."""
+    from encoders.astroclip.partition import merge_stats as rule
 
     return rule(parts)
 

@@ -14,8 +14,9 @@ import logging
 import math
 import re
 import sys
+import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,8 @@ import numpy as np
 from tqdm import tqdm
 
 from encoders.astroclip.crossmatch import match_unique_auto
-from encoders.astroclip.formats import CatalogSource, ImageSource, SpectrumSource
+from encoders.astroclip.formats import CatalogSource, ImageSource, Rows, SpectrumSource, find_files
+from encoders.astroclip.partition import PART_FILES, SkyPart, train_summary
 from encoders.astroclip.resample import Resampler
 from encoders.astroclip.survey import wavelength_grid
 from foundation.data import Manifest, ShardSetWriter
@@ -135,6 +137,7 @@ def prepare(
     image_mask_means: str | None = None,
     spectrum_mask_means: str | None = None,
     masked_pixels: str = "zero",
+    part: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Cross-match images with spectra (and a catalogue of targets) on the sky, resample spectra
     to `grid`, centre-crop images to `cutout`, and write an astroclip shard set. Returns a report.
@@ -145,40 +148,51 @@ def prepare(
     skipped and counted (`report["skipped"]`). `masked_pixels` (zero|keep): what bad pixels hold in
     the shards, 0 or the survey's value (the released AstroCLIP saw the survey values). `workers`
     processes read and resample chunks of `chunk` objects (an MMU object is ~1 MB in flight, so
-    memory is about 2 x workers x chunk MB); the shards are the same for any number."""
+    memory is about 2 x workers x chunk MB); the shards are the same for any number.
+
+    `part=(I, N)` prepares part I of N of the sky (`encoders.astroclip.partition`): the pairs
+    whose image lies in its HEALPix pixels, matched with its neighbouring pixels too; the N parts'
+    `foundation shards merge` (`partition.merge_stats`) is the set one run writes."""
     if radius_arcsec <= 0:
         raise DataError(f"--match-radius must be positive, got {radius_arcsec}")
-    image_src = ImageSource(images, bands, cutout, mask_means=image_mask_means, masked_pixels=masked_pixels)
+
+    def open_images(files: Any) -> ImageSource:
+        return ImageSource(files, bands, cutout, mask_means=image_mask_means, masked_pixels=masked_pixels)
+
+    sky, catalog_spec = None, catalog
+    if part is not None:
+        sky, images, spectra, catalog = _part_inputs(
+            part, images, spectra, catalog, radius_arcsec, open_images
+        )
+    image_src = open_images(images)
     spec_src = SpectrumSource(spectra, mask_means=spectrum_mask_means)
+    cat_src = CatalogSource(catalog) if catalog is not None else None
+    if sky is not None:
+        for src in (image_src, spec_src, cat_src):
+            if src is not None:
+                src.rows = _subset_rows(src.rows, sky.reads(src.rows.ra, src.rows.dec))
     _check_grid_overlap(grid, spec_src.wavelength_range())
-    match = _match_images_to_spectra(image_src, spec_src, radius_arcsec)
-    report: dict[str, Any] = {
-        "images": len(image_src.rows),
-        "spectra": len(spec_src.rows),
-        "match": match.to_dict(),
-        "match_radius_arcsec": radius_arcsec,
-    }
-    sources = [("spectra", spec_src.rows, match.index_b), ("images", image_src.rows, match.index_a)]
-    if catalog is not None:
-        rows, index, report["catalog"] = _join_catalog(catalog, spec_src, match, radius_arcsec)
-        sources.insert(0, ("catalog", rows, index))
+    match, report, sources, separations = _match_all(image_src, spec_src, cat_src, radius_arcsec, sky)
     resolved = _resolve_targets(sources, targets)
     wavelength = wavelength_grid(*grid)
-    with ShardSetWriter(
-        out,
-        splits or dict(SPLITS),
-        samples_per_shard=samples_per_shard,
-        family="astroclip",
-        schema=_schema(image_src, resolved, masked_pixels),
-        extra=_extra(image_src, spec_src, masked_pixels, wavelength, grid[2], resolved, report),
-        provenance=_provenance(image_src, spec_src, catalog),
-        seed=seed,
-        split_salt=str(seed),
-        overwrite=overwrite,
-        masks={"image": ("image_ivar", "weight")},
-        hints=_DEGENERATE_HINTS,
-        allow_degenerate=allow_degenerate,
-    ) as writer:
+    with (
+        tempfile.TemporaryDirectory(prefix="astroclip-part-") as scratch,
+        ShardSetWriter(
+            out,
+            splits or dict(SPLITS),
+            samples_per_shard=samples_per_shard,
+            family="astroclip",
+            schema=_schema(image_src, resolved, masked_pixels),
+            extra=_extra(image_src, spec_src, masked_pixels, wavelength, grid[2], resolved, report),
+            provenance=_provenance(image_src, spec_src, catalog_spec, sky),
+            seed=seed,
+            split_salt=str(seed),
+            overwrite=overwrite,
+            masks={"image": ("image_ivar", "weight")},
+            hints=_DEGENERATE_HINTS,
+            allow_degenerate=allow_degenerate,
+        ) as writer,
+    ):
         pairs = _PairWriter(writer, image_src, spec_src, match, resolved)
         pairs.write_all(
             _ChunkReader(image_src, spec_src, _Resamplers(wavelength, masked_pixels)),
@@ -186,8 +200,12 @@ def prepare(
             workers,
             progress,
         )
-        pairs.check_written(bands)
-        writer.stats.update(pairs.train_stats.summary())
+        pairs.check_written(bands, whole=sky is None)
+        features = pairs.train_stats.arrays()
+        if len(features["image_log_scale"]):
+            writer.stats.update(train_summary(features))
+        if sky is not None:
+            _add_part_files(writer, features, separations, scratch)
     report.update(
         {
             "written": pairs.counts,
@@ -211,6 +229,46 @@ def _check_grid_overlap(grid: tuple[float, float, float], data_range: tuple[floa
         )
 
 
+def _match_all(
+    image_src: ImageSource,
+    spec_src: SpectrumSource,
+    cat_src: CatalogSource | None,
+    radius_arcsec: float,
+    sky: SkyPart | None,
+) -> tuple[Any, dict[str, Any], list[tuple[str, Any, Any]], dict[str, np.ndarray]]:
+    """(the pairs to write, the match report, the target sources aligned with the pairs, the
+    separations of the pairs and of their catalogue matches). With a part of the sky, everything
+    read is matched together and the pairs and counts are those of the rows the part owns."""
+    match = _match_images_to_spectra(image_src, spec_src, radius_arcsec)
+    sides = _Sides(image_src.rows, spec_src.rows, sky)
+    report: dict[str, Any] = {
+        "images": sides.count(image_src.rows),
+        "spectra": sides.count(spec_src.rows),
+        "match_radius_arcsec": radius_arcsec,
+    }
+    if cat_src is not None:
+        cat_index, cat_result = _join_catalog(cat_src, spec_src, match, radius_arcsec)
+    pair_owned = sides.pairs(match)
+    if sky is not None:
+        own_pairs = match.owned(sides.owns(image_src.rows), sides.owns(spec_src.rows))
+        if own_pairs.matched == 0:
+            raise DataError(
+                f"--part {sky.index}/{sky.count}: no matched image lies in this part's HEALPix pixels "
+                f"[{sky.first}, {sky.stop}) ({match.matched} pairs around them); use fewer parts"
+            )
+        match = own_pairs
+    report["match"] = match.to_dict()
+    sources = [("spectra", spec_src.rows, match.index_b), ("images", image_src.rows, match.index_a)]
+    separations = {"match": match.separation_arcsec}
+    if cat_src is not None:
+        if sky is not None:
+            cat_result = cat_result.owned(pair_owned, sides.owns(cat_src.rows))
+        report["catalog"] = {"rows": sides.count(cat_src.rows), "match": cat_result.to_dict()}
+        sources.insert(0, ("catalog", cat_src.rows, cat_index[pair_owned]))
+        separations["catalog"] = cat_result.separation_arcsec
+    return match, report, sources, separations
+
+
 def _match_images_to_spectra(image_src: ImageSource, spec_src: SpectrumSource, radius_arcsec: float) -> Any:
     """The unique image-spectrum pairs on the sky; refused when there is none."""
     match = match_unique_auto(
@@ -226,11 +284,10 @@ def _match_images_to_spectra(image_src: ImageSource, spec_src: SpectrumSource, r
 
 
 def _join_catalog(
-    catalog: Any, spec_src: SpectrumSource, match: Any, radius_arcsec: float
-) -> tuple[Any, np.ndarray, dict[str, Any]]:
-    """(catalogue rows, catalogue row of each matched object or -1, report) for a catalogue of
-    targets matched on the sky to the spectra of the matched pairs."""
-    cat_src = CatalogSource(catalog)
+    cat_src: CatalogSource, spec_src: SpectrumSource, match: Any, radius_arcsec: float
+) -> tuple[np.ndarray, Any]:
+    """(catalogue row of each matched object or -1, the match) for a catalogue of targets matched
+    on the sky to the spectra of the matched pairs."""
     cat_match = match_unique_auto(
         spec_src.rows.ra[match.index_b],
         spec_src.rows.dec[match.index_b],
@@ -241,7 +298,86 @@ def _join_catalog(
     log.info("%s", cat_match.summary("object", "catalogue"))
     cat_index = np.full(match.matched, -1)
     cat_index[cat_match.index_a] = cat_match.index_b
-    return cat_src.rows, cat_index, {"rows": len(cat_src.rows), "match": cat_match.to_dict()}
+    return cat_index, cat_match
+
+
+# ----------------------------------------------------------------------------- sky parts
+
+
+def _part_inputs(
+    part: tuple[int, int], images: Any, spectra: Any, catalog: Any, radius_arcsec: float, open_images: Any
+) -> tuple[SkyPart, list[Path], list[Path], list[Path] | None]:
+    """This part of the sky, and the input files it reads (its pixels and their ring)."""
+    from encoders.astroclip import partition
+
+    partition.check_radius(radius_arcsec)
+    image_files = find_files(images, "--images")
+
+    def positions(files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+        rows = open_images(files).rows
+        return rows.ra, rows.dec
+
+    sky = partition.sky_part(*part, partition.image_pixels(image_files, positions))
+    picked = []
+    for spec, what in ((image_files, "--images"), (spectra, "--spectra"), (catalog, "--catalog")):
+        if spec is None:
+            picked.append(None)
+            continue
+        found = find_files(spec, what)
+        files = [f for f in found if sky.wants_file(f)]
+        if not files and what == "--catalog":
+            files = found[:1]  # its columns (the targets) as in one run; its rows lie elsewhere
+        if not files:
+            raise DataError(
+                f"--part {sky.index}/{sky.count}: no {what} file lies in this part's HEALPix pixels "
+                f"[{sky.first}, {sky.stop}) or next to them; use fewer parts"
+            )
+        picked.append(files)
+    return sky, *picked
+
+
+def _subset_rows(rows: Rows, keep: np.ndarray) -> Rows:
+    return Rows(
+        object_id=rows.object_id[keep],
+        ra=rows.ra[keep],
+        dec=rows.dec[keep],
+        file_index=rows.file_index[keep],
+        row=rows.row[keep],
+        columns={name: values[keep] for name, values in rows.columns.items()},
+    )
+
+
+@dataclass
+class _Sides:
+    """Which rows this run owns: all of them, or those in its part of the sky."""
+
+    images: Rows
+    spectra: Rows
+    sky: SkyPart | None
+
+    def owns(self, rows: Rows) -> np.ndarray:
+        if self.sky is None:
+            return np.ones(len(rows), dtype=bool)
+        return self.sky.owns(rows.ra, rows.dec)
+
+    def count(self, rows: Rows) -> int:
+        return int(self.owns(rows).sum())
+
+    def pairs(self, match: Any) -> np.ndarray:
+        """Which pairs of `match` are this run's: those whose image it owns."""
+        return self.owns(self.images)[match.index_a]
+
+
+def _add_part_files(
+    writer: ShardSetWriter, features: dict[str, np.ndarray], separations: dict[str, np.ndarray], scratch: str
+) -> None:
+    """What `merge_stats` needs beyond counts: each training object's features (the statistics
+    include medians) and each pair's separation (the reports' medians), as .npy files."""
+    for name, values in {**features, **separations}.items():
+        path = Path(scratch) / PART_FILES[name]
+        with open(path, "wb") as handle:
+            np.save(handle, np.ascontiguousarray(values), allow_pickle=False)
+        writer.add_file(path, PART_FILES[name], "per-part values for `foundation shards merge`")
 
 
 class _TargetResolver:
@@ -372,13 +508,18 @@ def _extra(
     }
 
 
-def _provenance(image_src: ImageSource, spec_src: SpectrumSource, catalog: Any) -> dict[str, Any]:
-    return {
+def _provenance(
+    image_src: ImageSource, spec_src: SpectrumSource, catalog: Any, sky: SkyPart | None
+) -> dict[str, Any]:
+    out = {
         "images": [str(p) for p in image_src.files[:50]],
         "spectra": [str(p) for p in spec_src.files[:50]],
         "catalog": str(catalog) if catalog is not None else None,
         "command": " ".join(sys.argv),
     }
+    if sky is not None:
+        out["part"] = sky.provenance()
+    return out
 
 
 # ----------------------------------------------------------------------------- pairs
@@ -422,35 +563,37 @@ def _object_features(
     )
 
 
-@dataclass
 class _TrainStats:
-    """Statistics of the training split that the towers normalise with (kept in the manifest)."""
+    """The training objects' features, in the order written, kept in blocks of float arrays (a
+    few tens of bytes an object) for the statistics the towers normalise with."""
 
-    spectrum: list[np.ndarray] = field(default_factory=list)
-    image_log_scale: list[float] = field(default_factory=list)
-    sky: list[np.ndarray] = field(default_factory=list)
+    BLOCK = 4096
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._pending: list[_ObjectFeatures] = []
+        self._blocks: dict[str, list[np.ndarray]] = {"spectrum": [], "image_log_scale": [], "sky": []}
 
     def add(self, features: _ObjectFeatures) -> None:
         """One training object's features, in the order the objects are written."""
-        self.spectrum.append(features.spectrum)
-        self.image_log_scale.append(features.image_log_scale)
-        self.sky.append(features.sky)
+        self._pending.append(features)
+        self.count += 1
+        if len(self._pending) >= self.BLOCK:
+            self._flush()
 
-    def summary(self) -> dict[str, Any]:
-        spectrum = np.array(self.spectrum)
-        sky = np.nanmedian(np.array(self.sky), axis=0)
+    def _flush(self) -> None:
+        if self._pending:
+            self._blocks["spectrum"].append(np.array([f.spectrum for f in self._pending]))
+            self._blocks["image_log_scale"].append(np.array([f.image_log_scale for f in self._pending]))
+            self._blocks["sky"].append(np.array([f.sky for f in self._pending]))
+            self._pending = []
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """{spectrum (n, 2), image_log_scale (n,), sky (n, bands)} of every training object."""
+        self._flush()
         return {
-            "spectrum_stats_token": {
-                "mean": spectrum.mean(0).tolist(),
-                "std": spectrum.std(0).tolist(),
-                "features": ["asinh(mean flux)", "ln(std flux, floored at 0.2)"],
-            },
-            "image_log_scale": {
-                "mean": float(np.mean(self.image_log_scale)),
-                "std": float(np.std(self.image_log_scale)),
-            },
-            "image_sky_sigma": sky.tolist(),
-            "image_scale_floor": float(np.median(sky)),
+            name: np.concatenate(blocks) if blocks else np.zeros((0, 2) if name == "spectrum" else 0)
+            for name, blocks in self._blocks.items()
         }
 
 
@@ -612,15 +755,16 @@ class _PairWriter:
         source.update(dict.fromkeys(("spectrum", "spectrum_ivar"), spectrum_file))
         return source
 
-    def check_written(self, bands: Sequence[str]) -> None:
-        """Refuse a shard set without samples, or without a training split to take statistics from."""
+    def check_written(self, bands: Sequence[str], whole: bool = True) -> None:
+        """Refuse a shard set without samples, or (`whole`: not a part of the sky, whose training
+        objects the merge pools) without a training split to take statistics from."""
         if not self.counts:
             raise DataError(
                 f"every matched object was skipped ({self.skipped}): no image has good pixels in every band "
                 f"of --bands {','.join(bands)}, or no spectrum has good pixels on --grid; check the masks "
                 "(--image-mask-means, --spectrum-mask-means) and the inputs"
             )
-        if not self.train_stats.spectrum:
+        if whole and not self.train_stats.count:
             raise DataError(
                 f"no object landed in the train split ({self.counts}); use more objects or other "
                 "--split-fractions"
@@ -667,17 +811,3 @@ def shuffle_pairs(src: Path, dst: Path, *, seed: int = 0, split: str = "train") 
                     out[f] = donor[f]
             out = {k: v for k, v in out.items() if v is not None}
             writer.write(out, split=name)
-
-
-MERGE_REFUSAL = (
-    "AstroCLIP's training statistics include medians (image_sky_sigma, image_scale_floor) and "
-    "per-part match reports that cannot be combined from per-part numbers; prepare AstroCLIP in "
-    "one run until its prepare can reuse statistics"
-)
-
-
-def merge_stats(parts: Sequence[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """`shards merge` of astroclip parts: statistics equal in every part only (see MERGE_REFUSAL)."""
-    from foundation.data.merge import require_equal_family_data
-
-    return require_equal_family_data(parts, MERGE_REFUSAL)

@@ -65,6 +65,16 @@ class PrepareOptions:
         return window, stride
 
 
+_SPLIT_RANK = {"train": 0, "valid": 1, "test": 2}
+
+
+def source_order(path: str) -> tuple[int, str]:
+    """Where a file stands in its data set's `sources`: files of a train, valid, test folder in
+    that order (a Well layout's own order), then the rest, each by path — one order however the
+    inputs were named and however the files were split into parts."""
+    return _SPLIT_RANK.get(Path(path).parent.name, len(_SPLIT_RANK)), path
+
+
 def _key(*parts: Any) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", "-".join(str(p) for p in parts))
 
@@ -297,6 +307,8 @@ def prepare(
                 f"{info['fields']} in another file"
             )
         info["sources"].append(str(src.path))
+    for info in datasets.values():
+        info["sources"].sort(key=source_order)
     if len(shapes) > 1:
         sizes = "; ".join(f"{x}x{y}: {', '.join(sorted(names))}" for (x, y), names in sorted(shapes.items()))
         raise DataError(
@@ -419,18 +431,47 @@ def _mpp(manifest: Any) -> dict[str, Any]:
 
 
 def _merge_field_stats(parts: Sequence[Any]) -> dict[str, dict[str, float]]:
+    """Each part's sums, back from its stored count, mean and rms; a part written before the count
+    was stored has its sums recomputed from its training windows (`_field_stats_from_shards`)."""
     total = _FieldStats()
     for part in parts:
         fields = part.manifest.stats.get("fields") or {}
-        for name, entry in sorted(fields.items()):
-            if not isinstance(entry, dict) or not isinstance(entry.get("count"), int):
-                raise DataError(
-                    f"part {part.label}: stats.fields.{name} has no element count (written by an older "
-                    "prepare), so it cannot be combined; prepare that part again with this version"
-                )
-        for name, (n, s1, s2) in _FieldStats.from_result(fields).acc.items():
+        counted = all(isinstance(e, dict) and isinstance(e.get("count"), int) for e in fields.values())
+        sums = _FieldStats.from_result(fields) if counted else _field_stats_from_shards(part)
+        for name, (n, s1, s2) in sums.acc.items():
             total.add([name], [(n, s1, s2)])
     return total.result()
+
+
+def _field_stats_from_shards(part: Any) -> _FieldStats:
+    """The per-field sums of a part's training windows, read back from its train shards one sample
+    at a time (the windows prepare summed are the `fields` arrays it wrote, so this is exact to
+    float64 rounding, in memory one window)."""
+    from foundation.data import ShardReader
+
+    info = part.manifest.splits.get("train")
+    stats = _FieldStats()
+    for shard in info.shards if info else []:
+        reader = ShardReader(
+            part.path / shard.name,
+            part.manifest.schema,
+            expected_bytes=shard.bytes,
+            expected_samples=shard.samples,
+        )
+        try:
+            for i in range(len(reader.keys)):
+                sample = reader.sample(i, ["fields", "meta"])
+                names = sample["meta"].get("field_names") if isinstance(sample["meta"], dict) else None
+                frames = np.asarray(sample["fields"])
+                if not isinstance(names, list) or frames.ndim != 4 or len(names) != frames.shape[1]:
+                    raise DataError(
+                        f"part {part.label}: {shard.name} sample {reader.keys[i]!r} has no field_names "
+                        "matching its fields' channels; re-create that part"
+                    )
+                stats.add(names, channel_sums(frames))
+        finally:
+            reader.close()
+    return stats
 
 
 _DATASET_SAME = ("fields", "bc", "bc_ends", "grid_type", "shape")
@@ -467,7 +508,7 @@ def _merge_mpp_extra(parts: Sequence[Any]) -> dict[str, Any]:
                 have["samples"][split] = have["samples"].get(split, 0) + n
             have["sources"].extend(info["sources"])
     for info in datasets.values():
-        info["sources"] = sorted(info["sources"])
+        info["sources"] = sorted(info["sources"], key=source_order)
     merged["fields"] = sorted({f for p in parts for f in _mpp(p.manifest).get("fields", [])})
     merged["datasets"] = {name: datasets[name] for name in sorted(datasets)}
     merged["skipped"] = skipped

@@ -200,6 +200,37 @@ def _merge_field(have: FieldSpec, spec: FieldSpec, name: str, part: Part, first:
     return replace(have, shape=shape)
 
 
+#: Extra files named so belong to one part only (values a family's `merge_stats` pools): they are
+#: neither compared between parts nor copied into the merged set.
+PART_FILE_PREFIX = "part-"
+
+
+def shared_files(manifest: Manifest) -> dict[str, FileInfo]:
+    """The extra files every part must hold alike (all but the per-part ones)."""
+    return {name: info for name, info in manifest.files.items() if not name.startswith(PART_FILE_PREFIX)}
+
+
+def load_part_array(part: Part, name: str) -> np.ndarray:
+    """A per-part .npy file the part's manifest lists, checked against the size and sha256 it
+    records, loaded without unpickling."""
+    info = part.manifest.files.get(name)
+    if info is None:
+        raise DataError(
+            f"part {part.label}: its manifest lists no file {name!r}; prepare the part again with "
+            "`prepare ... --part I/N` of this version"
+        )
+    path = part.path / name
+    if not path.is_file() or path.stat().st_size != info.bytes or file_sha256(path) != info.sha256:
+        raise DataError(
+            f"part {part.label}: file {name} is missing or does not match its manifest (size, sha256); "
+            "re-create that part"
+        )
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as err:
+        raise DataError(f"part {part.label}: file {name} is not a plain .npy array ({err})") from None
+
+
 def check_compatible(parts: Sequence[Part]) -> None:
     """Family, split rule, seed and extra files must agree (the schema: `merged_schema`)."""
     same = "parts of one set must be prepared with the same options"
@@ -211,7 +242,7 @@ def check_compatible(parts: Sequence[Part]) -> None:
     refuse_difference(parts, lambda m: m.provenance.get("seed"), "provenance.seed", same)
     refuse_difference(
         parts,
-        lambda m: {name: (f.bytes, f.sha256) for name, f in m.files.items()},
+        lambda m: {name: (f.bytes, f.sha256) for name, f in shared_files(m).items()},
         "files",
         "an extra file (e.g. a tokenizer) fitted per part cannot stand for the merged set; prepare "
         "every part with the same one (xval: --vocab-from SHARDS)",
@@ -484,10 +515,11 @@ def _check_out(out: Path, parts: Sequence[Part], overwrite: bool) -> None:
 
 
 def _copy_files(parts: Sequence[Part], folder: Path) -> dict[str, FileInfo]:
-    """The extra files (equal in every part: checked), copied from the first part and re-hashed."""
+    """The extra files (equal in every part: checked), copied from the first part and re-hashed;
+    the per-part files (PART_FILE_PREFIX) stay behind."""
     first = parts[0]
     out = {}
-    for name, info in sorted(first.manifest.files.items()):
+    for name, info in sorted(shared_files(first.manifest).items()):
         target = folder / name
         shutil.copyfile(first.path / name, target)
         if file_sha256(target) != info.sha256:

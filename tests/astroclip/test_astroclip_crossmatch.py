@@ -262,3 +262,25 @@ def test_property_small_random_skies_equal_global_match(seed, n_a, n_b, group_si
     radius = float(rng.choice([0.5, 2.0, 10.0]))
     expected = match_unique(ra_a, dec_a, ra_b, dec_b, radius)
     assert_same(expected, match_unique_partitioned(ra_a, dec_a, ra_b, dec_b, radius, group_size=group_size))
+
+
+@pytest.mark.slow
+def test_owned_parts_of_a_match_add_up_to_the_whole_match():
+    """`MatchResult.owned` over a split of both sources into parts (each row owned by one part):
+    the parts' pairs are the whole match's pairs, and their counts add up to its counts; the
+    partitioned match carries the same per-row counterpart flags as the global one."""
+    rng = np.random.default_rng(7)
+    ra_a, dec_a = uniform_sky(rng, 1500)
+    ra_b, dec_b = counterpart_sky(rng, ra_a, dec_a, 2.0)
+    whole = match_unique(ra_a, dec_a, ra_b, dec_b, 2.0)
+    grouped = match_unique_partitioned(ra_a, dec_a, ra_b, dec_b, 2.0, group_size=100)
+    assert np.array_equal(whole.has_counterpart_a, grouped.has_counterpart_a)
+    assert np.array_equal(whole.has_counterpart_b, grouped.has_counterpart_b)
+    owner_a, owner_b = rng.integers(0, 3, len(ra_a)), rng.integers(0, 3, len(ra_b))
+    parts = [whole.owned(owner_a == p, owner_b == p) for p in range(3)]
+    index_a, index_b = (np.concatenate([getattr(p, f) for p in parts]) for f in ("index_a", "index_b"))
+    pairs = sorted(zip(index_a, index_b, strict=True))
+    assert pairs == sorted(zip(whole.index_a, whole.index_b, strict=True))
+    for name in ("matched", "ambiguous_a", "ambiguous_b", "unmatched_a", "unmatched_b"):
+        assert sum(getattr(p, name) for p in parts) == getattr(whole, name), name
+    assert whole.ambiguous_b > 10 and whole.unmatched_b > 10

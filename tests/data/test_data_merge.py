@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -256,10 +257,10 @@ def test_xval_lengths_combine_and_a_per_part_normaliser_is_refused(tmp_path):
         merge_shard_sets([a, c], tmp_path / "out2")
 
 
-def test_astroclip_statistics_are_refused_with_the_reason(tmp_path):
+def test_astroclip_sets_not_written_as_parts_of_the_sky_are_refused_with_the_reason(tmp_path):
     a = _write(tmp_path / "part-a", range(0, 50), family="astroclip", stats={"image_scale_floor": 0.1})
     b = _write(tmp_path / "part-b", range(50, 100), family="astroclip", stats={"image_scale_floor": 0.2})
-    with pytest.raises(DataError, match=r"image_scale_floor differs .*medians"):
+    with pytest.raises(DataError, match=r"part-a was not written by `prepare astroclip --part I/N`"):
         merge_shard_sets([a, b], tmp_path / "out")
 
 
@@ -278,12 +279,61 @@ def test_a_part_without_field_stats_is_refused(tmp_path):
         merge_shard_sets([a, b], tmp_path / "out")
 
 
-def test_mpp_statistics_without_element_counts_are_refused_with_the_reason(tmp_path):
-    """Parts written before prepare stored `count` per field cannot be combined exactly."""
-    a = _write(tmp_path / "part-a", range(0, 50), family="mpp", stats={"fields": {"u": {"mean": 0.0}}})
-    b = _write(tmp_path / "part-b", range(50, 100), family="mpp", stats={"fields": {"u": {"mean": 1.0}}})
-    with pytest.raises(DataError, match=r"stats\.fields\.u has no element count .*prepare that part again"):
-        merge_shard_sets([a, b], tmp_path / "out")
+def _well_layout(root: Path) -> Path:
+    """A Well data set folder, `toy/data/<split>/*.hdf5`: two train files, one valid, one test."""
+    from tests.mpp.test_mpp_pipeline import _toy_well_file
+
+    for i, (split, name) in enumerate([("train", "a"), ("train", "b"), ("valid", "c"), ("test", "d")]):
+        _toy_well_file(root / "toy" / "data" / split / f"{name}.hdf5", seed=i, n_traj=2)
+    return root / "toy"
+
+
+MPP_ARGS = ["--history", "2", "--stride", "3", "--samples-per-shard", "4"]
+
+
+@pytest.fixture(scope="module")
+def mpp_well_parts(tmp_path_factory):
+    """One prepare of a Well layout, and its two parts (`--part I/2`)."""
+    root = tmp_path_factory.mktemp("mpp-well")
+    data = _well_layout(root)
+    assert main(["prepare", "mpp", str(data), "--out", str(root / "whole"), *MPP_ARGS]) == 0
+    parts = [root / f"part-{i}" for i in range(2)]
+    for i, part in enumerate(parts):
+        assert main(["prepare", "mpp", str(data), "--out", str(part), "--part", f"{i}/2", *MPP_ARGS]) == 0
+    return root, parts
+
+
+@pytest.mark.slow
+def test_mpp_parts_of_a_well_layout_list_sources_in_split_order(mpp_well_parts, tmp_path):
+    from tests.mpp.test_mpp_pipeline import _assert_same_set_as_one_run
+
+    root, parts = mpp_well_parts
+    merge_shard_sets(parts, tmp_path / "merged")
+    _assert_same_set_as_one_run(tmp_path / "merged", root / "whole")
+    sources = Manifest.load(tmp_path / "merged").extra["mpp"]["datasets"]["toy"]["sources"]
+    assert [Path(s).parent.name for s in sources] == ["train", "train", "valid", "test"]
+    # The same order when the files are found by a recursive search (sorted by path: test first).
+    assert (
+        main(["prepare", "mpp", str(root / "toy" / "data"), "--out", str(tmp_path / "found"), *MPP_ARGS]) == 0
+    )
+    assert Manifest.load(tmp_path / "found").extra["mpp"]["datasets"]["toy"]["sources"] == sources
+
+
+@pytest.mark.slow
+def test_mpp_parts_without_element_counts_are_recomputed_from_their_train_shards(mpp_well_parts, tmp_path):
+    """A part written before prepare stored `count` per field: its sums are read back from its
+    training windows, so the merge still gives one prepare's statistics (to rounding)."""
+    from tests.mpp.test_mpp_pipeline import _assert_same_set_as_one_run
+
+    root, parts = mpp_well_parts
+    old = tmp_path / "part-1"
+    shutil.copytree(parts[1], old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    for entry in manifest["stats"]["fields"].values():
+        del entry["count"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    merge_shard_sets([parts[0], old], tmp_path / "merged")
+    _assert_same_set_as_one_run(tmp_path / "merged", root / "whole")
 
 
 def test_out_is_locked_while_merging(whole_and_parts, tmp_path):

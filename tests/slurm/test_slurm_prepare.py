@@ -1,7 +1,7 @@
 """slurm/prepare.sbatch on a real (one-node) SLURM cluster: the chain `submit` starts (xVal: fit the
 vocabulary once, an array of 2 parts reusing it, a dependent merge; MPP: an array of 3 parts and
-the merge) writes the set one `foundation prepare` over all inputs writes; re-submitting redoes
-only what is missing."""
+the merge; AstroCLIP: 2 parts of the sky and the merge) writes the set one `foundation prepare`
+over all inputs writes; re-submitting redoes only what is missing."""
 
 from __future__ import annotations
 
@@ -122,3 +122,32 @@ def test_mpp_prepare_array_of_three_and_merge_match_one_prepare(slurm, tmp_path)
         main(["prepare", "mpp", str(tmp_path / "toy"), "--out", str(tmp_path / "whole"), *args.split()]) == 0
     )
     _assert_same_set_as_one_run(out, tmp_path / "whole")
+
+
+def test_astroclip_prepare_array_of_sky_parts_and_merge_match_one_prepare(slurm, tmp_path):
+    """Two parts of the sky (HEALPix pixels, matched with the pixels around them) and the merge:
+    the pairs, keys and match report of one prepare; the training statistics to float64 rounding."""
+    import math
+
+    from encoders.astroclip.survey import synthesize
+
+    summary = synthesize(str(tmp_path / "survey"), 40, seed=4, image_size=16, wave_step=8.0, progress=False)
+    args = (
+        f"--images {summary['images']} --spectra {summary['spectra']} --catalog {summary['catalog']} "
+        f"--grid 3600:9800:40 --samples-per-shard 8 --splits {FRACTIONS}"
+    )
+    out = tmp_path / "shards"
+    env = _env(FAMILY="astroclip", OUT=str(out), PARTS="2", PREPARE_ARGS=args)
+    jobs = _submit(slurm, tmp_path, env)
+    assert set(jobs) == {"array", "merge"}
+    _wait_chain(slurm, tmp_path, jobs)
+    assert main(["prepare", "astroclip", *args.split(), "--out", str(tmp_path / "whole")]) == 0
+    merged, whole = Manifest.load(out), Manifest.load(tmp_path / "whole")
+    assert merged.extra == whole.extra and merged.files == whole.files
+    for split in whole.splits:
+        assert members_by_key(out, split) == members_by_key(tmp_path / "whole", split), split
+    assert merged.stats["image_sky_sigma"] == whole.stats["image_sky_sigma"]
+    tokens = merged.stats["spectrum_stats_token"], whole.stats["spectrum_stats_token"]
+    for key in ("mean", "std"):
+        for a, b in zip(tokens[0][key], tokens[1][key], strict=True):
+            assert math.isclose(a, b, rel_tol=1e-12)
