@@ -94,6 +94,14 @@ def main() -> None:
     )
     parser.add_argument("--parallel", type=int, default=2, help="Trainings run at once (one thread each).")
     parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Config override for every training (repeatable), e.g. model.number_loss_weight=10.",
+    )
+    parser.add_argument("--tag", default="", help="Suffix of the run/eval folders and the summary file.")
+    parser.add_argument(
         "--rescore", action="store_true", help="Only re-score the predictions of an earlier run in --out."
     )
     args = parser.parse_args()
@@ -101,12 +109,12 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     encodings = [e.strip() for e in args.encodings.split(",") if e.strip()]
     if args.rescore:
-        summary = json.loads((out / "summary.json").read_text())
+        summary = json.loads((out / f"summary{args.tag}.json").read_text())
         summary["results"] = {
-            e: score(out / f"eval-{e}" / "predictions.csv", TRAIN_VALUES, args.tolerance) for e in encodings
+            e: score(out / f"eval-{e}{args.tag}" / "predictions.csv", TRAIN_VALUES, args.tolerance) for e in encodings
         }
         summary["tolerance"] = args.tolerance
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (out / f"summary{args.tag}.json").write_text(json.dumps(summary, indent=2) + "\n")
         print_table(summary, encodings)
         return
     log = out / "log.txt"
@@ -131,7 +139,7 @@ def main() -> None:
         )
 
     def train_and_evaluate(encoding: str) -> tuple[str, float, float]:
-        run = out / f"run-{encoding}"
+        run = out / f"run-{encoding}{args.tag}"
         t0 = time.perf_counter()
         seconds = foundation(
             "pretrain",
@@ -142,7 +150,8 @@ def main() -> None:
             f"train.steps={args.steps}",
             f"run.seed={args.seed}",
             "train.tensorboard=false",
-            log=out / f"log-{encoding}.txt",
+            *args.set,
+            log=out / f"log-{encoding}{args.tag}.txt",
         )
         seconds += foundation(
             "evaluate",
@@ -152,10 +161,10 @@ def main() -> None:
             "--data",
             str(data / "shards"),
             "--out",
-            str(out / f"eval-{encoding}"),
+            str(out / f"eval-{encoding}{args.tag}"),
             "--fields",
             "p",
-            log=out / f"log-{encoding}.txt",
+            log=out / f"log-{encoding}{args.tag}.txt",
         )
         return encoding, seconds, time.perf_counter() - t0
 
@@ -164,11 +173,12 @@ def main() -> None:
             cpu[encoding] = seconds
             print(f"{encoding}: trained and evaluated in {wall:.0f} s wall, {seconds:.0f} CPU s", flush=True)
     results = {
-        e: score(out / f"eval-{e}" / "predictions.csv", TRAIN_VALUES, args.tolerance) for e in encodings
+        e: score(out / f"eval-{e}{args.tag}" / "predictions.csv", TRAIN_VALUES, args.tolerance) for e in encodings
     }
     total_wall = time.perf_counter() - started
     summary = {
         "steps": args.steps,
+        "overrides": args.set,
         "tolerance": args.tolerance,
         "train_values": TRAIN_VALUES,
         "results": results,
@@ -176,7 +186,7 @@ def main() -> None:
         "wall_seconds": total_wall,
         "load_average": os.getloadavg(),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / f"summary{args.tag}.json").write_text(json.dumps(summary, indent=2) + "\n")
     print_table(summary, encodings)
 
 
