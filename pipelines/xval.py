@@ -303,9 +303,6 @@ def _train_and_predict(args: argparse.Namespace, task, shards: Path, encoding: s
 
 
 def _run_tasks(args: argparse.Namespace) -> int:
-    import shlex
-    import sys
-
     from encoders.xval.encodings import ENCODINGS
     from encoders.xval.tasks import build_table, get_task, plot_task, read_predictions, read_records
     from foundation.config import config_hash, read_yaml
@@ -327,7 +324,7 @@ def _run_tasks(args: argparse.Namespace) -> int:
         log.info("%s: %s trained and evaluated", task.name, encoding)
     figure = f"xval-{task.name}.png"
     provenance = {
-        "command": shlex.join(["foundation", *sys.argv[1:]]),
+        "command": _command_line(args),
         "config_hash": config_hash({"config": read_yaml(args.config), "set": args.set, "steps": args.steps}),
         "data": f"synth xval --task {task.name} --samples {args.samples} --seed {args.seed}",
     }
@@ -341,6 +338,20 @@ def _run_tasks(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
     _print_table(table)
     return 0
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces the table, with every option that shapes it spelled out."""
+    import shlex
+
+    words = ["foundation", "evaluate", "xval-tasks", "--task", args.task, "--out", args.out]
+    words += ["--encodings", args.encodings, "--samples", str(args.samples), "--steps", str(args.steps)]
+    words += ["--seed", str(args.seed)]
+    if Path(args.config).resolve() != TASKS_CONFIG:
+        words += ["--config", args.config]
+    for item in args.set:
+        words += ["--set", item]
+    return shlex.join(words)
 
 
 def _print_table(table) -> None:

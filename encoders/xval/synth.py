@@ -1,6 +1,6 @@
 """Built-in corpora, written as JSONL records with a `text` field (the native format `prepare`
 reads), so `synth` exercises the same reader as user data. Records that need more than a text
-carry it in extra keys that `prepare` ignores (`split`, `n_operands`), which the paper-task
+carry it in extra keys that `prepare` ignores (`split`, `n_operands`, `start`), which the paper-task
 scoring (`encoders/xval/tasks.py`) reads back.
 
 * `arithmetic`: multi-operand arithmetic as in the paper — 2 to 4 operands in [-10, 10] with two
@@ -274,7 +274,7 @@ def temperature(n: int, seed: int, test_fraction: float = 1 / 6, valid_fraction:
             f'{{"lat":{lat[station]:.1f},"lon":{lon[station]:.1f},"day":{day % 365},"hour":{hour},'
             f'"t":{_list(series[station, start:end], 1)},"next":{series[station, end]:.1f}}}'
         )
-        yield {"id": f"temp-{i:07d}", "split": split, "text": text}
+        yield {"id": f"temp-{i:07d}", "split": split, "start": start, "text": text}
 
 
 def interpolation(
