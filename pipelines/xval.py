@@ -21,6 +21,13 @@ from foundation.cli import Command, add_part_argument, add_shard_output_argument
 log = logging.getLogger(__name__)
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def _add_prepare_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("tokenisation and normalisation")
     g.add_argument(
@@ -52,6 +59,13 @@ def _add_prepare_options(parser: argparse.ArgumentParser) -> None:
         "--clip", type=float, default=5.0, help="Normalised values are clipped (and counted) to +-this."
     )
     g.add_argument(
+        "--spread",
+        type=_positive_float,
+        default=1.0,
+        help="Standard deviation of the normalised training values (1: z-scores; smaller keeps "
+        "xVal's embedding in its linear range).",
+    )
+    g.add_argument(
         "--vocab-from",
         metavar="SHARDS",
         help="Reuse the tokenizer and normaliser of this shard set (evaluation data for a trained model).",
@@ -80,6 +94,7 @@ def _options(args: argparse.Namespace, **overrides):
         per_field=not args.global_normalizer,
         min_field_count=args.min_field_count,
         clip=args.clip,
+        spread=args.spread,
         split_fractions=args.split_fractions,
         samples_per_shard=args.samples_per_shard,
         seed=args.seed,

@@ -100,6 +100,9 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="Config override for every training (repeatable), e.g. model.number_loss_weight=10.",
     )
+    parser.add_argument(
+        "--spread", type=float, default=1.0, help="Normaliser spread of the data (synth xval --spread)."
+    )
     parser.add_argument("--tag", default="", help="Suffix of the run/eval folders and the summary file.")
     parser.add_argument(
         "--rescore", action="store_true", help="Only re-score the predictions of an earlier run in --out."
@@ -111,14 +114,15 @@ def main() -> None:
     if args.rescore:
         summary = json.loads((out / f"summary{args.tag}.json").read_text())
         summary["results"] = {
-            e: score(out / f"eval-{e}{args.tag}" / "predictions.csv", TRAIN_VALUES, args.tolerance) for e in encodings
+            e: score(out / f"eval-{e}{args.tag}" / "predictions.csv", TRAIN_VALUES, args.tolerance)
+            for e in encodings
         }
         summary["tolerance"] = args.tolerance
         (out / f"summary{args.tag}.json").write_text(json.dumps(summary, indent=2) + "\n")
         print_table(summary, encodings)
         return
     log = out / "log.txt"
-    data = out / "data"
+    data = out / ("data" if args.spread == 1.0 else f"data-spread{args.spread:g}")
     started = time.perf_counter()
     cpu = {}
     if not (data / "shards" / "manifest.json").exists():
@@ -135,6 +139,8 @@ def main() -> None:
             str(args.seed),
             "--train-values",
             ",".join(map(str, TRAIN_VALUES)),
+            "--spread",
+            str(args.spread),
             log=log,
         )
 
@@ -173,12 +179,14 @@ def main() -> None:
             cpu[encoding] = seconds
             print(f"{encoding}: trained and evaluated in {wall:.0f} s wall, {seconds:.0f} CPU s", flush=True)
     results = {
-        e: score(out / f"eval-{e}{args.tag}" / "predictions.csv", TRAIN_VALUES, args.tolerance) for e in encodings
+        e: score(out / f"eval-{e}{args.tag}" / "predictions.csv", TRAIN_VALUES, args.tolerance)
+        for e in encodings
     }
     total_wall = time.perf_counter() - started
     summary = {
         "steps": args.steps,
         "overrides": args.set,
+        "spread": args.spread,
         "tolerance": args.tolerance,
         "train_values": TRAIN_VALUES,
         "results": results,

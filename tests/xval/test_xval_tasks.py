@@ -181,3 +181,22 @@ def test_xval_tasks_trains_every_encoding_and_writes_the_table(tmp_path):
     assert [r.label for r in table.rows if r.source == "ours"] == ["xVal", "P10", "P1000", "B1999", "FP15"]
     assert (tables / table.figures[0]).stat().st_size > 0
     assert "xval-tasks" in table.provenance["command"]
+
+
+def test_normaliser_spread_sets_the_std_of_normalised_values():
+    from encoders.xval.normalizer import Normalizer
+
+    values = np.random.default_rng(0).normal(3.0, 2.0, 500)
+    names = ["v"] * 500
+    norm = Normalizer.fit(values, names, spread=0.25)
+    ids = norm.field_ids(names)
+    z, clipped = norm.transform(values, ids)
+    assert z.std() == pytest.approx(0.25) and clipped == 0
+    assert np.allclose(norm.inverse(z, ids), values)
+    with pytest.raises(ValueError, match="spread"):
+        Normalizer.fit(values, names, spread=0)
+
+
+def test_synth_refuses_a_non_positive_spread(tmp_path, capsys):
+    assert main(["synth", "xval", "--task", "orbits", "--out", str(tmp_path), "--spread", "0"]) == 2
+    assert "must be > 0" in capsys.readouterr().err
