@@ -239,6 +239,8 @@ def plot_task(path: Path, task: Task, results: Mapping[str, Sequence[Prediction]
         if ok.any():
             lo, hi = float(min(true[ok].min(), pred[ok].min())), float(max(true[ok].max(), pred[ok].max()))
             ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+        else:
+            ax.text(0.5, 0.5, "no parseable\npredictions", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(f"{LABELS[enc]}", fontsize=9)
         ax.set_xlabel(f"true {task.plot_field}", fontsize=8)
         ax.set_ylabel("predicted", fontsize=8)
