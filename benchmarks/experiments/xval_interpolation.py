@@ -1,11 +1,15 @@
 """Out-of-distribution interpolation: xVal vs P10 vs FP15 (the paper's continuity claim).
 
 The training data's target `p` takes only a few gapped values ({0.2, 0.3, 0.5, 0.8} by
-default) and is observable through `y = p·x` pairs in the same record; the test split puts `p`
+default) and is observable through six noisy measurements `p·(1 + 0.02ε)` in the same record;
+the test split puts `p`
 on a dense grid over [0.2, 0.8] (`foundation synth xval --task interpolation`). Each encoding
 is pretrained with the same config (configs/xval/interpolation.yaml; only `model.encoding`
 differs) through the real pipeline — synth -> shards -> `foundation pretrain` ->
-`foundation evaluate xval --fields p` — and scored here from the evaluation's predictions.csv:
+`foundation evaluate xval --fields p` — and scored here from the evaluation's predictions.csv.
+The data are normalised with `--spread` (0.25 by default) and trained `--steps` (300); `--set
+KEY=VALUE` changes the config of every training and `--tag=-NAME` names the runs, so settings can
+be compared in one folder:
 
 * OoD MSE: over test records whose p is not a training value (18 of the 21 grid points);
   in-distribution MSE: over those whose p is one (0.2, 0.5, 0.8 lie on the grid);
@@ -87,7 +91,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/xval-interp-exp")
     parser.add_argument("--encodings", default="xval,p10,fp15")
     parser.add_argument("--samples", type=int, default=6000, help="Gapped train+valid records.")
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--tolerance", type=float, default=0.01, help="'Seen' = within this of a training value."
@@ -101,7 +105,7 @@ def main() -> None:
         help="Config override for every training (repeatable), e.g. model.number_loss_weight=10.",
     )
     parser.add_argument(
-        "--spread", type=float, default=1.0, help="Normaliser spread of the data (synth xval --spread)."
+        "--spread", type=float, default=0.25, help="Normaliser spread of the data (synth xval --spread)."
     )
     parser.add_argument("--tag", default="", help="Suffix of the run/eval folders and the summary file.")
     parser.add_argument(
@@ -122,7 +126,7 @@ def main() -> None:
         print_table(summary, encodings)
         return
     log = out / "log.txt"
-    data = out / ("data" if args.spread == 1.0 else f"data-spread{args.spread:g}")
+    data = out / f"data-spread{args.spread:g}"
     started = time.perf_counter()
     cpu = {}
     if not (data / "shards" / "manifest.json").exists():
