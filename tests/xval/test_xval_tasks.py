@@ -72,10 +72,10 @@ def _planet_params(record):
 
 
 def test_planets_test_split_lies_in_the_held_out_bands_and_training_never_does():
-    records = list(synth.planets(400, seed=1, test=60))
+    records = list(synth.planets(200, seed=1, test=40))
     lo_a, hi_a = synth.HELD_OUT_A_OUTER
     lo_s, hi_s = synth.HELD_OUT_STEP
-    assert sum(r["split"] == "test" for r in records) == 60
+    assert sum(r["split"] == "test" for r in records) == 40
     half = 5e-4  # the text rounds to three decimals
     for r in records:
         a_outer, step = _planet_params(r)
