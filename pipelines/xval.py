@@ -4,7 +4,9 @@ synth writes a built-in corpus as JSONL (the native format) and prepares it into
 prepare turns JSONL / text files into an xVal shard set (tokenizer + normaliser fitted on the
 training split); evaluate masks every number field of a held-out split in turn, predicts it
 with a pretrained checkpoint and reports per-field MSE / R² (original units), the share of
-unparseable predictions, and a predicted-vs-true plot.
+unparseable predictions, and a predicted-vs-true plot. `evaluate xval-tasks` runs one of the
+paper's tasks end to end — synth, one training per number encoding with the same config and
+budget, evaluate, score — and writes the task's result table and figure.
 """
 
 from __future__ import annotations
@@ -13,9 +15,17 @@ import argparse
 import logging
 from pathlib import Path
 
+from encoders.xval.synth import TASKS
 from foundation.cli import Command, add_part_argument, add_shard_output_arguments, add_workers_argument
 
 log = logging.getLogger(__name__)
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
 
 
 def _add_prepare_options(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +59,13 @@ def _add_prepare_options(parser: argparse.ArgumentParser) -> None:
         "--clip", type=float, default=5.0, help="Normalised values are clipped (and counted) to +-this."
     )
     g.add_argument(
+        "--spread",
+        type=_positive_float,
+        default=1.0,
+        help="Standard deviation of the normalised training values (1: z-scores; smaller keeps "
+        "xVal's embedding in its linear range).",
+    )
+    g.add_argument(
         "--vocab-from",
         metavar="SHARDS",
         help="Reuse the tokenizer and normaliser of this shard set (evaluation data for a trained model).",
@@ -77,6 +94,7 @@ def _options(args: argparse.Namespace, **overrides):
         per_field=not args.global_normalizer,
         min_field_count=args.min_field_count,
         clip=args.clip,
+        spread=args.spread,
         split_fractions=args.split_fractions,
         samples_per_shard=args.samples_per_shard,
         seed=args.seed,
@@ -147,7 +165,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
 
 def _add_synth(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="Directory: <task>.jsonl and shards/ are written there.")
-    parser.add_argument("--task", choices=("arithmetic", "orbits", "interpolation"), required=True)
+    parser.add_argument("--task", choices=TASKS, required=True)
     parser.add_argument(
         "--samples",
         type=int,
@@ -233,6 +251,136 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- evaluate xval-tasks
+
+TASKS_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "xval" / "tasks.yaml"
+
+
+def _add_tasks(parser: argparse.ArgumentParser) -> None:
+    from encoders.xval.encodings import ENCODINGS
+    from encoders.xval.tasks import TASKS as PAPER_TASKS
+
+    parser.add_argument("--task", choices=tuple(PAPER_TASKS), required=True)
+    parser.add_argument(
+        "--out", required=True, help="Work folder: data/, runs/, eval-*/ and the table and figure."
+    )
+    parser.add_argument("--tables", help="Also write the table and figure here (default: only into --out).")
+    parser.add_argument(
+        "--encodings", default=",".join(ENCODINGS), help="Comma-separated encodings (default: all five)."
+    )
+    parser.add_argument("--samples", type=int, default=6000, help="Training + validation records.")
+    parser.add_argument("--steps", type=int, default=600, help="Training steps, the same for every encoding.")
+    parser.add_argument("--seed", type=int, default=0, help="Data and training seed.")
+    parser.add_argument(
+        "--config", default=str(TASKS_CONFIG), help="Training config (default: configs/xval/tasks.yaml)."
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="Config override for every training."
+    )
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda.")
+
+
+def _synth_task(task: str, samples: int, seed: int, out: Path) -> tuple[Path, Path]:
+    """(corpus JSONL, shards) of a task, written once and reused by a rerun."""
+    from encoders.xval.prepare import PrepareOptions, prepare
+    from encoders.xval.synth import record_fields, write_corpus
+
+    source, shards = out / f"{task}.jsonl", out / "shards"
+    if not source.exists():
+        write_corpus(task, samples, seed, source)
+    if not (shards / "manifest.json").exists():
+        prepare(
+            [source], shards, PrepareOptions(vocab_size=512, seed=seed, progress=False, **record_fields(task))
+        )
+    return source, shards
+
+
+def _train_and_predict(args: argparse.Namespace, task, shards: Path, encoding: str, out: Path) -> Path:
+    """Train (or finish training) one encoding's model and evaluate it; its predictions.csv."""
+    from encoders.xval.evaluate import evaluate
+    from foundation.config import load_pretrain_config
+    from foundation.train import train
+
+    run = out / "runs" / encoding
+    overrides = [
+        f"data.path={shards}",
+        f"run.dir={run}",
+        f"model.encoding={encoding}",
+        f"model.max_len={task.max_len}",
+        f"train.steps={args.steps}",
+        f"run.seed={args.seed}",
+        *args.set,
+    ]
+    train(load_pretrain_config(args.config, overrides))
+    evaluated = out / f"eval-{encoding}"
+    evaluate(run, shards, evaluated, fields=list(task.fields), device=args.device)
+    return evaluated / "predictions.csv"
+
+
+def _run_tasks(args: argparse.Namespace) -> int:
+    from encoders.xval.encodings import ENCODINGS
+    from encoders.xval.tasks import build_table, get_task, plot_task, read_predictions, read_records
+    from foundation.config import config_hash, read_yaml
+    from foundation.errors import ConfigError
+    from foundation.results import write_table
+
+    task = get_task(args.task)
+    encodings = [e.strip() for e in args.encodings.split(",") if e.strip()]
+    unknown = [e for e in encodings if e not in ENCODINGS]
+    if unknown or not encodings:
+        raise ConfigError(
+            f"--encodings: unknown {unknown or 'none given'}; choose from {', '.join(ENCODINGS)}"
+        )
+    out = Path(args.out)
+    source, shards = _synth_task(task.name, args.samples, args.seed, out / "data")
+    results = {}
+    for encoding in encodings:
+        results[encoding] = read_predictions(_train_and_predict(args, task, shards, encoding, out))
+        log.info("%s: %s trained and evaluated", task.name, encoding)
+    figure = f"xval-{task.name}.png"
+    provenance = {
+        "command": _command_line(args),
+        "config_hash": config_hash({"config": read_yaml(args.config), "set": args.set, "steps": args.steps}),
+        "data": f"synth xval --task {task.name} --samples {args.samples} --seed {args.seed}",
+    }
+    notes = [f"Every encoding: {args.steps} steps of configs/xval/tasks.yaml (same model, data and budget)."]
+    table = build_table(
+        task, results, read_records(source), notes=notes, figures=[figure], provenance=provenance
+    )
+    for folder in {out, Path(args.tables or out)}:
+        plot_task(folder / figure, task, results)
+        path = write_table(folder, table)
+        print(f"wrote {path}")
+    _print_table(table)
+    return 0
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces the table, with every option that shapes it spelled out."""
+    import shlex
+
+    words = ["foundation", "evaluate", "xval-tasks", "--task", args.task, "--out", args.out]
+    words += ["--encodings", args.encodings, "--samples", str(args.samples), "--steps", str(args.steps)]
+    words += ["--seed", str(args.seed)]
+    if Path(args.config).resolve() != TASKS_CONFIG:
+        words += ["--config", args.config]
+    for item in args.set:
+        words += ["--set", item]
+    return shlex.join(words)
+
+
+def _print_table(table) -> None:
+    from pipelines.evaluate_common import markdown_table
+
+    rows = [[row.label, *(_format(v) for v in row.values)] for row in table.rows]
+    print(f"{table.title} ({table.metric})")
+    print(markdown_table(["encoding", *table.columns], rows))
+
+
+def _format(value) -> str:
+    return "—" if value is None or (isinstance(value, float) and value != value) else f"{value:.5g}"
+
+
 COMMANDS = [
     Command(
         ("prepare", "xval"), "Convert JSONL / text with numbers into xVal shards.", _add_prepare, _run_prepare
@@ -248,5 +396,11 @@ COMMANDS = [
         "Per-field number prediction metrics of an xVal checkpoint.",
         _add_evaluate,
         _run_evaluate,
+    ),
+    Command(
+        ("evaluate", "xval-tasks"),
+        "Run one of the xVal paper's tasks for every number encoding and write its result table.",
+        _add_tasks,
+        _run_tasks,
     ),
 ]

@@ -1,11 +1,15 @@
 """Out-of-distribution interpolation: xVal vs P10 vs FP15 (the paper's continuity claim).
 
 The training data's target `p` takes only a few gapped values ({0.2, 0.3, 0.5, 0.8} by
-default) and is observable through `y = p·x` pairs in the same record; the test split puts `p`
+default) and is observable through six noisy measurements `p·(1 + 0.02ε)` in the same record;
+the test split puts `p`
 on a dense grid over [0.2, 0.8] (`foundation synth xval --task interpolation`). Each encoding
 is pretrained with the same config (configs/xval/interpolation.yaml; only `model.encoding`
 differs) through the real pipeline — synth -> shards -> `foundation pretrain` ->
-`foundation evaluate xval --fields p` — and scored here from the evaluation's predictions.csv:
+`foundation evaluate xval --fields p` — and scored here from the evaluation's predictions.csv.
+The data are normalised with `--spread` (0.25 by default) and trained `--steps` (300); `--set
+KEY=VALUE` changes the config of every training and `--tag=-NAME` names the runs, so settings can
+be compared in one folder:
 
 * OoD MSE: over test records whose p is not a training value (18 of the 21 grid points);
   in-distribution MSE: over those whose p is one (0.2, 0.5, 0.8 lie on the grid);
@@ -87,12 +91,23 @@ def main() -> None:
     parser.add_argument("--out", default="runs/xval-interp-exp")
     parser.add_argument("--encodings", default="xval,p10,fp15")
     parser.add_argument("--samples", type=int, default=6000, help="Gapped train+valid records.")
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--tolerance", type=float, default=0.01, help="'Seen' = within this of a training value."
     )
     parser.add_argument("--parallel", type=int, default=2, help="Trainings run at once (one thread each).")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Config override for every training (repeatable), e.g. model.number_loss_weight=10.",
+    )
+    parser.add_argument(
+        "--spread", type=float, default=0.25, help="Normaliser spread of the data (synth xval --spread)."
+    )
+    parser.add_argument("--tag", default="", help="Suffix of the run/eval folders and the summary file.")
     parser.add_argument(
         "--rescore", action="store_true", help="Only re-score the predictions of an earlier run in --out."
     )
@@ -101,16 +116,17 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     encodings = [e.strip() for e in args.encodings.split(",") if e.strip()]
     if args.rescore:
-        summary = json.loads((out / "summary.json").read_text())
+        summary = json.loads((out / f"summary{args.tag}.json").read_text())
         summary["results"] = {
-            e: score(out / f"eval-{e}" / "predictions.csv", TRAIN_VALUES, args.tolerance) for e in encodings
+            e: score(out / f"eval-{e}{args.tag}" / "predictions.csv", TRAIN_VALUES, args.tolerance)
+            for e in encodings
         }
         summary["tolerance"] = args.tolerance
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (out / f"summary{args.tag}.json").write_text(json.dumps(summary, indent=2) + "\n")
         print_table(summary, encodings)
         return
     log = out / "log.txt"
-    data = out / "data"
+    data = out / f"data-spread{args.spread:g}"
     started = time.perf_counter()
     cpu = {}
     if not (data / "shards" / "manifest.json").exists():
@@ -127,11 +143,13 @@ def main() -> None:
             str(args.seed),
             "--train-values",
             ",".join(map(str, TRAIN_VALUES)),
+            "--spread",
+            str(args.spread),
             log=log,
         )
 
     def train_and_evaluate(encoding: str) -> tuple[str, float, float]:
-        run = out / f"run-{encoding}"
+        run = out / f"run-{encoding}{args.tag}"
         t0 = time.perf_counter()
         seconds = foundation(
             "pretrain",
@@ -142,7 +160,8 @@ def main() -> None:
             f"train.steps={args.steps}",
             f"run.seed={args.seed}",
             "train.tensorboard=false",
-            log=out / f"log-{encoding}.txt",
+            *args.set,
+            log=out / f"log-{encoding}{args.tag}.txt",
         )
         seconds += foundation(
             "evaluate",
@@ -152,10 +171,10 @@ def main() -> None:
             "--data",
             str(data / "shards"),
             "--out",
-            str(out / f"eval-{encoding}"),
+            str(out / f"eval-{encoding}{args.tag}"),
             "--fields",
             "p",
-            log=out / f"log-{encoding}.txt",
+            log=out / f"log-{encoding}{args.tag}.txt",
         )
         return encoding, seconds, time.perf_counter() - t0
 
@@ -164,11 +183,14 @@ def main() -> None:
             cpu[encoding] = seconds
             print(f"{encoding}: trained and evaluated in {wall:.0f} s wall, {seconds:.0f} CPU s", flush=True)
     results = {
-        e: score(out / f"eval-{e}" / "predictions.csv", TRAIN_VALUES, args.tolerance) for e in encodings
+        e: score(out / f"eval-{e}{args.tag}" / "predictions.csv", TRAIN_VALUES, args.tolerance)
+        for e in encodings
     }
     total_wall = time.perf_counter() - started
     summary = {
         "steps": args.steps,
+        "overrides": args.set,
+        "spread": args.spread,
         "tolerance": args.tolerance,
         "train_values": TRAIN_VALUES,
         "results": results,
@@ -176,7 +198,7 @@ def main() -> None:
         "wall_seconds": total_wall,
         "load_average": os.getloadavg(),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / f"summary{args.tag}.json").write_text(json.dumps(summary, indent=2) + "\n")
     print_table(summary, encodings)
 
 

@@ -7,6 +7,9 @@ generation all use the same map. Two kinds per field:
 * `signlog`: u = sign(v)·log1p(|v| / c) with c the median |v|, then z = (u - mean_u) / std_u —
   for fields spanning many orders of magnitude.
 
+`spread` (default 1) multiplies z: the normalised training values then have that standard
+deviation (the stored `std` is the field's std divided by it).
+
 Values outside [-clip, clip] after the map are clipped (never wrapped) and counted. Fields seen
 fewer than `min_count` times in training share one global fit (field index 0, name `_`).
 Everything is float64; the model sees float32 of the result.
@@ -46,7 +49,8 @@ class FieldMap:
         return u
 
 
-def _fit_map(values: np.ndarray, kind: Kind) -> FieldMap:
+def _fit_map(values: np.ndarray, kind: Kind, spread: float = 1.0) -> FieldMap:
+    """The field's map, scaled so that its training values have standard deviation `spread`."""
     values = np.asarray(values, dtype=np.float64)
     log_scale = 1.0
     if kind == "signlog":
@@ -62,7 +66,7 @@ def _fit_map(values: np.ndarray, kind: Kind) -> FieldMap:
     std = float(values.std()) if len(values) > 1 else 0.0
     if not std > 0 or not np.isfinite(std):
         std = 1.0  # a constant field: shift only
-    return FieldMap(kind, mean, std, log_scale)
+    return FieldMap(kind, mean, std / spread, log_scale)
 
 
 class Normalizer:
@@ -91,13 +95,17 @@ class Normalizer:
         min_count: int = 20,
         max_fields: int = 1024,
         clip: float = 5.0,
+        spread: float = 1.0,
     ) -> Normalizer:
-        """Fit on training values with their field names (equal length sequences)."""
+        """Fit on training values with their field names (equal length sequences); `spread` is
+        the standard deviation of the normalised training values (1: z-scores)."""
+        if not spread > 0:
+            raise ValueError(f"spread must be > 0, got {spread}")
         values = np.asarray(values, dtype=np.float64)
         if len(values) != len(fields):
             raise ValueError(f"{len(values)} values but {len(fields)} field names")
         names = [UNNAMED_FIELD]
-        maps = [_fit_map(values, kind)]
+        maps = [_fit_map(values, kind, spread)]
         if per_field:
             counts = Counter(fields)
             keep = [
@@ -108,7 +116,7 @@ class Normalizer:
             field_array = np.asarray(fields, dtype=object)
             for name in sorted(keep):
                 names.append(name)
-                maps.append(_fit_map(values[field_array == name], kind))
+                maps.append(_fit_map(values[field_array == name], kind, spread))
         return cls(names, maps, clip)
 
     # ------------------------------------------------------------------ use

@@ -73,6 +73,7 @@ class PrepareOptions:
     per_field: bool = True
     min_field_count: int = 20
     clip: float = 5.0
+    spread: float = 1.0
     split_fractions: dict[str, float] = field(
         default_factory=lambda: {"train": 0.9, "valid": 0.05, "test": 0.05}
     )
@@ -343,6 +344,7 @@ def prepare(paths: Sequence[str | Path], out: str | Path, opts: PrepareOptions |
             per_field=opts.per_field,
             min_count=opts.min_field_count,
             clip=opts.clip,
+            spread=opts.spread,
         )
 
         # Pass 2: the tokenizer, on the training split's text around numbers.
