@@ -60,6 +60,7 @@ from foundation.search.tuning import (
 
 PLAN_FILE = "plan.json"
 TRAINED_FILE = "trained.faiss"
+MAX_AUTO_RERANK = 64  # candidates re-scored per neighbour at most when the tuning raises rerank
 
 
 class VectorSource(Protocol):
@@ -194,6 +195,7 @@ def plan_build(
         "target_recall": target_recall,
         "tune_k": max(1, min(tune_k, n - len(held))),
         "fixed": (params or {}).get(query_knob(kind)),
+        "rerank_given": "rerank" in (params or {}),
         "train_seconds": round(time.perf_counter() - start, 3),
         **(extra or {}),
     }
@@ -318,17 +320,16 @@ def merge_shards(
     knob = query_knob(kind)
     factor = rerank_factor(IndexParams(kind=kind, n=plan["n"], dim=plan["dim"], params=p))
     n_indexed = int(index.ntotal)
-    search_rows = None
-    if factor:
-
-        def search_rows(q: np.ndarray, kk: int) -> np.ndarray:
-            return reranked(index.search, stored, q, kk, factor, n_indexed)[1]
-
-    tuning = tune_on_sets(
-        index, sets, knob=knob, k=k, indexed=n_indexed, nlist=p["nlist"],
-        target=plan["target_recall"], fixed=plan["fixed"], search_rows=search_rows,
-        progress=plan["n"] >= 2 * ADD_CHUNK,
+    tune = dict(
+        knob=knob, k=k, indexed=n_indexed, nlist=p["nlist"], target=plan["target_recall"],
+        fixed=plan["fixed"], progress=plan["n"] >= 2 * ADD_CHUNK,
     )  # fmt: skip
+    if factor:
+        limit = factor if plan.get("rerank_given") else MAX_AUTO_RERANK
+        factor, tuning = _tune_with_rerank(index, sets, stored, factor, n_indexed, tune, limit)
+        p["rerank"] = factor
+    else:
+        tuning = tune_on_sets(index, sets, **tune)
     held = np.asarray(plan["held"], dtype=np.int64)
     index.add_with_ids(_normalised_reader(source, plan["normalize"])(held), held)
     tuning.update(sample=len(held), seed=plan["seed"], seconds=round(time.perf_counter() - start, 3))
@@ -352,6 +353,29 @@ def merge_shards(
     if factor:
         out.attach_vectors(stored)
     return out
+
+
+def _tune_with_rerank(
+    index: Any,
+    sets: dict[str, tuple[np.ndarray, np.ndarray]],
+    stored: Callable[[np.ndarray], np.ndarray],
+    factor: int,
+    n_indexed: int,
+    tune: dict[str, Any],
+    limit: int,
+) -> tuple[int, dict[str, Any]]:
+    """Tune nprobe with re-ranking of factor x k candidates; where no nprobe reaches the target
+    (the codes' ceiling), double the factor up to `limit` and tune again."""
+    while True:
+
+        def search_rows(q: np.ndarray, kk: int, f: int = factor) -> np.ndarray:
+            return reranked(index.search, stored, q, kk, f, n_indexed)[1]
+
+        tuning = tune_on_sets(index, sets, search_rows=search_rows, **tune)
+        if tuning["reached"] or tune["fixed"] is not None or 2 * factor > limit:
+            tuning["rerank"] = factor
+            return factor, tuning
+        factor *= 2
 
 
 def _sorted_rows(sims: np.ndarray, rows: np.ndarray) -> np.ndarray:
