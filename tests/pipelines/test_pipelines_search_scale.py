@@ -15,6 +15,7 @@ from foundation.search import gpu
 from foundation.search.files import query
 from foundation.search.index import VectorIndex
 from foundation.search.stream import ArraySource, add_shard, build_streamed, merge_shards, plan_build
+from foundation.search.synthetic import EmbeddingModel, effective_dimension, fit_embedding_model, generate
 from tests.testkit.embeddings import latent_embeddings, write_embeddings
 
 PQ = {"nlist": 16, "pq_m": 4, "pq_bits": 4}
@@ -144,3 +145,22 @@ def test_gpu_is_used_where_faiss_has_one_and_refused_cleanly_where_not(monkeypat
     assert calls == [("to_gpu", "res", 0), ("train", 5), ("to_cpu",)]
     fake.get_num_gpus = lambda: 0  # GPU faiss installed, no GPU visible
     assert gpu.resolve_faiss_device("auto") == "cpu"
+
+
+@pytest.mark.slow
+def test_fitted_model_keeps_the_spectrum_at_any_width(tmp_path):
+    rng = np.random.default_rng(0)
+    latents = rng.normal(size=(600, 4)) * [3.0, 2.0, 1.0, 0.5]
+    source = np.tanh(latents @ rng.normal(size=(4, 48))) + 0.05 * rng.normal(size=(600, 48))
+    model = fit_embedding_model(source, source="test", components=3, max_rank=8)
+    model = EmbeddingModel.load(model.save(tmp_path / "model.json"))
+    assert model.rank <= 8 and model.source_dim == 48
+    wide = np.concatenate(list(generate(model, 3000, 256, seed=1, chunk=1000)))
+    assert wide.shape == (3000, 256)
+    np.testing.assert_allclose(np.linalg.norm(wide, axis=1), 1.0, rtol=1e-5)
+    # The effective dimension carries over (random vectors of 256-d would have ~256).
+    assert abs(effective_dimension(wide) - model.participation_ratio) < 0.25 * model.participation_ratio
+    again = list(generate(model, 3000, 256, seed=1, chunk=1000))
+    np.testing.assert_array_equal(again[2], wide[2000:])  # chunks are reproducible
+    queries = next(generate(model, 10, 256, seed=1, stream=1))
+    assert not np.isin(queries[:, 0], wide[:, 0]).any()
