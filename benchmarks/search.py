@@ -46,7 +46,13 @@ import numpy as np
 from foundation.search.index import VectorIndex
 from foundation.search.kinds import PQ_KINDS, import_faiss, is_ivf, query_knob
 from foundation.search.stream import ArraySource, build_streamed
-from foundation.search.synthetic import EmbeddingModel, effective_dimension, fit_embedding_model, generate
+from foundation.search.synthetic import (
+    EmbeddingModel,
+    effective_dimension,
+    fit_embedding_model,
+    generate,
+    with_effective_dimension,
+)
 from foundation.search.tuning import exact_knn, recall_at_k
 
 DEFAULT_MODEL = Path(__file__).with_name("search_embeddings.json")
@@ -62,9 +68,11 @@ def unit_vectors(n: int, dim: int, seed: int, stream: int) -> Iterator[np.ndarra
 
 
 def chunks(
-    data: str, model: EmbeddingModel | None, n: int, dim: int, seed: int, stream: int
+    data: str, model: EmbeddingModel | None, n: int, dim: int, seed: int, stream: int, effdim: float
 ) -> Iterator[np.ndarray]:
     if data == "realistic":
+        if effdim:
+            model = with_effective_dimension(model, effdim, dim)
         return generate(model, n, dim, seed=seed, stream=stream, chunk=CHUNK)
     return unit_vectors(n, dim, seed, stream)
 
@@ -173,7 +181,8 @@ def run(args: argparse.Namespace) -> None:
         print(
             f"# realistic: model {args.model} fitted to {model.source} ({model.source_rows} x "
             f"{model.source_dim}, effective dimension {model.participation_ratio:.1f}, rank {model.rank}, "
-            f"{len(model.weights)} mixture components)"
+            f"{len(model.weights)} mixture components), residual noise scaled to effective dimension "
+            f"{args.effective_dimension or model.participation_ratio:.1f}"
         )
     print(
         f"# faiss {faiss.__version__}, {args.queries} recall queries, {args.latency_queries} timed single, "
@@ -187,8 +196,12 @@ def run(args: argparse.Namespace) -> None:
         for dim in [int(d) for d in args.dims.split(",")]:
             for n in [int(float(s)) for s in args.sizes.split(",")]:
                 path = Path(args.workdir) / f"search-bench-{data}-{n}-{dim}.npy"
-                base = write_memmap(path, chunks(data, model, n, dim, args.seed, 0), n, dim)
-                queries = np.concatenate(list(chunks(data, model, args.queries, dim, args.seed, 1)))
+                base = write_memmap(
+                    path, chunks(data, model, n, dim, args.seed, 0, args.effective_dimension), n, dim
+                )
+                queries = np.concatenate(
+                    list(chunks(data, model, args.queries, dim, args.seed, 1, args.effective_dimension))
+                )
                 truth = exact_knn(base, queries, args.k)
                 label = f"{data[:4]} {effective_dimension(base[: min(n, 20_000)]):.1f}"
                 for kind in kinds:
@@ -231,6 +244,13 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("--out", default=str(DEFAULT_MODEL))
     parser.add_argument("--data", default="realistic,random", help="realistic, random or both, in order.")
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="Fitted embedding model (JSON).")
+    parser.add_argument(
+        "--effective-dimension",
+        type=float,
+        default=6.0,
+        help="Scale the model's residual noise to this effective dimension (default 6, the demo's "
+        "trained AstroCLIP embeddings); 0 keeps the fitted one.",
+    )
     parser.add_argument("--sizes", default="1e5,1e6", help="Database sizes, comma-separated.")
     parser.add_argument("--dims", default="512,1024", help="Vector dimensions, comma-separated.")
     parser.add_argument("--kinds", default="flat,ivf,ivf-sq8,ivf-pq,opq-ivf-pq", help="Index kinds.")
