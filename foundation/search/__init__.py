@@ -18,6 +18,6 @@ records it, with the curve, in the index's metadata (`index.py`). `files.py` bui
 one modality of an embeddings file and answers queries by object id. `stream.py` builds
 inverted-list indexes without holding the vectors (trained on a sample, added in chunks, in
 shards merged afterwards: a SLURM array), `gpu.py` trains them on a GPU where faiss has one, and
-`synthetic.py` draws realistic embeddings at any size from a model fitted to an exported file. The measured latency/recall of
-each kind is in benchmarks/search.py and docs/search.md.
+`synthetic.py` draws realistic embeddings at any size from a model fitted to an exported file.
+The measured latency/recall of each kind is in benchmarks/search.py and docs/search.md.
 """

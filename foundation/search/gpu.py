@@ -35,7 +35,7 @@ def resolve_faiss_device(requested: str) -> str:
     if requested == "gpu" and not available:
         raise ConfigError(
             "--device gpu needs faiss built with GPU support and a visible GPU; this faiss has none "
-            "(install the optional extra: pip install 'foundation[gpu]', then pip uninstall faiss-cpu), or pass --device cpu/auto"
+            "(pip install 'foundation[gpu]', then pip uninstall faiss-cpu), or pass --device cpu/auto"
         )
     return "gpu" if available else "cpu"
 

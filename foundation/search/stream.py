@@ -53,6 +53,7 @@ from foundation.search.tuning import (
     DEFAULT_TUNE_K,
     DEFAULT_TUNE_SAMPLE,
     RecallTargetWarning,
+    recall_at_k,
     recall_warning,
     tune_on_sets,
     tuning_rows,
@@ -364,18 +365,23 @@ def _tune_with_rerank(
     tune: dict[str, Any],
     limit: int,
 ) -> tuple[int, dict[str, Any]]:
-    """Tune nprobe with re-ranking of factor x k candidates; where no nprobe reaches the target
-    (the codes' ceiling), double the factor up to `limit` and tune again."""
-    while True:
+    """Tune nprobe with re-ranking of factor x k candidates. First the factor: doubled up to
+    `limit` until the recall with every list probed (the codes' ceiling) reaches the target;
+    then nprobe at that factor."""
 
-        def search_rows(q: np.ndarray, kk: int, f: int = factor) -> np.ndarray:
-            return reranked(index.search, stored, q, kk, f, n_indexed)[1]
+    def search_with(f: int) -> Callable[[np.ndarray, int], np.ndarray]:
+        return lambda q, kk: reranked(index.search, stored, q, kk, f, n_indexed)[1]
 
-        tuning = tune_on_sets(index, sets, search_rows=search_rows, **tune)
-        if tuning["reached"] or tune["fixed"] is not None or 2 * factor > limit:
-            tuning["rerank"] = factor
-            return factor, tuning
-        factor *= 2
+    if tune["fixed"] is None:
+        set_knob(index, tune["knob"], tune["nlist"])
+        while 2 * factor <= limit:
+            ceiling = min(recall_at_k(t, search_with(factor)(q, tune["k"])) for q, t in sets.values())
+            if ceiling >= tune["target"]:
+                break
+            factor *= 2
+    tuning = tune_on_sets(index, sets, search_rows=search_with(factor), **tune)
+    tuning["rerank"] = factor
+    return factor, tuning
 
 
 def _sorted_rows(sims: np.ndarray, rows: np.ndarray) -> np.ndarray:
