@@ -15,7 +15,13 @@ from foundation.search import gpu
 from foundation.search.files import query
 from foundation.search.index import VectorIndex
 from foundation.search.stream import ArraySource, add_shard, build_streamed, merge_shards, plan_build
-from foundation.search.synthetic import EmbeddingModel, effective_dimension, fit_embedding_model, generate
+from foundation.search.synthetic import (
+    EmbeddingModel,
+    effective_dimension,
+    fit_embedding_model,
+    generate,
+    with_effective_dimension,
+)
 from tests.testkit.embeddings import latent_embeddings, write_embeddings
 
 PQ = {"nlist": 16, "pq_m": 4, "pq_bits": 4}
@@ -164,3 +170,9 @@ def test_fitted_model_keeps_the_spectrum_at_any_width(tmp_path):
     np.testing.assert_array_equal(again[2], wide[2000:])  # chunks are reproducible
     queries = next(generate(model, 10, 256, seed=1, stream=1))
     assert not np.isin(queries[:, 0], wide[:, 0]).any()
+    # More residual noise for a given effective dimension (the benchmark matches the demo's ~6).
+    target = model.participation_ratio + 3
+    noisier = with_effective_dimension(model, target, 256)
+    assert noisier.tail_variance > model.tail_variance
+    drawn = next(generate(noisier, 3000, 256, seed=2, chunk=3000))
+    assert abs(effective_dimension(drawn) - target) < 0.2 * target
