@@ -3,8 +3,9 @@
 The library is `foundation.search` (index kinds, recall tuning, index files, queries); this module
 parses the options, runs it and prints what it did. `build` measures the recall of an approximate
 index at its query knob (efSearch / nprobe) on held-out rows and records the smallest knob that
-reaches `--target-recall`; `query` uses it. The measured latency/recall of each kind is in
-benchmarks/search.py and docs/search.md.
+reaches `--target-recall`; `query` uses it. Large indexes (PQ kinds, several export parts,
+`--shards`/`--step` for a SLURM array) are built streamed: foundation/search/stream.py. The
+measured latency/recall of each kind is in benchmarks/search.py and docs/search.md.
 """
 
 from __future__ import annotations
@@ -97,8 +98,8 @@ def _add_build_arguments(parser: argparse.ArgumentParser) -> None:
         "--param",
         action="append",
         metavar="NAME=VALUE",
-        help="Set an index parameter (M, efConstruction, nlist, train_points; efSearch/nprobe "
-        "fix the query knob instead of tuning it).",
+        help="Set an index parameter (M, efConstruction, nlist, train_points; pq_m, pq_bits, rerank "
+        "for PQ kinds; efSearch/nprobe fix the query knob instead of tuning it).",
     )
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing index directory.")
     big = parser.add_argument_group("large indexes (inverted-list kinds: ivf, ivf-sq8, ivf-pq, opq-ivf-pq)")
