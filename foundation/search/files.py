@@ -174,6 +174,7 @@ def build_streamed_from_files(
                 tune_queries=queries, device=device,
                 extra={"embeddings": [str(p.resolve()) for p in source.paths], "modality": modality},
             )  # fmt: skip
+        _check_plan_matches(work, kind, source)
         if step in ("all", "add"):
             plan = read_plan(work)
             for i in [shard] if shard is not None else range(plan["shards"]):
@@ -194,6 +195,21 @@ def build_streamed_from_files(
 
     shutil.rmtree(work)
     return index
+
+
+def _check_plan_matches(work: Path, kind: str, source: FileSource) -> None:
+    """A resumed build must be of the same files, modality and kind as its plan."""
+    if not (work / "plan.json").is_file():
+        return
+    plan = read_plan(work)
+    now = {"kind": kind, "n": source.n, "modality": source.modality}
+    now["embeddings"] = [str(p.resolve()) for p in source.paths]
+    differ = [key for key, value in now.items() if plan.get(key) != value]
+    if differ:
+        raise DataError(
+            f"{work} holds an unfinished build with other {', '.join(differ)} "
+            f"({', '.join(f'{k}={plan.get(k)!r}' for k in differ)}); pass --overwrite to start again"
+        )
 
 
 def stored_reader(emb: Any, modality: str, normalize: bool):

@@ -126,6 +126,9 @@ def test_cli_refuses_a_sharded_graph_index(tmp_path, capsys):
     argv = ["search", "build", "--embeddings", str(a), "--modality", "image", "--out", str(tmp_path / "i")]
     assert main([*argv, "--kind", "hnsw", "--shards", "2"]) == 2
     assert "cannot be built streamed or sharded" in capsys.readouterr().err
+    assert main([*argv, "--kind", "ivf", "--step", "plan", "--param", "nlist=8"]) == 0
+    assert main([*argv, "--kind", "ivf-sq8", "--step", "add"]) == 2  # not the planned build
+    assert "holds an unfinished build with other kind (kind='ivf')" in capsys.readouterr().err
 
 
 def test_gpu_is_used_where_faiss_has_one_and_refused_cleanly_where_not(monkeypatch):
