@@ -1,30 +1,32 @@
-"""Search-index benchmark: build time, memory, query latency (p50/p99) and recall@10 vs exact.
+"""Search-index benchmark on realistic and on random embeddings: build, size, recall, latency, batching.
 
-    python benchmarks/search.py [--sizes 1e4,1e5,1e6] [--kinds flat,hnsw,ivf,ivf-sq8]
-        [--dim 1024] [--queries 200] [--threads 2] [--target-recall 0.95]
-        [--hnsw-max-n 1e5] [--max-nlist 2048]
+    python benchmarks/search.py [--data realistic,random] [--dims 512,1024] [--sizes 1e5,1e6]
+        [--kinds flat,ivf,ivf-sq8,ivf-pq,opq-ivf-pq] [--queries 200] [--batch 1000] [--threads 2]
+        [--model benchmarks/search_embeddings.json] [--max-nlist 1024] [--workdir /tmp]
+    python benchmarks/search.py fit --embeddings EMB.h5 --modality spectrum \\
+        --out benchmarks/search_embeddings.json
 
-For each N, random unit vectors of the AstroCLIP embedding width (1024) are indexed the way
-`foundation search build` does (foundation/search/index.py `VectorIndex.build`, default parameters):
-approximate kinds tune their query knob (efSearch / nprobe) on held-out database vectors to reach
---target-recall. Each row then reports, at the tuned knob:
-- `tuned recall`: recall@10 the build measured on its held-out sample (what index.json records);
-- `recall@10 random`: overlap with the exact top-10 for fresh random unit queries (ground truth by
-  blockwise exact search) — independent of the build's sample, so it checks the tuning. Random
-  1024-d data is the worst case for approximate search: the true neighbours are barely closer
-  than the rest (real embeddings are clustered, where much smaller knobs reach the target);
-- `partner@10 near`: how often a query made from a database vector plus noise (cosine --near-cos,
-  default 0.25, to it; unrelated vectors have cosine 0 +- 0.03) finds that vector in its top 10 —
-  like a cross-modal query that has a true partner;
-- p50/p99 latency of single queries (one per call, as `search query` does, on one thread),
-  over --latency-queries;
-- build s (training + adding + tuning; tuning s separately) and `GB est.`, the index's size from
-  its layout (float32 or 8-bit codes, HNSW links, IVF ids and centroids).
+Data: `realistic` vectors are drawn from an embedding model fitted to an exported embeddings file
+(foundation/search/synthetic.py: a Gaussian mixture in the leading principal components plus
+isotropic residual noise, matching the source's spectrum and effective dimension, placed on
+random directions of the requested width); the fitted parameters ship in --model, and `fit`
+refits them to any `foundation export` output. `random` unit vectors are the documented worst case
+(every point's neighbours are barely closer than the rest). Vectors are generated in chunks into
+a float32 memmap under --workdir (deleted after each N), so only the index lives in memory.
 
-Limits that keep it feasible on a small machine (stated in the table header): HNSW is built only
-up to --hnsw-max-n; above, its build time is extrapolated from the measured rate as N log N and
-printed as such, not run. IVF's nlist is capped at --max-nlist (the tool's default is 4 sqrt(N),
-4096 at 1e6) and k-means trains on 64 points per list (faiss's own cap is 256).
+Indexes are built as `foundation search build` does: flat and HNSW kinds in memory (up to
+--inmemory-max-n rows), IVF and PQ kinds streamed from the memmap (foundation/search/stream.py:
+trained on a sample, added in chunks); every approximate kind tunes its nprobe/efSearch on 300
+held-out rows to --target-recall, PQ kinds re-rank rerank x k candidates from the stored vectors.
+Columns, at the tuned knob:
+- `B/vec`: index bytes per vector from its layout (codes or floats + 8-byte id), without the
+  centroids; `GB`: the whole index at N; `GB @1e8 ex`: the same layout at 10^8 rows
+  with nlist = 65536 — an extrapolation, not a measurement;
+- `tuned recall`: what the build measured on its held-out rows; `recall@10`: fresh queries from
+  the same distribution against exact search (blockwise, over the memmap);
+- p50/p99 of single queries (one per call, one thread, as `search query` does) and the
+  throughput of --batch queries in one call on --threads threads, as a multiple of the single-query
+  throughput (`batch x`).
 Times are wall-clock on a possibly shared machine: compare rows of one run, not runs.
 """
 
@@ -33,21 +35,76 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
+import tempfile
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 
 from foundation.search.index import VectorIndex
-from foundation.search.kinds import import_faiss, query_knob
+from foundation.search.kinds import PQ_KINDS, import_faiss, is_ivf, query_knob
+from foundation.search.stream import ArraySource, build_streamed
+from foundation.search.synthetic import (
+    EmbeddingModel,
+    effective_dimension,
+    fit_embedding_model,
+    generate,
+    with_effective_dimension,
+)
 from foundation.search.tuning import exact_knn, recall_at_k
 
+DEFAULT_MODEL = Path(__file__).with_name("search_embeddings.json")
+CHUNK = 50_000
 
-def unit_vectors(n: int, dim: int, rng: np.random.Generator, block: int = 100_000) -> np.ndarray:
-    out = np.empty((n, dim), dtype=np.float32)
-    for start in range(0, n, block):
-        x = rng.standard_normal((min(block, n - start), dim), dtype=np.float32)
-        out[start : start + len(x)] = x / np.linalg.norm(x, axis=1, keepdims=True)
-    return out
+
+def unit_vectors(n: int, dim: int, seed: int, stream: int) -> Iterator[np.ndarray]:
+    """Random unit vectors in chunks (the worst case)."""
+    for number, start in enumerate(range(0, n, CHUNK)):
+        rng = np.random.default_rng([seed, stream, number])
+        x = rng.standard_normal((min(CHUNK, n - start), dim), dtype=np.float32)
+        yield x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def chunks(
+    data: str, model: EmbeddingModel | None, n: int, dim: int, seed: int, stream: int, effdim: float
+) -> Iterator[np.ndarray]:
+    if data == "realistic":
+        if effdim:
+            model = with_effective_dimension(model, effdim, dim)
+        return generate(model, n, dim, seed=seed, stream=stream, chunk=CHUNK)
+    return unit_vectors(n, dim, seed, stream)
+
+
+def write_memmap(path: Path, parts: Iterator[np.ndarray], n: int, dim: int) -> np.memmap:
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, dim))
+    start = 0
+    for part in parts:
+        out[start : start + len(part)] = part
+        start += len(part)
+    out.flush()
+    return np.load(path, mmap_mode="r")
+
+
+def bytes_per_vector(kind: str, dim: int, params: dict) -> float:
+    """Index bytes a vector from the layout: stored codes or floats plus its 8-byte id."""
+    if kind in PQ_KINDS:
+        code = params["pq_m"] * params["pq_bits"] / 8
+    elif kind.endswith("-sq8"):
+        code = dim
+    else:
+        code = 4 * dim
+    links = 2 * params.get("M", 0) * 4 if kind.startswith("hnsw") else 0
+    return code + (8 if is_ivf(kind) or kind.startswith("hnsw") else 0) + links
+
+
+def index_gb(kind: str, n: int, dim: int, params: dict, nlist: int | None = None) -> float:
+    nlist = params.get("nlist", 0) if nlist is None else nlist
+    fixed = nlist * dim * 4 + (dim * dim * 4 if kind.startswith("opq") else 0)
+    if kind in PQ_KINDS:
+        fixed += params["pq_m"] * 2 ** params["pq_bits"] * (dim // params["pq_m"]) * 4
+    return (n * bytes_per_vector(kind, dim, params) + fixed) / 1e9
 
 
 def latencies_ms(index: VectorIndex, queries: np.ndarray, k: int) -> np.ndarray:
@@ -59,127 +116,159 @@ def latencies_ms(index: VectorIndex, queries: np.ndarray, k: int) -> np.ndarray:
     return np.asarray(times)
 
 
-def size_gb_estimate(kind: str, n: int, d: int, m: int = 32, nlist: int = 0) -> float:
-    """Index memory from its layout (vectors or codes, HNSW level-0 links, IVF ids + centroids)."""
-    per_vector = d if kind.endswith("-sq8") else 4 * d
-    extra = 0.0
-    if kind.startswith("hnsw"):
-        extra = n * (2 * m * 4 + 8)  # level-0 neighbour ids + id map
-    elif kind.startswith("ivf"):
-        extra = n * 8 + nlist * d * 4
-    return (n * per_vector + extra) / 1e9
+def build(kind: str, base: np.ndarray, args: argparse.Namespace, work: Path) -> VectorIndex:
+    n = len(base)
+    params: dict = {}
+    if is_ivf(kind):
+        nlist = min(args.max_nlist, 2 ** round(math.log2(4 * math.sqrt(n))), n // 39)
+        params = {"nlist": nlist, "train_points": min(n, max(64 * nlist, 1 << 16 if kind in PQ_KINDS else 0))}
+        shutil.rmtree(work, ignore_errors=True)
+        index = build_streamed(
+            ArraySource(base), work, kind=kind, params=params, normalize=False,
+            target_recall=args.target_recall, progress=False,
+        )  # fmt: skip
+        shutil.rmtree(work, ignore_errors=True)
+        return index
+    return VectorIndex.build(np.asarray(base), kind=kind, normalize=False, target_recall=args.target_recall)
 
 
-def size_gb(index: VectorIndex) -> float:
+def measure_row(
+    kind: str, base: np.ndarray, queries: np.ndarray, truth: np.ndarray, args: argparse.Namespace, label: str
+) -> str:
+    faiss = import_faiss()
+    n, dim = base.shape
+    index = build(kind, base, args, Path(args.workdir) / "search-bench-build")
     m = index.meta
-    return size_gb_estimate(m.kind, m.n, m.dim, m.params.get("M", 32), m.params.get("nlist", 0))
+    knob = query_knob(kind)
+    tuning = m.tuning or {}
+    faiss.omp_set_num_threads(1)  # one query per call: no OpenMP team waiting on a busy core
+    lat = latencies_ms(index, queries[: args.latency_queries], args.k)
+    faiss.omp_set_num_threads(args.threads)
+    rec = recall_at_k(truth, index.search(queries, args.k)[1])
+    batch = queries[np.arange(args.batch) % len(queries)]
+    start = time.perf_counter()
+    index.search(batch, args.k)
+    batch_qps = args.batch / (time.perf_counter() - start)
+    single_qps = 1e3 / lat.mean()
+    shown = {k: v for k, v in m.params.items() if k not in (knob, "train_points")}
+    build_params = ",".join(f"{k}={v}" for k, v in shown.items()) or "exact"
+    tuned = f"{knob}={m.params[knob]}" if knob else "-"
+    if tuning and not tuning["reached"]:
+        tuned += " !"
+    gb_1e8 = index_gb(kind, 10**8, dim, m.params, nlist=65536) if is_ivf(kind) else float("nan")
+    return (
+        f"| {label:<9} | {n:>8} | {dim:>4} | {kind:<10} | {build_params:<32} | {m.build_seconds:>7.1f} "
+        f"| {bytes_per_vector(kind, dim, m.params):>5.0f} | {index_gb(kind, n, dim, m.params):>5.2f} "
+        f"| {gb_1e8:>11.1f} | {tuned:<11} | {tuning.get('recall', 1.0):>6.3f} | {rec:>9.3f} "
+        f"| {np.percentile(lat, 50):>6.2f} | {np.percentile(lat, 99):>6.2f} | {single_qps:>7.0f} "
+        f"| {batch_qps:>9.0f} | {batch_qps / single_qps:>7.1f} |"
+    )
+
+
+HEADER = (
+    f"| {'data':<9} | {'N':>8} | {'dim':>4} | {'index':<10} | {'build params':<32} | {'build s':>7} "
+    f"| {'B/vec':>5} | {'GB':>5} | {'GB @1e8 ex':>11} | {'tuned knob':<11} | {'tuned':>6} "
+    f"| {'recall@10':>9} | {'p50 ms':>6} | {'p99 ms':>6} | {'1-q QPS':>7} | {'batch QPS':>9} "
+    f"| {'batch x':>7} |"
+)
+
+
+def run(args: argparse.Namespace) -> None:
+    faiss = import_faiss()
+    faiss.omp_set_num_threads(args.threads)
+    model = EmbeddingModel.load(args.model) if "realistic" in args.data else None
+    if model is not None:
+        print(
+            f"# realistic: model {args.model} fitted to {model.source} ({model.source_rows} x "
+            f"{model.source_dim}, effective dimension {model.participation_ratio:.1f}, rank {model.rank}, "
+            f"{len(model.weights)} mixture components), residual noise scaled to effective dimension "
+            f"{args.effective_dimension or model.participation_ratio:.1f}"
+        )
+    print(
+        f"# faiss {faiss.__version__}, {args.queries} recall queries, {args.latency_queries} timed single, "
+        f"batch {args.batch}, k={args.k}, threads={args.threads}, target recall {args.target_recall}, "
+        f"IVF nlist <= {args.max_nlist}; load average at start {load_average()}"
+    )
+    print(HEADER)
+    print("|" + "|".join("-" * len(c) for c in HEADER.split("|")[1:-1]) + "|", flush=True)
+    kinds = [k.strip() for k in args.kinds.split(",")]
+    for data in args.data.split(","):
+        for dim in [int(d) for d in args.dims.split(",")]:
+            for n in [int(float(s)) for s in args.sizes.split(",")]:
+                path = Path(args.workdir) / f"search-bench-{data}-{n}-{dim}.npy"
+                base = write_memmap(
+                    path, chunks(data, model, n, dim, args.seed, 0, args.effective_dimension), n, dim
+                )
+                queries = np.concatenate(
+                    list(chunks(data, model, args.queries, dim, args.seed, 1, args.effective_dimension))
+                )
+                truth = exact_knn(base, queries, args.k)
+                label = f"{data[:4]} {effective_dimension(base[: min(n, 20_000)]):.1f}"
+                for kind in kinds:
+                    if not is_ivf(kind) and n > args.inmemory_max_n:
+                        continue
+                    print(measure_row(kind, base, queries, truth, args, label), flush=True)
+                del base
+                path.unlink()
+                print(f"# after {data} N={n} dim={dim}: load average {load_average()}", flush=True)
 
 
 def load_average() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
+def fit(args: argparse.Namespace) -> None:
+    from foundation.embeddings import open_embeddings
+
+    with open_embeddings(args.embeddings) as emb:
+        vectors = emb.vectors(args.modality)
+    model = fit_embedding_model(
+        vectors, source=f"{Path(args.embeddings).name}:{args.modality}", components=args.components
+    )
+    model.save(args.out)
+    print(
+        f"fitted {args.out}: {len(vectors)} x {vectors.shape[1]}, effective dimension "
+        f"{model.participation_ratio:.2f}, rank {model.rank}, tail variance {model.tail_variance:.4f}"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--sizes", default="1e4,1e5,1e6", help="Database sizes, comma-separated.")
-    parser.add_argument("--dim", type=int, default=1024, help="Vector dimension (AstroCLIP: 1024).")
-    parser.add_argument("--queries", type=int, default=200, help="Queries for the recall columns.")
-    parser.add_argument("--latency-queries", type=int, default=100, help="Single queries timed.")
-    parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=2, help="faiss OpenMP threads.")
-    parser.add_argument("--kinds", default="flat,hnsw,ivf,ivf-sq8", help="Index kinds to measure.")
-    parser.add_argument("--target-recall", type=float, default=0.95)
-    parser.add_argument("--hnsw-max-n", type=float, default=1e5, help="Largest N HNSW is built at.")
+    sub = parser.add_subparsers(dest="command")
+    f = sub.add_parser("fit", help="Fit the realistic-embedding model to an embeddings file.")
+    f.add_argument("--embeddings", required=True)
+    f.add_argument("--modality", default="spectrum")
+    f.add_argument("--components", type=int, default=8)
+    f.add_argument("--out", default=str(DEFAULT_MODEL))
+    parser.add_argument("--data", default="realistic,random", help="realistic, random or both, in order.")
+    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="Fitted embedding model (JSON).")
     parser.add_argument(
-        "--hnsw-rate",
-        default="",
-        metavar="KIND=N:SECONDS,...",
-        help="HNSW build times measured by an earlier run, to extrapolate from (e.g. hnsw=1e5:120).",
+        "--effective-dimension",
+        type=float,
+        default=6.0,
+        help="Scale the model's residual noise to this effective dimension (default 6, the demo's "
+        "trained AstroCLIP embeddings); 0 keeps the fitted one.",
     )
-    parser.add_argument("--max-nlist", type=int, default=2048, help="Cap on IVF's nlist.")
-    parser.add_argument("--near-cos", type=float, default=0.25, help="Cosine of a near query to its source.")
+    parser.add_argument("--sizes", default="1e5,1e6", help="Database sizes, comma-separated.")
+    parser.add_argument("--dims", default="512,1024", help="Vector dimensions, comma-separated.")
+    parser.add_argument("--kinds", default="flat,ivf,ivf-sq8,ivf-pq,opq-ivf-pq", help="Index kinds.")
+    parser.add_argument("--queries", type=int, default=200, help="Queries for the recall column.")
+    parser.add_argument("--latency-queries", type=int, default=200, help="Single queries timed.")
+    parser.add_argument("--batch", type=int, default=1000, help="Queries in the one batched call.")
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2, help="faiss OpenMP threads (batched search).")
+    parser.add_argument("--target-recall", type=float, default=0.95)
+    parser.add_argument("--max-nlist", type=int, default=1024, help="Cap on IVF's nlist.")
+    parser.add_argument("--inmemory-max-n", type=float, default=1e5, help="Largest N for flat/HNSW kinds.")
+    parser.add_argument("--workdir", default=tempfile.gettempdir(), help="Where the vector memmaps go.")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-
-    faiss = import_faiss()
-    faiss.omp_set_num_threads(args.threads)
-    sizes = [int(float(s)) for s in args.sizes.split(",")]
-    kinds = [k.strip() for k in args.kinds.split(",")]
-    print(
-        f"# faiss {faiss.__version__} ({faiss.get_compile_options().strip()}), dim {args.dim}, "
-        f"{args.queries} recall queries, {args.latency_queries} timed, k={args.k}, "
-        f"threads={args.threads}, target recall {args.target_recall}, IVF nlist <= {args.max_nlist}, "
-        f"HNSW built up to N={int(args.hnsw_max_n)}; load average at start {load_average()}"
-    )
-    header = (
-        f"| {'N':>9} | {'index':<8} | {'build params':<34} | {'build s':>8} | {'tuning s':>8} "
-        f"| {'GB est.':>7} | {'tuned knob':<13} | {'tuned recall':>12} | {'p50 ms':>7} | {'p99 ms':>7} "
-        f"| {'recall@10 random':>16} | {'partner@10 near':>15} |"
-    )
-    print(header)
-    print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|", flush=True)
-    hnsw_rate: dict[str, tuple[int, float]] = {}
-    for item in filter(None, args.hnsw_rate.split(",")):
-        kind, _, rate = item.partition("=")
-        n0, _, seconds = rate.partition(":")
-        hnsw_rate[kind] = (int(float(n0)), float(seconds))
-    for n in sizes:
-        rng = np.random.default_rng([args.seed, n])
-        base = unit_vectors(n, args.dim, rng)
-        random_q = unit_vectors(args.queries, args.dim, rng)
-        sources = rng.choice(n, args.queries, replace=False)
-        noise = np.sqrt(1.0 / args.near_cos**2 - 1.0) / np.sqrt(args.dim)  # |noise| for that cosine
-        near_q = base[sources] + noise * rng.standard_normal((args.queries, args.dim), dtype=np.float32)
-        near_q /= np.linalg.norm(near_q, axis=1, keepdims=True)
-        truth = exact_knn(base, random_q, args.k)
-        for kind in kinds:
-            if kind.startswith("hnsw") and n > args.hnsw_max_n:
-                if kind in hnsw_rate:
-                    n0, seconds = hnsw_rate[kind]
-                    est = seconds * (n / n0) * math.log(n) / math.log(n0)
-                    print(
-                        f"| {n:>9} | {kind:<8} | {f'NOT RUN: N log N from N={n0}':<34} "
-                        f"| {f'~{est:.0f}':>8} | {'-':>8} | {size_gb_estimate(kind, n, args.dim):>7.2f} "
-                        f"| {'-':<13} | {'-':>12} | {'-':>7} "
-                        f"| {'-':>7} | {'-':>16} | {'-':>15} |",
-                        flush=True,
-                    )
-                continue
-            params = {}
-            if kind.startswith("ivf"):
-                params["nlist"] = min(args.max_nlist, 2 ** round(math.log2(4 * math.sqrt(n))), n // 39)
-                params["train_points"] = min(n, 64 * params["nlist"])
-            index = VectorIndex.build(
-                base, kind=kind, normalize=False, params=params, target_recall=args.target_recall
-            )
-            m = index.meta
-            knob = query_knob(kind)
-            build = ",".join(f"{k}={v}" for k, v in m.params.items() if k != knob) or "exact"
-            tuning = m.tuning or {}
-            if kind.startswith("hnsw"):
-                hnsw_rate[kind] = (n, m.build_seconds - tuning.get("seconds", 0.0))
-                print(f"# {kind} build rate: --hnsw-rate {kind}={n}:{hnsw_rate[kind][1]:.1f}", flush=True)
-            faiss.omp_set_num_threads(1)  # one query per call: no OpenMP team waiting on a busy core
-            lat = latencies_ms(index, random_q[: args.latency_queries], args.k)
-            faiss.omp_set_num_threads(args.threads)
-            rec = recall_at_k(truth, index.search(random_q, args.k)[1])
-            near_rows = index.search(near_q, args.k)[1]
-            found = float(np.mean([s in row for s, row in zip(sources, near_rows, strict=True)]))
-            tuned = f"{knob}={m.params[knob]}" if knob else "-"
-            if tuning and not tuning["reached"]:
-                tuned += " !"
-            print(
-                f"| {n:>9} | {kind:<8} | {build:<34} | {m.build_seconds:>8.1f} "
-                f"| {tuning.get('seconds', 0.0):>8.1f} | {size_gb(index):>7.2f} | {tuned:<13} "
-                f"| {tuning.get('recall', 1.0):>12.3f} | {np.percentile(lat, 50):>7.2f} "
-                f"| {np.percentile(lat, 99):>7.2f} | {rec:>16.3f} | {found:>15.3f} |",
-                flush=True,
-            )
-            del index
-        del base
-        print(f"# after N={n}: load average {load_average()}", flush=True)
+    if args.command == "fit":
+        fit(args)
+    else:
+        run(args)
 
 
 if __name__ == "__main__":

@@ -3,25 +3,28 @@
 The library is `foundation.search` (index kinds, recall tuning, index files, queries); this module
 parses the options, runs it and prints what it did. `build` measures the recall of an approximate
 index at its query knob (efSearch / nprobe) on held-out rows and records the smallest knob that
-reaches `--target-recall`; `query` uses it. The measured latency/recall of each kind is in
-benchmarks/search.py and docs/search.md.
+reaches `--target-recall`; `query` uses it. Large indexes (PQ kinds, several export parts,
+`--shards`/`--step` for a SLURM array) are built streamed: foundation/search/stream.py. The
+measured latency/recall of each kind is in benchmarks/search.py and docs/search.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
 from foundation.atomic import write_json
-from foundation.cli import Command
+from foundation.cli import Command, bounded_int
 from foundation.errors import DataError
-from foundation.search.files import build_from_file, query
+from foundation.search.files import STEPS, build_from_file, build_streamed_from_files, query
+from foundation.search.gpu import DEVICES
 from foundation.search.index import META_FILE, VectorIndex
-from foundation.search.kinds import KINDS, query_knob
+from foundation.search.kinds import KINDS, PQ_KINDS, query_knob
 from foundation.search.tuning import (
     DEFAULT_TARGET_RECALL,
     DEFAULT_TUNE_K,
@@ -43,7 +46,11 @@ def _parse_params(items: list[str] | None) -> dict[str, Any]:
 
 def _add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--embeddings", required=True, help="Embeddings HDF5 file (from `foundation export`)."
+        "--embeddings",
+        required=True,
+        action="append",
+        help="Embeddings HDF5 file (from `foundation export`); repeat for an export's part files "
+        "(rows are numbered across them in the order given; this streams the build).",
     )
     parser.add_argument(
         "--modality", required=True, help="Which modality's vectors to index (e.g. spectrum)."
@@ -91,31 +98,87 @@ def _add_build_arguments(parser: argparse.ArgumentParser) -> None:
         "--param",
         action="append",
         metavar="NAME=VALUE",
-        help="Set an index parameter (M, efConstruction, nlist, train_points; efSearch/nprobe "
-        "fix the query knob instead of tuning it).",
+        help="Set an index parameter (M, efConstruction, nlist, train_points; pq_m, pq_bits, rerank "
+        "for PQ kinds; efSearch/nprobe fix the query knob instead of tuning it).",
     )
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing index directory.")
+    big = parser.add_argument_group("large indexes (inverted-list kinds: ivf, ivf-sq8, ivf-pq, opq-ivf-pq)")
+    big.add_argument(
+        "--stream",
+        action="store_true",
+        help="Train on a sample and add the vectors in chunks, never all in memory (automatic for "
+        "PQ kinds, several files, --shards and --step).",
+    )
+    big.add_argument(
+        "--shards", type=int, default=1, help="Contiguous row ranges added separately, then merged."
+    )
+    big.add_argument(
+        "--step",
+        choices=STEPS,
+        default="all",
+        help="Run one stage of a streamed build in OUT/build/ (plan, add, merge), e.g. from a "
+        "SLURM array (slurm/search-index.sbatch); finished shards are skipped (default: all).",
+    )
+    big.add_argument(
+        "--shard", type=bounded_int(0, 1 << 20), help="With --step add: only this shard (an array task id)."
+    )
+    big.add_argument(
+        "--chunk-rows", type=int, default=20_000, help="Vectors read and added at a time (default 20000)."
+    )
+    big.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="Where k-means training runs: auto = a GPU where faiss has one (pip install "
+        "'foundation[gpu]'), else the CPU.",
+    )
+
+
+def _streamed(args: argparse.Namespace) -> bool:
+    return (
+        args.stream
+        or args.kind in PQ_KINDS
+        or len(args.embeddings) > 1
+        or args.shards != 1
+        or args.step != "all"
+    )
 
 
 def _run_build(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if (out / META_FILE).exists() and not args.overwrite:
         raise DataError(f"{out} already holds an index; pass --overwrite to rebuild it")
+    if args.shards < 1 or args.chunk_rows < 1:
+        raise DataError("--shards and --chunk-rows must be at least 1")
+    common = dict(
+        params=_parse_params(args.param),
+        target_recall=args.target_recall,
+        tune_k=args.tune_k,
+        tune_sample=args.tune_sample,
+        tune_modalities=args.tune_modalities.split(",") if args.tune_modalities else None,
+        seed=args.seed,
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RecallTargetWarning)
-        index = build_from_file(
-            args.embeddings,
-            args.modality,
-            out,
-            kind=args.kind,
-            exact_max=args.exact_max,
-            params=_parse_params(args.param),
-            target_recall=args.target_recall,
-            tune_k=args.tune_k,
-            tune_sample=args.tune_sample,
-            tune_modalities=args.tune_modalities.split(",") if args.tune_modalities else None,
-            seed=args.seed,
-        )
+        if _streamed(args):
+            if args.overwrite and args.step == "all":
+                shutil.rmtree(out / "build", ignore_errors=True)
+            if args.kind in ("auto", "flat") or args.kind.startswith("hnsw"):
+                raise DataError(
+                    f"--kind {args.kind} cannot be built streamed or sharded; choose one of "
+                    "ivf, ivf-sq8, ivf-pq, opq-ivf-pq"
+                )
+            index = build_streamed_from_files(
+                args.embeddings, args.modality, out, kind=args.kind, shards=args.shards, step=args.step,
+                shard=args.shard, device=args.device, chunk_rows=args.chunk_rows, **common,
+            )  # fmt: skip
+            if index is None:
+                print(f"step {args.step} done in {out / 'build'}")
+                return 0
+        else:
+            index = build_from_file(
+                args.embeddings[0], args.modality, out, kind=args.kind, exact_max=args.exact_max, **common
+            )
     m = index.meta
     build = ", ".join(f"{k}={v}" for k, v in m.params.items() if k != query_knob(m.kind))
     print(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from foundation.search.kinds import (
     default_params,
     factory_string,
     import_faiss,
+    is_ivf,
     normalized,
     query_knob,
     set_knob,
@@ -74,14 +76,47 @@ def _kind_and_params(
     """The concrete kind (`auto` resolved) and its build parameters, refused where they cannot work."""
     exact_max = default_exact_max(dim) if exact_max is None else exact_max
     kind = choose_kind(n, exact_max) if kind == "auto" else kind
-    p = default_params(kind, n)
+    p = default_params(kind, n, dim)
     check_params(kind, params or {})
     p.update(params or {})
     if query_knob(kind) is not None and n < 10:
         raise DataError(f"a {kind} index needs at least 10 vectors (got {n}); use --kind flat")
-    if kind.startswith("ivf") and n < p["nlist"]:
+    if is_ivf(kind) and n < p["nlist"]:
         raise DataError(f"IVF with nlist={p['nlist']} needs at least that many vectors, got {n}")
+    if "pq_m" in p and dim % p["pq_m"]:
+        raise DataError(f"--param pq_m={p['pq_m']} must divide the dimension {dim} (e.g. {dim // 16 or 1})")
+    if "pq_bits" in p and p["pq_bits"] > 8 and kind.startswith("opq"):
+        raise DataError(f"--param pq_bits={p['pq_bits']}: OPQ trains with at most 8 bits per code")
     return kind, p
+
+
+def rerank_factor(meta: IndexParams) -> int:
+    """How many times k candidates a PQ index fetches to re-score exactly (0: none)."""
+    return int(meta.params.get("rerank", 0) or 0)
+
+
+def reranked(
+    raw_search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
+    stored: Callable[[np.ndarray], np.ndarray],
+    queries: np.ndarray,
+    k: int,
+    factor: int,
+    n: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The top k of `factor` x k approximate candidates, re-scored by exact inner products with
+    their stored vectors (`stored(sorted rows)`): PQ codes keep 64 bytes of a vector, enough to
+    find candidates, not to order them finely."""
+    _, cand = raw_search(queries, min(n, k * factor))
+    uniq = np.unique(cand[cand >= 0])
+    vectors = stored(uniq) if len(uniq) else np.zeros((0, queries.shape[1]), np.float32)
+    sims = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    rows = np.full((len(queries), k), -1, dtype=np.int64)
+    for i, (q, c) in enumerate(zip(queries, cand, strict=True)):
+        c = c[c >= 0]
+        scores = vectors[np.searchsorted(uniq, c)] @ q
+        top = np.argsort(-scores, kind="stable")[:k]
+        sims[i, : len(top)], rows[i, : len(top)] = scores[top], c[top]
+    return sims, rows
 
 
 def _trained_index(faiss: Any, vectors: np.ndarray, kind: str, p: dict[str, Any], seed: int) -> Any:
@@ -90,7 +125,7 @@ def _trained_index(faiss: Any, vectors: np.ndarray, kind: str, p: dict[str, Any]
     index = faiss.index_factory(dim, factory_string(kind, p), faiss.METRIC_INNER_PRODUCT)
     if kind.startswith("hnsw"):
         index.hnsw.efConstruction = int(p["efConstruction"])
-    if kind.startswith("ivf"):
+    if is_ivf(kind):
         faiss.extract_index_ivf(index).cp.seed = seed
     if not index.is_trained:
         train = vectors
@@ -108,6 +143,12 @@ class VectorIndex:
     def __init__(self, index: Any, meta: IndexParams) -> None:
         self.index = index
         self.meta = meta
+        self.stored_vectors: Callable[[np.ndarray], np.ndarray] | None = None
+        """rows -> their (normalised) float vectors, for a PQ kind's re-ranking; None: PQ scores."""
+
+    def attach_vectors(self, stored: Callable[[np.ndarray], np.ndarray] | None) -> None:
+        """Where a PQ index reads the float vectors it re-ranks with (sorted rows -> (len, D))."""
+        self.stored_vectors = stored
 
     @classmethod
     def build(
@@ -152,9 +193,17 @@ class VectorIndex:
         else:
             if kind.startswith("hnsw"):
                 index = faiss.IndexIDMap(index)  # rows are added out of order (held-out last)
+            factor = int(p.get("rerank", 0))
+            search_rows = None
+            if factor:
+
+                def search_rows(q: np.ndarray, k: int) -> np.ndarray:
+                    return reranked(index.search, vectors.__getitem__, q, k, factor, n)[1]
+
             tuning = add_tuned(
                 index,
                 vectors,
+                search_rows=search_rows,
                 kind=kind,
                 knob=knob,
                 nlist=p.get("nlist"),
@@ -180,7 +229,10 @@ class VectorIndex:
         )
         if tuning is not None and not tuning["reached"]:
             warnings.warn(recall_warning(meta, target_recall), RecallTargetWarning, stacklevel=2)
-        return cls(index, meta)
+        out = cls(index, meta)
+        if rerank_factor(meta):
+            out.attach_vectors(vectors.__getitem__)
+        return out
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(similarities, rows), each (Q, k); rows of -1 where fewer than k neighbours exist."""
@@ -188,7 +240,12 @@ class VectorIndex:
         if queries.shape[1] != self.meta.dim:
             raise DataError(f"query vectors have dimension {queries.shape[1]}, the index has {self.meta.dim}")
         k = min(int(k), self.meta.n)
-        sims, rows = self.index.search(queries, k)
+        if rerank_factor(self.meta) and self.stored_vectors is not None:
+            sims, rows = reranked(
+                self.index.search, self.stored_vectors, queries, k, rerank_factor(self.meta), self.meta.n
+            )
+        else:
+            sims, rows = self.index.search(queries, k)
         if rows.size and (rows.min() < -1 or rows.max() >= self.meta.n):
             raise DataError(
                 f"the index answered rows outside 0..{self.meta.n - 1}: its file is damaged; rebuild it"
@@ -196,9 +253,13 @@ class VectorIndex:
         return sims, rows
 
     def set_search_params(self, **params: Any) -> None:
-        """Adjust the query-time knob (efSearch for HNSW, nprobe for IVF)."""
+        """Adjust the query-time knob (efSearch for HNSW, nprobe for IVF; rerank for PQ kinds)."""
         knob = query_knob(self.meta.kind)
         for name, value in params.items():
+            if name == "rerank" and "rerank" in self.meta.params:
+                if not isinstance(value, int) or value < 0:
+                    raise DataError(f"rerank={value!r} must be a non-negative integer")
+                continue
             if name != knob:
                 raise DataError(
                     f"a {self.meta.kind} index has "
@@ -207,7 +268,8 @@ class VectorIndex:
                 )
             if not isinstance(value, int) or value < 1:
                 raise DataError(f"{name}={value!r} must be a positive integer")
-            set_knob(self.index, name, value)
+            if name != "rerank":
+                set_knob(self.index, name, value)
         self.meta.params.update(params)
 
     def save(self, directory: str | Path) -> Path:

@@ -11,7 +11,9 @@ import numpy as np
 from foundation.errors import DataError
 
 EXACT_MAX_BYTES = 1 << 30  # auto: exact search while the float32 vectors fit in 1 GiB
-KINDS = ("flat", "hnsw", "ivf", "hnsw-sq8", "ivf-sq8")
+KINDS = ("flat", "hnsw", "ivf", "hnsw-sq8", "ivf-sq8", "ivf-pq", "opq-ivf-pq")
+#: Kinds that store product-quantisation codes (pq_m bytes a vector): the kinds for 10^7-10^8 rows.
+PQ_KINDS = ("ivf-pq", "opq-ivf-pq")
 ADD_CHUNK = 20_000  # vectors per add() call: a progress bar step on long builds
 
 #: Upper bounds of index parameters: beyond them faiss allocates without limit (std::bad_alloc).
@@ -22,6 +24,9 @@ _PARAM_MAX = {
     "nlist": 1 << 24,
     "nprobe": 1 << 24,
     "train_points": 1 << 31,
+    "pq_m": 1024,
+    "pq_bits": 12,
+    "rerank": 1024,
 }
 
 
@@ -48,28 +53,47 @@ def query_knob(kind: str) -> str | None:
     """The query-time parameter that trades latency for recall (None for exact search)."""
     if kind.startswith("hnsw"):
         return "efSearch"
-    if kind.startswith("ivf"):
+    if is_ivf(kind):
         return "nprobe"
     return None
 
 
-def default_params(kind: str, n: int) -> dict[str, Any]:
+def is_ivf(kind: str) -> bool:
+    """Inverted-list kinds: trained by k-means, searched with nprobe, shardable with merge_from."""
+    return kind.startswith("ivf") or kind in PQ_KINDS
+
+
+def default_pq_m(dim: int) -> int:
+    """Sub-quantisers of a PQ kind: one byte per 8 dimensions (128 B at 1024-d: 10^8 rows in ~14 GB;
+    one per 16 capped recall@10 below 0.9 on realistic 512-d embeddings), the largest divisor of
+    `dim` not above dim/8 (faiss needs dim % pq_m == 0)."""
+    target = max(1, dim // 8)
+    return next(m for m in range(target, 0, -1) if dim % m == 0)
+
+
+def default_params(kind: str, n: int, dim: int = 1024) -> dict[str, Any]:
     """Build parameters of each kind (the query knob's default is only used untuned)."""
     if kind == "flat":
         return {}
     if kind.startswith("hnsw"):
         return {"M": 32, "efConstruction": 80, "efSearch": 128}
-    if kind.startswith("ivf"):
+    if is_ivf(kind):
         nlist = int(max(1, min(n // 39, 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n)))))))
         # k-means on 64 points per list: faiss caps at 256 and warns below 39; the recall
         # tuning raises nprobe to make up for coarser centroids.
-        return {"nlist": nlist, "nprobe": max(1, nlist // 16), "train_points": min(n, 64 * nlist)}
+        p = {"nlist": nlist, "nprobe": max(1, nlist // 16), "train_points": min(n, 64 * nlist)}
+        if kind in PQ_KINDS:
+            # The PQ codebooks (256 centroids per sub-quantiser) need ~40 points per centroid; the
+            # top `rerank` x k candidates are re-scored exactly from the stored float vectors.
+            p.update(pq_m=default_pq_m(dim), pq_bits=8, rerank=4)
+            p["train_points"] = min(n, max(p["train_points"], 1 << 16))
+        return p
     raise DataError(f"unknown index kind {kind!r}; choose auto or one of {', '.join(KINDS)}")
 
 
 def check_params(kind: str, params: dict[str, Any]) -> None:
     """Refuse `--param`s the kind does not have, and values beyond `_PARAM_MAX`."""
-    allowed = set(default_params(kind, 10_000))
+    allowed = set(default_params(kind, 10_000, 1024))
     unknown = sorted(set(params) - allowed)
     if unknown:
         raise DataError(
@@ -77,6 +101,8 @@ def check_params(kind: str, params: dict[str, Any]) -> None:
             f"(its parameters: {', '.join(sorted(allowed)) or 'none'})"
         )
     for key, value in params.items():
+        if key == "rerank" and value == 0:
+            continue  # rerank=0: the PQ distances as they are
         if not isinstance(value, int) or value < 1:
             raise DataError(f"--param {key}={value!r} must be a positive integer")
         if value > _PARAM_MAX[key]:
@@ -90,6 +116,9 @@ def factory_string(kind: str, p: dict[str, Any]) -> str:
         return "Flat"
     if kind.startswith("hnsw"):
         return f"HNSW{int(p['M'])},{storage}"
+    if kind in PQ_KINDS:
+        pq = f"IVF{int(p['nlist'])},PQ{int(p['pq_m'])}x{int(p['pq_bits'])}"
+        return f"OPQ{int(p['pq_m'])},{pq}" if kind.startswith("opq") else pq
     return f"IVF{int(p['nlist'])},{storage}"
 
 

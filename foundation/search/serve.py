@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from foundation.errors import ConfigError, DataError, FoundationError
-from foundation.search.files import _neighbours, _targets_of, ids_digest
+from foundation.search.files import ids_digest, ranked_neighbours, targets_of
 from foundation.search.index import VectorIndex
 from foundation.search.kinds import default_exact_max
 
@@ -291,7 +291,7 @@ class SearchBrowser:
             raise RequestError(f"unknown object id {oid!r}", 404) from None
 
     def object_targets(self, oid: str) -> dict[str, float | None]:
-        return _targets_of(self.targets, self.row(oid))
+        return targets_of(self.targets, self.row(oid))
 
     # -- queries
 
@@ -328,7 +328,7 @@ class SearchBrowser:
         modality = self._modality(modality, "modality")
         target, k, row = self._target(modality, target), self._k(k), self.row(oid)
         result = self._search(self.emb.vectors(modality, [row]), modality, target, k, oid)
-        result["query_targets"] = _targets_of(self.targets, row)
+        result["query_targets"] = targets_of(self.targets, row)
         return result
 
     def query_vector(
@@ -358,7 +358,7 @@ class SearchBrowser:
             "query_modality": modality,
             "index_modality": target,
             "k": k,
-            "neighbours": _neighbours(self.ids, self.targets, oid or "", sims[0], rows[0], k, exclude_self),
+            "neighbours": ranked_neighbours(self.ids, self.targets, oid or "", sims[0], rows[0], k, exclude_self),
         }
 
     # -- raw inputs

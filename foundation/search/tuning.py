@@ -172,13 +172,15 @@ def add_tuned(
     tune_queries: dict[str, np.ndarray | None] | None,
     normalize: bool,
     fixed: int | None,
+    search_rows: Callable[[np.ndarray, int], np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Add all rows to `index` (an id-mapped or IVF index), measuring recall on a held-out sample.
 
+    `search_rows(queries, k)` answers the measured searches (default: `index.search`'s rows; a PQ
+    kind passes its re-ranking search).
     The sample's rows are added last, after the measurement: while it runs the index holds the
     other N - S vectors and the ground truth is exact search over those same vectors.
     """
-    from tqdm.auto import tqdm
 
     n = len(vectors)
     held = tuning_rows(n, sample, seed)
@@ -187,29 +189,57 @@ def add_tuned(
     start = time.perf_counter()
     k = max(1, min(k, len(rest)))
     sets = tuning_query_sets(vectors, held, k, tune_queries, normalize)
+    result = tune_on_sets(
+        index,
+        sets,
+        knob=knob,
+        k=k,
+        indexed=len(rest),
+        nlist=nlist,
+        target=target,
+        fixed=fixed,
+        search_rows=search_rows,
+        progress=n >= 2 * ADD_CHUNK,
+    )
+    seconds = time.perf_counter() - start
+    add_vectors(index, vectors, held, f"indexing ({kind}, held-out)")
+    result.update(sample=len(held), seed=seed, seconds=round(seconds, 3))
+    return result
+
+
+def tune_on_sets(
+    index: Any,
+    sets: dict[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    knob: str,
+    k: int,
+    indexed: int,
+    nlist: int | None,
+    target: float,
+    fixed: int | None,
+    search_rows: Callable[[np.ndarray, int], np.ndarray] | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """`tune_knob` over named (queries, exact top-k) sets: the knob must reach `target` on each."""
+    from tqdm.auto import tqdm
+
+    search_rows = search_rows or (lambda q, kk: index.search(q, kk)[1])
     per_set: dict[int, dict[str, float]] = {}
-    bar = tqdm(desc=f"tuning {knob}", unit="try", disable=not sys.stderr.isatty() or n < 2 * ADD_CHUNK)
+    bar = tqdm(desc=f"tuning {knob}", unit="try", disable=not sys.stderr.isatty() or not progress)
 
     def measure(value: int) -> float:
         set_knob(index, knob, value)
-        per_set[value] = {
-            name: recall_at_k(truth, index.search(q, k)[1]) for name, (q, truth) in sets.items()
-        }
+        per_set[value] = {name: recall_at_k(truth, search_rows(q, k)) for name, (q, truth) in sets.items()}
         bar.set_postfix_str(f"{knob}={value} recall@{k}={min(per_set[value].values()):.3f}")
         bar.update(1)
         return min(per_set[value].values())
 
-    result = tune_knob(measure, knob, knob_candidates(knob, k, len(rest), nlist), target, fixed=fixed)
+    result = tune_knob(measure, knob, knob_candidates(knob, k, indexed, nlist), target, fixed=fixed)
     bar.close()
-    seconds = time.perf_counter() - start
-    add_vectors(index, vectors, held, f"indexing ({kind}, held-out)")
     result.update(
         recall_by_queries={name: round(r, 4) for name, r in per_set[result["value"]].items()},
         target_recall=target,
         k=k,
-        sample=len(held),
-        seed=seed,
-        seconds=round(seconds, 3),
         fixed=fixed is not None,
     )
     return result
@@ -221,6 +251,8 @@ def recall_warning(meta: IndexParams, target: float) -> str:
     tried = "" if t.get("fixed") else f" (the best of {t['knob']} up to {t['curve'][-1][0]})"
     if meta.kind.endswith("-sq8"):
         remedy = f"--kind {meta.kind[:-4]} (full vectors: its 8-bit codes limit recall)"
+    elif meta.kind.endswith("-pq"):
+        remedy = "a larger rerank or pq_m (--param; re-ranking needs the embeddings file)"
     elif meta.kind.startswith("hnsw"):
         remedy = "a larger M or efConstruction (--param)"
     else:
