@@ -270,7 +270,9 @@ def query(
                     "query_modality": query_modality,
                     "index_modality": index.meta.modality,
                     "query_targets": targets_of(targets, rows[qi]),
-                    "neighbours": ranked_neighbours(emb.ids, targets, oid, sims[qi], found[qi], k, exclude_self),
+                    "neighbours": ranked_neighbours(
+                        emb.ids, targets, oid, sims[qi], found[qi], k, exclude_self
+                    ),
                 }
             )
     return results

@@ -358,7 +358,9 @@ class SearchBrowser:
             "query_modality": modality,
             "index_modality": target,
             "k": k,
-            "neighbours": ranked_neighbours(self.ids, self.targets, oid or "", sims[0], rows[0], k, exclude_self),
+            "neighbours": ranked_neighbours(
+                self.ids, self.targets, oid or "", sims[0], rows[0], k, exclude_self
+            ),
         }
 
     # -- raw inputs
