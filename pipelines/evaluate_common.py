@@ -74,12 +74,19 @@ def json_default(value: Any) -> Any:
 # ----------------------------------------------------------------------------- paper tables
 
 
-def command_line() -> str:
-    """The command that is running, as a person would type it (for a table's provenance)."""
+def command_line(verb: str, args: argparse.Namespace) -> str:
+    """The command that produced a table, rebuilt from its parsed options (for provenance)."""
     import shlex
-    import sys
 
-    return " ".join(["foundation", *map(shlex.quote, sys.argv[1:])])
+    words = ["foundation", verb]
+    for name, value in vars(args).items():
+        if name.startswith("_") or name in ("verbose", "command") or value in (None, False, []):
+            continue
+        flag = "--" + name.replace("_", "-")
+        values = value if isinstance(value, list) else [value]
+        for item in values:
+            words += [flag] if item is True else [flag, shlex.quote(str(item))]
+    return " ".join(words)
 
 
 def embeddings_provenance(inputs: Sequence[tuple[str, Path]]) -> dict[str, Any]:

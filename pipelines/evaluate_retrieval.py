@@ -139,9 +139,14 @@ def _run(args: argparse.Namespace) -> int:
         )
         print(f"report -> {out / 'report.json'}, {out / 'report.md'}")
         if args.paper_table:
-            inputs_list = parse_labelled(args.embeddings)
             path = retrieval_table(
-                inputs_list, out, ks, rows=args.rows, raw_data=args.raw_data, seed=args.seed
+                parse_labelled(args.embeddings),
+                out,
+                ks,
+                rows=args.rows,
+                raw_data=args.raw_data,
+                seed=args.seed,
+                command=command_line("evaluate retrieval", args),
             )
             print(f"table -> {path}")
     return 0
@@ -173,6 +178,7 @@ def retrieval_table(
     rows: str = "auto",
     raw_data: str | None = None,
     seed: int = 0,
+    command: str = "",
 ) -> Path:
     """Cross-modal and in-modal retrieval of every input (`retrieval_table_rows`) as a result
     table, with the paper's qualitative figure from the first input when `raw_data` is given."""
@@ -188,7 +194,9 @@ def retrieval_table(
     chance_dz = (
         chance_redshift_scatter(primary[2], NEIGHBOURS_FOR_REDSHIFT, seed) if primary[2] is not None else None
     )
-    return write_table(out, _retrieval_result_table(inputs, results, ks, figures, raw_data, chance_dz))
+    return write_table(
+        out, _retrieval_result_table(inputs, results, ks, figures, raw_data, chance_dz, command)
+    )
 
 
 def _held_out(
@@ -221,6 +229,7 @@ def _retrieval_result_table(
     figures: list[str],
     raw_data: str | None,
     chance_dz: float | None,
+    command: str,
 ) -> ResultTable:
     columns = [f"top-{k}" for k in ks] + [
         "median rank",
@@ -261,7 +270,7 @@ def _retrieval_result_table(
         notes=notes,
         figures=figures,
         provenance={
-            "command": command_line(),
+            "command": command,
             "config_hash": embeddings_provenance(inputs[:1])[inputs[0][0]].get("config_hash"),
             "data": {"embeddings": embeddings_provenance(inputs), "raw": raw_data},
         },

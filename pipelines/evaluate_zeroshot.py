@@ -310,6 +310,7 @@ def _run(args: argparse.Namespace) -> int:
             raw_data=args.raw_data,
             raw_fields=parse_field_map(args.raw_fields, ["image", "spectrum"]),
             seed=args.seed,
+            command=command_line("evaluate zero-shot", args),
         )
         print(f"table -> {property_table(inputs, Path(args.out), options)}")
     return 0
@@ -358,6 +359,8 @@ class TableOptions:
     raw_data: str | None = None
     raw_fields: dict[str, str] | None = None
     seed: int = 0
+    command: str = ""
+    """The command line that asked for the table (its provenance)."""
 
 
 def property_table(
@@ -464,7 +467,7 @@ def _property_result_table(
         notes=notes,
         figures=[figure] if figure else [],
         provenance={
-            "command": command_line(),
+            "command": options.command,
             "config_hash": (embeddings_provenance(inputs[:1])[inputs[0][0]] or {}).get("config_hash"),
             "data": {"embeddings": embeddings_provenance(inputs), "raw": options.raw_data},
         },
