@@ -385,6 +385,8 @@ def _evaluation_stages(
                 str(s.seed),
                 "--out",
                 str(reports / "zero-shot"),
+                "--paper-table",
+                "--baselines",
             ],
             after=evaluated,
         ),
@@ -392,7 +394,16 @@ def _evaluation_stages(
             "retrieval",
             "cross-modal retrieval (top-k, median rank) against chance and the controls",
             [reports / "retrieval" / "report.json"],
-            argv=["evaluate", "retrieval", *embeddings, "--out", str(reports / "retrieval")],
+            argv=[
+                "evaluate",
+                "retrieval",
+                *embeddings,
+                "--out",
+                str(reports / "retrieval"),
+                "--paper-table",
+                "--raw-data",
+                str(at.shards),
+            ],
             after=evaluated,
         ),
     ]
@@ -482,6 +493,8 @@ def summary(out: Path, markers: list[dict[str, Any]]) -> str:
         ("example query", out / "search" / "query.png"),
         ("zero-shot report", out / "reports" / "zero-shot" / "report.md"),
         ("retrieval report", out / "reports" / "retrieval" / "report.md"),
+        ("property table", out / "reports" / "zero-shot" / "astroclip-properties.table.json"),
+        ("retrieval table", out / "reports" / "retrieval" / "astroclip-retrieval.table.json"),
         ("logs", out / "logs"),
     ]:
         if path.exists():

@@ -448,8 +448,8 @@ def _property_result_table(
         f"batch {FEW_SHOT_BATCH}, {FEW_SHOT_EPOCHS} epochs, MSE.",
         "Ours: the same scaler and distance-weighted k-NN with k chosen per property by 5-fold "
         "cross-validation on the training objects" + (f" ({'; '.join(ks)})." if ks else "."),
-        "Supervised baselines are CPU-sized versions of the paper's (ResNet-18 topology at a quarter "
-        "width; conv+attention spectrum encoder; photometry MLP 64-64 on magnitudes of aperture "
+        "Supervised baselines are CPU-sized versions of the paper's (ResNet-18 topology at an eighth "
+        "of its width; conv+attention spectrum encoder; photometry MLP 64-64 on magnitudes of aperture "
         "fluxes measured on the images), trained on the same split"
         + (f"; training cost on this CPU: {', '.join(costs)}." if costs else "."),
         "Rows marked paper are the published numbers (R² of redshift and the mean of the four "

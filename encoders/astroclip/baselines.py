@@ -4,7 +4,7 @@ The paper compares zero-shot regression from frozen embeddings with models train
 the same labelled split: a ResNet-18 on images, a convolution + attention encoder on spectra
 (Serrà et al. 2018, as the reference code's `SpectrumEncoder`) and an MLP on g, r, z photometry.
 Here each has the reference's shape at a smaller size: `ResNetLike` keeps ResNet-18's topology
-(a stem, four stages of two basic residual blocks, global pooling, one linear layer) at a quarter
+(a stem, four stages of two basic residual blocks, global pooling, one linear layer) at an eighth
 of its width; `SpectrumConvAttention` keeps the four conv blocks (instance norm, PReLU, max-pool
 between them) whose last block splits into values and softmax attention weights along the
 wavelength axis, then an MLP; `PhotometryMLP` is the reference's 3 → 64 → 64 → out MLP, fed with
@@ -59,7 +59,7 @@ class BasicBlock(nn.Module):
 class ResNetLike(nn.Module):
     """ResNet-18's layout (4 stages x 2 basic blocks) at `widths`; a 3x3 stem for small cutouts."""
 
-    def __init__(self, in_channels: int, n_out: int, widths: tuple[int, ...] = (16, 32, 64, 128)) -> None:
+    def __init__(self, in_channels: int, n_out: int, widths: tuple[int, ...] = (8, 16, 32, 64)) -> None:
         super().__init__()
         layers: list[nn.Module] = [
             nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
@@ -250,7 +250,7 @@ def train_regressor(
 
 
 #: Epochs of each baseline in the property table (sized for a 2-core CPU; see docs/astroclip.md).
-BASELINE_EPOCHS = {"image": 15, "spectrum": 30, "photometry": 100}
+BASELINE_EPOCHS = {"image": 10, "spectrum": 20, "photometry": 100}
 
 
 def image_baseline(
