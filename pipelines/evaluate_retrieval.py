@@ -4,7 +4,9 @@ The metrics (partner ranks with ties counted against the model, top-k accuracy, 
 mean reciprocal rank next to chance, and the collapse indicators of each modality) are
 `encoders.astroclip.evaluate`; this command parses the options and renders the report.
 Candidates are the file's held-out rows (its `test`/`valid` split) when it records splits, else
-all rows; `--rows all` uses every row.
+all rows; `--rows all` uses every row. `--paper-table` also writes `astroclip-retrieval.table.json`
+(cross-modal and in-modal search, docs/astroclip.md "The paper's tables") and, with `--raw-data`,
+the paper's figure of a query galaxy's nearest neighbours in both modalities.
 """
 
 from __future__ import annotations

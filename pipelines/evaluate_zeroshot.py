@@ -8,6 +8,10 @@ side with `--embeddings LABEL=FILE` repeated. The train/test split is the first 
 split (train vs test/valid) or a hash of the object id; every input is aligned to it by object id.
 
 Writes `report.json`, `report.md`, `predictions.npz` and one predicted-vs-true scatter PNG per target.
+With `--paper-table` it also writes the paper's property table, `astroclip-properties.table.json`
+(R² of redshift, log M*, Z_MW, t_age, sSFR and the mean of the last four; the paper code's k-NN and
+few-shot MLP, our k by CV, `--baselines` trained on the raw inputs, the paper's own rows), with a
+predicted-vs-true PNG beside it (docs/astroclip.md, "The paper's tables").
 """
 
 from __future__ import annotations

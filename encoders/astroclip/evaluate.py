@@ -4,13 +4,13 @@ Zero-shot regression (AstroCLIP paper, Parker et al. 2024, §5): a StandardScale
 training embeddings, then k-nearest-neighbour regression with distance weighting. The paper
 reports k = 16 (its code uses 64); `Settings.k` defaults to 16, and the 5-fold cross-validated R²
 on the training split goes next to the test score (`k="auto"` picks k from 4..64 by that
-cross-validation). A small MLP probe (one hidden layer of 256, early stopping; the paper's
-"few-shot" head) is the second method. Raw-input baselines run the same scaler + k-NN on a PCA of
-the standardised pixels / fluxes, and a supervised MLP on a 128-component PCA of them. Scores are
-R² per target and modality; redshift also gets MAE, the outlier fraction |Δz|/(1+z) > 0.15 and
-σ_NMAD. When two modalities of one input share an embedding space, the cross-modal k-NN regresses
-each through the other's training embeddings (an image finds its neighbours among spectra): it
-only works if the alignment is real.
+cross-validation). A small MLP probe (one hidden layer of 256, early stopping; our stand-in for
+the paper's few-shot head, which `reference_few_shot` reproduces) is the second method. Raw-input
+baselines run the same scaler + k-NN on a PCA of the standardised pixels / fluxes, and a supervised
+MLP on a 128-component PCA of them. Scores are R² per target and modality; redshift also gets MAE,
+the outlier fraction |Δz|/(1+z) > 0.15 and σ_NMAD. When two modalities of one input share an
+embedding space, the cross-modal k-NN regresses each through the other's training embeddings (an
+image finds its neighbours among spectra): it only works if the alignment is real.
 
 Cross-modal retrieval: for every object, its query-modality vector is compared (cosine) with the
 target-modality vectors of all N candidates; the rank of its own partner gives top-k accuracy,
@@ -20,6 +20,14 @@ embedding that maps everything to one point scores rank N, not rank 1. Two colla
 per modality go with the ranks (`spread`): the norm of the mean unit vector (0 = spread over the
 sphere, 1 = every vector identical) and the effective number of dimensions (participation ratio
 (Σλ)²/Σλ² of the covariance eigenvalues; 1 = all on one line).
+
+The paper's tables: `reference_zero_shot` and `reference_few_shot` follow the paper's code
+(StandardScaler, k = 64 distance-weighted k-NN; an MLP of two hidden layers of 64), `cv_zero_shot`
+is ours (k by cross-validation); `embedding_property_rows` and `baseline_property_rows` (the
+supervised models of `encoders.astroclip.baselines`) give R² per property on one split.
+`retrieval_table_rows` scores cross-modal and in-modal search: the partner's rank where there is
+one, and for every pair whether the neighbours are physically alike (the rank of the query's
+nearest object in property space, the redshift scatter of the nearest neighbours).
 
 Train/test rows are a file's recorded splits (train vs test/valid) or a hash of the object id.
 """
