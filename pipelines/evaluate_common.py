@@ -69,3 +69,64 @@ def json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+# ----------------------------------------------------------------------------- paper tables
+
+
+def command_line(verb: str, args: argparse.Namespace) -> str:
+    """The command that produced a table, rebuilt from its parsed options (for provenance)."""
+    import shlex
+
+    words = ["foundation", verb]
+    for name, value in vars(args).items():
+        if name.startswith("_") or name in ("verbose", "command") or value in (None, False, []):
+            continue
+        flag = "--" + name.replace("_", "-")
+        values = value if isinstance(value, list) else [value]
+        for item in values:
+            words += [flag] if item is True else [flag, shlex.quote(str(item))]
+    return " ".join(words)
+
+
+def embeddings_provenance(inputs: Sequence[tuple[str, Path]]) -> dict[str, Any]:
+    """The config hash and data recorded in each embeddings file (by label)."""
+    from foundation.embeddings import open_embeddings
+
+    out: dict[str, Any] = {}
+    for label, path in inputs:
+        with open_embeddings(path) as emb:
+            out[label] = {
+                "path": str(path),
+                "config_hash": emb.recorded("config_hash"),
+                "data": emb.recorded("data"),
+            }
+    return out
+
+
+def raw_arrays(data: str | Path, ids: Sequence[str], fields: dict[str, str]) -> dict[str, np.ndarray]:
+    """{modality: array} of each id's raw input in its stored shape ((N, bands, H, W) images,
+    (N, L) spectra), from the shard set `data`; `fields` maps modality -> sample field."""
+    from foundation.data import Manifest
+    from foundation.data.raw_inputs import load_raw_inputs, resolve_fields
+
+    manifest = Manifest.load(data)
+    resolved = resolve_fields(fields, manifest.schema, str(data))
+    flat = load_raw_inputs(data, ids, resolved)
+    out = {}
+    for modality, x in flat.items():
+        shape = manifest.schema[resolved[modality]].shape
+        if shape and all(isinstance(d, int) for d in shape) and int(np.prod(shape)) == x.shape[1]:
+            x = x.reshape(len(x), *shape)
+        out[modality] = x
+    return out
+
+
+def wavelength_grid(data: str | Path, pixels: int) -> np.ndarray:
+    """The spectra's wavelength grid recorded by `prepare astroclip` (pixel index if none)."""
+    from foundation.data import Manifest
+
+    grid = Manifest.load(data).extra.get("wavelength") or {}
+    if {"start", "step"} <= set(grid):
+        return float(grid["start"]) + float(grid["step"]) * np.arange(pixels)
+    return np.arange(pixels, dtype=np.float64)

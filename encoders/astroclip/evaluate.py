@@ -4,13 +4,13 @@ Zero-shot regression (AstroCLIP paper, Parker et al. 2024, §5): a StandardScale
 training embeddings, then k-nearest-neighbour regression with distance weighting. The paper
 reports k = 16 (its code uses 64); `Settings.k` defaults to 16, and the 5-fold cross-validated R²
 on the training split goes next to the test score (`k="auto"` picks k from 4..64 by that
-cross-validation). A small MLP probe (one hidden layer of 256, early stopping; the paper's
-"few-shot" head) is the second method. Raw-input baselines run the same scaler + k-NN on a PCA of
-the standardised pixels / fluxes, and a supervised MLP on a 128-component PCA of them. Scores are
-R² per target and modality; redshift also gets MAE, the outlier fraction |Δz|/(1+z) > 0.15 and
-σ_NMAD. When two modalities of one input share an embedding space, the cross-modal k-NN regresses
-each through the other's training embeddings (an image finds its neighbours among spectra): it
-only works if the alignment is real.
+cross-validation). A small MLP probe (one hidden layer of 256, early stopping; our stand-in for
+the paper's few-shot head, which `reference_few_shot` reproduces) is the second method. Raw-input
+baselines run the same scaler + k-NN on a PCA of the standardised pixels / fluxes, and a supervised
+MLP on a 128-component PCA of them. Scores are R² per target and modality; redshift also gets MAE,
+the outlier fraction |Δz|/(1+z) > 0.15 and σ_NMAD. When two modalities of one input share an
+embedding space, the cross-modal k-NN regresses each through the other's training embeddings (an
+image finds its neighbours among spectra): it only works if the alignment is real.
 
 Cross-modal retrieval: for every object, its query-modality vector is compared (cosine) with the
 target-modality vectors of all N candidates; the rank of its own partner gives top-k accuracy,
@@ -20,6 +20,14 @@ embedding that maps everything to one point scores rank N, not rank 1. Two colla
 per modality go with the ranks (`spread`): the norm of the mean unit vector (0 = spread over the
 sphere, 1 = every vector identical) and the effective number of dimensions (participation ratio
 (Σλ)²/Σλ² of the covariance eigenvalues; 1 = all on one line).
+
+The paper's tables: `reference_zero_shot` and `reference_few_shot` follow the paper's code
+(StandardScaler, k = 64 distance-weighted k-NN; an MLP of two hidden layers of 64), `cv_zero_shot`
+is ours (k by cross-validation); `embedding_property_rows` and `baseline_property_rows` (the
+supervised models of `encoders.astroclip.baselines`) give R² per property on one split.
+`retrieval_table_rows` scores cross-modal and in-modal search: the partner's rank where there is
+one, and for every pair whether the neighbours are physically alike (the rank of the query's
+nearest object in property space, the redshift scatter of the nearest neighbours).
 
 Train/test rows are a file's recorded splits (train vs test/valid) or a hash of the object id.
 """
@@ -368,16 +376,7 @@ def evaluate(
 def _choose_k(settings: Settings, fs: FeatureSet, tr: np.ndarray, y: np.ndarray, make: Any) -> int:
     if settings.k != "auto":
         return int(settings.k)
-    best, best_score = PAPER_K, -np.inf
-    for k in K_GRID:
-        if k >= len(tr) * (settings.folds - 1) / settings.folds:
-            break
-        score = float(
-            np.mean(cross_validated_r2(lambda k=k: make(k), fs.x[tr], y[tr], settings.seed, settings.folds))
-        )
-        if score > best_score:
-            best, best_score = k, score
-    return best
+    return choose_k_by_cv(fs.x[tr], y[tr], settings.seed, settings.folds, make)
 
 
 # ----------------------------------------------------------------------------- retrieval
@@ -446,7 +445,7 @@ def evaluate_file(
                 f"{path} holds one modality ({emb.modalities[0]}); cross-modal retrieval needs two"
             )
         pairs = pairs or list(itertools.permutations(emb.modalities, 2))
-        selected, how = _select_rows(emb, rows)
+        selected, how = select_rows(emb, rows)
         if len(selected) < 2:
             raise DataError(f"{path}: only {len(selected)} rows selected ({how}); retrieval needs at least 2")
         cache: dict[str, np.ndarray] = {}
@@ -475,7 +474,7 @@ def evaluate_file(
     return results, how
 
 
-def _select_rows(emb: Any, rows: str) -> tuple[np.ndarray, str]:
+def select_rows(emb: Any, rows: str) -> tuple[np.ndarray, str]:
     split = emb.split
     if rows == "all" or (rows == "auto" and split is None):
         return np.arange(emb.rows), f"all {emb.rows} rows"
@@ -489,3 +488,331 @@ def _select_rows(emb: Any, rows: str) -> tuple[np.ndarray, str]:
     if rows == "auto":
         return np.arange(emb.rows), f"all {emb.rows} rows (no held-out split recorded)"
     raise DataError(f"{emb.path} has no rows of split {rows!r}; it has {sorted(set(split.tolist()))}")
+
+
+# ----------------------------------------------------------------------------- the paper's property table
+
+#: The reference code's protocol (its `downstream_tasks/property_estimation`): embeddings
+#: standardised with the training rows' StandardScaler, targets standardised jointly, then
+#: KNeighborsRegressor(n_neighbors=64, weights="distance") (zero-shot) or an MLP with two hidden
+#: layers of 64, ReLU, dropout 0.1, Adam 1e-3, batch 64, 10 epochs, MSE (few-shot).
+REFERENCE_K = 64
+REFERENCE_WEIGHTS = "distance"
+FEW_SHOT_HIDDEN = (64, 64)
+FEW_SHOT_DROPOUT = 0.1
+FEW_SHOT_EPOCHS = 10
+FEW_SHOT_BATCH = 64
+FEW_SHOT_LR = 1e-3
+#: The paper's property columns: our target name -> the column's title, in the paper's order.
+PAPER_PROPERTIES = {
+    "redshift": "redshift",
+    "stellar_mass": "log M*",
+    "metallicity": "Z_MW",
+    "age": "t_age",
+    "ssfr": "sSFR",
+}
+#: The four PROVABGS properties whose mean R² is the paper's second number.
+PROVABGS_PROPERTIES = ("stellar_mass", "metallicity", "age", "ssfr")
+MEAN_COLUMN = "mean of M*, Z_MW, t_age, sSFR"
+
+
+def _standardised(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std of the training targets per column (std 1 where a column is constant)."""
+    std = y.std(axis=0)
+    return y.mean(axis=0), np.where(std > 0, std, 1.0)
+
+
+def reference_zero_shot(
+    x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, k: int = REFERENCE_K
+) -> np.ndarray:
+    """The reference's zero-shot prediction of (N, targets) `y_train` for the test rows."""
+    mean, std = _standardised(y_train)
+    model = knn_model(min(k, len(x_train))).fit(x_train, (y_train - mean) / std)
+    return model.predict(x_test).reshape(len(x_test), -1) * std + mean
+
+
+def choose_k_by_cv(
+    x: np.ndarray, y: np.ndarray, seed: int, folds: int = CV_FOLDS, make: Any = knn_model
+) -> int:
+    """The k of K_GRID with the best mean `folds`-fold cross-validated R² of `make(k)` (by default
+    the scaler + distance-weighted k-NN)."""
+    best, best_score = PAPER_K, -np.inf
+    for k in K_GRID:
+        if k >= len(x) * (folds - 1) / folds:
+            break
+        score = float(np.mean(cross_validated_r2(lambda k=k: make(k), x, y, seed, folds)))
+        if score > best_score:
+            best, best_score = k, score
+    return best
+
+
+def cv_zero_shot(
+    x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, seed: int
+) -> tuple[np.ndarray, list[int]]:
+    """Our zero-shot protocol: the same scaler + distance-weighted k-NN, k chosen per target by
+    cross-validation on the training rows; returns predictions and the k of each target."""
+    preds, ks = [], []
+    for column in y_train.T:
+        k = choose_k_by_cv(x_train, column, seed)
+        preds.append(knn_model(k).fit(x_train, column).predict(x_test))
+        ks.append(k)
+    return np.stack(preds, axis=1), ks
+
+
+def reference_few_shot(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, seed: int) -> np.ndarray:
+    """The reference's few-shot probe on standardised embeddings (constant learning rate)."""
+    from sklearn.preprocessing import StandardScaler
+
+    from encoders.astroclip.baselines import TrainSettings, mlp, train_regressor
+
+    scaler = StandardScaler().fit(x_train)
+    settings = TrainSettings(
+        epochs=FEW_SHOT_EPOCHS, batch_size=FEW_SHOT_BATCH, lr=FEW_SHOT_LR, seed=seed, cosine=False
+    )
+    fitted = train_regressor(
+        lambda n_out: mlp(x_train.shape[1], n_out, FEW_SHOT_HIDDEN, dropout=FEW_SHOT_DROPOUT),
+        scaler.transform(x_train),
+        y_train,
+        scaler.transform(x_test),
+        settings,
+    )
+    return fitted.predictions.reshape(len(x_test), -1)
+
+
+def r2_per_column(y_true: np.ndarray, y_pred: np.ndarray, names: Sequence[str]) -> dict[str, float]:
+    return {name: r2_score(y_true[:, i], y_pred[:, i]) for i, name in enumerate(names)}
+
+
+def paper_property_names(available: Sequence[str]) -> list[str]:
+    """The paper's properties that a file carries, in the paper's order."""
+    return [name for name in PAPER_PROPERTIES if name in available]
+
+
+def labelled_rows(
+    targets: dict[str, np.ndarray], train_rows: np.ndarray, test_rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train rows, test rows, (N, targets) values) keeping the rows where every target is known,
+    so that each property is scored on the same objects (the reference regresses them jointly)."""
+    y = np.stack([np.asarray(v, dtype=np.float64) for v in targets.values()], axis=1)
+    known = np.isfinite(y).all(axis=1)
+    tr, te = train_rows[known[train_rows]], test_rows[known[test_rows]]
+    if len(tr) < 2 * CV_FOLDS or len(te) < 2:
+        raise DataError(
+            f"only {len(tr)} train / {len(te)} test objects have every one of {', '.join(targets)}"
+        )
+    return tr, te, y
+
+
+ZERO_SHOT_REFERENCE = "zero-shot k-NN, reference (k=64)"
+ZERO_SHOT_OURS = "zero-shot k-NN, ours (k by 5-fold CV)"
+FEW_SHOT_REFERENCE = "few-shot MLP (64, 64), reference"
+
+
+def _run_protocol(
+    method: str, xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, seed: int
+) -> tuple[np.ndarray, list[int] | None]:
+    """(test predictions, k per target or None) of one embedding protocol."""
+    if method == ZERO_SHOT_REFERENCE:
+        return reference_zero_shot(xtr, ytr, xte), None
+    if method == ZERO_SHOT_OURS:
+        return cv_zero_shot(xtr, ytr, xte, seed)
+    return reference_few_shot(xtr, ytr, xte, seed), None
+
+
+def embedding_property_rows(
+    features: dict[str, np.ndarray],
+    y: np.ndarray,
+    names: Sequence[str],
+    train_rows: np.ndarray,
+    test_rows: np.ndarray,
+    *,
+    protocols: Sequence[str] = ("reference", "ours"),
+    few_shot: bool = True,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """R² per property of each modality's embeddings under each protocol ({modality: (N, D)})."""
+    methods = [ZERO_SHOT_REFERENCE] if "reference" in protocols else []
+    methods += [ZERO_SHOT_OURS] if "ours" in protocols else []
+    methods += [FEW_SHOT_REFERENCE] if few_shot else []
+    rows = []
+    for modality, x in features.items():
+        for method in methods:
+            start = time.perf_counter()
+            pred, ks = _run_protocol(method, x[train_rows], y[train_rows], x[test_rows], seed)
+            rows.append(
+                {
+                    "modality": modality,
+                    "method": method,
+                    "r2": r2_per_column(y[test_rows], pred, names),
+                    "k": dict(zip(names, ks, strict=True)) if ks else None,
+                    "seconds": round(time.perf_counter() - start, 2),
+                    "predictions": pred,
+                }
+            )
+    return rows
+
+
+def baseline_property_rows(
+    raw: dict[str, np.ndarray],
+    y: np.ndarray,
+    names: Sequence[str],
+    train_rows: np.ndarray,
+    test_rows: np.ndarray,
+    *,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """R² per property of the supervised baselines trained on the same split; `raw` holds
+    (N, bands, H, W) images under "image" and (N, L) spectra under "spectrum" (either may be absent)."""
+    from encoders.astroclip import baselines
+
+    jobs = []
+    if "image" in raw:
+        jobs.append(("image", "supervised ResNet-18-like CNN", baselines.image_baseline, raw["image"]))
+    if "spectrum" in raw:
+        jobs.append(("spectrum", "supervised conv+attention", baselines.spectrum_baseline, raw["spectrum"]))
+    if "image" in raw:
+        jobs.append(
+            (
+                "photometry",
+                "supervised photometry MLP (aperture g, r, z)",
+                baselines.photometry_baseline,
+                raw["image"],
+            )
+        )
+    rows = []
+    for modality, method, train, x in jobs:
+        fitted = train(x[train_rows], y[train_rows], x[test_rows], seed=seed)
+        pred = fitted.predictions.reshape(len(test_rows), -1)
+        rows.append(
+            {
+                "modality": modality,
+                "method": method,
+                "r2": r2_per_column(y[test_rows], pred, names),
+                "k": None,
+                "seconds": round(fitted.seconds, 2),
+                "parameters": fitted.parameters,
+                "predictions": pred,
+            }
+        )
+    return rows
+
+
+def mean_provabgs_r2(r2: dict[str, float]) -> float | None:
+    """The paper's second number: the mean R² of the four PROVABGS properties (None if one is missing)."""
+    if not all(name in r2 for name in PROVABGS_PROPERTIES):
+        return None
+    return float(np.mean([r2[name] for name in PROVABGS_PROPERTIES]))
+
+
+# ----------------------------------------------------------------------------- the paper's retrieval table
+
+#: Neighbours whose redshifts are compared with the query's (the paper's figure shows a handful).
+NEIGHBOURS_FOR_REDSHIFT = 5
+
+
+def _similarities(queries: np.ndarray, candidates: np.ndarray, own: np.ndarray | None) -> np.ndarray:
+    """Cosine similarities of each query with every candidate; each query's own candidate row
+    (`own`) set to -inf: in-modal it is the query itself, cross-modal its partner (scored apart)."""
+    sims = _unit(queries) @ _unit(candidates).T
+    if own is not None:
+        sims[np.arange(len(own)), own] = -np.inf
+    return sims
+
+
+def nearest_others(
+    queries: np.ndarray,
+    candidates: np.ndarray,
+    k: int,
+    own: np.ndarray | None = None,
+    exclude_own: bool = True,
+    block: int = 1024,
+) -> np.ndarray:
+    """(N, k) candidate rows most similar to each query, best first; each query's own candidate
+    (row `own[i]`, by default row i) is left out unless `exclude_own` is False."""
+    q = np.asarray(queries, dtype=np.float32)
+    c = np.asarray(candidates, dtype=np.float32)
+    own = np.arange(len(q)) if own is None else np.asarray(own)
+    k = min(k, len(c) - 1 if exclude_own else len(c))
+    out = np.empty((len(q), k), dtype=np.int64)
+    for start in range(0, len(q), block):
+        stop = min(len(q), start + block)
+        sims = _similarities(q[start:stop], c, own[start:stop] if exclude_own else None)
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1, kind="stable")
+        out[start:stop] = np.take_along_axis(top, order, axis=1)
+    return out
+
+
+def property_twins(properties: np.ndarray) -> np.ndarray:
+    """Each object's physical twin: the other object nearest in standardised property space."""
+    p = np.asarray(properties, dtype=np.float64)
+    p = (p - p.mean(axis=0)) / np.where(p.std(axis=0) > 0, p.std(axis=0), 1.0)
+    d = np.sum(p**2, axis=1)[:, None] + np.sum(p**2, axis=1)[None, :] - 2 * p @ p.T
+    np.fill_diagonal(d, np.inf)
+    return np.argmin(d, axis=1)
+
+
+def twin_ranks(
+    queries: np.ndarray, candidates: np.ndarray, twins: np.ndarray, block: int = 1024
+) -> np.ndarray:
+    """Rank (1 = best) of each query's twin among the candidates other than its own row (ties
+    count against the model, as `partner_ranks`)."""
+    q = np.asarray(queries, dtype=np.float32)
+    c = np.asarray(candidates, dtype=np.float32)
+    ranks = np.empty(len(q), dtype=np.int64)
+    for start in range(0, len(q), block):
+        stop = min(len(q), start + block)
+        sims = _similarities(q[start:stop], c, np.arange(start, stop))
+        twin = sims[np.arange(stop - start), twins[start:stop]][:, None]
+        ranks[start:stop] = (sims >= twin).sum(axis=1)
+    return ranks
+
+
+def redshift_scatter(redshift: np.ndarray, neighbours: np.ndarray) -> float:
+    """Median over queries of the median |Δz|/(1+z) between a query and its retrieved neighbours."""
+    z = np.asarray(redshift, dtype=np.float64)
+    dz = np.abs(z[neighbours] - z[:, None]) / (1.0 + z[:, None])
+    return float(np.median(np.median(dz, axis=1)))
+
+
+def chance_redshift_scatter(redshift: np.ndarray, k: int, seed: int = 0) -> float:
+    """The same statistic for neighbours drawn at random (other objects)."""
+    rng = np.random.default_rng(seed)
+    n = len(redshift)
+    picks = (np.arange(n)[:, None] + rng.integers(1, n, size=(n, min(k, n - 1)))) % n
+    return redshift_scatter(redshift, picks)
+
+
+def retrieval_table_rows(
+    vectors: dict[str, np.ndarray],
+    ks: Sequence[int],
+    *,
+    properties: np.ndarray | None = None,
+    redshift: np.ndarray | None = None,
+    twin_k: int = 10,
+) -> list[dict[str, Any]]:
+    """Cross-modal and in-modal retrieval of one model, for every ordered pair of modalities.
+
+    Cross-modal pairs score the rank of the object's own partner (top-k, median rank); in-modal
+    pairs have no partner to find (the query is its own best match), so both kinds are also scored
+    on what the paper's figure shows: whether the neighbours are physically alike — the rank of
+    the query's physical twin (nearest other object in standardised property space) and the
+    redshift scatter of the nearest neighbours.
+    """
+    twins = property_twins(properties) if properties is not None else None
+    rows = []
+    for query, target in itertools.product(vectors, vectors):
+        q, t = vectors[query], vectors[target]
+        if q.shape != t.shape:
+            raise DataError(f"{query} ({q.shape[1]}-d) and {target} ({t.shape[1]}-d) are not in one space")
+        row: dict[str, Any] = {"query": query, "target": target, "n": len(q), "cross_modal": query != target}
+        if query != target:
+            row.update(retrieval_metrics(partner_ranks(q, t), list(ks)))
+        if twins is not None:
+            ranks = twin_ranks(q, t, twins)
+            row[f"twin_top{twin_k}"] = float(np.mean(ranks <= twin_k))
+            row["twin_median_rank"] = float(np.median(ranks))
+        if redshift is not None:
+            row["neighbour_dz"] = redshift_scatter(redshift, nearest_others(q, t, NEIGHBOURS_FOR_REDSHIFT))
+        rows.append(row)
+    return rows

@@ -76,3 +76,170 @@ def test_split_rows_from_file_or_id_hash():
     # The hash split of an object does not depend on which other objects are there.
     _, test_sub, _ = train_test_rows(ids[::2], None, test_fraction=0.2, seed=1)
     assert set(ids[::2][test_sub]) == set(ids[test]) & set(ids[::2])
+
+
+# ----------------------------------------------------------------------------- the paper's property table
+
+
+def _embedded_properties(n: int = 300, dim: int = 12, seed: int = 0):
+    """Embeddings that encode three properties (plus noise dimensions), and the properties."""
+    rng = np.random.default_rng(seed)
+    y = rng.normal(size=(n, 3)) * [0.3, 1.0, 5.0] + [0.5, 10.0, 2.0]
+    x = np.concatenate([np.tanh(y @ rng.normal(size=(3, dim - 4))), rng.normal(size=(n, 4))], axis=1)
+    return x * rng.uniform(0.1, 10.0, size=dim), y  # unequal feature scales: standardisation matters
+
+
+def test_reference_zero_shot_is_scikit_learns_knn_on_standardised_embeddings():
+    from sklearn.neighbors import KNeighborsRegressor
+    from sklearn.preprocessing import StandardScaler
+
+    from encoders.astroclip.evaluate import REFERENCE_K, REFERENCE_WEIGHTS, reference_zero_shot
+
+    assert (REFERENCE_K, REFERENCE_WEIGHTS) == (64, "distance")
+    x, y = _embedded_properties()
+    scaler = StandardScaler().fit(x[:200])
+    expected = (
+        KNeighborsRegressor(n_neighbors=64, weights="distance")
+        .fit(scaler.transform(x[:200]), y[:200])
+        .predict(scaler.transform(x[200:]))
+    )
+    assert np.allclose(reference_zero_shot(x[:200], y[:200], x[200:]), expected, atol=1e-9)
+    # Without the scaler the neighbours differ: the test can tell the two apart.
+    raw = KNeighborsRegressor(n_neighbors=64, weights="distance").fit(x[:200], y[:200]).predict(x[200:])
+    assert not np.allclose(raw, expected, atol=1e-3)
+
+
+def test_knn_model_settings():
+    from sklearn.neighbors import KNeighborsRegressor
+    from sklearn.preprocessing import StandardScaler
+
+    from encoders.astroclip.evaluate import knn_model
+
+    scaler, knn = (step for _, step in knn_model(64).steps)
+    assert isinstance(scaler, StandardScaler) and isinstance(knn, KNeighborsRegressor)
+    assert knn.n_neighbors == 64 and knn.weights == "distance"
+
+
+@pytest.mark.slow
+def test_cv_zero_shot_picks_scikit_learns_grid_search_k():
+    from sklearn.model_selection import GridSearchCV, KFold
+
+    from encoders.astroclip.evaluate import K_GRID, cv_zero_shot, knn_model
+
+    x, y = _embedded_properties(n=240)
+    pred, ks = cv_zero_shot(x[:200], y[:200], x[200:], seed=3)
+    for j in range(3):
+        search = GridSearchCV(
+            knn_model(4),
+            {"kneighborsregressor__n_neighbors": list(K_GRID)},
+            cv=KFold(5, shuffle=True, random_state=3),
+            scoring="r2",
+        ).fit(x[:200], y[:200, j])
+        assert ks[j] == search.best_params_["kneighborsregressor__n_neighbors"]
+        assert np.allclose(pred[:, j], search.predict(x[200:]))
+
+
+def test_few_shot_probe_has_the_reference_shape(monkeypatch):
+    from torch import nn
+
+    from encoders.astroclip import baselines
+    from encoders.astroclip.evaluate import reference_few_shot
+
+    seen = {}
+    real = baselines.train_regressor
+
+    def spy(make_model, x_train, y_train, x_test, settings):
+        seen["model"], seen["settings"], seen["x"] = make_model(y_train.shape[1]), settings, x_train
+        return real(make_model, x_train, y_train, x_test, settings)
+
+    monkeypatch.setattr(baselines, "train_regressor", spy)
+    x, y = _embedded_properties(n=150)
+    pred = reference_few_shot(x[:100], y[:100], x[100:], seed=0)
+    assert pred.shape == (50, 3)
+    linears = [m for m in seen["model"] if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(12, 64), (64, 64), (64, 3)]
+    assert [m.p for m in seen["model"] if isinstance(m, nn.Dropout)] == [0.1, 0.1]
+    assert sum(isinstance(m, nn.ReLU) for m in seen["model"]) == 2
+    s = seen["settings"]
+    assert (s.epochs, s.batch_size, s.lr, s.cosine) == (10, 64, 1e-3, False)
+    assert np.allclose(seen["x"].mean(axis=0), 0, atol=1e-3) and np.allclose(
+        seen["x"].std(axis=0), 1, atol=1e-3
+    )
+
+
+def test_r2_per_column_and_the_papers_mean():
+    from encoders.astroclip.evaluate import PROVABGS_PROPERTIES, mean_provabgs_r2, r2_per_column
+
+    x, y = _embedded_properties(n=50)
+    pred = y + np.random.default_rng(1).normal(size=y.shape)
+    got = r2_per_column(y, pred, ["a", "b", "c"])
+    assert list(got.values()) == pytest.approx(sklearn.metrics.r2_score(y, pred, multioutput="raw_values"))
+    scores = dict(zip(PROVABGS_PROPERTIES, [0.1, 0.2, 0.3, 0.6], strict=True))
+    assert mean_provabgs_r2({"redshift": 0.9, **scores}) == pytest.approx(0.3)
+    assert mean_provabgs_r2({"redshift": 0.9, "stellar_mass": 0.5}) is None
+
+
+def test_labelled_rows_keep_objects_with_every_property():
+    from encoders.astroclip.evaluate import labelled_rows
+
+    a, b = np.arange(30.0), np.arange(30.0)
+    a[3], b[25] = np.nan, np.nan
+    train, test, y = labelled_rows({"a": a, "b": b}, np.arange(20), np.arange(20, 30))
+    assert 3 not in train and 25 not in test and len(train) == 19 and len(test) == 9 and y.shape == (30, 2)
+
+
+# ----------------------------------------------------------------------------- the paper's retrieval table
+
+
+def test_retrieval_table_rows_hand_computed():
+    from encoders.astroclip.evaluate import retrieval_table_rows
+
+    # Four objects; image i's nearest spectrum is the partner for 0 and 1, while image 2 and 3
+    # land nearer each other's spectra. Angles (degrees) make the cosine order obvious.
+    def at(degrees):
+        return np.stack([np.cos(np.radians(degrees)), np.sin(np.radians(degrees))], axis=1)
+
+    image, spectrum = at(np.array([0, 90, 180, 200])), at(np.array([5, 95, 198, 182]))
+    properties = np.array([[0.0], [10.0], [20.0], [21.0]])  # twins: 0↔1, 1↔0, 2↔3, 3↔2
+    z = np.array([0.1, 0.2, 0.3, 0.4])
+    rows = {
+        (r["query"], r["target"]): r
+        for r in retrieval_table_rows(
+            {"image": image, "spectrum": spectrum}, [1, 2], properties=properties, redshift=z
+        )
+    }
+    i2s = rows[("image", "spectrum")]
+    # Partner ranks: object 0 → 1, 1 → 1, 2 → 2 (spectrum 3 at 182° is nearer 180°), 3 → 2.
+    assert (i2s["top1"], i2s["top2"], i2s["median_rank"]) == (0.5, 1.0, 1.5)
+    assert "top1" not in rows[("image", "image")]  # in-modal: no partner to find
+    # In-modal twins, self left out: image 0's candidates 90°, 180°, 200° → twin (1) is rank 1;
+    # image 1 (90°): 0° and 180° tie at cos 0, 200° below → twin 0 ranks 2 (ties count against).
+    i2i = rows[("image", "image")]
+    assert i2i["twin_median_rank"] == 1.0 and i2i["twin_top10"] == 1.0
+    from encoders.astroclip.evaluate import nearest_others, twin_ranks
+
+    assert twin_ranks(image, image, np.array([1, 0, 3, 2])).tolist() == [1, 2, 1, 1]
+    assert nearest_others(image, image, 1).ravel().tolist() == [1, 0, 3, 2]
+    assert nearest_others(image, spectrum, 1, exclude_own=False).ravel().tolist() == [0, 1, 3, 2]
+    # Redshift scatter of the single nearest other (k=5 capped at 3 others here).
+    assert i2i["neighbour_dz"] > 0
+
+
+def test_redshift_scatter_hand_computed():
+    from encoders.astroclip.evaluate import chance_redshift_scatter, property_twins, redshift_scatter
+
+    z = np.array([0.0, 1.0, 0.5])
+    neighbours = np.array([[1], [2], [0]])
+    # |Δz|/(1+z): 1/1, 0.5/2, 0.5/1.5 → median 1/3.
+    assert redshift_scatter(z, neighbours) == pytest.approx(1 / 3)
+    # A constant column (std 0) must not turn into NaN distances.
+    assert property_twins(np.array([[0.0, 7.0], [1.0, 7.0], [10.0, 7.0], [12.0, 7.0]])).tolist() == [
+        1,
+        0,
+        3,
+        2,
+    ]
+    # Standardised: a spread-out column counts less per unit than a narrow one.
+    assert property_twins(np.array([[0.0, 0.0], [100.0, 0.1], [0.0, 0.3], [300.0, 0.2]])).tolist()[0] == 1
+    z = np.random.default_rng(0).uniform(0, 1, 500)
+    assert chance_redshift_scatter(z, 5) > 0.1

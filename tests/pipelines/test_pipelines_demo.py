@@ -105,6 +105,7 @@ def test_plan_wires_controls_into_the_reports(tmp_path):
     zero_shot = stages["zero-shot"].argv
     assert f"shuffled-pairs={tmp_path / 'embeddings' / 'shuffled.h5'}" in zero_shot
     assert "--raw-data" in zero_shot and set(stages["zero-shot"].after) >= {"export", "export-shuffled"}
+    assert {"--paper-table", "--baselines"} <= set(zero_shot) and "--paper-table" in stages["retrieval"].argv
     # The shuffled model is evaluated on the true pairs, and both alignments start from one tower.
     assert stages["export-shuffled"].argv[stages["export-shuffled"].argv.index("--data") + 1] == str(
         tmp_path / "shards"
@@ -139,6 +140,7 @@ def test_shuffle_pairs_permutes_spectra_of_the_training_split_only(tmp_path, tin
 @pytest.mark.slow
 def test_tiny_demo_end_to_end_then_everything_is_skipped(tmp_path):
     """The real pipeline (synth → ... → reports) at toy size, with the shuffled-pair control."""
+    from foundation.results import read_table
     from pipelines.demo import summary
 
     settings = DemoSettings(
@@ -161,6 +163,8 @@ def test_tiny_demo_end_to_end_then_everything_is_skipped(tmp_path):
     queries = json.loads((out / "search" / "query.json").read_text())
     assert len(queries) == 3 and all(len(q["neighbours"]) == 5 for q in queries)
     assert (out / "search" / "query.png").stat().st_size > 10_000
+    for table in ("zero-shot/astroclip-properties", "retrieval/astroclip-retrieval"):
+        assert read_table(out / "reports" / f"{table}.table.json").figures
     text = summary(out, markers)
     assert "| astroclip | image | k-NN |" in text and "image → spectrum" in text
     assert (out / "report" / "index.html").is_file() and "result tables" in text

@@ -137,3 +137,100 @@ def test_zero_shot_cli_and_errors(tmp_path, make_embeddings, capsys):
     assert "no targets ['mass']" in capsys.readouterr().err
     with pytest.raises(DataError, match="unique"):
         parse_labelled(["a=x.h5", "a=y.h5"])
+
+
+# ----------------------------------------------------------------------------- the paper's tables
+
+
+def _with_paper_properties(data: dict, ids: list[str] | None = None) -> dict:
+    """The latent embeddings' data with the paper's other properties (functions of the two it has)."""
+    z, mass = data["targets"]["redshift"], data["targets"]["stellar_mass"]
+    rng = np.random.default_rng(7)
+    extra = {
+        "metallicity": 0.02 * (mass - 9.0) + 0.002 * rng.normal(size=len(z)),
+        "age": 10.0 - 5.0 * z + 0.3 * rng.normal(size=len(z)),
+        "ssfr": -10.0 - 0.5 * (mass - 10.0) + 0.1 * rng.normal(size=len(z)),
+    }
+    return dict(data, targets={**data["targets"], **extra}, ids=ids or data["ids"])
+
+
+def test_zero_shot_paper_table(tmp_path, embeddings_writer):
+    from sklearn.neighbors import KNeighborsRegressor
+    from sklearn.preprocessing import StandardScaler
+
+    from foundation.results import read_table
+    from tests.testkit.embeddings import latent_embeddings
+
+    data = _with_paper_properties(latent_embeddings(n=300, noise=0.05))
+    path = embeddings_writer(tmp_path / "e.h5", data)
+    out = tmp_path / "zs"
+    argv = ["evaluate", "zero-shot", "--embeddings", f"astroclip={path}", "--out", str(out), "--no-mlp"]
+    assert (
+        main([*argv, "--no-cross-modal", "--targets", "redshift", "--paper-table", "--protocol", "reference"])
+        == 0
+    )
+    table = read_table(out / "astroclip-properties.table.json")
+    assert table.columns == ["redshift", "log M*", "Z_MW", "t_age", "sSFR", "mean of M*, Z_MW, t_age, sSFR"]
+    ours = {row.label: row.values for row in table.rows if row.source == "ours"}
+    assert set(ours) == {
+        f"astroclip {m} · {p}"
+        for m in ("image", "spectrum")
+        for p in ("zero-shot k-NN, reference (k=64)", "few-shot MLP (64, 64), reference")
+    }
+    # The reference cell recomputed independently with scikit-learn.
+    split = np.asarray(data["split"])
+    train, test = split == "train", split == "test"
+    x = data["vectors"]["spectrum"]
+    scaler = StandardScaler().fit(x[train])
+    knn = KNeighborsRegressor(n_neighbors=64, weights="distance").fit(
+        scaler.transform(x[train]), data["targets"]["age"][train]
+    )
+    expected = sklearn.metrics.r2_score(data["targets"]["age"][test], knn.predict(scaler.transform(x[test])))
+    assert ours["astroclip spectrum · zero-shot k-NN, reference (k=64)"][3] == pytest.approx(
+        expected, abs=1e-9
+    )
+    row = ours["astroclip spectrum · zero-shot k-NN, reference (k=64)"]
+    assert row[5] == pytest.approx(np.mean(row[1:5]))
+    paper = {row.label: row.values for row in table.rows if row.source == "paper"}
+    assert paper["AstroCLIP spectrum · zero-shot k-NN (paper, DESI)"] == [0.99, None, None, None, None, 0.63]
+    assert table.figures == ["astroclip-properties.png"] and (out / table.figures[0]).stat().st_size > 5_000
+    assert table.provenance["command"].startswith("foundation evaluate zero-shot")
+    # --baselines without raw inputs is refused before any work.
+    assert main([*argv, "--paper-table", "--baselines"]) == 2
+
+
+@pytest.mark.slow
+def test_paper_tables_with_baselines_and_figure(tmp_path, tiny_shards, embeddings_writer):
+    from foundation.results import read_table
+    from tests.testkit.embeddings import latent_embeddings
+
+    n = 120  # the tiny shard set's objects: obj-0000 ...
+    data = _with_paper_properties(latent_embeddings(n=n, noise=0.05), ids=[f"obj-{i:04d}" for i in range(n)])
+    data["split"] = ["test" if i % 4 == 0 else "train" for i in range(n)]
+    path = embeddings_writer(tmp_path / "e.h5", data)
+    out = tmp_path / "tables"
+    common = ["--embeddings", f"astroclip={path}", "--out", str(out), "--raw-data", str(tiny_shards)]
+    zero_shot = ["evaluate", "zero-shot", *common, "--no-mlp", "--no-supervised", "--no-cross-modal"]
+    assert main([*zero_shot, "--paper-table", "--no-few-shot", "--baselines"]) == 0
+    table = read_table(out / "astroclip-properties.table.json")
+    labels = [row.label for row in table.rows if row.source == "ours"]
+    assert (
+        "image · supervised ResNet-18-like CNN" in labels and "spectrum · supervised conv+attention" in labels
+    )
+    assert "photometry · supervised photometry MLP (aperture g, r, z)" in labels
+    assert "astroclip image · zero-shot k-NN, ours (k by 5-fold CV)" in labels
+    assert not any("few-shot" in label for label in labels)
+    assert any("training cost" in note for note in table.notes)
+    assert main(["evaluate", "retrieval", *common, "--paper-table"]) == 0
+    table = read_table(out / "astroclip-retrieval.table.json")
+    rows = {row.label: row.values for row in table.rows}
+    cross, inner = (
+        rows["astroclip image → spectrum (cross-modal)"],
+        rows["astroclip image → image (in-modal)"],
+    )
+    assert cross[0] is not None and inner[0] is None and inner[4] is not None  # in-modal: twin only
+    assert rows["chance (random ranking)"][0] == pytest.approx(1 / 30)
+    assert (
+        table.figures == ["astroclip-retrieval.png"]
+        and (out / "astroclip-retrieval.png").stat().st_size > 10_000
+    )

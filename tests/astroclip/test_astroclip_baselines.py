@@ -1,0 +1,82 @@
+"""The supervised baselines of the property table: shapes, photometry, and that they learn."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from encoders.astroclip import baselines
+from encoders.astroclip.evaluate import r2_score
+
+
+def test_aperture_fluxes_and_magnitudes_hand_computed():
+    images = np.ones((2, 3, 9, 9))
+    images[1] *= 2.0
+    # Radius 2 around the centre pixel (4, 4): 13 pixels within distance 2.
+    assert baselines.aperture_fluxes(images, radius=2.0).tolist() == [[13.0] * 3, [26.0] * 3]
+    assert baselines.magnitudes(np.array([1.0, 100.0, -5.0])).tolist() == pytest.approx([22.5, 17.5, 30.0])
+    with pytest.raises(Exception, match="bands, H, W"):
+        baselines.aperture_fluxes(np.ones((3, 9, 9)))
+
+
+def test_resnet_like_has_resnet18_topology():
+    model = baselines.ResNetLike(3, 5)
+    assert sum(isinstance(m, baselines.BasicBlock) for m in model.modules()) == 8
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 5)
+
+
+def test_spectrum_model_attends_over_wavelength():
+    model = baselines.SpectrumConvAttention(4)
+    convs = [m for m in model.convs if isinstance(m, nn.Conv1d)]
+    assert [(c.out_channels, c.kernel_size[0]) for c in convs] == [(8, 5), (16, 10), (16, 20), (32, 40)]
+    assert model(torch.zeros(3, 200)).shape == (3, 4)
+    linears = [m for m in baselines.photometry_mlp(3, 5) if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(3, 64), (64, 64), (64, 5)]
+
+
+def _easy_images(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian blobs whose brightness (target 0) and colour (target 1) are the targets."""
+    y = np.stack([rng.uniform(0, 1, n), rng.uniform(-1, 1, n)], axis=1)
+    yy, xx = np.mgrid[:12, :12]
+    blob = np.exp(-((yy - 5.5) ** 2 + (xx - 5.5) ** 2) / 8.0)
+    scale = 10 ** (y[:, :1] + 0.3 * y[:, 1:] * np.array([-1.0, 0.0, 1.0]))  # (n, 3) band fluxes
+    images = scale[:, :, None, None] * blob + 0.05 * rng.normal(size=(n, 3, 12, 12))
+    return images.astype(np.float32), y
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["image", "photometry"])
+def test_image_baselines_beat_a_constant(which):
+    rng = np.random.default_rng(0)
+    images, y = _easy_images(400, rng)
+    train = {"image": baselines.image_baseline, "photometry": baselines.photometry_baseline}[which]
+    fitted = train(images[:300], y[:300], images[300:], seed=0, epochs=8 if which == "image" else 60)
+    assert fitted.predictions.shape == (100, 2) and fitted.parameters > 0
+    for j in range(2):  # a constant predictor scores R² <= 0
+        assert r2_score(y[300:, j], fitted.predictions[:, j]) > 0.5
+
+
+@pytest.mark.slow
+def test_spectrum_baseline_beats_a_constant():
+    rng = np.random.default_rng(0)
+    n, length = 300, 200
+    y = rng.uniform(0, 1, n)
+    centre = 40 + 120 * y  # the line's position encodes the target
+    flux = 1.0 + 3.0 * np.exp(-0.5 * ((np.arange(length) - centre[:, None]) / 3.0) ** 2)
+    flux = (flux + 0.1 * rng.normal(size=(n, length))).astype(np.float32)
+    fitted = baselines.spectrum_baseline(flux[:220], y[:220], flux[220:], seed=0, epochs=15)
+    assert fitted.predictions.shape == (80,)
+    assert r2_score(y[220:], fitted.predictions) > 0.5
+
+
+def test_train_regressor_is_deterministic_and_rejects_bad_targets():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 3)).astype(np.float32), rng.normal(size=64)
+    settings = baselines.TrainSettings(epochs=2, batch_size=16, seed=4)
+    a = baselines.train_regressor(lambda k: baselines.mlp(3, k, (8,)), x, y, x, settings)
+    b = baselines.train_regressor(lambda k: baselines.mlp(3, k, (8,)), x, y, x, settings)
+    assert np.array_equal(a.predictions, b.predictions)
+    with pytest.raises(Exception, match="finite targets"):
+        baselines.train_regressor(lambda k: baselines.mlp(3, k, (8,)), x, np.full(64, np.nan), x, settings)
