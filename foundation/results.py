@@ -73,7 +73,7 @@ class ResultTable:
     @classmethod
     def from_json(cls, data: Any, where: str = "table") -> ResultTable:
         if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT:
-            raise DataError(f"{where}: not a result table (no \"format\": {TABLE_FORMAT!r})")
+            raise DataError(f'{where}: not a result table (no "format": {TABLE_FORMAT!r})')
         try:
             rows = [ResultRow(**row) for row in data["rows"]]
             fields = {k: v for k, v in data.items() if k not in ("format", "rows")}
