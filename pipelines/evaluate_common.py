@@ -79,8 +79,10 @@ def command_line(verb: str, args: argparse.Namespace) -> str:
     import shlex
 
     words = ["foundation", verb]
+    # The CLI's sub-command choices ("verb", "evaluate", ...) are already the words of `verb`.
+    choices = {"verbose", "command", "verb", *verb.split()}
     for name, value in vars(args).items():
-        if name.startswith("_") or name in ("verbose", "command") or value in (None, False, []):
+        if name.startswith("_") or name in choices or value in (None, False, []):
             continue
         flag = "--" + name.replace("_", "-")
         values = value if isinstance(value, list) else [value]

@@ -101,6 +101,9 @@ class ShardDataset(IterableDataset):
         fields: load only these fields (default: all).
         shuffle_window: samples shuffled together (default 4 shards' worth).
         check_sha256: hash each shard when first opened (slower start; see docs/shards.md).
+        max_open_shards: shard files kept open at once (default: what a shuffle window needs).
+        read_ahead: a remote set: shards fetched in the background ahead of the reading (at most
+            half the cache bound); 0 = fetch each shard only when a batch needs it.
     """
 
     def __init__(
@@ -120,6 +123,7 @@ class ShardDataset(IterableDataset):
         shuffle_window: int | None = None,
         check_sha256: bool = False,
         max_open_shards: int | None = None,
+        read_ahead: int = 4,
     ):
         super().__init__()
         self.remote: RemoteShardSet | None = None
@@ -175,6 +179,9 @@ class ShardDataset(IterableDataset):
             window=self.shuffle_window,
             split=split,
         )
+        if not isinstance(read_ahead, int) or read_ahead < 0:
+            raise DataError(f"read_ahead must be a whole number of shards >= 0, got {read_ahead!r}")
+        self.read_ahead = read_ahead
         self.max_open_shards = max_open_shards or max(
             4, math.ceil((self.shuffle_window + self.batch_size) / typical) + 2
         )
@@ -297,6 +304,9 @@ class ShardDataset(IterableDataset):
             while stop is None or position < stop:
                 epoch, b = divmod(position, nb)
                 batch = self._build(epoch, b, pool)
+                if self.remote is not None and self.read_ahead:
+                    upcoming = self.plan.shards_after(epoch, b, self.read_ahead)
+                    self.remote.prefetch(self.split_info.shards[s] for s in upcoming.tolist())
                 position += workers
                 if isinstance(batch, shm.PooledBatch) and stop is not None and position >= stop:
                     batch.final = True  # this worker's last: the main process can let go of the pool
@@ -313,6 +323,8 @@ class ShardDataset(IterableDataset):
                     del self._cursor["worker_id"], self._cursor["num_workers"]
                 yield batch
         finally:
+            if self.remote is not None:
+                self.remote.stop_read_ahead()
             if pool is not None:
                 pool.close()
 

@@ -127,6 +127,16 @@ class EpochPlan:
             self._window_cache[key] = perm
         return perm
 
+    def shards_after(self, epoch: int, b: int, count: int) -> np.ndarray:
+        """Up to `count` shards this rank reads next in `epoch` after those batch b may read (the
+        rest of its shuffle window included): what a remote loader fetches ahead."""
+        order, starts = self.shard_order(epoch)
+        _, hi = self.batch_bounds(b)
+        window_end = min(((hi - 1) // self.window + 1) * self.window, self.rank_samples)
+        last = int(np.searchsorted(starts, self.rank_start + window_end - 1, side="right")) - 1
+        final = int(np.searchsorted(starts, self.rank_start + self.rank_samples - 1, side="right")) - 1
+        return order[last + 1 : min(last + 1 + count, final + 1)]
+
     def batch(self, epoch: int, b: int) -> tuple[np.ndarray, np.ndarray]:
         """(shard indices, in-shard sample indices) of batch b of `epoch` on this rank."""
         order, starts = self.shard_order(epoch)

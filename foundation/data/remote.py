@@ -8,6 +8,11 @@ exponential backoff, each retry continuing from the bytes already received (an H
 or a seek on stores read by ranges); after the last try a `DataError` names the shard and its URL.
 Writing a set to a URL is `foundation.data.upload`.
 
+Read-ahead: a `ShardDataset` over a remote set asks `prefetch` for the next few shards of its plan
+after each batch; one background thread per process fetches them into the cache (never more than
+half the cache bound ahead), so the loader rarely waits for the network. A shard is still read
+only once it is whole and checked: no unverified byte reaches training.
+
 Cache layout, one folder per shard-set URL: `<cache_dir>/<hash of URL>/` holds `manifest.json`
 (fetched anew on every open), the extra files, and the shards under their own names, each beside
 a `<name>.sha256` marker written once the shard was checked. A shard is trusted from the cache
@@ -23,9 +28,11 @@ import hashlib
 import logging
 import os
 import random
+import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -214,6 +221,34 @@ def with_retries(
     raise AssertionError("unreachable")
 
 
+@dataclass
+class _Background:
+    """This process's read-ahead thread and the per-shard locks (by cache path, shared by every
+    `RemoteShardSet` of the process) that keep it and the loaders from fetching one shard into the
+    same temporary name at once; made anew after a fork."""
+
+    pid: int
+    pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="shard-read-ahead")
+    )
+    guard: threading.Lock = field(default_factory=threading.Lock)
+    pending: dict[str, Future] = field(default_factory=dict)
+    failed: dict[str, BaseException] = field(default_factory=dict)
+    unreadable: set[str] = field(default_factory=set)
+    fetching: dict[str, threading.Lock] = field(default_factory=dict)
+
+
+_PROCESS_GUARD = threading.Lock()
+_PROCESS_BACKGROUND: list[_Background] = []
+
+
+def _background() -> _Background:
+    with _PROCESS_GUARD:
+        if not _PROCESS_BACKGROUND or _PROCESS_BACKGROUND[0].pid != os.getpid():
+            _PROCESS_BACKGROUND[:] = [_Background(os.getpid())]
+        return _PROCESS_BACKGROUND[0]
+
+
 class RemoteShardSet:
     """A shard set at a URL, read through a bounded local cache of whole, checked shards.
 
@@ -262,12 +297,78 @@ class RemoteShardSet:
 
     def shard_path(self, info) -> Path:
         """The local path of shard `info` (a manifest ShardInfo), fetched and checked if needed."""
+        return self._get(info, ahead=False)
+
+    def prefetch(self, infos: Iterable[Any]) -> None:
+        """Start fetching shards the loader will need soon (in order, on this process's read-ahead
+        thread), at most half the cache bound ahead so that read-ahead never evicts what is being
+        read. A failed fetch is not reported here: its error (after all retries) is raised to the
+        loader when it asks for that shard."""
+        state = _background()
+        budget = self.cache_bytes // 2
+        for info in infos:
+            budget -= info.bytes
+            if budget < 0:
+                break
+            key = str(self.local / info.name)
+            with state.guard:
+                if key not in state.pending:
+                    state.pending[key] = state.pool.submit(self._fetch_ahead, info, state)
+
+    def stop_read_ahead(self) -> None:
+        """Drop this set's read-ahead fetches not yet started (a loader stopped), and forget its
+        failed ones, so that the next loader tries those shards afresh; a fetch under way finishes
+        (its shard lands in the cache whole, or not at all)."""
+        state = _background()
+        folder = str(self.local) + os.sep
+        with state.guard:
+            for key, future in list(state.pending.items()):
+                if key.startswith(folder) and future.cancel():
+                    del state.pending[key]
+            for key in [k for k in state.failed if k.startswith(folder)]:
+                del state.failed[key]
+            state.unreadable = {k for k in state.unreadable if not k.startswith(folder)}
+
+    def _fetch_ahead(self, info: Any, state: _Background) -> None:
+        try:
+            self._get(info, ahead=True)
+        except Exception as exc:  # noqa: BLE001 - kept by _get; raised when the loader asks for it
+            log.debug("read-ahead of %s failed: %s", info.name, exc)
+        finally:
+            with state.guard:
+                state.pending.pop(str(self.local / info.name), None)
+
+    def _get(self, info: Any, ahead: bool) -> Path:
+        """Fetch (once per process at a time) and check shard `info`. A read-ahead's failure,
+        reached after all its retries, is kept and raised to the loader when it asks for the shard,
+        rather than trying again as many times."""
         path = self.local / info.name
-        if self._cached(path, info.bytes, info.sha256):
-            os.utime(path)  # most recently used
-            return path
-        self._fetch(info.name, path, info.bytes, info.sha256)
-        self._evict(keep=path)
+        key = str(path)
+        state = _background()
+        with state.guard:
+            lock = state.fetching.setdefault(key, threading.Lock())
+        with lock:
+            if not ahead:
+                with state.guard:
+                    failure = state.failed.pop(key, None)
+                if failure is not None:
+                    raise failure
+            if self._cached(path, info.bytes, info.sha256):
+                os.utime(path)  # most recently used
+                return path
+            if ahead and key in state.unreadable:
+                return path  # its last fetch failed: only the loader tries it again
+            try:
+                self._fetch(info.name, path, info.bytes, info.sha256)
+            except Exception as exc:
+                with state.guard:
+                    state.unreadable.add(key)
+                    if ahead:
+                        state.failed[key] = exc
+                raise
+            with state.guard:
+                state.unreadable.discard(key)
+            self._evict(keep=path)
         return path
 
     def fetch_all(self, splits: Sequence[str] | None = None) -> Path:

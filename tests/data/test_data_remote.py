@@ -235,7 +235,11 @@ def test_damaged_shard_on_the_server_is_refused(served, tmp_path):
         _stream(remote, shuffle=False)
     assert server.requests["train-000002.tar"] == 1  # not retried: another try gives the same bytes
     assert not (remote.local / "train-000002.tar").exists()
-    assert not [p for p in remote.local.iterdir() if p.name.startswith(".")]  # no temporary left
+    # No temporary left (a read-ahead fetch still under way when the loader stopped finishes first).
+    deadline = time.monotonic() + 20
+    while [p for p in remote.local.iterdir() if p.name.startswith(".")] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not [p for p in remote.local.iterdir() if p.name.startswith(".")]
 
 
 def test_a_longer_shard_on_the_server_is_refused(served, tmp_path):
@@ -379,3 +383,55 @@ def test_writing_a_set_to_http_is_refused(make_sample):
 
     with pytest.raises(DataError, match=r"http:// is read-only here"):
         ShardSetWriter("http://127.0.0.1:9/set", {"train": 1.0})
+
+
+def _wait_cached(remote: RemoteShardSet, names: list[str], timeout_s: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if all((remote.local / (name + ".sha256")).exists() for name in names):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_read_ahead_fetches_the_plans_next_shards_in_the_background(served, tmp_path):
+    local, server = served
+    remote = _remote(server, tmp_path)
+    ds = ShardDataset(remote, batch_size=8, seed=3, drop_last=False, shuffle_window=10, read_ahead=3)
+    batches = iter(ds)
+    next(batches)  # reads the first shard of the epoch's order (one window = one 10-sample shard)
+    ahead = [ds.split_info.shards[s].name for s in ds.plan.shards_after(0, 0, 3)]
+    first = ds.split_info.shards[int(ds.plan.shard_order(0)[0][0])].name
+    assert len(ahead) == 3 and first not in ahead
+    assert _wait_cached(remote, ahead), "the next shards were not fetched ahead"
+    rest = list(batches)
+    assert sum(len(b["__key__"]) for b in rest) == 103 - 8
+    assert all(server.requests[p.name] == 1 for p in local.glob("*.tar"))  # ahead, then from the cache
+
+
+def test_without_read_ahead_only_the_shards_read_are_fetched(served, tmp_path):
+    _, server = served
+    remote = _remote(server, tmp_path)
+    ds = ShardDataset(remote, batch_size=8, seed=3, shuffle_window=10, read_ahead=0)
+    next(iter(ds))
+    time.sleep(0.3)
+    assert sum(server.requests[name] for name in server.requests if name.endswith(".tar")) == 1
+
+
+def test_a_failed_read_ahead_is_reported_when_the_shard_is_needed(served, tmp_path):
+    _, server = served
+    remote = _remote(server, tmp_path)
+    ds = ShardDataset(remote, batch_size=8, seed=3, shuffle_window=10, read_ahead=2, drop_last=False)
+    victim = ds.split_info.shards[int(ds.plan.shards_after(0, 0, 2)[1])].name
+    server.always_fail = {victim}
+    batches = iter(ds)
+    next(batches)  # fine: the failing shard is only being fetched ahead
+    with pytest.raises(DataError, match=rf"{victim}.*4 times"):
+        list(batches)
+    assert server.requests[victim] == 4  # the read-ahead's tries, not tried again as many times
+
+
+def test_read_ahead_must_be_a_count_of_shards(served, tmp_path):
+    _, server = served
+    with pytest.raises(DataError, match="read_ahead"):
+        ShardDataset(_remote(server, tmp_path), read_ahead=-1)

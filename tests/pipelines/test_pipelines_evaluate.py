@@ -234,3 +234,23 @@ def test_paper_tables_with_baselines_and_figure(tmp_path, tiny_shards, embedding
         table.figures == ["astroclip-retrieval.png"]
         and (out / "astroclip-retrieval.png").stat().st_size > 10_000
     )
+
+
+def test_a_tables_command_is_the_command_as_typed():
+    """The provenance command leaves out the CLI's sub-command choices (they are its verb words)."""
+    import argparse
+
+    from pipelines.evaluate_common import command_line
+
+    args = argparse.Namespace(
+        verb="evaluate",
+        evaluate="retrieval",
+        verbose=False,
+        embeddings=["a=x.h5", "b=y.h5"],
+        ks="1,5",
+        paper_table=True,
+        raw_data=None,
+    )
+    assert command_line("evaluate retrieval", args) == (
+        "foundation evaluate retrieval --embeddings a=x.h5 --embeddings b=y.h5 --ks 1,5 --paper-table"
+    )
