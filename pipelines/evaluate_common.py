@@ -91,19 +91,24 @@ def command_line(verb: str, args: argparse.Namespace) -> str:
     return " ".join(words)
 
 
-def embeddings_provenance(inputs: Sequence[tuple[str, Path]]) -> dict[str, Any]:
-    """The config hash and data recorded in each embeddings file (by label)."""
+def table_provenance(command: str, inputs: Sequence[tuple[str, Path]], raw_data: Any) -> dict[str, Any]:
+    """A paper table's provenance: the command, the first input's config hash, and the config
+    hash and data recorded in each embeddings file (by label), each file opened once."""
     from foundation.embeddings import open_embeddings
 
-    out: dict[str, Any] = {}
+    embeddings: dict[str, Any] = {}
     for label, path in inputs:
         with open_embeddings(path) as emb:
-            out[label] = {
+            embeddings[label] = {
                 "path": str(path),
                 "config_hash": emb.recorded("config_hash"),
                 "data": emb.recorded("data"),
             }
-    return out
+    return {
+        "command": command,
+        "config_hash": embeddings[inputs[0][0]]["config_hash"],
+        "data": {"embeddings": embeddings, "raw": raw_data},
+    }
 
 
 def raw_arrays(data: str | Path, ids: Sequence[str], fields: dict[str, str]) -> dict[str, np.ndarray]:

@@ -34,12 +34,12 @@ from foundation.results import ResultRow, ResultTable, write_table
 from pipelines.evaluate_common import (
     add_embeddings_argument,
     command_line,
-    embeddings_provenance,
     json_default,
     markdown_table,
     parse_csv,
     parse_labelled,
     raw_arrays,
+    table_provenance,
     wavelength_grid,
 )
 
@@ -271,11 +271,7 @@ def _retrieval_result_table(
         higher_is_better=None,
         notes=notes,
         figures=figures,
-        provenance={
-            "command": command,
-            "config_hash": embeddings_provenance(inputs[:1])[inputs[0][0]].get("config_hash"),
-            "data": {"embeddings": embeddings_provenance(inputs), "raw": raw_data},
-        },
+        provenance=table_provenance(command, inputs, raw_data),
     )
 
 

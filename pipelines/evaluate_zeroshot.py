@@ -57,12 +57,12 @@ from foundation.results import ResultRow, ResultTable, write_table
 from pipelines.evaluate_common import (
     add_embeddings_argument,
     command_line,
-    embeddings_provenance,
     json_default,
     markdown_table,
     parse_csv,
     parse_labelled,
     raw_arrays,
+    table_provenance,
 )
 
 # ----------------------------------------------------------------------------- reports
@@ -470,11 +470,7 @@ def _property_result_table(
         higher_is_better=True,
         notes=notes,
         figures=[figure] if figure else [],
-        provenance={
-            "command": options.command,
-            "config_hash": (embeddings_provenance(inputs[:1])[inputs[0][0]] or {}).get("config_hash"),
-            "data": {"embeddings": embeddings_provenance(inputs), "raw": options.raw_data},
-        },
+        provenance=table_provenance(options.command, inputs, options.raw_data),
     )
 
 
