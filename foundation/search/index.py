@@ -70,7 +70,7 @@ class IndexParams:
     tuning: dict[str, Any] | None = None
 
 
-def _kind_and_params(
+def kind_and_params(
     kind: str, n: int, dim: int, exact_max: int | None, params: dict[str, Any] | None
 ) -> tuple[str, dict[str, Any]]:
     """The concrete kind (`auto` resolved) and its build parameters, refused where they cannot work."""
@@ -183,7 +183,7 @@ class VectorIndex:
             raise DataError("cannot build an index over zero vectors")
         if not 0.0 < target_recall <= 1.0:
             raise DataError(f"--target-recall {target_recall} must be in (0, 1]")
-        kind, p = _kind_and_params(kind, n, dim, exact_max, params)
+        kind, p = kind_and_params(kind, n, dim, exact_max, params)
         knob = query_knob(kind)
         start = time.perf_counter()
         index = _trained_index(faiss, vectors, kind, p, seed)

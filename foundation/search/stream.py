@@ -34,7 +34,7 @@ from foundation.search.gpu import resolve_faiss_device, train_index
 from foundation.search.index import (
     IndexParams,
     VectorIndex,
-    _kind_and_params,
+    kind_and_params,
     rerank_factor,
     reranked,
 )
@@ -161,7 +161,7 @@ def plan_build(
         raise DataError("cannot build an index over zero vectors")
     if not 0.0 < target_recall <= 1.0:
         raise DataError(f"--target-recall {target_recall} must be in (0, 1]")
-    kind, p = _kind_and_params(kind, n, dim, 0, params)
+    kind, p = kind_and_params(kind, n, dim, 0, params)
     if not is_ivf(kind):
         raise DataError(f"a streamed or sharded build needs an inverted-list kind (ivf*, *-pq), not {kind}")
     if shards < 1 or shards > n:
