@@ -38,7 +38,6 @@ from foundation.data.reader import ShardReader, file_sha256
 from foundation.data.schema import FieldSpec
 from foundation.data.summary import (
     DegenerateDataError,
-    RunningStats,
     degenerate_reason,
     merged_field_stats,
 )
@@ -288,27 +287,17 @@ def merge_split_field_stats(parts: Sequence[Part], split: str) -> dict[str, dict
     """A split's `field_stats` over all parts: counts and min/max exactly, mean/std by the pairwise
     (Chan) update from each part's count, mean and std — what one writer would give, to rounding."""
     _refuse_missing_field_stats(parts, split)
-    merged: dict[str, RunningStats] = {}
+    per_part = [info.field_stats if (info := part.manifest.splits.get(split)) else {} for part in parts]
     masks: dict[str, str] = {}
-    for part in parts:
-        info = part.manifest.splits.get(split)
-        for name, data in sorted((info.field_stats if info else {}).items()):
-            if not isinstance(data, Mapping):
-                continue
-            merged.setdefault(name, RunningStats()).merge(RunningStats.from_dict(data))
-            mask = data.get("mask")
-            if mask is not None:
-                if masks.setdefault(name, mask) != mask:
-                    raise DataError(
-                        f"part {part.label}: splits.{split}.field_stats.{name}.mask is {mask!r} but "
-                        f"{masks[name]!r} in another part; parts must use the same masks"
-                    )
-    out = {}
-    for name in sorted(merged):
-        out[name] = merged[name].to_dict()
-        if name in masks:
-            out[name]["mask"] = masks[name]
-    return out
+    for part, field_stats in zip(parts, per_part, strict=True):
+        for name, data in sorted(field_stats.items()):
+            mask = data.get("mask") if isinstance(data, Mapping) else None
+            if mask is not None and masks.setdefault(name, mask) != mask:
+                raise DataError(
+                    f"part {part.label}: splits.{split}.field_stats.{name}.mask is {mask!r} but "
+                    f"{masks[name]!r} in another part; parts must use the same masks"
+                )
+    return merged_field_stats(per_part)
 
 
 def _refuse_missing_field_stats(parts: Sequence[Part], split: str) -> None:
