@@ -11,7 +11,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 pytest.importorskip("fsspec")
@@ -20,6 +19,7 @@ pytest.importorskip("aiohttp")
 from foundation.data import ShardDataset  # noqa: E402
 from foundation.data.remote import RemoteShardSet, is_url  # noqa: E402
 from foundation.errors import DataError  # noqa: E402
+from tests.testkit.same_shards import assert_same_batches, stream_keys_and_flux  # noqa: E402
 
 
 class _Server:
@@ -120,17 +120,6 @@ def _remote(server, tmp_path, **kwargs) -> RemoteShardSet:
     return RemoteShardSet(server.url, tmp_path / "cache", **{**options, **kwargs})
 
 
-def _stream(path, **kwargs) -> list[tuple[list[str], np.ndarray]]:
-    ds = ShardDataset(path, batch_size=8, seed=3, epochs=2, drop_last=False, **kwargs)
-    return [(batch["__key__"], batch["flux"].numpy()) for batch in ds]
-
-
-def _assert_same(remote, local) -> None:
-    assert [keys for keys, _ in remote] == [keys for keys, _ in local]
-    for (_, a), (_, b) in zip(remote, local, strict=True):
-        np.testing.assert_array_equal(a, b)
-
-
 def test_is_url():
     assert is_url("https://example.org/set") and is_url("s3://bucket/set") and is_url("hf://datasets/o/r")
     assert not is_url("/data/set") and not is_url("file:///data/set") and not is_url(Path("/x"))
@@ -143,8 +132,8 @@ def test_faulty_server_gives_the_local_batches(served, tmp_path):
         "train-000003.tar": ["503", "drop"],
         "manifest.json": ["503"],
     }
-    remote = _stream(_remote(server, tmp_path))
-    _assert_same(remote, _stream(local))
+    remote = stream_keys_and_flux(_remote(server, tmp_path))
+    assert_same_batches(remote, stream_keys_and_flux(local))
     keys = [k for ks, _ in remote for k in ks]
     assert Counter(keys) == Counter({f"obj-{i:05d}": 2 for i in range(103)})  # two whole epochs
     assert server.requests["train-000000.tar"] == 2 and server.requests["train-000003.tar"] == 3
@@ -156,7 +145,9 @@ def test_a_dropped_download_resumes_with_a_range_request(served, tmp_path):
     name = "train-000004.tar"
     server.faults = {name: ["drop", "drop"]}  # each try gets half of what is left
     remote = _remote(server, tmp_path)
-    _assert_same(_stream(remote, shuffle=False), _stream(local, shuffle=False))
+    assert_same_batches(
+        stream_keys_and_flux(remote, shuffle=False), stream_keys_and_flux(local, shuffle=False)
+    )
     size = (local / name).stat().st_size
     assert server.range_starts[name] == [size // 2, size // 2 + (size - size // 2) // 2]
     assert server.requests[name] == 3 and remote.resumed_bytes == sum(server.range_starts[name])
@@ -167,7 +158,9 @@ def test_a_server_without_range_support_restarts_the_download(served, tmp_path):
     server.ranges = False
     server.faults = {"train-000004.tar": ["drop"]}
     remote = _remote(server, tmp_path)
-    _assert_same(_stream(remote, shuffle=False), _stream(local, shuffle=False))
+    assert_same_batches(
+        stream_keys_and_flux(remote, shuffle=False), stream_keys_and_flux(local, shuffle=False)
+    )
     assert server.requests["train-000004.tar"] == 2 and remote.resumed_bytes == 0
     assert (remote.local / "train-000004.tar").read_bytes() == (local / "train-000004.tar").read_bytes()
 
@@ -187,7 +180,7 @@ def test_manifest_and_shards_arriving_in_small_pieces_are_read_whole(served, tmp
     assert (local / "manifest.json").stat().st_size > 2048
     remote = _remote(server, tmp_path)
     assert remote.manifest.splits["train"].samples == 103
-    _assert_same(_stream(remote), _stream(local))
+    assert_same_batches(stream_keys_and_flux(remote), stream_keys_and_flux(local))
 
 
 @pytest.mark.timeout(30)  # without a read timeout the stalled transfer would wait for minutes
@@ -195,7 +188,7 @@ def test_a_stalled_transfer_times_out_and_is_retried(served, tmp_path):
     local, server = served
     server.faults = {"train-000001.tar": ["stall"]}
     remote = _remote(server, tmp_path, timeout_s=0.3)
-    _assert_same(_stream(remote), _stream(local))
+    assert_same_batches(stream_keys_and_flux(remote), stream_keys_and_flux(local))
     assert server.requests["train-000001.tar"] == 2
 
 
@@ -218,7 +211,7 @@ def test_cache_stays_within_its_bound(served, tmp_path):
     shard_bytes = max(p.stat().st_size for p in local.glob("*.tar"))
     bound = 3 * shard_bytes
     remote = _remote(server, tmp_path, cache_bytes=bound)
-    _assert_same(_stream(remote), _stream(local))
+    assert_same_batches(stream_keys_and_flux(remote), stream_keys_and_flux(local))
     cached = list(remote.local.glob("*.tar"))
     assert 0 < sum(p.stat().st_size for p in cached) <= bound
     assert server.requests["train-000000.tar"] >= 2  # evicted, then fetched again for epoch 2
@@ -232,7 +225,7 @@ def test_damaged_shard_on_the_server_is_refused(served, tmp_path):
     victim.write_bytes(bytes(data))
     remote = _remote(server, tmp_path)
     with pytest.raises(DataError, match=r"train-000002\.tar.*sha256"):
-        _stream(remote, shuffle=False)
+        stream_keys_and_flux(remote, shuffle=False)
     assert server.requests["train-000002.tar"] == 1  # not retried: another try gives the same bytes
     assert not (remote.local / "train-000002.tar").exists()
     # No temporary left (a read-ahead fetch still under way when the loader stopped finishes first).
@@ -247,7 +240,7 @@ def test_a_longer_shard_on_the_server_is_refused(served, tmp_path):
     victim = local / "train-000006.tar"
     victim.write_bytes(victim.read_bytes() + bytes(512))
     with pytest.raises(DataError, match=r"train-000006\.tar.*more than the"):
-        _stream(_remote(server, tmp_path), shuffle=False)
+        stream_keys_and_flux(_remote(server, tmp_path), shuffle=False)
     assert server.requests["train-000006.tar"] == 1
 
 
@@ -265,7 +258,7 @@ def test_last_retry_error_names_shard_and_url(served, tmp_path):
     server.always_fail = {"train-000001.tar"}
     remote = _remote(server, tmp_path)
     with pytest.raises(DataError) as caught:
-        _stream(remote, shuffle=False)
+        stream_keys_and_flux(remote, shuffle=False)
     message = str(caught.value)
     assert "\n" not in message
     assert f"{server.url}/train-000001.tar" in message and "4 times" in message and "503" in message
@@ -276,14 +269,14 @@ def test_missing_shard_is_not_retried(served, tmp_path):
     local, server = served
     (local / "train-000004.tar").unlink()
     with pytest.raises(DataError, match=r"train-000004\.tar.*FileNotFoundError"):
-        _stream(_remote(server, tmp_path), shuffle=False)
+        stream_keys_and_flux(_remote(server, tmp_path), shuffle=False)
     assert server.requests["train-000004.tar"] == 1
 
 
 def test_a_url_as_path_uses_the_default_cache(served, tmp_path, monkeypatch):
     local, server = served
     monkeypatch.setenv("FOUNDATION_CACHE", str(tmp_path / "home-cache"))
-    _assert_same(_stream(server.url), _stream(local))
+    assert_same_batches(stream_keys_and_flux(server.url), stream_keys_and_flux(local))
     assert list((tmp_path / "home-cache" / "shards").glob("*/train-000000.tar"))
 
 
@@ -346,7 +339,7 @@ def test_a_shard_evicted_before_opening_is_fetched_again(served, tmp_path):
         return path
 
     remote.shard_path = fetch_then_lose
-    _assert_same(_stream(remote), _stream(local))
+    assert_same_batches(stream_keys_and_flux(remote), stream_keys_and_flux(local))
     assert evicted and server.requests[evicted[0]] == 2
 
 
@@ -367,7 +360,7 @@ def test_a_failing_cache_write_is_reported_at_once(served, tmp_path, monkeypatch
     write = remote._write_cache
     monkeypatch.setattr(remote, "_write_cache", lambda dst, chunk: write(_Full(), chunk))
     with pytest.raises(DataError, match="cannot write to the shard cache.*No space left"):
-        _stream(remote, shuffle=False)
+        stream_keys_and_flux(remote, shuffle=False)
     assert server.requests["train-000000.tar"] == 1
 
 

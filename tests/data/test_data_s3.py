@@ -11,9 +11,9 @@ import pytest
 
 pytest.importorskip("fsspec")
 
-from foundation.data import ShardDataset  # noqa: E402
 from foundation.data.remote import RemoteShardSet  # noqa: E402
 from foundation.errors import DataError  # noqa: E402
+from tests.testkit.same_shards import assert_same_batches, stream_keys_and_flux  # noqa: E402
 
 pytestmark = pytest.mark.slow  # a few seconds each: every request goes through moto (Python) and a proxy
 
@@ -29,21 +29,10 @@ def s3_set(tmp_path, write_split, s3_bucket):
     return local, s3_bucket.upload(local, "sets/small"), s3_bucket
 
 
-def _stream(path, **kwargs) -> list[tuple[list[str], np.ndarray]]:
-    ds = ShardDataset(path, batch_size=8, seed=3, epochs=2, drop_last=False, **kwargs)
-    return [(batch["__key__"], batch["flux"].numpy()) for batch in ds]
-
-
-def _assert_same(remote, local) -> None:
-    assert [keys for keys, _ in remote] == [keys for keys, _ in local]
-    for (_, a), (_, b) in zip(remote, local, strict=True):
-        np.testing.assert_array_equal(a, b)
-
-
 def test_an_s3_set_gives_the_local_batches(s3_set, tmp_path, monkeypatch):
     local, url, _ = s3_set
     monkeypatch.setenv("FOUNDATION_CACHE", str(tmp_path / "cache"))
-    _assert_same(_stream(url), _stream(local))
+    assert_same_batches(stream_keys_and_flux(url), stream_keys_and_flux(local))
 
 
 def test_faults_on_s3_lose_and_duplicate_no_sample(s3_set, tmp_path):
@@ -54,8 +43,8 @@ def test_faults_on_s3_lose_and_duplicate_no_sample(s3_set, tmp_path):
         "train-000008.tar": ["503", "503"],
     }
     remote = RemoteShardSet(url, tmp_path / "cache", storage_options=OUR_RETRIES_ONLY, **FAST_RETRIES)
-    got = _stream(remote)
-    _assert_same(got, _stream(local))
+    got = stream_keys_and_flux(remote)
+    assert_same_batches(got, stream_keys_and_flux(local))
     keys = [k for ks, _ in got for k in ks]
     assert Counter(keys) == Counter({f"obj-{i:05d}": 2 for i in range(103)})  # two whole epochs
     assert not any(bucket.proxy.faults.values())  # every injected fault was met
@@ -117,7 +106,9 @@ def test_a_set_written_to_s3_is_the_local_set(s3_bucket, tmp_path, make_sample, 
     _write_set(tmp_path / "local", 57, make_sample)
     assert_same_shard_sets(_get(s3_bucket, url, tmp_path / "got"), tmp_path / "local")
     assert not list((tmp_path / "cache" / "staging").iterdir())  # local staging removed
-    _assert_same(_stream(url, split="valid"), _stream(tmp_path / "local", split="valid"))
+    assert_same_batches(
+        stream_keys_and_flux(url, split="valid"), stream_keys_and_flux(tmp_path / "local", split="valid")
+    )
 
 
 def test_the_manifest_is_uploaded_last(s3_bucket, tmp_path, make_sample, monkeypatch):
@@ -254,9 +245,9 @@ def test_a_split_is_added_to_an_s3_set_as_to_a_folder(s3_bucket, tmp_path, write
     manifest = RemoteShardSet(url, tmp_path / "cache").manifest
     assert {name: split.samples for name, split in manifest.splits.items()} == {"train": 23, "valid": 7}
     for split in ("train", "valid"):
-        _assert_same(
-            _stream(RemoteShardSet(url, tmp_path / "cache"), split=split),
-            _stream(tmp_path / "local", split=split),
+        assert_same_batches(
+            stream_keys_and_flux(RemoteShardSet(url, tmp_path / "cache"), split=split),
+            stream_keys_and_flux(tmp_path / "local", split=split),
         )
     with pytest.raises(DataError, match=r"already holds split\(s\) valid"):
         write_split(url, 7, 10, split="valid", family="test")

@@ -1,11 +1,14 @@
 """`assert_same_shard_sets`: two shard sets written from the same inputs are the same, byte for
-byte, apart from when and by which command line they were made."""
+byte, apart from when and by which command line they were made; `assert_same_batches`: a set read
+from a URL gives the batches of the local one."""
 
 from __future__ import annotations
 
 import json
 import tarfile
 from pathlib import Path
+
+import numpy as np
 
 from foundation.data import Manifest
 
@@ -42,3 +45,18 @@ def members_by_key(folder: str | Path, split: str) -> dict[str, dict[str, bytes]
             for member in tar.getmembers():
                 out.setdefault(member.name.split(".", 1)[0], {})[member.name] = tar.extractfile(member).read()
     return out
+
+
+def stream_keys_and_flux(path, **kwargs) -> list[tuple[list[str], np.ndarray]]:
+    """(keys, flux) of every batch of a shard set (local or URL) over two epochs, batch size 8."""
+    from foundation.data import ShardDataset
+
+    ds = ShardDataset(path, batch_size=8, seed=3, epochs=2, drop_last=False, **kwargs)
+    return [(batch["__key__"], batch["flux"].numpy()) for batch in ds]
+
+
+def assert_same_batches(a: list[tuple[list[str], np.ndarray]], b: list[tuple[list[str], np.ndarray]]) -> None:
+    """Two `stream_keys_and_flux` results are the same batches, key for key and value for value."""
+    assert [keys for keys, _ in a] == [keys for keys, _ in b]
+    for (_, x), (_, y) in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
