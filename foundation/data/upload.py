@@ -30,6 +30,7 @@ from typing import Any
 
 from foundation.data.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, ShardInfo
 from foundation.data.remote import RetryPolicy, default_cache_dir, open_filesystem, with_retries
+from foundation.data.writer import check_replaceable
 from foundation.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -142,25 +143,7 @@ class RemoteOutput:
         if existing is not None:
             where = self._key(MANIFEST_NAME)
             manifest = Manifest.from_dict(_parse(existing, where), where)
-            clash = set(manifest.splits) if targets is None else targets & set(manifest.splits)
-            if clash and not overwrite:
-                what = "a shard set" if targets is None else f"split(s) {', '.join(sorted(clash))}"
-                raise DataError(
-                    f"{self.url} already holds {what}; refusing to overwrite it: pass --overwrite "
-                    "(overwrite=True) to replace it, or choose another URL"
-                )
-        listed = {s.name for split in (manifest.splits.values() if manifest else []) for s in split.shards}
-        stray = [
-            name
-            for name in self._shard_names()
-            if name not in listed and (targets is None or _split_of(name) in targets)
-        ]
-        if stray and not overwrite:
-            raise DataError(
-                f"{self.url} holds shards not listed in a manifest ({', '.join(stray[:3])}"
-                f"{', ...' if len(stray) > 3 else ''}; an interrupted write?); pass --overwrite "
-                "(overwrite=True) to replace them"
-            )
+        check_replaceable(self.url, manifest, targets, self._shard_names(), overwrite, "URL")
 
     def _recheck_target(self) -> None:
         """Nobody published a set at the URL while this one was writing."""

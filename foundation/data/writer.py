@@ -156,6 +156,41 @@ class _SplitState:
         return sum(info.samples for info, _ in self.done) + (self.current.samples if self.current else 0)
 
 
+def check_replaceable(
+    where: str,
+    existing: Manifest | None,
+    targets: set[str] | None,
+    shard_names: Iterable[str],
+    overwrite: bool,
+    other: str,
+) -> None:
+    """The writer's rules before it writes to a folder or a URL (`where`): without `overwrite`,
+    refuse to replace an existing set (or, with `targets`, those of its splits) and to write
+    beside shards of the target splits that no manifest lists (an interrupted write?)."""
+    if overwrite:
+        return
+    if existing is not None:
+        clash = set(existing.splits) if targets is None else targets & set(existing.splits)
+        if clash:
+            what = "a shard set" if targets is None else f"split(s) {', '.join(sorted(clash))}"
+            raise DataError(
+                f"{where} already holds {what}; refusing to overwrite it: pass --overwrite "
+                f"(overwrite=True) to replace it, or choose another {other}"
+            )
+    listed = {s.name for split in (existing.splits.values() if existing else []) for s in split.shards}
+    stray = [
+        name
+        for name in shard_names
+        if name not in listed and (targets is None or name.rsplit("-", 1)[0] in targets)
+    ]
+    if stray:
+        raise DataError(
+            f"{where} holds shards not listed in a manifest ({', '.join(stray[:3])}"
+            f"{', ...' if len(stray) > 3 else ''}; an interrupted write?); pass --overwrite "
+            "(overwrite=True) to replace them"
+        )
+
+
 class ShardSetWriter:
     """Write samples into a shard set with train/valid/test splits.
 
@@ -399,30 +434,12 @@ class ShardSetWriter:
         if manifest_path.exists():
             existing = Manifest.load(self.out_dir)
         targets = self._target_splits()
-        if existing is not None:
-            clash = set(existing.splits) if targets is None else targets & set(existing.splits)
-            if clash and not self.overwrite:
-                what = "a shard set" if targets is None else f"split(s) {', '.join(sorted(clash))}"
-                raise DataError(
-                    f"{self.out_dir} already holds {what}; refusing to overwrite it: pass "
-                    "overwrite=True (CLI: --overwrite) to replace it, or choose another directory"
-                )
-        listed = {s.name for split in (existing.splits.values() if existing else []) for s in split.shards}
-        stray = [
-            p.name
-            for p in (
-                sorted(self.out_dir.glob("*-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
-                if self.out_dir.exists()
-                else []
-            )
-            if p.name not in listed and (targets is None or p.name.rsplit("-", 1)[0] in targets)
-        ]
-        if stray and not self.overwrite:
-            raise DataError(
-                f"{self.out_dir} contains shards not listed in a manifest ({', '.join(stray[:3])}"
-                f"{', ...' if len(stray) > 3 else ''}; an interrupted write?); pass overwrite=True "
-                "(CLI: --overwrite) to replace them"
-            )
+        shards = (
+            [p.name for p in sorted(self.out_dir.glob("*-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))]
+            if self.out_dir.exists()
+            else []
+        )
+        check_replaceable(str(self.out_dir), existing, targets, shards, self.overwrite, "directory")
         if existing is not None and targets is not None:
             self._adopt_existing(existing)
         self._existing = existing
