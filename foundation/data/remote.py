@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -328,6 +329,16 @@ class RemoteShardSet:
             for key in [k for k in state.failed if k.startswith(folder)]:
                 del state.failed[key]
             state.unreadable = {k for k in state.unreadable if not k.startswith(folder)}
+
+    def wait_read_ahead(self, timeout_s: float | None = None) -> bool:
+        """Wait until this set's read-ahead fetches, queued or under way, have finished (before
+        removing its cache, or to see it settled); False if some still run after `timeout_s`."""
+        state = _background()
+        folder = str(self.local) + os.sep
+        with state.guard:
+            running = [f for key, f in state.pending.items() if key.startswith(folder)]
+        _, not_done = futures_wait(running, timeout=timeout_s)
+        return not not_done
 
     def _fetch_ahead(self, info: Any, state: _Background) -> None:
         try:

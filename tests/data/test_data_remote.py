@@ -228,10 +228,8 @@ def test_damaged_shard_on_the_server_is_refused(served, tmp_path):
         stream_keys_and_flux(remote, shuffle=False)
     assert server.requests["train-000002.tar"] == 1  # not retried: another try gives the same bytes
     assert not (remote.local / "train-000002.tar").exists()
-    # No temporary left (a read-ahead fetch still under way when the loader stopped finishes first).
-    deadline = time.monotonic() + 20
-    while [p for p in remote.local.iterdir() if p.name.startswith(".")] and time.monotonic() < deadline:
-        time.sleep(0.02)
+    # No temporary left once a read-ahead fetch still under way when the loader stopped has finished.
+    assert remote.wait_read_ahead(timeout_s=60)
     assert not [p for p in remote.local.iterdir() if p.name.startswith(".")]
 
 
