@@ -269,7 +269,12 @@ def _add_tasks(parser: argparse.ArgumentParser) -> None:
         "--encodings", default=",".join(ENCODINGS), help="Comma-separated encodings (default: all five)."
     )
     parser.add_argument("--samples", type=int, default=6000, help="Training + validation records.")
-    parser.add_argument("--steps", type=int, default=600, help="Training steps, the same for every encoding.")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="Training steps, the same for every encoding (default: the task's own).",
+    )
     parser.add_argument("--seed", type=int, default=0, help="Data and training seed.")
     parser.add_argument(
         "--config", default=str(TASKS_CONFIG), help="Training config (default: configs/xval/tasks.yaml)."
@@ -309,6 +314,7 @@ def _train_and_predict(args: argparse.Namespace, task, shards: Path, encoding: s
         f"model.max_len={task.max_len}",
         f"train.steps={args.steps}",
         f"run.seed={args.seed}",
+        *task.settings,
         *args.set,
     ]
     train(load_pretrain_config(args.config, overrides))
@@ -325,6 +331,8 @@ def _run_tasks(args: argparse.Namespace) -> int:
     from foundation.results import write_table
 
     task = get_task(args.task)
+    if args.steps is None:
+        args.steps = task.steps
     encodings = [e.strip() for e in args.encodings.split(",") if e.strip()]
     unknown = [e for e in encodings if e not in ENCODINGS]
     if unknown or not encodings:
@@ -340,10 +348,17 @@ def _run_tasks(args: argparse.Namespace) -> int:
     figure = f"xval-{task.name}.png"
     provenance = {
         "command": _command_line(args),
-        "config_hash": config_hash({"config": read_yaml(args.config), "set": args.set, "steps": args.steps}),
+        "config_hash": config_hash(
+            {"config": read_yaml(args.config), "set": [*task.settings, *args.set], "steps": args.steps}
+        ),
         "data": f"synth xval --task {task.name} --samples {args.samples} --seed {args.seed}",
     }
-    notes = [f"Every encoding: {args.steps} steps of configs/xval/tasks.yaml (same model, data and budget)."]
+    settings = ", ".join(task.settings)
+    notes = [
+        f"Every encoding: {args.steps} steps of configs/xval/tasks.yaml"
+        + (f" with {settings}" if settings else "")
+        + " (same model, data and budget)."
+    ]
     table = build_table(
         task, results, read_records(source), notes=notes, figures=[figure], provenance=provenance
     )

@@ -44,6 +44,7 @@ class XValCollate:
         max_len: int,
         pack: bool,
         mask_prob: float | None = None,
+        mask_fields: Sequence[int] = (),
     ) -> None:
         self.normalizer = normalizer
         self.encoding = encoding
@@ -51,6 +52,7 @@ class XValCollate:
         self.max_len = max_len
         self.pack = pack
         self.mask_prob = mask_prob
+        self.mask_fields = np.asarray(mask_fields, dtype=np.int64)
 
     # ------------------------------------------------------------------ one sample
 
@@ -114,10 +116,12 @@ class XValCollate:
 
     def draw_mask(self, batch: dict[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:
         """MLM mask from the loader's per-batch generator (reproducible and resumable): each unit
-        (text token or whole number) with probability mask_prob, at least one per batch."""
+        (text token or whole number) with probability mask_prob, every number of `mask_fields`,
+        at least one per batch."""
         coins = rng.random(batch["ids"].shape)
         unit = batch["unit"]
         mask = (np.take_along_axis(coins, unit, axis=1) < self.mask_prob) & ~batch["pad"]
+        mask |= batch["slot"] & np.isin(batch["field"], self.mask_fields)
         if not mask.any():
             row, col = np.argwhere(~batch["pad"])[0]
             mask = (unit[row] == unit[row, col])[None, :] & (np.arange(len(unit))[:, None] == row)

@@ -68,14 +68,27 @@ def build_model(cfg: XValConfig, manifest: Any) -> XValModel:
     return XValModel(cfg, text_vocab_size(cfg, manifest))
 
 
+def mask_field_ids(cfg: XValConfig, normalizer: Normalizer) -> list[int]:
+    """The normaliser's ids of `model.mask_fields`; a name the shard set lacks is a config error."""
+    unknown = [name for name in cfg.mask_fields if name not in normalizer.fields]
+    if unknown:
+        raise ConfigError(
+            f"model.mask_fields: {', '.join(map(repr, unknown))} not among the shard set's number fields "
+            f"({', '.join(normalizer.fields)}); name fields of the data"
+        )
+    return [normalizer.fields.index(name) for name in cfg.mask_fields]
+
+
 def make_collate(cfg: XValConfig, manifest: Any, train: bool) -> XValCollate:
+    normalizer = normalizer_from(manifest)
     return XValCollate(
-        normalizer_from(manifest),
+        normalizer,
         get_encoding(cfg.encoding),
         text_vocab_size(cfg, manifest),
         cfg.max_len,
         pack=cfg.pack and train,
         mask_prob=cfg.mask_prob if cfg.mode == "mlm" else None,
+        mask_fields=mask_field_ids(cfg, normalizer),
     )
 
 

@@ -49,6 +49,11 @@ class XValConfig:
     )
     mask_prob: float = option(0.2, "MLM: probability that a token (or a whole number) is masked.", gt=0, lt=1)
     number_loss_weight: float = option(1.0, "lambda in loss = CE + lambda * MSE (xval encoding only).", ge=0)
+    mask_fields: list[str] = option(
+        factory=list,
+        doc="MLM: the numbers of these fields are masked in every training sample (as `evaluate` "
+        "masks a target field), on top of the random mask_prob masking.",
+    )
     pack: bool = option(
         True, "Training batches pack several samples per row of max_len (no padding compute)."
     )
@@ -72,6 +77,8 @@ class XValConfig:
             raise ValueError(f"model.number_loss_weight must be >= 0, got {self.number_loss_weight}")
         if self.mlp_ratio <= 0:
             raise ValueError(f"model.mlp_ratio must be > 0, got {self.mlp_ratio}")
+        if self.mask_fields and self.mode != "mlm":
+            raise ValueError("model.mask_fields needs model.mode: mlm (causal training masks nothing)")
         if self.encoding not in ENCODINGS:
             raise ValueError(f"model.encoding must be one of {ENCODINGS}, got {self.encoding!r}")
 

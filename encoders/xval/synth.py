@@ -4,7 +4,10 @@ carry it in extra keys that `prepare` ignores (`split`, `n_operands`, `start`), 
 scoring (`encoders/xval/tasks.py`) reads back.
 
 * `arithmetic`: multi-operand arithmetic as in the paper — 2 to 4 operands in [-10, 10] with two
-  decimals, `+ - *` and random parenthesisation: `expr=((1.25*-3.40)+7.10), ans=2.85`.
+  decimals, `+ - *` and random parenthesisation: `expr=((1.25*-3.40)+7.10), ans=2.85`. Every
+  intermediate result and the answer lie in [-10, 10] too (expressions are redrawn until they
+  do), so one normalisation keeps all values inside xVal's working range; unbounded products of
+  four operands reach ±10⁴ and squash the typical answer to a sliver of the normalised range.
 * `orbits`: a planet around a star of mass m (G = 1): m, semi-major axis a, eccentricity e,
   time step dt and 8 positions from the leapfrog integrator, as compact JSON (a one-planet
   miniature for demos and tests): `{"m":1.23,"a":0.98,"e":0.05,"dt":0.31,"x":[...],"y":[...]}`.
@@ -44,30 +47,44 @@ TASKS = ("arithmetic", "orbits", "planets", "temperature", "interpolation")
 DEFAULT_TRAIN_VALUES = (0.2, 0.3, 0.5, 0.8)
 
 
+ARITHMETIC_OPERANDS = (2, 4)
+ARITHMETIC_BOUND = 10.0
+
+
 def _operand(rng: np.random.Generator) -> str:
-    return f"{rng.uniform(-10, 10):.2f}"
+    return f"{rng.uniform(-ARITHMETIC_BOUND, ARITHMETIC_BOUND):.2f}"
 
 
-def _expression(rng: np.random.Generator, n: int) -> tuple[str, float]:
-    """A random expression tree over n operands: (text, value)."""
+def _expression(rng: np.random.Generator, n: int) -> tuple[str, float, float]:
+    """A random expression tree over n operands: (text, value, largest |value| of any subtree)."""
     if n == 1:
         text = _operand(rng)
-        return text, float(text)
+        return text, float(text), abs(float(text))
     left_n = int(rng.integers(1, n))
-    left, lv = _expression(rng, left_n)
-    right, rv = _expression(rng, n - left_n)
+    left, lv, lm = _expression(rng, left_n)
+    right, rv, rm = _expression(rng, n - left_n)
     op = "+-*"[int(rng.integers(0, 3))]
     value = lv + rv if op == "+" else lv - rv if op == "-" else lv * rv
-    return f"({left}{op}{right})", value
+    return f"({left}{op}{right})", value, max(lm, rm, abs(value))
+
+
+def bounded_expression(
+    rng: np.random.Generator, n: int, bound: float = ARITHMETIC_BOUND
+) -> tuple[str, float]:
+    """(text, value) of a random n-operand expression whose every intermediate result and answer
+    lie in [-bound, bound], outer parentheses dropped; redrawn until one does."""
+    while True:
+        text, value, largest = _expression(rng, n)
+        if largest <= bound:
+            return text[1:-1], value
 
 
 def arithmetic(n: int, seed: int) -> Iterator[dict[str, Any]]:
     rng = np.random.default_rng([seed, 1])
+    low, high = ARITHMETIC_OPERANDS
     for i in range(n):
-        n_operands = int(rng.integers(2, 5))
-        text, value = _expression(rng, n_operands)
-        if text.startswith("(") and text.endswith(")"):
-            text = text[1:-1]
+        n_operands = int(rng.integers(low, high + 1))
+        text, value = bounded_expression(rng, n_operands)
         answer = format_value(round(value, 4))
         yield {"id": f"arith-{i:07d}", "n_operands": n_operands, "text": f"expr={text}, ans={answer}"}
 

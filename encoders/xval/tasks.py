@@ -6,7 +6,8 @@ into the paper's columns, and the paper's own numbers for those columns. Trainin
 are orchestration (`foundation evaluate xval-tasks`, pipelines/xval.py); this module only
 knows the tasks.
 
-* arithmetic — R² of the answer, per number of operands (2, 3, 4);
+* arithmetic — R² of the answer, per number of operands (2, 3, 4); training masks the answer of
+  every expression (`model.mask_fields`), the evaluation's protocol;
 * planets — out-of-distribution MSE of the masked orbital parameters a, e, m and the step Δt
   (in the text's units: m ×10⁵, e ×20, as the reference);
 * temperature — MSE (°C²) of the next 3-hourly reading on the held-out last sixth of the period.
@@ -102,7 +103,17 @@ class Task:
     plot_field: str
     paper: dict[str, list[float | None]] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    steps: int = 600
+    """Default training steps per encoding (the same for every encoding)."""
+    settings: tuple[str, ...] = ()
+    """Config overrides (`dotted.key=value`) that are part of the task's protocol, applied to
+    every encoding's training before the user's own."""
 
+
+ARITHMETIC_STEPS = 6000
+ARITHMETIC_MASK_PROB = 0.01
+"""Random masking besides the answer: rare, since a masked operand or operator leaves the answer
+undetermined and the training signal on it noise."""
 
 TASKS: dict[str, Task] = {
     "arithmetic": Task(
@@ -120,6 +131,12 @@ TASKS: dict[str, Task] = {
             "p10": [0.998, 0.996, 0.992],
             "fp15": [0.993, 0.981, 0.935],
         },
+        notes=(
+            "Operands, every intermediate result and the answer lie in [-10, 10]; training masks the "
+            "answer of every expression, as the evaluation does (model.mask_fields=[ans]).",
+        ),
+        steps=ARITHMETIC_STEPS,
+        settings=("model.mask_fields=[ans]", f"model.mask_prob={ARITHMETIC_MASK_PROB}"),
     ),
     "planets": Task(
         name="planets",

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -112,6 +113,51 @@ def test_arithmetic_records_carry_their_operand_count():
         assert len(extract_numbers(expr).values) == record["n_operands"]
 
 
+def _evaluate_tree(text: str, at: int, seen: list[float]) -> tuple[float, int]:
+    """(value, next index) of the fully parenthesised expression at `at`, recording every operand
+    and intermediate result in `seen` (an independent reader of the generator's text)."""
+    if text[at] == "(":
+        left, at = _evaluate_tree(text, at + 1, seen)
+        op = text[at]
+        right, at = _evaluate_tree(text, at + 1, seen)
+        assert text[at] == ")"
+        value = {"+": left + right, "-": left - right, "*": left * right}[op]
+        seen.append(value)
+        return value, at + 1
+    number = re.match(r"-?\d+\.\d\d", text[at:])
+    assert number, text[at:]
+    seen.append(float(number.group()))
+    return float(number.group()), at + number.end()
+
+
+def test_arithmetic_operands_intermediates_and_answer_stay_within_the_bound():
+    bound = synth.ARITHMETIC_BOUND
+    counts = set()
+    for record in synth.arithmetic(300, seed=5):
+        expr, answer = re.fullmatch(r"expr=(.*), ans=(.*)", record["text"]).groups()
+        seen: list[float] = []
+        value, end = _evaluate_tree(f"({expr})", 0, seen)
+        assert end == len(expr) + 2
+        assert float(answer) == pytest.approx(value, abs=5e-5)
+        assert max(abs(v) for v in seen) <= bound, record["text"]
+        counts.add(record["n_operands"])
+        parsed = extract_numbers(record["text"])
+        assert parsed.fields[-1] == "ans" and set(parsed.fields[:-1]) == {"expr"}
+    assert counts == {2, 3, 4}
+
+
+def test_unbounded_products_would_leave_the_normalised_range():
+    """Why the bound: four operands in [-10, 10] multiply to ±10⁴; z-scored, typical answers are
+    a sliver near 0 and the tail is clipped. Bounded answers fill the range."""
+    rng = np.random.default_rng(0)
+    free = np.prod(rng.uniform(-10, 10, (5000, 4)), axis=1)
+    bounded = [synth.bounded_expression(rng, 4)[1] for _ in range(500)]
+    z_free = free / free.std()
+    assert np.median(np.abs(z_free)) < 0.1 and np.abs(z_free).max() > 5
+    z_bounded = np.asarray(bounded) / np.std(bounded)
+    assert np.median(np.abs(z_bounded)) > 0.3 and np.abs(z_bounded).max() < 5
+
+
 def test_metrics_match_scikit_learn():
     rng = np.random.default_rng(0)
     true = rng.normal(size=50)
@@ -200,3 +246,69 @@ def test_normaliser_spread_sets_the_std_of_normalised_values():
 def test_synth_refuses_a_non_positive_spread(tmp_path, capsys):
     assert main(["synth", "xval", "--task", "orbits", "--out", str(tmp_path), "--spread", "0"]) == 2
     assert "must be > 0" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- training masks the answer
+
+
+def _answer_collate(encoding: str, mask_prob: float = 0.01):
+    from encoders.xval.collate import XValCollate
+    from encoders.xval.encodings import get_encoding
+    from encoders.xval.normalizer import FieldMap, Normalizer
+
+    norm = Normalizer(["_", "expr", "ans"], [FieldMap("affine", 0.0, 1.0)] * 3, clip=5.0)
+    return XValCollate(norm, get_encoding(encoding), 40, 64, pack=True, mask_prob=mask_prob, mask_fields=[2])
+
+
+def _arithmetic_sample(rng):
+    from encoders.xval.tokenizer import NUM_ID
+
+    tokens = np.array([5, NUM_ID, 6, NUM_ID, 7, NUM_ID], dtype=np.int32)  # expr=a+b, ans=c
+    return {"tokens": tokens, "values": rng.uniform(-3, 3, 3), "fields": np.array([1, 1, 2], dtype=np.int16)}
+
+
+@pytest.mark.parametrize("encoding", ["xval", "p10"])
+def test_training_masks_every_answer_like_the_evaluation(encoding):
+    collate = _answer_collate(encoding)
+    rng = np.random.default_rng(0)
+    batch = collate([_arithmetic_sample(rng) for _ in range(16)], rng=np.random.default_rng(1))
+    mask, field, slot = batch["mlm_mask"].numpy(), batch["field"].numpy(), batch["slot"].numpy()
+    answer = slot & (field == 2)
+    assert answer.sum() == 16 * collate.encoding.tokens_per_number  # every token of every answer
+    assert mask[answer].all()
+    assert mask[~answer].mean() < 0.1  # the rest only at the (small) random rate
+
+
+def test_mask_fields_must_name_fields_of_the_data():
+    from encoders.xval.family import mask_field_ids
+    from encoders.xval.model import XValConfig
+    from encoders.xval.normalizer import FieldMap, Normalizer
+    from foundation.errors import ConfigError
+
+    norm = Normalizer(["_", "expr", "ans"], [FieldMap("affine", 0.0, 1.0)] * 3)
+    assert mask_field_ids(XValConfig(mask_fields=["ans"]), norm) == [2]
+    with pytest.raises(ConfigError, match="'answer' not among"):
+        mask_field_ids(XValConfig(mask_fields=["answer"]), norm)
+    with pytest.raises(ValueError, match="mode: mlm"):
+        XValConfig(mode="causal", mask_fields=["ans"])
+
+
+def test_arithmetic_task_trains_with_the_answer_masked():
+    task = TASKS["arithmetic"]
+    assert "model.mask_fields=[ans]" in task.settings and task.fields == ("ans",)
+    assert all("mask_fields" not in s for name in ("planets", "temperature") for s in TASKS[name].settings)
+
+
+@pytest.mark.slow
+def test_xval_tasks_applies_the_task_settings_to_every_training(tmp_path):
+    from foundation.config import read_yaml
+
+    out = tmp_path / "work"
+    args = ["evaluate", "xval-tasks", "--task", "arithmetic", "--out", str(out), "--encodings", "xval,p10"]
+    args += ["--samples", "200", "--steps", "2", "--set", "model.d_model=16", "--set", "model.n_layers=1"]
+    assert main(args) == 0
+    for encoding in ("xval", "p10"):
+        config = read_yaml(out / "runs" / encoding / "config.yaml")
+        assert config["model"]["mask_fields"] == ["ans"] and config["model"]["d_model"] == 16
+    table = read_table(out / "xval-arithmetic.table.json")
+    assert any("model.mask_fields=[ans]" in note for note in table.notes)
