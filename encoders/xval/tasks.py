@@ -110,7 +110,7 @@ class Task:
     every encoding's training before the user's own."""
 
 
-ARITHMETIC_STEPS = 6000
+ARITHMETIC_STEPS = 8000
 ARITHMETIC_MASK_PROB = 0.01
 """Random masking besides the answer: rare, since a masked operand or operator leaves the answer
 undetermined and the training signal on it noise."""
