@@ -93,6 +93,8 @@ def bytes_per_vector(kind: str, dim: int, params: dict) -> float:
         code = params["pq_m"] * params["pq_bits"] / 8
     elif kind.endswith("-sq8"):
         code = dim
+    elif kind.endswith("-fp16"):
+        code = 2 * dim
     else:
         code = 4 * dim
     links = 2 * params.get("M", 0) * 4 if kind.startswith("hnsw") else 0

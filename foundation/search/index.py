@@ -86,6 +86,8 @@ def kind_and_params(
         raise DataError(f"IVF with nlist={p['nlist']} needs at least that many vectors, got {n}")
     if "pq_m" in p and dim % p["pq_m"]:
         raise DataError(f"--param pq_m={p['pq_m']} must divide the dimension {dim} (e.g. {dim // 16 or 1})")
+    if kind == "ivf-pqfs" and p["pq_bits"] != 4:
+        raise DataError(f"--param pq_bits={p['pq_bits']}: ivf-pqfs codes have 4 bits (fast-scan); use ivf-pq")
     if "pq_bits" in p and p["pq_bits"] > 8 and kind.startswith("opq"):
         raise DataError(f"--param pq_bits={p['pq_bits']}: OPQ trains with at most 8 bits per code")
     return kind, p
