@@ -65,7 +65,10 @@ def list_vectors(ivf: Any, list_no: int) -> tuple[np.ndarray, np.ndarray]:
     codes = faiss.rev_swig_ptr(invlists.get_codes(list_no), size * ivf.code_size).reshape(size, ivf.code_size)
     if isinstance(ivf, faiss.IndexIVFFlat):
         return ids, codes.view(np.float32)
-    vectors = ivf.sq.decode(codes)
+    if ivf.sq.qtype == faiss.ScalarQuantizer.QT_fp16:
+        vectors = codes.view(np.float16).astype(np.float32)  # ten times faster than faiss's decode here
+    else:
+        vectors = ivf.sq.decode(codes)
     if ivf.by_residual:
         vectors += ivf.quantizer.reconstruct(int(list_no))
     return ids, vectors
