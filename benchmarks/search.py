@@ -26,7 +26,8 @@ Columns, at the tuned knob:
   the same distribution against exact search (blockwise, over the memmap);
 - p50/p99 of single queries (one per call, one thread, as `search query` does) and the
   throughput of --batch queries in one call on --threads threads, as a multiple of the single-query
-  throughput (`batch x`).
+  throughput (`batch x`), after one warm-up batch. IVF-Flat and scalar-code kinds answer the
+  batch list-major (foundation/search/batched.py), PQ kinds with faiss's search.
 Times are wall-clock on a possibly shared machine: compare rows of one run, not runs.
 """
 
@@ -148,6 +149,7 @@ def measure_row(
     faiss.omp_set_num_threads(args.threads)
     rec = recall_at_k(truth, index.search(queries, args.k)[1])
     batch = queries[np.arange(args.batch) % len(queries)]
+    index.search(batch, args.k)  # warm-up: lazy imports (torch for fp16 codes), first-touch of memory
     start = time.perf_counter()
     index.search(batch, args.k)
     batch_qps = args.batch / (time.perf_counter() - start)

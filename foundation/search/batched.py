@@ -82,9 +82,9 @@ def batched_search(
     """(scores, ids), each (Q, k), of `queries` (float32, C order) in an IVF index, list-major.
 
     `index` must pass `list_major_index`. `workers` threads score disjoint sets of lists (numpy's
-    matrix product and partition release the GIL), each with a one-thread BLAS: the products are
-    small (a list's queries by its few hundred vectors), and a threaded BLAS spinning up a team for
-    each of them made a batch 5-10x slower.
+    matrix product and partition release the GIL), each with one-thread BLAS and OpenMP (torch's
+    fp16 conversion): the products are small (a list's queries by its few hundred vectors), and
+    thread teams spinning up for each of them made a batch 5-10x slower.
     """
     ivf = list_major_index(index)
     if ivf is None:
@@ -103,7 +103,7 @@ def batched_search(
                 continue
             scores = queries[pairs // nprobe] @ vectors.T
             if len(ids) > k:
-                top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+                top = np.argpartition(scores, len(ids) - k, axis=1)[:, len(ids) - k :]
                 cand_scores[pairs] = np.take_along_axis(scores, top, axis=1)
                 cand_ids[pairs] = ids[top]
             else:
@@ -111,7 +111,7 @@ def batched_search(
                 cand_ids[pairs, : len(ids)] = ids
 
     workers = max(1, min(int(workers), len(groups)))
-    with threadpool_limits(1, user_api="blas"):
+    with threadpool_limits(1):
         if workers == 1:
             score_lists(groups)
         else:
