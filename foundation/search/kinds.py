@@ -50,7 +50,9 @@ def default_exact_max(dim: int) -> int:
 
 
 def choose_kind(n: int, exact_max: int) -> str:
-    return "flat" if n <= exact_max else "ivf"
+    """`auto`: exact while the vectors fit `exact_max`, else IVF with fp16 codes (at 10^6 realistic
+    rows as fast as float32 lists for the same recall or faster, in half the memory)."""
+    return "flat" if n <= exact_max else "ivf-fp16"
 
 
 def query_knob(kind: str) -> str | None:
