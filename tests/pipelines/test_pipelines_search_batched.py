@@ -84,6 +84,16 @@ def test_nprobe_beyond_nlist_probes_every_list_once():
     np.testing.assert_array_equal(batched_search(index, q, 5, nprobe=99)[1], index.search(q, 5)[1])
 
 
+def test_large_batches_are_answered_in_blocks_with_the_same_result(monkeypatch):
+    x, q = _vectors(2000), _vectors(250, seed=1)
+    index = _ivf(x, "IVF16,Flat", nprobe=3)
+    whole = batched_search(index, q, 10, nprobe=3)
+    monkeypatch.setattr(batched, "BLOCK_QUERIES", 64)
+    blocks = batched_search(index, q, 10, nprobe=3)
+    np.testing.assert_array_equal(blocks[1], whole[1])
+    np.testing.assert_allclose(blocks[0], whole[0], rtol=1e-6)  # BLAS blocking: rounding differs
+
+
 def test_other_kinds_are_not_searched_list_major():
     faiss = import_faiss()
     x = _vectors(2000, dim=16)
