@@ -28,8 +28,8 @@ from foundation.search.kinds import import_faiss
 #: `VectorIndex.search` answers a batch list-major when its queries probe each list this many
 #: times on average (batch x nprobe >= this x nlist): with fewer, a list's product is a few
 #: matrix-vector products, no faster than faiss's scan, plus Python's cost per list. Measured on
-#: realistic 512-d rows (docs/search.md): at 2x10^5 rows, nlist 400, nprobe 64 the crossover was
-#: between 2.5 (16 queries: 151 ms vs faiss 114 ms) and 5 (32 queries: 222 ms vs 293 ms).
+#: realistic 512-d rows (docs/search.md): the crossover was between 2.5 and 5 queries a list at
+#: 2x10^5 rows (nlist 400, nprobe 64), between 3 and 6 at 10^6 (ivf-fp16, nlist 2048, nprobe 48).
 MIN_QUERIES_PER_LIST = 4
 #: Queries answered together: the candidates held are queries x nprobe x k (score, id) pairs,
 #: 31 MB for 4096 queries at nprobe 64, k 10; a larger batch is answered in blocks of this many.
