@@ -26,7 +26,8 @@ Columns, at the tuned knob:
   the same distribution against exact search (blockwise, over the memmap);
 - p50/p99 of single queries (one per call, one thread, as `search query` does) and the
   throughput of --batch queries in one call on --threads threads, as a multiple of the single-query
-  throughput (`batch x`).
+  throughput (`batch x`), after one warm-up batch. IVF-Flat and scalar-code kinds answer the
+  batch list-major (foundation/search/batched.py), PQ kinds with faiss's search.
 Times are wall-clock on a possibly shared machine: compare rows of one run, not runs.
 """
 
@@ -93,6 +94,8 @@ def bytes_per_vector(kind: str, dim: int, params: dict) -> float:
         code = params["pq_m"] * params["pq_bits"] / 8
     elif kind.endswith("-sq8"):
         code = dim
+    elif kind.endswith("-fp16"):
+        code = 2 * dim
     else:
         code = 4 * dim
     links = 2 * params.get("M", 0) * 4 if kind.startswith("hnsw") else 0
@@ -146,6 +149,7 @@ def measure_row(
     faiss.omp_set_num_threads(args.threads)
     rec = recall_at_k(truth, index.search(queries, args.k)[1])
     batch = queries[np.arange(args.batch) % len(queries)]
+    index.search(batch, args.k)  # warm-up: lazy imports (torch for fp16 codes), first-touch of memory
     start = time.perf_counter()
     index.search(batch, args.k)
     batch_qps = args.batch / (time.perf_counter() - start)

@@ -249,9 +249,9 @@ def recall_warning(meta: IndexParams, target: float) -> str:
     """What a build that missed its recall target says, with what to change."""
     t = meta.tuning or {}
     tried = "" if t.get("fixed") else f" (the best of {t['knob']} up to {t['curve'][-1][0]})"
-    if meta.kind.endswith("-sq8"):
-        remedy = f"--kind {meta.kind[:-4]} (full vectors: its 8-bit codes limit recall)"
-    elif meta.kind.endswith("-pq"):
+    if meta.kind.endswith(("-sq8", "-fp16")):
+        remedy = f"--kind {meta.kind.rsplit('-', 1)[0]} (full vectors: its scalar codes limit recall)"
+    elif "-pq" in meta.kind:
         remedy = "a larger rerank or pq_m (--param; re-ranking needs the embeddings file)"
     elif meta.kind.startswith("hnsw"):
         remedy = "a larger M or efConstruction (--param)"

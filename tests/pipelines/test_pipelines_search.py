@@ -58,10 +58,10 @@ def test_auto_kind_by_size_and_parameters_recorded(tmp_path):
     small = VectorIndex.build(_clustered(500, 8), kind="auto", exact_max=1000)
     assert small.meta.kind == "flat"
     big = VectorIndex.build(_clustered(1500, 8), kind="auto", exact_max=1000)
-    assert big.meta.kind == "ivf" and big.meta.params["nlist"] == 1500 // 39
+    assert big.meta.kind == "ivf-fp16" and big.meta.params["nlist"] == 1500 // 39
     big.save(tmp_path / "idx")
     meta = json.loads((tmp_path / "idx" / "index.json").read_text())
-    assert meta["kind"] == "ivf" and meta["n"] == 1500
+    assert meta["kind"] == "ivf-fp16" and meta["n"] == 1500
     assert meta["params"]["nprobe"] == meta["tuning"]["value"]  # the tuned knob is the one used
     # Without --exact-max: exact while the float32 vectors fit in 1 GiB.
     assert VectorIndex.build(_clustered(2000, 8), kind="auto").meta.kind == "flat"

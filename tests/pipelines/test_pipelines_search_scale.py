@@ -179,3 +179,25 @@ def test_fitted_model_keeps_the_spectrum_at_any_width(tmp_path):
     assert noisier.tail_variance > model.tail_variance
     drawn = next(generate(noisier, 3000, 256, seed=2, chunk=3000))
     assert abs(effective_dimension(drawn) - target) < 0.2 * target
+
+
+@pytest.mark.parametrize("kind", ["ivf-fp16", "ivf-pqfs"])
+def test_fp16_and_fast_scan_kinds_build_streamed_and_in_memory(tmp_path, kind):
+    x = _clustered(2000, dim=32)
+    params = {"nlist": 16} if kind == "ivf-fp16" else {"nlist": 16, "pq_m": 16}
+    streamed = build_streamed(ArraySource(x), tmp_path / "s", kind=kind, params=params, progress=False)
+    in_memory = VectorIndex.build(x, kind=kind, params=params)
+    for index in (streamed, in_memory):
+        assert index.meta.tuning["reached"], index.meta.tuning
+        assert index.meta.params.get("pq_bits", 4) == 4
+    q = _clustered(20, dim=32, seed=1)
+    truth = np.argsort(
+        -(q / np.linalg.norm(q, axis=1, keepdims=True)) @ (x / np.linalg.norm(x, axis=1, keepdims=True)).T,
+        axis=1,
+    )[:, :10]
+    found = streamed.search(q, 10)[1]
+    assert np.mean([len(set(t) & set(f)) / 10 for t, f in zip(truth, found, strict=True)]) >= 0.9
+    if kind == "ivf-pqfs":
+        assert type(streamed.index).__name__ == "IndexIVFPQFastScan" and streamed.meta.params["rerank"] >= 8
+        with pytest.raises(DataError, match="4 bits"):
+            VectorIndex.build(x, kind=kind, params={"nlist": 16, "pq_bits": 8})

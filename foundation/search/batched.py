@@ -1,0 +1,152 @@
+"""List-major batched search for IVF indexes: each probed list is scored once per batch, by a GEMM.
+
+faiss's CPU IVF search walks the probed lists query by query: every query re-reads its lists from
+memory and scores them one vector at a time, so a batch of queries costs about as much as the same
+queries one at a time (memory-bound, no BLAS). Here a batch is turned around: all queries are
+assigned to their nprobe lists at once, the (query, list) pairs are grouped by list, and each list
+is read once and scored against all of its queries with one matrix product; the per-list top-k of
+each pair are then merged into each query's top-k. The neighbours are those faiss's own search
+returns at the same nprobe (the same lists are scanned exhaustively); only equal scores may come
+in another order (here by ascending row), or another of them be kept at the k-th place.
+
+IVF-Flat lists are read in place (their codes are the float32 vectors); 8-bit and fp16 scalar
+codes are decoded once per list and batch (plus the list's centroid where codes are residuals).
+Inner-product indexes only (every index of this project). PQ kinds keep faiss's search: their
+codes are scored through lookup tables, not vectors.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from foundation.search.kinds import import_faiss
+
+#: `VectorIndex.search` answers a batch list-major when its queries probe each list this many
+#: times on average (batch x nprobe >= this x nlist): with fewer, a list's product is a few
+#: matrix-vector products, no faster than faiss's scan, plus Python's cost per list. Measured on
+#: realistic 512-d rows (docs/search.md): the crossover was between 2.5 and 5 queries a list at
+#: 2x10^5 rows (nlist 400, nprobe 64), between 3 and 6 at 10^6 (ivf-fp16, nlist 2048, nprobe 48).
+MIN_QUERIES_PER_LIST = 4
+#: Queries answered together: the candidates held are queries x nprobe x k (score, id) pairs,
+#: 31 MB for 4096 queries at nprobe 64, k 10; a larger batch is answered in blocks of this many.
+BLOCK_QUERIES = 4096
+#: Value of a missing neighbour (fewer than k vectors in the probed lists), as faiss returns it.
+MISSING_SCORE = -np.finfo(np.float32).max
+
+
+def list_major_index(index: Any) -> Any | None:
+    """The IVF index this module can search (IVF-Flat or IVF scalar codes, inner product), or None."""
+    faiss = import_faiss()
+    if not isinstance(index, faiss.IndexIVF):
+        return None
+    index = faiss.downcast_index(index)
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        return None
+    if isinstance(index, (faiss.IndexIVFFlat, faiss.IndexIVFScalarQuantizer)):
+        return index
+    return None
+
+
+def worth_list_major(n_queries: int, nprobe: int, nlist: int) -> bool:
+    """Whether a batch shares its probed lists enough for list-major search to beat faiss's."""
+    return n_queries * min(nprobe, nlist) >= MIN_QUERIES_PER_LIST * nlist
+
+
+def list_vectors(ivf: Any, list_no: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, float32 vectors) of one inverted list: IVF-Flat's read in place, without a copy (valid
+    while the index is unchanged); scalar codes decoded (plus the centroid for residual codes)."""
+    faiss = import_faiss()
+    invlists = ivf.invlists
+    size = invlists.list_size(list_no)
+    if size == 0:
+        return np.zeros(0, np.int64), np.zeros((0, ivf.d), np.float32)
+    ids = faiss.rev_swig_ptr(invlists.get_ids(list_no), size)
+    codes = faiss.rev_swig_ptr(invlists.get_codes(list_no), size * ivf.code_size).reshape(size, ivf.code_size)
+    if isinstance(ivf, faiss.IndexIVFFlat):
+        return ids, codes.view(np.float32)
+    if ivf.sq.qtype == faiss.ScalarQuantizer.QT_fp16:
+        import torch  # its conversion uses the CPU's fp16 instructions: 6x numpy's, 14x faiss's decode
+
+        vectors = torch.from_numpy(codes.view(np.float16)).float().numpy()
+    else:
+        vectors = ivf.sq.decode(codes)
+    if ivf.by_residual:
+        vectors += ivf.quantizer.reconstruct(int(list_no))
+    return ids, vectors
+
+
+def batched_search(
+    index: Any, queries: np.ndarray, k: int, nprobe: int, workers: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, ids), each (Q, k), of `queries` (float32, C order) in an IVF index, list-major.
+
+    `index` must pass `list_major_index`. `workers` threads score disjoint sets of lists (numpy's
+    matrix product and partition release the GIL), each with one-thread BLAS and OpenMP (torch's
+    fp16 conversion): the products are small (a list's queries by its few hundred vectors), and
+    thread teams spinning up for each of them made a batch 5-10x slower.
+    """
+    ivf = list_major_index(index)
+    if ivf is None:
+        raise TypeError(f"list-major search needs an inner-product IVF-Flat or IVF-SQ index, not {index}")
+    if len(queries) > BLOCK_QUERIES:
+        parts = [
+            batched_search(ivf, queries[start : start + BLOCK_QUERIES], k, nprobe, workers)
+            for start in range(0, len(queries), BLOCK_QUERIES)
+        ]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    n_queries = len(queries)
+    nprobe = max(1, min(int(nprobe), int(ivf.nlist)))
+    _, probes = ivf.quantizer.search(queries, nprobe)
+    groups = pairs_by_list(probes)
+    cand_scores = np.full((n_queries * nprobe, k), MISSING_SCORE, dtype=np.float32)
+    cand_ids = np.full((n_queries * nprobe, k), -1, dtype=np.int64)
+
+    def score_lists(part: list[tuple[int, np.ndarray]]) -> None:
+        for list_no, pairs in part:
+            ids, vectors = list_vectors(ivf, list_no)
+            if len(ids) == 0:
+                continue
+            scores = queries[pairs // nprobe] @ vectors.T
+            if len(ids) > k:
+                top = np.argpartition(scores, len(ids) - k, axis=1)[:, len(ids) - k :]
+                cand_scores[pairs] = np.take_along_axis(scores, top, axis=1)
+                cand_ids[pairs] = ids[top]
+            else:
+                cand_scores[pairs, : len(ids)] = scores
+                cand_ids[pairs, : len(ids)] = ids
+
+    workers = max(1, min(int(workers), len(groups)))
+    with threadpool_limits(1):
+        if workers == 1:
+            score_lists(groups)
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(score_lists, [groups[w::workers] for w in range(workers)]))
+    return merge_top_k(cand_scores.reshape(n_queries, -1), cand_ids.reshape(n_queries, -1), k)
+
+
+def pairs_by_list(probes: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """(list, the pairs that probe it) for every probed list of (Q, nprobe) assignments. Pair p is
+    query p // nprobe's probe p % nprobe; its per-list top-k go into row p of the candidates."""
+    pair_lists = probes.ravel()
+    order = np.argsort(pair_lists, kind="stable")
+    sorted_lists = pair_lists[order]
+    starts = np.flatnonzero(np.r_[True, sorted_lists[1:] != sorted_lists[:-1]])
+    stops = np.r_[starts[1:], len(order)]
+    return [
+        (int(sorted_lists[a]), order[a:b]) for a, b in zip(starts, stops, strict=True) if sorted_lists[a] >= 0
+    ]
+
+
+def merge_top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's k best (score, id) pairs, by descending score, then ascending id (missing last)."""
+    if scores.shape[1] > k:
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        scores, ids = np.take_along_axis(scores, top, axis=1), np.take_along_axis(ids, top, axis=1)
+    sort_ids = np.where(ids < 0, np.iinfo(np.int64).max, ids)
+    order = np.lexsort((sort_ids, -scores), axis=1) if scores.size else np.zeros(scores.shape, np.int64)
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
