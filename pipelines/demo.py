@@ -2,7 +2,8 @@
 
     synth astroclip → prepare astroclip → pretrain (SpecFormer masked modelling) → pretrain
     (contrastive alignment) → export (+ random-init control [+ shuffled-pair control]) → search
-    index + an example query → zero-shot regression report → retrieval report → summary
+    index + an example query → zero-shot regression report → retrieval report → summary,
+    and the property table's supervised baselines (after prepare, beside the pretraining)
 
 Each stage is one `foundation ...` command run by the stage engine `foundation.stages` (a child
 process each, output in `DIR/logs/<stage>.log`, a marker in `DIR/.stages/<stage>.json` when it
@@ -10,7 +11,8 @@ succeeds). Re-running the demo skips every stage whose marker matches and whose 
 stage that changed (other options) or whose inputs were redone runs again, and so does everything
 after it. An interrupted pretraining or export resumes from its own checkpoint / partial file. This
 module holds the plan (which commands, in which order), the settings and the summary, which is read
-from the reports the evaluation commands wrote; the demo computes no number of its own.
+from the reports the evaluation commands wrote; the demo computes no number of its own. Stages that
+do not depend on each other run side by side (`--jobs`, default 2), each with its share of the cores.
 
 Controls: raw-input baselines (PCA + k-NN and a supervised MLP on pixels
 / fluxes) and a random-initialised model are always evaluated; `--controls` also trains the

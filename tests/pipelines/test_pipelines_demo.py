@@ -364,3 +364,40 @@ def test_stages_side_by_side_share_the_cores_and_one_alone_keeps_the_default(tmp
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     run_stages([stage("p"), stage("q")], tmp_path / "again", echo=lambda _: None, jobs=2)
     assert "threads 3" in (tmp_path / "again" / "logs" / "p.log").read_text()
+
+
+def test_terminating_the_demo_stops_the_stage_it_runs(tmp_path):
+    """`kill PID` of the process running the stages takes their commands down with it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "pid"
+    script = f"""
+import sys
+from pathlib import Path
+from foundation import stages
+sleeper = "import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(600)"
+stages._command_line = lambda argv: [sys.executable, "-c", sleeper]
+plan = [stages.Stage("long", "sleeps", [Path("never")], argv=["x"])]
+stages.run_stages(plan, Path({str(tmp_path / "out")!r}))
+"""
+    runner = subprocess.Popen([sys.executable, "-c", script])
+    for _ in range(300):  # the sleeper is up once it wrote its pid
+        if pid_file.exists() and pid_file.read_text():
+            break
+        time.sleep(0.1)
+    runner.send_signal(signal.SIGTERM)
+    assert runner.wait(timeout=60) != 0
+    sleeper = int(pid_file.read_text())
+    for _ in range(100):
+        try:
+            os.kill(sleeper, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(sleeper, signal.SIGKILL)
+        pytest.fail("the stage's command outlived the demo")
