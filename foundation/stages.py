@@ -57,6 +57,9 @@ class Stage:
     """Stages whose results this one reads: redoing them redoes this."""
     inputs: list[Path] = field(default_factory=list)
     """Files (configs) whose content is part of the fingerprint: editing one redoes the stage."""
+    alone: bool = False
+    """Run with no other stage beside it, every core to itself (a long stage on the critical path
+    that gains more from all the threads than the others would from sharing)."""
     clean: list[Path] = field(default_factory=list)
     """What to delete before redoing a stage whose earlier result is stale (a run directory that
     holds checkpoints of another config, an export of other weights); an interrupted stage (no
@@ -250,6 +253,7 @@ class _Scheduler:
         self, stages: Sequence[Stage], out: Path, echo: Callable[[str], None], run: _RunOptions, jobs: int
     ) -> None:
         self.stages, self.out, self.echo, self.run_options, self.jobs = list(stages), out, echo, run, jobs
+        self.by_name = {stage.name: stage for stage in stages}
         self.runs: dict[str, str] = {}  # stage name -> run id of its result
         self.markers: dict[str, dict[str, Any]] = {}
         self.pending = list(range(len(stages)))
@@ -276,17 +280,21 @@ class _Scheduler:
         return [i for i in self.pending if all(d in self.runs for d in self.stages[i].after)]
 
     def _start_ready(self) -> None:
-        """Skip the ready stages that are done already; start the others while a slot is free."""
-        while True:
+        """Skip the ready stages that are done already; start the others, in the order given, while
+        a slot is free (a stage that runs `alone` waits for an empty machine and keeps it)."""
+        while len(self.running) < self.jobs and not any(self.by_name[n].alone for n in self.running):
             ready = self._ready()
-            if not ready or len(self.running) >= self.jobs:
+            if not ready:
                 return
             number = ready[0]
-            self.pending.remove(number)
             stage = self.stages[number]
-            if not self._skip_if_done(number, stage):
-                concurrent = min(self.jobs, len(self.running) + len(ready))
-                self._start(number, stage, concurrent)
+            if self._skip_if_done(number, stage):
+                self.pending.remove(number)
+                continue
+            if stage.alone and self.running:
+                return
+            self.pending.remove(number)
+            self._start(number, stage, 1 if stage.alone else min(self.jobs, len(self.running) + len(ready)))
 
     def _head(self, number: int, stage: Stage) -> str:
         return f"[{number + 1}/{len(self.stages)}] {stage.name}"

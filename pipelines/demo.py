@@ -253,6 +253,7 @@ def _pretrain_stages(at: _Layout, s: DemoSettings, common: list[str], steps: tup
             after=["prepare"],
             inputs=[Path(spectrum_config)],
             clean=[at.runs / "spectrum"],
+            alone=True,  # the longest stage: two threads (~1.6x) beat sharing it with the baselines
         ),
         Stage(
             "pretrain-align",
@@ -270,7 +271,8 @@ def _pretrain_stages(at: _Layout, s: DemoSettings, common: list[str], steps: tup
 
 def _baselines_stage(at: _Layout, s: DemoSettings) -> Stage:
     """The property table's supervised baselines: they read only the shards, so they train beside
-    the spectrum pretraining (one thread each: two cores are used better than by one process)."""
+    the alignment, the exports and the search (one thread each: two one-thread processes use two
+    cores better than one process of two threads); the spectrum pretraining runs alone before."""
     return Stage(
         "baselines",
         "supervised baselines of the property table (image CNN, spectrum conv+attention, photometry MLP)",
@@ -405,7 +407,7 @@ def _evaluation_stages(
     return [
         Stage(
             "zero-shot",
-            "zero-shot k-NN regression + MLP probe, against raw-input baselines and the controls",
+            "zero-shot k-NN regression and the paper's property table, against baselines and the controls",
             [reports / "zero-shot" / "report.json"],
             argv=[
                 "evaluate",

@@ -295,6 +295,17 @@ def test_independent_stages_run_side_by_side_and_resume_like_a_sequential_run(tm
         run_stages([], out, jobs=0)
 
 
+def test_a_stage_that_runs_alone_has_no_stage_beside_it(tmp_path):
+    met: dict[str, bool] = {}
+    stages = _meeting_stages(tmp_path, met, wait=0.2)
+    stages[0].alone = True
+    run_stages(stages, tmp_path / "demo", echo=lambda _: None, jobs=2)
+    assert met == {"a": False, "b": True}  # b started only after a finished
+    # The demo's spectrum pretraining runs alone; the baselines then run beside the alignment.
+    plan_ = {s.name: s for s in plan(tmp_path, DemoSettings(n=100))}
+    assert plan_["pretrain-spectrum"].alone and not plan_["baselines"].alone
+
+
 def _fake_commands(monkeypatch, tmp_path: Path) -> None:
     """Stage commands become small Python programs: `sleep` (records its pid, then sleeps long),
     `fail` (exits 3), `threads` (prints its OMP_NUM_THREADS)."""
