@@ -46,6 +46,7 @@ from encoders.astroclip.evaluate import (
     labelled_rows,
     mean_provabgs_r2,
     paper_property_names,
+    read_baselines,
     read_features,
     read_objects,
 )
@@ -262,6 +263,11 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="Train the supervised image CNN, spectrum conv+attention and photometry MLP (needs --raw-data).",
     )
+    table.add_argument(
+        "--baselines-from",
+        metavar="FILE",
+        help="Take the baselines from `foundation evaluate baselines` output instead of training them.",
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -277,6 +283,10 @@ def _run(args: argparse.Namespace) -> int:
         raise DataError(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
     if args.baselines and not (args.paper_table and args.raw_data):
         raise DataError("--baselines belongs to --paper-table and trains on --raw-data SHARDS; give both")
+    if args.baselines_from and (args.baselines or not args.paper_table):
+        raise DataError(
+            "--baselines-from belongs to --paper-table and replaces --baselines; give one of them"
+        )
     inputs = parse_labelled(args.embeddings, default_label="embeddings")
     raw = None
     if args.raw_data:
@@ -313,6 +323,7 @@ def _run(args: argparse.Namespace) -> int:
             baselines=args.baselines,
             raw_data=args.raw_data,
             raw_fields=parse_field_map(args.raw_fields, ["image", "spectrum"]),
+            baselines_from=args.baselines_from,
             seed=args.seed,
             command=command_line("evaluate zero-shot", args),
         )
@@ -362,6 +373,8 @@ class TableOptions:
     baselines: bool = False
     raw_data: str | None = None
     raw_fields: dict[str, str] | None = None
+    baselines_from: str | None = None
+    """A file of `foundation evaluate baselines` to take the baseline rows from instead of training."""
     seed: int = 0
     command: str = ""
     """The command line that asked for the table (its provenance)."""
@@ -399,7 +412,11 @@ def property_table(
             seed=options.seed,
         )
         results += [{"label": label, **r} for r in rows]
-    if options.baselines:
+    if options.baselines_from:
+        train_ids, test_ids = objects.ids[train_rows], objects.ids[test_rows]
+        rows = read_baselines(options.baselines_from, names, train_ids, test_ids)
+        results += [{"label": None, **r} for r in rows]
+    elif options.baselines:
         if not options.raw_data:
             raise DataError("--baselines trains on the raw inputs: give --raw-data SHARDS")
         raw = raw_arrays(options.raw_data, objects.ids.tolist(), options.raw_fields or {})

@@ -697,6 +697,92 @@ def baseline_property_rows(
     return rows
 
 
+#: `format` of the file `foundation evaluate baselines` writes (read back by `read_baselines`).
+BASELINES_FORMAT = "astroclip-baselines/1"
+
+
+def shard_objects(data: str | Path, names: Sequence[str], *, test_fraction: float, seed: int) -> Objects:
+    """Ids, targets and train/test rows of a shard set in the order `foundation export` writes them
+    (splits by name, then shard and sample order), so that baselines trained from the shards see the
+    same rows, in the same order, as an evaluation of the shards' export."""
+    from foundation.data.raw_inputs import iter_samples
+    from foundation.export import target_value
+
+    by_split: dict[str, list[tuple[str, list[float]]]] = {}
+    for split, key, sample in iter_samples(data):
+        by_split.setdefault(split, []).append((key, [target_value(sample, n) for n in names]))
+    ordered = [(split, key, values) for split in sorted(by_split) for key, values in by_split[split]]
+    ids = np.asarray([key for _, key, _ in ordered], dtype=object).astype(str)
+    split = np.asarray([s for s, _, _ in ordered], dtype=object).astype(str)
+    values = np.asarray([v for *_, v in ordered], dtype=np.float64).reshape(len(ordered), len(names))
+    train, test, how = train_test_rows(ids, split, test_fraction=test_fraction, seed=seed)
+    return Objects(ids, {n: values[:, i] for i, n in enumerate(names)}, train, test, how)
+
+
+def baselines_document(
+    names: Sequence[str],
+    train_ids: Sequence[str],
+    test_ids: Sequence[str],
+    rows: list[dict[str, Any]],
+    seed: int,
+) -> dict[str, Any]:
+    """The supervised baselines' rows as JSON: which objects they were trained and scored on (so that
+    an evaluation can check it uses the same split) and their test predictions."""
+    return {
+        "format": BASELINES_FORMAT,
+        "properties": list(names),
+        "seed": seed,
+        "train_ids": [str(i) for i in train_ids],
+        "test_ids": [str(i) for i in test_ids],
+        "rows": [{**r, "predictions": np.asarray(r["predictions"]).tolist()} for r in rows],
+    }
+
+
+def read_baselines(
+    path: str | Path, names: Sequence[str], train_ids: Sequence[str], test_ids: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Baseline rows written by `foundation evaluate baselines`, checked to be for these properties
+    and this exact train/test split (DataError saying what differs otherwise)."""
+    import json
+
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read the baselines file {path}: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("format") != BASELINES_FORMAT:
+        raise DataError(
+            f"{path} is not a baselines file of `foundation evaluate baselines` ({BASELINES_FORMAT})"
+        )
+    if doc.get("properties") != list(names):
+        raise DataError(f"{path} has baselines of {doc.get('properties')}, not of {list(names)}; rerun it")
+    for part, ids in (("train", train_ids), ("test", test_ids)):
+        if doc.get(f"{part}_ids") != [str(i) for i in ids]:
+            raise DataError(
+                f"{path}: the baselines' {part} objects differ from the embeddings' {part} split; "
+                "train them on the shard set these embeddings were exported from"
+            )
+    rows = doc.get("rows")
+    if not isinstance(rows, list):
+        raise DataError(f"{path}: 'rows' must be a list")
+    return [_baseline_row(path, r, len(test_ids), len(names)) for r in rows]
+
+
+def _baseline_row(path: str | Path, row: Any, n_test: int, n_names: int) -> dict[str, Any]:
+    fields = {"modality": str, "method": str, "r2": dict, "seconds": (int, float), "parameters": int}
+    if not isinstance(row, dict) or any(not isinstance(row.get(k), t) for k, t in fields.items()):
+        raise DataError(f"{path}: a baseline row lacks one of {', '.join(fields)} (or has the wrong type)")
+    try:
+        predictions = np.asarray(row.get("predictions"), dtype=np.float64)
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: the predictions of {row['method']!r} are not numbers") from None
+    if predictions.shape != (n_test, n_names):
+        raise DataError(
+            f"{path}: the predictions of {row['method']!r} have shape {predictions.shape}, "
+            f"expected ({n_test}, {n_names})"
+        )
+    return {**row, "k": None, "predictions": predictions}
+
+
 def mean_provabgs_r2(r2: dict[str, float]) -> float | None:
     """The paper's second number: the mean R² of the four PROVABGS properties (None if one is missing)."""
     if not all(name in r2 for name in PROVABGS_PROPERTIES):

@@ -91,11 +91,12 @@ def test_a_failing_stage_stops_with_its_log_and_leaves_no_marker(tmp_path):
 def test_plan_wires_controls_into_the_reports(tmp_path):
     settings = DemoSettings(n=100, spectrum_steps=3, align_steps=4)
     names = [s.name for s in plan(tmp_path, settings)]
-    assert names[:6] == [
+    assert names[:7] == [
         "synth",
         "prepare",
         "pretrain-spectrum",
         "pretrain-align",
+        "baselines",
         "export",
         "export-random-init",
     ]
@@ -105,7 +106,13 @@ def test_plan_wires_controls_into_the_reports(tmp_path):
     zero_shot = stages["zero-shot"].argv
     assert f"shuffled-pairs={tmp_path / 'embeddings' / 'shuffled.h5'}" in zero_shot
     assert "--raw-data" in zero_shot and set(stages["zero-shot"].after) >= {"export", "export-shuffled"}
-    assert {"--paper-table", "--baselines"} <= set(zero_shot) and "--paper-table" in stages["retrieval"].argv
+    assert {"--paper-table", "--baselines-from"} <= set(zero_shot) and "--paper-table" in stages[
+        "retrieval"
+    ].argv
+    # The baselines need only the shards (so they train beside the pretraining); zero-shot reads them.
+    baselines = stages["baselines"]
+    assert baselines.after == ["prepare"] and "baselines" in stages["zero-shot"].after
+    assert zero_shot[zero_shot.index("--baselines-from") + 1] == str(baselines.outputs[0])
     # The shuffled model is evaluated on the true pairs, and both alignments start from one tower.
     assert stages["export-shuffled"].argv[stages["export-shuffled"].argv.index("--data") + 1] == str(
         tmp_path / "shards"
@@ -239,3 +246,169 @@ def _browse_demo(out, oid: str) -> None:
         assert "Å" in client.get(f"/spectrum?object_id={oid}").get_json()["x_label"]
     finally:
         browser.close()
+
+
+# ----------------------------------------------------------------------------- stages side by side
+
+
+def _meeting_stages(tmp_path: Path, met: dict[str, bool], wait: float = 5.0) -> list[Stage]:
+    """a and b each wait (bounded) for the other to start: they meet only when run side by side;
+    c comes after both."""
+    import threading
+
+    started = {"a": threading.Event(), "b": threading.Event()}
+
+    def work(name: str, other: str):
+        def run() -> None:
+            started[name].set()
+            met[name] = started[other].wait(timeout=wait)
+            (tmp_path / f"{name}.txt").write_text(name)
+
+        return run
+
+    c = tmp_path / "c.txt"
+    return [
+        Stage("a", "first", [tmp_path / "a.txt"], func=work("a", "b"), key="a"),
+        Stage("b", "independent of a", [tmp_path / "b.txt"], func=work("b", "a"), key="b"),
+        Stage("c", "after both", [c], func=lambda: c.write_text("c"), key="c", after=["a", "b"]),
+    ]
+
+
+def test_independent_stages_run_side_by_side_and_resume_like_a_sequential_run(tmp_path):
+    met: dict[str, bool] = {}
+    out = tmp_path / "demo"
+    markers = run_stages(_meeting_stages(tmp_path, met), out, echo=lambda _: None, jobs=2)
+    assert met == {"a": True, "b": True}
+    assert [m["stage"] for m in markers] == ["a", "b", "c"]
+    assert markers[2]["upstream"] == {"a": markers[0]["run_id"], "b": markers[1]["run_id"]}
+    # The same fingerprints as one at a time (so either run resumes the other), and a re-run skips all.
+    alone: dict[str, bool] = {}
+    sequential = run_stages(
+        _meeting_stages(tmp_path, alone, wait=0.05), tmp_path / "seq", echo=lambda _: None
+    )
+    assert alone == {"a": False, "b": True}  # one at a time, a waits in vain
+    assert [m["fingerprint"] for m in sequential[:2]] == [m["fingerprint"] for m in markers[:2]]
+    lines: list[str] = []
+    run_stages(_meeting_stages(tmp_path, met), out, echo=lines.append, jobs=2)
+    assert len(lines) == 3 and all("skipped" in line for line in lines)
+    with pytest.raises(ValueError, match="jobs"):
+        run_stages([], out, jobs=0)
+
+
+def test_a_stage_that_runs_alone_has_no_stage_beside_it(tmp_path):
+    met: dict[str, bool] = {}
+    stages = _meeting_stages(tmp_path, met, wait=0.2)
+    stages[0].alone = True
+    run_stages(stages, tmp_path / "demo", echo=lambda _: None, jobs=2)
+    assert met == {"a": False, "b": True}  # b started only after a finished
+    # The demo's spectrum pretraining runs alone; the baselines then run beside the alignment.
+    plan_ = {s.name: s for s in plan(tmp_path, DemoSettings(n=100))}
+    assert plan_["pretrain-spectrum"].alone and not plan_["baselines"].alone
+
+
+def _fake_commands(monkeypatch, tmp_path: Path) -> None:
+    """Stage commands become small Python programs: `sleep` (records its pid, then sleeps long),
+    `fail` (exits 3), `threads` (prints its OMP_NUM_THREADS)."""
+    import sys
+
+    from foundation import stages
+
+    programs = {
+        "sleep": f"import os, time; open({str(tmp_path / 'pid')!r}, 'w').write(str(os.getpid())); "
+        "time.sleep(600)",
+        "fail": "import time, sys; time.sleep(0.5); sys.exit(3)",
+        "threads": "import os; print('threads', os.environ.get('OMP_NUM_THREADS'))",
+    }
+    monkeypatch.setattr(stages, "_command_line", lambda argv: [sys.executable, "-c", programs[argv[0]]])
+
+
+def test_a_failing_stage_stops_the_one_beside_it(tmp_path, monkeypatch):
+    import os
+    import threading
+
+    _fake_commands(monkeypatch, tmp_path)
+    out = tmp_path / "demo"
+    plan_ = [
+        Stage("long", "runs long", [tmp_path / "never-long"], argv=["sleep"]),
+        Stage("bad", "fails", [tmp_path / "never-bad"], argv=["fail"]),
+        Stage("later", "after both", [tmp_path / "never-later"], argv=["threads"], after=["long", "bad"]),
+    ]
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            run_stages(plan_, out, echo=lambda _: None, jobs=2)
+        except StageFailed as exc:
+            errors.append(exc)
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    runner.join(timeout=60)
+    assert not runner.is_alive(), "the failure did not stop the other stage"
+    assert len(errors) == 1 and "exit 3" in str(errors[0]) and "bad.log" in str(errors[0])
+    pid = int((tmp_path / "pid").read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert not (out / ".stages").exists() or not list((out / ".stages").iterdir())
+    assert not (out / "logs" / "later.log").exists()
+
+
+def test_stages_side_by_side_share_the_cores_and_one_alone_keeps_the_default(tmp_path, monkeypatch):
+    import os
+
+    _fake_commands(monkeypatch, tmp_path)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+
+    def stage(name: str, after: list[str] | None = None) -> Stage:
+        marker = tmp_path / f"{name}.out"
+        return Stage(
+            name, name, [tmp_path], argv=["threads", name], after=after or [], inputs=[], key=str(marker)
+        )
+
+    out = tmp_path / "demo"
+    run_stages([stage("x"), stage("y"), stage("alone", ["x", "y"])], out, echo=lambda _: None, jobs=2)
+    assert "threads 1" in (out / "logs" / "x.log").read_text()
+    assert "threads 1" in (out / "logs" / "y.log").read_text()
+    assert "threads None" in (out / "logs" / "alone.log").read_text()
+    # A thread count the user set is left alone.
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    run_stages([stage("p"), stage("q")], tmp_path / "again", echo=lambda _: None, jobs=2)
+    assert "threads 3" in (tmp_path / "again" / "logs" / "p.log").read_text()
+
+
+def test_terminating_the_demo_stops_the_stage_it_runs(tmp_path):
+    """`kill PID` of the process running the stages takes their commands down with it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "pid"
+    script = f"""
+import sys
+from pathlib import Path
+from foundation import stages
+sleeper = "import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(600)"
+stages._command_line = lambda argv: [sys.executable, "-c", sleeper]
+plan = [stages.Stage("long", "sleeps", [Path("never")], argv=["x"])]
+stages.run_stages(plan, Path({str(tmp_path / "out")!r}))
+"""
+    runner = subprocess.Popen([sys.executable, "-c", script])
+    for _ in range(300):  # the sleeper is up once it wrote its pid
+        if pid_file.exists() and pid_file.read_text():
+            break
+        time.sleep(0.1)
+    runner.send_signal(signal.SIGTERM)
+    assert runner.wait(timeout=60) != 0
+    sleeper = int(pid_file.read_text())
+    for _ in range(100):
+        try:
+            os.kill(sleeper, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(sleeper, signal.SIGKILL)
+        pytest.fail("the stage's command outlived the demo")
