@@ -3,7 +3,7 @@
     synth astroclip → prepare astroclip → pretrain (SpecFormer masked modelling) → pretrain
     (contrastive alignment) → export (+ random-init control [+ shuffled-pair control]) → search
     index + an example query → zero-shot regression report → retrieval report → summary,
-    and the property table's supervised baselines (after prepare, beside the pretraining)
+    and the property table's supervised baselines (after prepare, beside the alignment)
 
 Each stage is one `foundation ...` command run by the stage engine `foundation.stages` (a child
 process each, output in `DIR/logs/<stage>.log`, a marker in `DIR/.stages/<stage>.json` when it
@@ -65,7 +65,7 @@ class DemoSettings:
     extra_pretrain: tuple[str, ...] = ()
     """Dotted overrides added to both pretraining commands (e.g. data.num_workers=0)."""
     jobs: int = 2
-    """Independent stages run side by side (the baselines beside the spectrum pretraining)."""
+    """Independent stages run side by side (the baselines beside the alignment and the exports)."""
 
 
 def training_precision(requested: str) -> str:

@@ -5,7 +5,7 @@ The baselines (an image CNN, a spectrum conv+attention model, a photometry MLP) 
 inputs and the catalogue, so they need no embeddings: this command trains them on the shards' recorded
 train split and writes their test predictions to one JSON file, which `foundation evaluate zero-shot
 --paper-table --baselines-from FILE` puts into the table after checking that its embeddings have the
-same train and test objects. `foundation demo` runs it beside the spectrum pretraining.
+same train and test objects. `foundation demo` runs it beside the alignment and the exports.
 """
 
 from __future__ import annotations
