@@ -28,6 +28,9 @@ Columns, at the tuned knob:
   throughput of --batch queries in one call on --threads threads, as a multiple of the single-query
   throughput (`batch x`), after one warm-up batch. IVF-Flat and scalar-code kinds answer the
   batch list-major (foundation/search/batched.py), PQ kinds with faiss's search.
+PQ kinds re-rank from the vectors in memory (the memmap) by default; `--rerank-from embeddings`
+writes the rows to an embeddings file with `foundation export`'s writer and re-ranks from it, as
+`foundation search query` does (the index column then reads `<kind> (h5)`).
 Times are wall-clock on a possibly shared machine: compare rows of one run, not runs.
 """
 
@@ -41,9 +44,12 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from foundation.embeddings import open_embeddings
+from foundation.search.files import stored_reader
 from foundation.search.index import VectorIndex
 from foundation.search.kinds import PQ_KINDS, import_faiss, is_ivf, query_knob
 from foundation.search.stream import ArraySource, build_streamed
@@ -135,12 +141,34 @@ def build(kind: str, base: np.ndarray, args: argparse.Namespace, work: Path) -> 
     return VectorIndex.build(np.asarray(base), kind=kind, normalize=False, target_recall=args.target_recall)
 
 
+def write_embeddings(path: Path, base: np.ndarray) -> Path:
+    """`base` as an embeddings file (modality `v`), written as an export writes it."""
+    from foundation.embeddings import EmbeddingsWriter
+
+    with EmbeddingsWriter(path, overwrite=True) as writer:
+        for start in range(0, len(base), CHUNK):
+            stop = min(start + CHUNK, len(base))
+            writer.append([str(i) for i in range(start, stop)], {"v": np.asarray(base[start:stop])})
+        writer.finish()
+    return path
+
+
 def measure_row(
-    kind: str, base: np.ndarray, queries: np.ndarray, truth: np.ndarray, args: argparse.Namespace, label: str
+    kind: str,
+    base: np.ndarray,
+    queries: np.ndarray,
+    truth: np.ndarray,
+    args: argparse.Namespace,
+    label: str,
+    emb: Any = None,
 ) -> str:
     faiss = import_faiss()
     n, dim = base.shape
     index = build(kind, base, args, Path(args.workdir) / "search-bench-build")
+    shown_kind = kind
+    if emb is not None and kind in PQ_KINDS:
+        index.attach_vectors(stored_reader(emb, "v", normalize=False))
+        shown_kind = f"{kind} (h5)"
     m = index.meta
     knob = query_knob(kind)
     tuning = m.tuning or {}
@@ -161,7 +189,7 @@ def measure_row(
         tuned += " !"
     gb_1e8 = index_gb(kind, 10**8, dim, m.params, nlist=65536) if is_ivf(kind) else float("nan")
     return (
-        f"| {label:<9} | {n:>8} | {dim:>4} | {kind:<10} | {build_params:<32} | {m.build_seconds:>7.1f} "
+        f"| {label:<9} | {n:>8} | {dim:>4} | {shown_kind:<10} | {build_params:<32} | {m.build_seconds:>7.1f} "
         f"| {bytes_per_vector(kind, dim, m.params):>5.0f} | {index_gb(kind, n, dim, m.params):>5.2f} "
         f"| {gb_1e8:>11.1f} | {tuned:<11} | {tuning.get('recall', 1.0):>6.3f} | {rec:>9.3f} "
         f"| {np.percentile(lat, 50):>6.2f} | {np.percentile(lat, 99):>6.2f} | {single_qps:>7.0f} "
@@ -208,10 +236,16 @@ def run(args: argparse.Namespace) -> None:
                 )
                 truth = exact_knn(base, queries, args.k)
                 label = f"{data[:4]} {effective_dimension(base[: min(n, 20_000)]):.1f}"
+                emb = None
+                if args.rerank_from == "embeddings" and any(k in PQ_KINDS for k in kinds):
+                    emb = open_embeddings(write_embeddings(path.with_suffix(".h5"), base))
                 for kind in kinds:
                     if not is_ivf(kind) and n > args.inmemory_max_n:
                         continue
-                    print(measure_row(kind, base, queries, truth, args, label), flush=True)
+                    print(measure_row(kind, base, queries, truth, args, label, emb), flush=True)
+                if emb is not None:
+                    emb.close()
+                    emb.path.unlink()
                 del base
                 path.unlink()
                 print(f"# after {data} N={n} dim={dim}: load average {load_average()}", flush=True)
@@ -268,6 +302,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--inmemory-max-n", type=float, default=1e5, help="Largest N for flat/HNSW kinds.")
     parser.add_argument("--workdir", default=tempfile.gettempdir(), help="Where the vector memmaps go.")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--rerank-from",
+        choices=("memory", "embeddings"),
+        default="memory",
+        help="Where PQ kinds read the vectors they re-rank: the memmap, or an embeddings file.",
+    )
     args = parser.parse_args(argv)
     if args.command == "fit":
         fit(args)

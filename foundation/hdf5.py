@@ -218,3 +218,92 @@ def hdf5_open_error(where: str, exc: OSError) -> DataError:
             f"copy it again ({message})"
         )
     return DataError(f"{where}: cannot open as HDF5 ({message})")
+
+
+class MappedRows:
+    """Rows of an unfiltered 2-D HDF5 dataset read at random through a memory map of its file.
+
+    h5py reads an arbitrary list of rows as one hyperslab selection per row, about 0.2 ms each:
+    re-ranking 640 candidates from an embeddings file cost ~100 ms, twenty times the index search.
+    Uncompressed data lies in the file as plain arrays (one contiguous block, or one block per
+    chunk of whole rows), so a row is a byte range at a computed offset: read from the page cache
+    it costs a copy. `MappedRows.of` builds the offset table once and returns None for a layout it
+    cannot map (filters, compact storage, chunks that split rows); every offset and size from the
+    file is checked against the file's length first.
+    """
+
+    def __init__(self, path: str | Path, ds: Any, block_rows: int, block_offsets: Any) -> None:
+        import numpy as np
+
+        self.dtype = ds.dtype
+        self.dim = int(ds.shape[1])
+        self.row_bytes = self.dim * self.dtype.itemsize
+        self.block_rows = block_rows
+        self.block_offsets = block_offsets
+        self._map = np.memmap(path, mode="r", dtype=np.uint8)
+
+    @classmethod
+    def of(cls, path: str | Path, ds: Any, rows: int) -> MappedRows | None:
+        """A reader of the first `rows` rows of `ds` (stored in the file at `path`), or None."""
+        import h5py
+        import numpy as np
+
+        if ds.ndim != 2 or rows == 0 or ds.dtype.kind not in "fiu":
+            return None
+        plist = ds.id.get_create_plist()
+        if plist.get_nfilters() or plist.get_layout() == h5py.h5d.COMPACT:
+            return None
+        row_bytes = int(ds.shape[1]) * ds.dtype.itemsize
+        if ds.chunks is None:
+            offset = ds.id.get_offset()
+            if offset is None:
+                return None
+            block_rows, offsets = rows, np.asarray([offset], dtype=np.int64)
+        else:
+            if ds.chunks[1] != ds.shape[1]:
+                return None
+            block_rows = int(ds.chunks[0])
+            offsets = _chunk_offsets(ds, block_rows, -(-rows // block_rows), block_rows * row_bytes)
+            if offsets is None:
+                return None
+        if offsets.min() < 0 or int(offsets.max()) + block_rows * row_bytes > os.path.getsize(path):
+            return None
+        return cls(path, ds, block_rows, offsets)
+
+    def read(self, rows: Any) -> Any:
+        """The rows (int array, each checked by the caller to be in range) in the dataset's dtype."""
+        import numpy as np
+
+        rows = np.asarray(rows, dtype=np.int64)
+        starts = self.block_offsets[rows // self.block_rows] + (rows % self.block_rows) * self.row_bytes
+        out = np.empty((len(rows), self.dim), dtype=self.dtype)
+        flat = out.view(np.uint8).reshape(len(rows), self.row_bytes)
+        for i, start in enumerate(starts.tolist()):
+            flat[i] = self._map[start : start + self.row_bytes]
+        return out
+
+    def close(self) -> None:
+        self._map = None
+
+
+def _chunk_offsets(ds: Any, chunk_rows: int, n_chunks: int, chunk_bytes: int) -> Any:
+    """File offsets of the first `n_chunks` chunks of whole rows, or None when one is missing,
+    filtered or not of the plain size."""
+    import numpy as np
+
+    offsets = np.full(n_chunks, -1, dtype=np.int64)
+    plain = True
+
+    def visit(info: Any) -> None:
+        nonlocal plain
+        index = info.chunk_offset[0] // chunk_rows
+        if index < n_chunks:
+            plain &= info.filter_mask == 0 and info.size == chunk_bytes and info.byte_offset is not None
+            offsets[index] = info.byte_offset if info.byte_offset is not None else -1
+
+    if hasattr(ds.id, "chunk_iter"):
+        ds.id.chunk_iter(visit)
+    else:
+        for i in range(ds.id.get_num_chunks()):
+            visit(ds.id.get_chunk_info(i))
+    return offsets if plain and offsets.min() >= 0 else None

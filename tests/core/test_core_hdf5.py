@@ -179,3 +179,49 @@ def test_missing_storage_checks_the_rows_asked_for(tmp_path):
         zeros = f.create_dataset("zeros", data=np.zeros((1 << 18, 2), "f4"), compression="gzip")
         assert missing_storage(zeros) is None
         assert "compressed into" in missing_storage(zeros, 1 << 18, max_ratio=256)
+
+
+def test_mapped_rows_read_what_h5py_reads_for_every_mappable_layout(tmp_path):
+    from foundation.hdf5 import MappedRows
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1000, 24)).astype(np.float32)
+    path = tmp_path / "rows.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("chunked", data=x, chunks=(64, 24), maxshape=(None, 24))
+        f.create_dataset("contiguous", data=x)
+        f.create_dataset("big_endian", data=x.astype(">f8"))
+        f.create_dataset("gzip", data=x, chunks=(64, 24), compression="gzip")
+        f.create_dataset("split_rows", data=x, chunks=(64, 8))
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_layout(h5py.h5d.COMPACT)
+        space = h5py.h5s.create_simple((4, 24))
+        h5py.h5d.create(f.id, b"compact", h5py.h5t.IEEE_F32LE, space, dcpl=dcpl).write(
+            h5py.h5s.ALL, h5py.h5s.ALL, np.ascontiguousarray(x[:4])
+        )
+    rows = np.r_[rng.integers(0, 1000, 300), 0, 999, 999, 63, 64]
+    with h5py.File(path, "r") as f:
+        for name in ("chunked", "contiguous", "big_endian"):
+            mapped = MappedRows.of(path, f[name], 1000)
+            assert mapped is not None, name
+            got = mapped.read(rows)
+            assert got.dtype == f[name].dtype
+            np.testing.assert_array_equal(got, x[rows].astype(f[name].dtype))
+            assert mapped.read(np.zeros(0, np.int64)).shape == (0, 24)
+        for name in ("gzip", "split_rows", "compact"):
+            assert MappedRows.of(path, f[name], len(f[name])) is None, name
+
+
+def test_mapped_rows_refuse_offsets_beyond_the_file(tmp_path):
+    from foundation.hdf5 import MappedRows
+
+    path = tmp_path / "rows.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("x", data=np.ones((100, 8), np.float32))
+    copy = tmp_path / "short.h5"
+    with h5py.File(path, "r") as f:
+        offset = f["x"].id.get_offset()
+    copy.write_bytes(path.read_bytes()[: offset + 100])  # the data block cut short
+    with h5py.File(path, "r") as f:
+        assert MappedRows.of(copy, f["x"], 100) is None
+        assert MappedRows.of(path, f["x"], 100) is not None
