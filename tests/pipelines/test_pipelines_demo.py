@@ -308,7 +308,7 @@ def test_a_stage_that_runs_alone_has_no_stage_beside_it(tmp_path):
 
 def _fake_commands(monkeypatch, tmp_path: Path) -> None:
     """Stage commands become small Python programs: `sleep` (records its pid, then sleeps long),
-    `fail` (exits 3), `threads` (prints its OMP_NUM_THREADS)."""
+    `fail` (exits 3 once `sleep` has recorded its pid), `threads` (prints its OMP_NUM_THREADS)."""
     import sys
 
     from foundation import stages
@@ -316,7 +316,10 @@ def _fake_commands(monkeypatch, tmp_path: Path) -> None:
     programs = {
         "sleep": f"import os, time; open({str(tmp_path / 'pid')!r}, 'w').write(str(os.getpid())); "
         "time.sleep(600)",
-        "fail": "import time, sys; time.sleep(0.5); sys.exit(3)",
+        # fails once `sleep` is up (bounded), so that there is a running stage to stop
+        "fail": f"import os, sys, time\npid = {str(tmp_path / 'pid')!r}\nfor _ in range(400):\n"
+        "    if os.path.exists(pid) and os.path.getsize(pid):\n        break\n"
+        "    time.sleep(0.05)\nsys.exit(3)",
         "threads": "import os; print('threads', os.environ.get('OMP_NUM_THREADS'))",
     }
     monkeypatch.setattr(stages, "_command_line", lambda argv: [sys.executable, "-c", programs[argv[0]]])
