@@ -294,7 +294,9 @@ def test_cli_refuses_an_index_of_another_file(fixture_set, tmp_path, capsys):
 def test_cli_serves_until_interrupted(fixture_set):
     """The command itself: prints where to browse, answers there, stops cleanly on Ctrl-C."""
     index, emb, shards, _ = fixture_set
-    argv = [sys.executable, "-m", "foundation.cli", "search", "serve", str(index), "--embeddings", str(emb)]
+    # -X faulthandler: a server that does not stop is made to print every thread's stack (SIGABRT).
+    argv = [sys.executable, "-X", "faulthandler", "-m", "foundation.cli", "search", "serve", str(index)]
+    argv += ["--embeddings", str(emb)]
     proc = subprocess.Popen(
         [*argv, "--data", str(shards), "--port", "0"],
         stdout=subprocess.PIPE,
@@ -313,8 +315,15 @@ def test_cli_serves_until_interrupted(fixture_set):
         with pytest.raises(urllib.error.HTTPError) as bad:
             urllib.request.urlopen(url + "query?object_id=nope&modality=image", timeout=30)
         assert bad.value.code == 404 and "unknown object id" in json.load(bad.value)["error"]
+        bad.value.close()  # no connection left open (HTTP/1.1 keep-alive) when the server stops
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 0
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            proc.wait(timeout=30)
+            pytest.fail("the server did not stop on Ctrl-C; its threads:\n" + proc.stdout.read()[-8000:])
+        assert code == 0
         assert "stopped" in proc.stdout.read()
     finally:
         proc.kill()
