@@ -20,19 +20,19 @@ import queue
 import resource
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from foundation.atomic import write_json
 from foundation.errors import FoundationError
+from foundation.signals import sigterm_as_interrupt
 
 MARKERS = ".stages"
 
@@ -224,26 +224,8 @@ def run_stages(
     out.mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
     scheduler = _Scheduler(stages, out, echo, _RunOptions(in_process=in_process), 1 if in_process else jobs)
-    with _terminate_as_interrupt():
+    with sigterm_as_interrupt():
         return scheduler.run()
-
-
-@contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM (`kill`, a batch system's stop) raised as KeyboardInterrupt in the main thread, so
-    that the running stages' commands are stopped with it instead of left running on their own."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 class _Scheduler:

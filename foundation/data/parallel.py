@@ -18,14 +18,14 @@ block aborts and publishes nothing.
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing
 import signal
-import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any, TypeVar
+
+from foundation.signals import sigterm_as_interrupt
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -61,7 +61,7 @@ def ordered_map(
     )
     pending: deque[Future] = deque()
     try:
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             for item in items:
                 pending.append(pool.submit(_run_unit, fn, item))
                 if len(pending) >= limit:
@@ -102,20 +102,3 @@ def _stop(pool: ProcessPoolExecutor, pending: deque[Future]) -> None:
     for future in pending:
         future.cancel()
     pool.shutdown(wait=True, cancel_futures=True)
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """While the map runs, SIGTERM raises KeyboardInterrupt here, so `with` blocks clean up."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
