@@ -51,6 +51,7 @@ def _check_host(host: str) -> None:
 def _run(args: argparse.Namespace) -> int:
     from foundation.data.raw_inputs import parse_field_map
     from foundation.search.serve import SearchBrowser, create_app, make_server, require_flask
+    from foundation.signals import sigterm_as_interrupt
 
     require_flask()
     fields = parse_field_map(args.fields, []) if args.fields else None
@@ -70,7 +71,8 @@ def _run(args: argparse.Namespace) -> int:
         host = f"[{args.host}]" if ":" in args.host else args.host
         print(f"browse at http://{host}:{server.server_port}/  (Ctrl-C to stop)", flush=True)
         try:
-            server.serve_forever()  # werkzeug's server returns on Ctrl-C
+            with sigterm_as_interrupt():  # `kill` stops it as Ctrl-C does
+                server.serve_forever()  # werkzeug's server returns on Ctrl-C
         finally:
             server.server_close()
         print("stopped")

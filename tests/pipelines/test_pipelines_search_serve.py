@@ -291,8 +291,9 @@ def test_cli_refuses_an_index_of_another_file(fixture_set, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_cli_serves_until_interrupted(fixture_set):
-    """The command itself: prints where to browse, answers there, stops cleanly on Ctrl-C."""
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
+def test_cli_serves_until_interrupted(fixture_set, stop):
+    """The command itself: prints where to browse, answers there, stops cleanly on Ctrl-C or kill."""
     index, emb, shards, _ = fixture_set
     # -X faulthandler: a server that does not stop is made to print every thread's stack (SIGABRT).
     argv = [sys.executable, "-X", "faulthandler", "-m", "foundation.cli", "search", "serve", str(index)]
@@ -302,6 +303,9 @@ def test_cli_serves_until_interrupted(fixture_set):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # SIGINT as a terminal delivers it: a shell starts background jobs (CI run with `&`) with
+        # SIGINT ignored, and Python then installs no Ctrl-C handler.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         lines = []
@@ -316,13 +320,15 @@ def test_cli_serves_until_interrupted(fixture_set):
             urllib.request.urlopen(url + "query?object_id=nope&modality=image", timeout=30)
         assert bad.value.code == 404 and "unknown object id" in json.load(bad.value)["error"]
         bad.value.close()  # no connection left open (HTTP/1.1 keep-alive) when the server stops
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         try:
             code = proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGABRT)
             proc.wait(timeout=30)
-            pytest.fail("the server did not stop on Ctrl-C; its threads:\n" + proc.stdout.read()[-8000:])
+            pytest.fail(
+                f"the server did not stop on {stop.name}; its threads:\n" + proc.stdout.read()[-8000:]
+            )
         assert code == 0
         assert "stopped" in proc.stdout.read()
     finally:
