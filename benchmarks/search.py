@@ -131,6 +131,7 @@ def build(kind: str, base: np.ndarray, args: argparse.Namespace, work: Path) -> 
     if is_ivf(kind):
         nlist = min(args.max_nlist, 2 ** round(math.log2(4 * math.sqrt(n))), n // 39)
         params = {"nlist": nlist, "train_points": min(n, max(64 * nlist, 1 << 16 if kind in PQ_KINDS else 0))}
+        params.update(dict(args.param))
         shutil.rmtree(work, ignore_errors=True)
         index = build_streamed(
             ArraySource(base), work, kind=kind, params=params, normalize=False,
@@ -251,6 +252,14 @@ def run(args: argparse.Namespace) -> None:
                 print(f"# after {data} N={n} dim={dim}: load average {load_average()}", flush=True)
 
 
+def name_value(text: str) -> tuple[str, int]:
+    """`--param NAME=VALUE` with an integer value (every IVF/PQ build parameter is one)."""
+    name, sep, value = text.partition("=")
+    if not sep or not value.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=INTEGER (e.g. rerank=256)")
+    return name, int(value)
+
+
 def load_average() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
@@ -302,6 +311,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--inmemory-max-n", type=float, default=1e5, help="Largest N for flat/HNSW kinds.")
     parser.add_argument("--workdir", default=tempfile.gettempdir(), help="Where the vector memmaps go.")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        type=name_value,
+        metavar="NAME=VALUE",
+        help="A build parameter of the IVF/PQ kinds, as `search build --param` (e.g. rerank=256).",
+    )
     parser.add_argument(
         "--rerank-from",
         choices=("memory", "embeddings"),
