@@ -3,6 +3,7 @@
     python benchmarks/search.py [--data realistic,random] [--dims 512,1024] [--sizes 1e5,1e6]
         [--kinds flat,ivf,ivf-sq8,ivf-pq,opq-ivf-pq] [--queries 200] [--batch 1000] [--threads 2]
         [--model benchmarks/search_embeddings.json] [--max-nlist 1024] [--workdir /tmp]
+        [--target-recall 0.95] [--param NAME=VALUE ...] [--rerank-from memory|embeddings]
     python benchmarks/search.py fit --embeddings EMB.h5 --modality spectrum \\
         --out benchmarks/search_embeddings.json
 
