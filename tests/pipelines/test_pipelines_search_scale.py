@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from foundation.cli import main
-from foundation.embeddings import merge_embeddings
 from foundation.errors import ConfigError, DataError
 from foundation.search import gpu
 from foundation.search.files import query
@@ -22,7 +21,7 @@ from foundation.search.synthetic import (
     generate,
     with_effective_dimension,
 )
-from tests.testkit.embeddings import latent_embeddings, write_embeddings
+from tests.testkit.embeddings import export_parts
 
 PQ = {"nlist": 16, "pq_m": 4, "pq_bits": 4}
 
@@ -86,19 +85,9 @@ def test_pq_reranking_reads_the_stored_vectors():
     assert hits(rows) > hits(plain)
 
 
-def _parts(tmp_path):
-    """Two part files of one export (disjoint ids, like `export` array tasks write) and their merge."""
-    paths = []
-    for part, (n, seed) in enumerate([(700, 0), (600, 1)]):
-        data = latent_embeddings(n=n, seed=seed)
-        data["ids"] = [f"p{part}-{oid}" for oid in data["ids"]]
-        paths.append(write_embeddings(tmp_path / f"emb.part-{part:05d}-of-00002.h5", data))
-    return paths, merge_embeddings(paths, tmp_path / "emb.h5")
-
-
 @pytest.mark.slow
 def test_cli_builds_from_export_parts_in_steps_and_queries(tmp_path, capsys):
-    (a, b), merged = _parts(tmp_path)
+    (a, b), merged = export_parts(tmp_path)
     out = tmp_path / "index"
     common = ["search", "build", "--embeddings", str(a), "--embeddings", str(b), "--modality", "spectrum"]
     common += ["--out", str(out), "--kind", "ivf-pq", "--param", "nlist=16", "--param", "pq_m=4"]
@@ -122,7 +111,7 @@ def test_cli_builds_from_export_parts_in_steps_and_queries(tmp_path, capsys):
 
 
 def test_cli_refuses_a_sharded_graph_index(tmp_path, capsys):
-    (a, _), _ = _parts(tmp_path)
+    (a, _), _ = export_parts(tmp_path)
     argv = ["search", "build", "--embeddings", str(a), "--modality", "image", "--out", str(tmp_path / "i")]
     assert main([*argv, "--kind", "hnsw", "--shards", "2"]) == 2
     assert "cannot be built streamed or sharded" in capsys.readouterr().err

@@ -18,11 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from foundation.embeddings import merge_embeddings
 from foundation.search.files import query
 from foundation.search.index import VectorIndex
 from tests.testkit import REPO, child_env
-from tests.testkit.embeddings import latent_embeddings, write_embeddings
+from tests.testkit.embeddings import export_parts
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -30,16 +29,6 @@ SCRIPT = REPO / "slurm" / "search-index.sbatch"
 SHARDS = 3
 BUILD_ARGS = "--param nlist=16 --tune-sample 60 --seed 4"
 JOB_TIMEOUT_S = 180
-
-
-def _parts(folder: Path) -> tuple[list[Path], Path]:
-    """Two part files of one export, as `export` array tasks write them, and their merge."""
-    paths = []
-    for part, (n, seed) in enumerate([(700, 0), (600, 1)]):
-        data = latent_embeddings(n=n, seed=seed)
-        data["ids"] = [f"p{part}-{oid}" for oid in data["ids"]]
-        paths.append(write_embeddings(folder / f"emb.part-{part:05d}-of-00002.h5", data))
-    return paths, merge_embeddings(paths, folder / "emb.h5")
 
 
 def _job_env(parts: list[Path], out: Path, **extra: str) -> dict[str, str]:
@@ -95,7 +84,7 @@ def _logs(folder: Path) -> str:
 
 
 def test_search_index_job_runs_in_shards_and_resumes_after_an_interruption(slurm, tmp_path):
-    parts, merged = _parts(tmp_path)
+    parts, merged = export_parts(tmp_path)
     out = tmp_path / "index"
     jobs = tmp_path / "jobs"
     jobs.mkdir()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from foundation.embeddings import EmbeddingsWriter
+from foundation.embeddings import EmbeddingsWriter, merge_embeddings
 
 
 def latent_embeddings(n: int = 400, dim: int = 16, noise: float = 0.05, seed: int = 0) -> dict:
@@ -39,3 +39,14 @@ def write_embeddings(path: Path, data: dict, chunk: int = 128, **attrs) -> Path:
             split=data["split"][sl] if data.get("split") is not None else None,
         )
     return writer.finish()
+
+
+def export_parts(folder: Path) -> tuple[list[Path], Path]:
+    """Two part files of one export (disjoint ids, as `export` array tasks write them) and their
+    merge: the input of a streamed or sharded index build."""
+    paths = []
+    for part, (n, seed) in enumerate([(700, 0), (600, 1)]):
+        data = latent_embeddings(n=n, seed=seed)
+        data["ids"] = [f"p{part}-{oid}" for oid in data["ids"]]
+        paths.append(write_embeddings(folder / f"emb.part-{part:05d}-of-00002.h5", data))
+    return paths, merge_embeddings(paths, folder / "emb.h5")
