@@ -292,18 +292,11 @@ def _chunk_offsets(ds: Any, chunk_rows: int, n_chunks: int, chunk_bytes: int) ->
     import numpy as np
 
     offsets = np.full(n_chunks, -1, dtype=np.int64)
-    plain = True
-
-    def visit(info: Any) -> None:
-        nonlocal plain
+    for info in _chunks(ds):
         index = info.chunk_offset[0] // chunk_rows
-        if index < n_chunks:
-            plain &= info.filter_mask == 0 and info.size == chunk_bytes and info.byte_offset is not None
-            offsets[index] = info.byte_offset if info.byte_offset is not None else -1
-
-    if hasattr(ds.id, "chunk_iter"):
-        ds.id.chunk_iter(visit)
-    else:
-        for i in range(ds.id.get_num_chunks()):
-            visit(ds.id.get_chunk_info(i))
-    return offsets if plain and offsets.min() >= 0 else None
+        if index >= n_chunks:
+            continue
+        if info.filter_mask or info.size != chunk_bytes or info.byte_offset is None:
+            return None
+        offsets[index] = info.byte_offset
+    return offsets if offsets.min() >= 0 else None
