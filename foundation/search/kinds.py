@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from typing import Any
@@ -34,8 +35,10 @@ _PARAM_MAX = {
 }
 
 
+@functools.cache
 def import_faiss() -> Any:
-    """faiss, without its INFO-level log lines about which CPU build it loaded."""
+    """faiss, without its INFO-level log lines about which CPU build it loaded (set once: setting a
+    logger's level clears the logging caches, and list-major search asks for faiss once a list)."""
     import logging
 
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
