@@ -45,11 +45,10 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from foundation.embeddings import open_embeddings
+from foundation.embeddings import Embeddings, EmbeddingsWriter, open_embeddings
 from foundation.search.files import stored_reader
 from foundation.search.index import VectorIndex
 from foundation.search.kinds import PQ_KINDS, import_faiss, is_ivf, query_knob
@@ -145,8 +144,6 @@ def build(kind: str, base: np.ndarray, args: argparse.Namespace, work: Path) -> 
 
 def write_embeddings(path: Path, base: np.ndarray) -> Path:
     """`base` as an embeddings file (modality `v`), written as an export writes it."""
-    from foundation.embeddings import EmbeddingsWriter
-
     with EmbeddingsWriter(path, overwrite=True) as writer:
         for start in range(0, len(base), CHUNK):
             stop = min(start + CHUNK, len(base))
@@ -162,7 +159,7 @@ def measure_row(
     truth: np.ndarray,
     args: argparse.Namespace,
     label: str,
-    emb: Any = None,
+    emb: Embeddings | None = None,
 ) -> str:
     faiss = import_faiss()
     n, dim = base.shape
