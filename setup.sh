@@ -15,5 +15,8 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
     echo "setup: installing the CPU build of torch 2.13.0"
     "$PY" -m pip install --quiet "torch==2.13.0" ${TORCH_INDEX:+--index-url "$TORCH_INDEX"}
 fi
-"$PY" -m pip install --quiet -e ".[dev]"
+# The installed torch is pinned on this line: left free, pip's resolver may backtrack out of an
+# fsspec/s3fs conflict by replacing it with a newer (CUDA, several GB) build.
+TORCH_VERSION=$("$PY" -c "import torch; print(torch.__version__.split('+')[0])")
+"$PY" -m pip install --quiet -e ".[dev]" "torch==$TORCH_VERSION"
 "$PY" -c "import torch, foundation; print(f'setup: ok (torch {torch.__version__}, foundation {foundation.__version__}); activate with: . $VENV/bin/activate')"
