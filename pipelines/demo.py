@@ -47,8 +47,8 @@ ZERO_SHOT_LIGHTER = ("--no-mlp", "--no-supervised")
 
 @dataclass
 class DemoSettings:
-    """Sizes of the demo; the defaults take ~8 min on 2 cores with AMX (bf16), 13-17 min in fp32
-    elsewhere (docs/embeddings.md, "Time")."""
+    """Sizes of the demo; the defaults take ~6.5 min on 2 idle cores with AMX (bf16), 7.5 min on
+    the same CPU in fp32 and 10.5 min on an AVX2-only one (docs/embeddings.md, "Time")."""
 
     n: int = 5000
     spectrum_steps: int | None = None
@@ -70,7 +70,8 @@ class DemoSettings:
 
 def training_precision(requested: str) -> str:
     """The demo's pretraining precision: `auto` takes bf16 autocast where the CPU has AMX (about
-    1.45x the samples/s of fp32 in stage 1 there), fp32 elsewhere; a GPU run is bf16 either way."""
+    1.4x the samples/s of fp32 in stage 1 there), fp32 elsewhere (AVX-512-BF16 alone: 0.78x of
+    fp32; AVX2: emulated, 6x slower); a GPU run is bf16 either way."""
     from foundation.device import PRECISIONS, cpu_bf16_is_fast
 
     if requested not in PRECISIONS:
@@ -647,7 +648,7 @@ def _run(args: argparse.Namespace) -> int:
 COMMANDS = [
     Command(
         ("demo",),
-        "Run the whole AstroCLIP pipeline on built-in data (2 CPU cores: 8-17 min; re-running resumes).",
+        "Run the whole AstroCLIP pipeline on built-in data (2 idle CPU cores: 6-11 min; re-running resumes).",
         _add_arguments,
         _run,
     )

@@ -22,7 +22,7 @@ _SCALAR_CODES = {"-sq8": "SQ8", "-fp16": "SQfp16"}
 ADD_CHUNK = 20_000  # vectors per add() call: a progress bar step on long builds
 
 #: Upper bounds of index parameters: beyond them faiss allocates without limit (std::bad_alloc).
-_PARAM_MAX = {
+PARAM_MAX = {
     "M": 512,
     "efConstruction": 1 << 16,
     "efSearch": 1 << 16,
@@ -107,7 +107,7 @@ def default_params(kind: str, n: int, dim: int = 1024) -> dict[str, Any]:
 
 
 def check_params(kind: str, params: dict[str, Any]) -> None:
-    """Refuse `--param`s the kind does not have, and values beyond `_PARAM_MAX`."""
+    """Refuse `--param`s the kind does not have, and values beyond `PARAM_MAX`."""
     allowed = set(default_params(kind, 10_000, 1024))
     unknown = sorted(set(params) - allowed)
     if unknown:
@@ -120,8 +120,8 @@ def check_params(kind: str, params: dict[str, Any]) -> None:
             continue  # rerank=0: the PQ distances as they are
         if not isinstance(value, int) or value < 1:
             raise DataError(f"--param {key}={value!r} must be a positive integer")
-        if value > _PARAM_MAX[key]:
-            raise DataError(f"--param {key}={value} is beyond any sensible value (at most {_PARAM_MAX[key]})")
+        if value > PARAM_MAX[key]:
+            raise DataError(f"--param {key}={value} is beyond any sensible value (at most {PARAM_MAX[key]})")
 
 
 def factory_string(kind: str, p: dict[str, Any]) -> str:

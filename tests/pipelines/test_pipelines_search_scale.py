@@ -10,10 +10,17 @@ import pytest
 
 from foundation.cli import main
 from foundation.errors import ConfigError, DataError
-from foundation.search import gpu
+from foundation.search import gpu, stream
 from foundation.search.files import query
 from foundation.search.index import VectorIndex
-from foundation.search.stream import ArraySource, add_shard, build_streamed, merge_shards, plan_build
+from foundation.search.stream import (
+    ArraySource,
+    add_shard,
+    build_streamed,
+    max_auto_rerank,
+    merge_shards,
+    plan_build,
+)
 from foundation.search.synthetic import (
     EmbeddingModel,
     effective_dimension,
@@ -21,6 +28,7 @@ from foundation.search.synthetic import (
     generate,
     with_effective_dimension,
 )
+from foundation.search.tuning import RecallTargetWarning
 from tests.testkit.embeddings import export_parts
 
 PQ = {"nlist": 16, "pq_m": 4, "pq_bits": 4}
@@ -190,3 +198,22 @@ def test_fp16_and_fast_scan_kinds_build_streamed_and_in_memory(tmp_path, kind):
         assert type(streamed.index).__name__ == "IndexIVFPQFastScan" and streamed.meta.params["rerank"] >= 8
         with pytest.raises(DataError, match="4 bits"):
             VectorIndex.build(x, kind=kind, params={"nlist": 16, "pq_bits": 8})
+
+
+def test_rerank_cap_grows_with_the_rows():
+    sizes = (10, 10**6, 10**6 + 1, 4 * 10**6, 10**7, 10**8, 10**12)
+    assert [max_auto_rerank(n) for n in sizes] == [64, 64, 128, 128, 256, 1024, 1024]
+
+
+@pytest.mark.slow
+def test_streamed_tuning_doubles_rerank_up_to_the_cap_for_the_rows(tmp_path, monkeypatch):
+    # Random vectors in 2 x 4-bit codes: far too coarse to order neighbours, so the target needs
+    # more than 64 x k candidates (256 here).
+    x = np.random.default_rng(0).normal(size=(4000, 32)).astype(np.float32)
+    params = {"nlist": 8, "pq_m": 2, "pq_bits": 4}
+    with pytest.warns(RecallTargetWarning):
+        capped = build_streamed(ArraySource(x), tmp_path / "a", kind="ivf-pq", params=params, progress=False)
+    assert capped.meta.params["rerank"] == 64 and not capped.meta.tuning["reached"]
+    monkeypatch.setattr(stream, "max_auto_rerank", lambda n: 512)  # the cap of a larger index
+    grown = build_streamed(ArraySource(x), tmp_path / "b", kind="ivf-pq", params=params, progress=False)
+    assert 64 < grown.meta.params["rerank"] <= 512 and grown.meta.tuning["reached"]
