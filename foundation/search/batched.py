@@ -18,12 +18,15 @@ codes are scored through lookup tables, not vectors.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
 from foundation.search.kinds import import_faiss
+
+if TYPE_CHECKING:
+    import torch
 
 #: `VectorIndex.search` answers a batch list-major when its queries probe each list this many
 #: times on average (batch x nprobe >= this x nlist): with fewer, a list's product is a few
@@ -56,27 +59,29 @@ def worth_list_major(n_queries: int, nprobe: int, nlist: int) -> bool:
     return n_queries * min(nprobe, nlist) >= MIN_QUERIES_PER_LIST * nlist
 
 
-def list_vectors(ivf: Any, list_no: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, float32 vectors) of one inverted list: IVF-Flat's read in place, without a copy (valid
-    while the index is unchanged); scalar codes decoded (plus the centroid for residual codes)."""
+def list_vectors(ivf: Any, list_no: int) -> tuple[np.ndarray, torch.Tensor, np.ndarray | None]:
+    """(ids, float32 vectors, centroid or None) of one inverted list: IVF-Flat's read in place,
+    without a copy (valid while the index is unchanged); scalar codes decoded. Residual codes come
+    with their list's centroid: a score is then q . r + q . c, a shift per query, as faiss
+    computes it (cheaper than adding c to every vector)."""
+    import torch  # imported here: `search query` on a flat index never needs it
+
     faiss = import_faiss()
     invlists = ivf.invlists
     size = invlists.list_size(list_no)
     if size == 0:
-        return np.zeros(0, np.int64), np.zeros((0, ivf.d), np.float32)
+        return np.zeros(0, np.int64), torch.zeros((0, ivf.d)), None
     ids = faiss.rev_swig_ptr(invlists.get_ids(list_no), size)
     codes = faiss.rev_swig_ptr(invlists.get_codes(list_no), size * ivf.code_size).reshape(size, ivf.code_size)
     if isinstance(ivf, faiss.IndexIVFFlat):
-        return ids, codes.view(np.float32)
+        return ids, torch.from_numpy(codes.view(np.float32)), None
     if ivf.sq.qtype == faiss.ScalarQuantizer.QT_fp16:
-        import torch  # its conversion uses the CPU's fp16 instructions: 6x numpy's, 14x faiss's decode
-
-        vectors = torch.from_numpy(codes.view(np.float16)).float().numpy()
+        # torch's conversion uses the CPU's fp16 instructions: 6x numpy's, 14x faiss's decode
+        vectors = torch.from_numpy(codes.view(np.float16)).float()
     else:
-        vectors = ivf.sq.decode(codes)
-    if ivf.by_residual:
-        vectors += ivf.quantizer.reconstruct(int(list_no))
-    return ids, vectors
+        vectors = torch.from_numpy(ivf.sq.decode(codes))
+    centroid = ivf.quantizer.reconstruct(int(list_no)) if ivf.by_residual else None
+    return ids, vectors, centroid
 
 
 def batched_search(
@@ -84,11 +89,16 @@ def batched_search(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(scores, ids), each (Q, k), of `queries` (float32, C order) in an IVF index, list-major.
 
-    `index` must pass `list_major_index`. `workers` threads score disjoint sets of lists (numpy's
-    matrix product and partition release the GIL), each with one-thread BLAS and OpenMP (torch's
-    fp16 conversion): the products are small (a list's queries by its few hundred vectors), and
-    thread teams spinning up for each of them made a batch 5-10x slower.
+    `index` must pass `list_major_index`. `workers` threads score disjoint sets of lists (torch's
+    matrix product and numpy's partition release the GIL), each with one-thread BLAS and OpenMP
+    (torch's products and fp16 conversion; the caller's torch thread count is restored after):
+    the products are small (a list's queries by its few hundred vectors), and thread teams
+    spinning up for each of them made a batch 5-10x slower.
     """
+    # torch's products: 1.5x numpy's (OpenBLAS) on these shapes, 23 queries x 512 by 488 vectors,
+    # one thread, Intel Xeon.
+    import torch
+
     ivf = list_major_index(index)
     if ivf is None:
         raise TypeError(f"list-major search needs an inner-product IVF-Flat or IVF-SQ index, not {index}")
@@ -106,11 +116,17 @@ def batched_search(
     cand_ids = np.full((n_queries * nprobe, k), -1, dtype=np.int64)
 
     def score_lists(part: list[tuple[int, np.ndarray]]) -> None:
+        # A worker's OpenMP settings are its own, and MKL's thread count is global: torch's call
+        # sets both (threadpoolctl's per-thread limit left the products 15-20 % slower).
+        torch.set_num_threads(1)
         for list_no, pairs in part:
-            ids, vectors = list_vectors(ivf, list_no)
+            ids, vectors, centroid = list_vectors(ivf, list_no)
             if len(ids) == 0:
                 continue
-            scores = queries[pairs // nprobe] @ vectors.T
+            mine = queries[pairs // nprobe]
+            scores = torch.mm(torch.from_numpy(mine), vectors.T).numpy()
+            if centroid is not None:
+                scores += (mine @ centroid)[:, None]
             if len(ids) > k:
                 top = np.argpartition(scores, len(ids) - k, axis=1)[:, len(ids) - k :]
                 cand_scores[pairs] = np.take_along_axis(scores, top, axis=1)
@@ -120,12 +136,16 @@ def batched_search(
                 cand_ids[pairs, : len(ids)] = ids
 
     workers = max(1, min(int(workers), len(groups)))
-    with threadpool_limits(1):
-        if workers == 1:
-            score_lists(groups)
-        else:
-            with ThreadPoolExecutor(workers) as pool:
-                list(pool.map(score_lists, [groups[w::workers] for w in range(workers)]))
+    torch_threads = torch.get_num_threads()
+    try:
+        with threadpool_limits(1):
+            if workers == 1:
+                score_lists(groups)
+            else:
+                with ThreadPoolExecutor(workers) as pool:
+                    list(pool.map(score_lists, [groups[w::workers] for w in range(workers)]))
+    finally:
+        torch.set_num_threads(torch_threads)
     return merge_top_k(cand_scores.reshape(n_queries, -1), cand_ids.reshape(n_queries, -1), k)
 
 
