@@ -10,7 +10,8 @@ returns at the same nprobe (the same lists are scanned exhaustively); only equal
 in another order (here by ascending row), or another of them be kept at the k-th place.
 
 IVF-Flat lists are read in place (their codes are the float32 vectors); 8-bit and fp16 scalar
-codes are decoded once per list and batch (plus the list's centroid where codes are residuals).
+codes are decoded once per list and batch; where codes are residuals, q . centroid is added to
+each query's scores of that list.
 Inner-product indexes only (every index of this project). PQ kinds keep faiss's search: their
 codes are scored through lookup tables, not vectors.
 """
