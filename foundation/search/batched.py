@@ -10,8 +10,9 @@ returns at the same nprobe (the same lists are scanned exhaustively); only equal
 in another order (here by ascending row), or another of them be kept at the k-th place.
 
 IVF-Flat lists are read in place (their codes are the float32 vectors); 8-bit and fp16 scalar
-codes are decoded once per list and batch; where codes are residuals, q . centroid is added to
-each query's scores of that list.
+codes are decoded once per list and batch; where codes are residuals (r = x - c), a query's
+scores of a list are q . r plus its coarse score q . c, which the assignment already computed (as
+faiss adds it).
 Inner-product indexes only (every index of this project). PQ kinds keep faiss's search: their
 codes are scored through lookup tables, not vectors.
 """
@@ -60,29 +61,26 @@ def worth_list_major(n_queries: int, nprobe: int, nlist: int) -> bool:
     return n_queries * min(nprobe, nlist) >= MIN_QUERIES_PER_LIST * nlist
 
 
-def list_vectors(ivf: Any, list_no: int) -> tuple[np.ndarray, torch.Tensor, np.ndarray | None]:
-    """(ids, float32 vectors, centroid or None) of one inverted list: IVF-Flat's read in place,
-    without a copy (valid while the index is unchanged); scalar codes decoded. Residual codes come
-    with their list's centroid: a score is then q . r + q . c, a shift per query, as faiss
-    computes it (cheaper than adding c to every vector)."""
+def list_vectors(ivf: Any, list_no: int) -> tuple[np.ndarray, torch.Tensor]:
+    """(ids, float32 vectors) of one inverted list: IVF-Flat's read in place, without a copy (valid
+    while the index is unchanged); scalar codes decoded (residuals where `ivf.by_residual`)."""
     import torch  # imported here: `search query` on a flat index never needs it
 
     faiss = import_faiss()
     invlists = ivf.invlists
     size = invlists.list_size(list_no)
     if size == 0:
-        return np.zeros(0, np.int64), torch.zeros((0, ivf.d)), None
+        return np.zeros(0, np.int64), torch.zeros((0, ivf.d))
     ids = faiss.rev_swig_ptr(invlists.get_ids(list_no), size)
     codes = faiss.rev_swig_ptr(invlists.get_codes(list_no), size * ivf.code_size).reshape(size, ivf.code_size)
     if isinstance(ivf, faiss.IndexIVFFlat):
-        return ids, torch.from_numpy(codes.view(np.float32)), None
+        return ids, torch.from_numpy(codes.view(np.float32))
     if ivf.sq.qtype == faiss.ScalarQuantizer.QT_fp16:
         # torch's conversion uses the CPU's fp16 instructions: 6x numpy's, 14x faiss's decode
         vectors = torch.from_numpy(codes.view(np.float16)).float()
     else:
         vectors = torch.from_numpy(ivf.sq.decode(codes))
-    centroid = ivf.quantizer.reconstruct(int(list_no)) if ivf.by_residual else None
-    return ids, vectors, centroid
+    return ids, vectors
 
 
 def batched_search(
@@ -111,7 +109,8 @@ def batched_search(
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     n_queries = len(queries)
     nprobe = max(1, min(int(nprobe), int(ivf.nlist)))
-    _, probes = ivf.quantizer.search(queries, nprobe)
+    coarse, probes = ivf.quantizer.search(queries, nprobe)  # coarse: q . centroid of each pair
+    coarse = coarse.ravel()
     groups = pairs_by_list(probes)
     cand_scores = np.full((n_queries * nprobe, k), MISSING_SCORE, dtype=np.float32)
     cand_ids = np.full((n_queries * nprobe, k), -1, dtype=np.int64)
@@ -121,13 +120,12 @@ def batched_search(
         # sets both (threadpoolctl's per-thread limit left the products 15-20 % slower).
         torch.set_num_threads(1)
         for list_no, pairs in part:
-            ids, vectors, centroid = list_vectors(ivf, list_no)
+            ids, vectors = list_vectors(ivf, list_no)
             if len(ids) == 0:
                 continue
-            mine = queries[pairs // nprobe]
-            scores = torch.mm(torch.from_numpy(mine), vectors.T).numpy()
-            if centroid is not None:
-                scores += (mine @ centroid)[:, None]
+            scores = torch.mm(torch.from_numpy(queries[pairs // nprobe]), vectors.T).numpy()
+            if ivf.by_residual:
+                scores += coarse[pairs, None]
             if len(ids) > k:
                 top = np.argpartition(scores, len(ids) - k, axis=1)[:, len(ids) - k :]
                 cand_scores[pairs] = np.take_along_axis(scores, top, axis=1)
