@@ -32,6 +32,7 @@ from encoders.astroclip.evaluate import (
     MEAN_COLUMN,
     PAPER_K,
     PAPER_PROPERTIES,
+    PHOTOMETRY_KNN,
     PROVABGS_PROPERTIES,
     RAW_PCA_COMPONENTS,
     REFERENCE_K,
@@ -472,7 +473,13 @@ def _property_result_table(
         "Supervised baselines are CPU-sized versions of the paper's (ResNet-18 topology at an eighth "
         "of its width; conv+attention spectrum encoder; photometry MLP 64-64 on magnitudes of aperture "
         "fluxes measured on the images), trained on the same split"
-        + (f"; training cost on this CPU: {', '.join(costs)}." if costs else "."),
+        + (f"; training cost on this CPU: {', '.join(costs)}." if costs else ".")
+        + (
+            " The photometry k-NN row reads the MLP's magnitudes with the reference k-NN: what that "
+            "protocol makes of the photometric information alone."
+            if any(r["method"] == PHOTOMETRY_KNN for r in results)
+            else ""
+        ),
         "Rows marked paper are the published numbers (R² of redshift and the mean of the four "
         "PROVABGS properties) on DESI spectra × Legacy Survey images with PROVABGS labels, not on "
         "our data; their per-property cells are left empty.",

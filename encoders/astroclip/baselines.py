@@ -314,3 +314,24 @@ def photometry_baseline(
         (mags_test - mean) / std,
         TrainSettings(epochs=epochs or BASELINE_EPOCHS["photometry"], seed=seed),
     )
+
+
+def photometry_knn(
+    images_train: np.ndarray,
+    y_train: np.ndarray,
+    images_test: np.ndarray,
+    *,
+    seed: int = 0,
+    epochs: int | None = None,
+) -> Fitted:
+    """The reference's zero-shot k-NN read out of the same aperture magnitudes: the photometry MLP's
+    information under the embeddings' protocol, so that an embedding row below the MLP can be told
+    apart as missing information or as what a k-NN loses against a trained regressor. (`seed` and
+    `epochs` keep the baselines' signature; k-NN has neither.)"""
+    from encoders.astroclip.evaluate import reference_zero_shot
+
+    start = time.perf_counter()
+    train, test = (magnitudes(aperture_fluxes(images)) for images in (images_train, images_test))
+    pred = reference_zero_shot(train, np.asarray(y_train, dtype=np.float64), test)
+    pred = pred[:, 0] if np.ndim(y_train) == 1 else pred
+    return Fitted(predictions=pred, seconds=time.perf_counter() - start, parameters=0)

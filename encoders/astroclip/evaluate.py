@@ -652,6 +652,10 @@ def embedding_property_rows(
     return rows
 
 
+#: The row of the reference k-NN on the photometry MLP's inputs.
+PHOTOMETRY_KNN = "zero-shot k-NN on aperture g, r, z magnitudes (reference)"
+
+
 def baseline_property_rows(
     raw: dict[str, np.ndarray],
     y: np.ndarray,
@@ -661,8 +665,9 @@ def baseline_property_rows(
     *,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """R² per property of the supervised baselines trained on the same split; `raw` holds
-    (N, bands, H, W) images under "image" and (N, L) spectra under "spectrum" (either may be absent)."""
+    """R² per property of the supervised baselines trained on the same split (and of the reference
+    k-NN on the photometry MLP's magnitudes); `raw` holds (N, bands, H, W) images under "image" and
+    (N, L) spectra under "spectrum" (either may be absent)."""
     from encoders.astroclip import baselines
 
     jobs = []
@@ -679,6 +684,7 @@ def baseline_property_rows(
                 raw["image"],
             )
         )
+        jobs.append(("photometry", PHOTOMETRY_KNN, baselines.photometry_knn, raw["image"]))
     rows = []
     for modality, method, train, x in jobs:
         fitted = train(x[train_rows], y[train_rows], x[test_rows], seed=seed)

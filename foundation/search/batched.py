@@ -61,9 +61,11 @@ def worth_list_major(n_queries: int, nprobe: int, nlist: int) -> bool:
     return n_queries * min(nprobe, nlist) >= MIN_QUERIES_PER_LIST * nlist
 
 
-def list_vectors(ivf: Any, list_no: int) -> tuple[np.ndarray, torch.Tensor]:
+def list_vectors(ivf: Any, list_no: int, buffer: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
     """(ids, float32 vectors) of one inverted list: IVF-Flat's read in place, without a copy (valid
-    while the index is unchanged); scalar codes decoded (residuals where `ivf.by_residual`)."""
+    while the index is unchanged); scalar codes decoded (residuals where `ivf.by_residual`), fp16
+    ones into the front of `buffer` (float32, room for the longest list; reused from list to list:
+    a fresh tensor per list made decoding 0.33 s of a 1000-query batch at 10^6 rows, against 0.25)."""
     import torch  # imported here: `search query` on a flat index never needs it
 
     faiss = import_faiss()
@@ -77,7 +79,8 @@ def list_vectors(ivf: Any, list_no: int) -> tuple[np.ndarray, torch.Tensor]:
         return ids, torch.from_numpy(codes.view(np.float32))
     if ivf.sq.qtype == faiss.ScalarQuantizer.QT_fp16:
         # torch's conversion uses the CPU's fp16 instructions: 6x numpy's, 14x faiss's decode
-        vectors = torch.from_numpy(codes.view(np.float16)).float()
+        vectors = buffer[: size * ivf.d].view(size, ivf.d)
+        vectors.copy_(torch.from_numpy(codes.view(np.float16)))
     else:
         vectors = torch.from_numpy(ivf.sq.decode(codes))
     return ids, vectors
@@ -112,6 +115,7 @@ def batched_search(
     coarse, probes = ivf.quantizer.search(queries, nprobe)  # coarse: q . centroid of each pair
     coarse = coarse.ravel()
     groups = pairs_by_list(probes)
+    max_list_size = max((ivf.invlists.list_size(list_no) for list_no, _ in groups), default=0)
     cand_scores = np.full((n_queries * nprobe, k), MISSING_SCORE, dtype=np.float32)
     cand_ids = np.full((n_queries * nprobe, k), -1, dtype=np.int64)
 
@@ -119,8 +123,9 @@ def batched_search(
         # A worker's OpenMP settings are its own, and MKL's thread count is global: torch's call
         # sets both (threadpoolctl's per-thread limit left the products 15-20 % slower).
         torch.set_num_threads(1)
+        buffer = torch.empty(max_list_size * ivf.d)
         for list_no, pairs in part:
-            ids, vectors = list_vectors(ivf, list_no)
+            ids, vectors = list_vectors(ivf, list_no, buffer)
             if len(ids) == 0:
                 continue
             scores = torch.mm(torch.from_numpy(queries[pairs // nprobe]), vectors.T).numpy()

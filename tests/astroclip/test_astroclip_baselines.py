@@ -80,3 +80,28 @@ def test_train_regressor_is_deterministic_and_rejects_bad_targets():
     assert np.array_equal(a.predictions, b.predictions)
     with pytest.raises(Exception, match="finite targets"):
         baselines.train_regressor(lambda k: baselines.mlp(3, k, (8,)), x, np.full(64, np.nan), x, settings)
+
+
+def test_photometry_knn_is_the_reference_knn_on_aperture_magnitudes():
+    from sklearn.neighbors import KNeighborsRegressor
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(1)
+    images, y = _easy_images(200, rng)
+    fitted = baselines.photometry_knn(images[:150], y[:150], images[150:])
+    # By hand: magnitudes of a radius-4.5 aperture (3/8 of 12 pixels), scaled, 64 distance-weighted
+    # neighbours, targets standardised with the training rows' mean and std.
+    yy, xx = np.mgrid[:12, :12]
+    inside = (yy - 5.5) ** 2 + (xx - 5.5) ** 2 <= 4.5**2
+    mags = 22.5 - 2.5 * np.log10(np.maximum(images[..., inside].astype(np.float64).sum(-1), 1e-3))
+    scaler = StandardScaler().fit(mags[:150])
+    mean, std = y[:150].mean(0), y[:150].std(0)
+    knn = KNeighborsRegressor(n_neighbors=64, weights="distance").fit(
+        scaler.transform(mags[:150]), (y[:150] - mean) / std
+    )
+    expected = knn.predict(scaler.transform(mags[150:])) * std + mean
+    assert fitted.parameters == 0 and fitted.predictions.shape == (50, 2)
+    np.testing.assert_allclose(fitted.predictions, expected, rtol=1e-6, atol=1e-9)
+    assert r2_score(y[150:, 1], fitted.predictions[:, 1]) > 0.5  # the colour target is read
+    one = baselines.photometry_knn(images[:150], y[:150, 0], images[150:])
+    np.testing.assert_allclose(one.predictions, fitted.predictions[:, 0], rtol=1e-6)
