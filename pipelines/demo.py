@@ -648,7 +648,7 @@ def _run(args: argparse.Namespace) -> int:
 COMMANDS = [
     Command(
         ("demo",),
-        "Run the whole AstroCLIP pipeline on built-in data (2 idle CPU cores: 6-11 min; re-running resumes).",
+        "Run the whole AstroCLIP pipeline on built-in data (2 idle CPU cores: 6-12 min; re-running resumes).",
         _add_arguments,
         _run,
     )
