@@ -2,7 +2,7 @@
 
 Random unit vectors are the worst case for approximate search (every point's neighbours are barely
 closer than the rest); trained towers give clustered vectors with a few dominant directions (the
-demo's AstroCLIP embeddings have an effective dimension of ~6). `fit_embedding_model` fits, to the
+demo's AstroCLIP embeddings have an effective dimension of 3-6). `fit_embedding_model` fits, to the
 unit vectors of one modality: their mean, the leading principal components holding `variance`
 of the spread (at most `max_rank`), a Gaussian mixture in those components, and the total variance
 left in the others. `generate` draws N vectors of any dimension D from it: the mean and the
