@@ -28,7 +28,7 @@ import numpy as np
 
 
 def representations(images: np.ndarray, flux: np.ndarray, bins: int) -> dict[str, np.ndarray]:
-    from encoders.astroclip.baselines import aperture_fluxes, magnitudes
+    from encoders.astroclip.baselines import aperture_magnitudes
 
     mean = flux.mean(axis=1, keepdims=True)
     std = np.maximum(flux.std(axis=1, keepdims=True), 0.2)  # SpecFormer's floor
@@ -39,7 +39,7 @@ def representations(images: np.ndarray, flux: np.ndarray, bins: int) -> dict[str
 
     shape = binned((flux - mean) / std)
     return {
-        "photometry: aperture g, r, z magnitudes": magnitudes(aperture_fluxes(images)),
+        "photometry: aperture g, r, z magnitudes": aperture_magnitudes(images),
         "spectrum: standardised shape only": shape,
         "spectrum: standardised + (asinh mean, ln std)": np.c_[shape, np.arcsinh(mean), np.log(std)],
         "spectrum: log10 flux": np.log10(np.maximum(binned(flux), 1e-3)),
@@ -116,14 +116,10 @@ def main(argv: list[str] | None = None) -> None:
     print("| input | read-out | " + " | ".join(PAPER_PROPERTIES[n] for n in names) + " |")
     print("|---|---|" + "---|" * len(names))
     for label, x in reps.items():
-        readouts = ["MLP (64, 64)"]
+        readouts = [("MLP (64, 64)", mlp_probe(x[train], y[train], x[test], args.seed))]
         if label.startswith("photometry") or "log10" in label:
-            readouts.append("k-NN (reference)")
-        for readout in readouts:
-            if readout.startswith("MLP"):
-                pred = mlp_probe(x[train], y[train], x[test], args.seed)
-            else:
-                pred = reference_zero_shot(x[train], y[train], x[test])
+            readouts.append(("k-NN (reference)", reference_zero_shot(x[train], y[train], x[test])))
+        for readout, pred in readouts:
             r2 = r2_per_column(y[test], pred, names)
             print(f"| {label} | {readout} | " + " | ".join(f"{r2[n]:.3f}" for n in names) + " |", flush=True)
 

@@ -146,6 +146,11 @@ def magnitudes(fluxes: np.ndarray) -> np.ndarray:
     return ZERO_POINT - 2.5 * np.log10(np.maximum(fluxes, FLUX_FLOOR))
 
 
+def aperture_magnitudes(images: np.ndarray) -> np.ndarray:
+    """(N, bands) magnitudes of the default aperture: the photometry baselines' inputs."""
+    return magnitudes(aperture_fluxes(images))
+
+
 def standardise_spectra(flux: np.ndarray) -> np.ndarray:
     """Each spectrum to zero mean and unit std (std floored), so the model sees shapes, not scale."""
     flux = np.asarray(flux, dtype=np.float32)
@@ -304,8 +309,7 @@ def photometry_baseline(
 ) -> Fitted:
     """MLP on aperture magnitudes, standardised with the training rows' global mean and std (as
     the reference normalises its MAG_G/R/Z columns)."""
-    mags_train = magnitudes(aperture_fluxes(images_train))
-    mags_test = magnitudes(aperture_fluxes(images_test))
+    mags_train, mags_test = aperture_magnitudes(images_train), aperture_magnitudes(images_test)
     mean, std = mags_train.mean(), max(float(mags_train.std()), 1e-6)
     return train_regressor(
         lambda n_out: photometry_mlp(mags_train.shape[1], n_out),
@@ -331,7 +335,7 @@ def photometry_knn(
     from encoders.astroclip.evaluate import reference_zero_shot
 
     start = time.perf_counter()
-    train, test = (magnitudes(aperture_fluxes(images)) for images in (images_train, images_test))
-    pred = reference_zero_shot(train, np.asarray(y_train, dtype=np.float64), test)
+    y = np.asarray(y_train, dtype=np.float64)
+    pred = reference_zero_shot(aperture_magnitudes(images_train), y, aperture_magnitudes(images_test))
     pred = pred[:, 0] if np.ndim(y_train) == 1 else pred
     return Fitted(predictions=pred, seconds=time.perf_counter() - start, parameters=0)
