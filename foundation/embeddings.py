@@ -600,40 +600,40 @@ class Embeddings:
 
     def vectors(self, modality: str, rows: np.ndarray | slice | None = None) -> np.ndarray:
         """(n, D) float32 vectors of `modality` (all rows, a slice, or sorted/unsorted row indices)."""
-        ds = self._dataset(modality)
         with self._reading(f"modality {modality!r}"):
-            out = np.asarray(self._read_rows(ds, rows), dtype=np.float32)
+            out = np.asarray(self._read_rows(modality, rows), dtype=np.float32)
         if not np.all(np.isfinite(out)):
             bad = int((~np.isfinite(out).all(axis=1)).sum())
             self._fail(f"modality {modality!r} holds {bad} vectors with NaN or infinite values")
         return out
 
-    def _read_rows(self, ds: Any, rows: np.ndarray | slice | None) -> np.ndarray:
+    def _read_rows(self, modality: str, rows: np.ndarray | slice | None) -> np.ndarray:
         if rows is None:
-            out = ds[: self.rows]
-        elif isinstance(rows, slice):
+            return self._dataset(modality)[: self.rows]
+        if isinstance(rows, slice):
             start, stop, step = rows.indices(self.rows)
-            out = ds[start:stop:step]
-        else:
-            rows = np.asarray(rows, dtype=np.int64)
-            if rows.size and (rows.min() < 0 or rows.max() >= self.rows):
-                raise IndexError(f"row index out of range for {self.rows} rows")
-            mapped = self._mapped_rows(ds)
-            if mapped is not None:
-                return mapped.read(rows)
-            order = np.argsort(rows, kind="stable")
-            uniq, inverse = np.unique(rows[order], return_inverse=True)
-            got = ds[uniq] if len(uniq) else np.zeros((0, ds.shape[1]), ds.dtype)
-            out = np.empty((len(rows), ds.shape[1]), dtype=ds.dtype)
-            out[order] = got[inverse]
+            return self._dataset(modality)[start:stop:step]
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.rows):
+            raise IndexError(f"row index out of range for {self.rows} rows")
+        mapped = self._mapped_rows(modality)
+        if mapped is not None:
+            return mapped.read(rows)
+        ds = self._dataset(modality)
+        order = np.argsort(rows, kind="stable")
+        uniq, inverse = np.unique(rows[order], return_inverse=True)
+        got = ds[uniq] if len(uniq) else np.zeros((0, ds.shape[1]), ds.dtype)
+        out = np.empty((len(rows), ds.shape[1]), dtype=ds.dtype)
+        out[order] = got[inverse]
         return out
 
-    def _mapped_rows(self, ds: Any) -> MappedRows | None:
+    def _mapped_rows(self, modality: str) -> MappedRows | None:
         """The memory-mapped row reader of an uncompressed dataset (random rows at page-cache speed;
-        search re-ranking reads hundreds per query), made on first use; None for other layouts."""
-        if ds.name not in self._mapped:
-            self._mapped[ds.name] = MappedRows.of(self.path, ds, self.rows)
-        return self._mapped[ds.name]
+        search re-ranking reads hundreds per query), made on first use; None for other layouts.
+        Kept by modality, so that a read of mapped rows asks h5py nothing (~0.2 ms a lookup)."""
+        if modality not in self._mapped:
+            self._mapped[modality] = MappedRows.of(self.path, self._dataset(modality), self.rows)
+        return self._mapped[modality]
 
     def target(self, name: str) -> np.ndarray:
         if name not in self.target_names:

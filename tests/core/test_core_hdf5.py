@@ -189,6 +189,18 @@ def test_mapped_rows_read_what_h5py_reads_for_every_mappable_layout(tmp_path):
     path = tmp_path / "rows.h5"
     with h5py.File(path, "w") as f:
         f.create_dataset("chunked", data=x, chunks=(64, 24), maxshape=(None, 24))
+        # Appended in parts beside another dataset, as an export writes: chunks lie apart, at byte
+        # offsets that are not whole rows from each other.
+        grown = f.create_dataset(
+            "interleaved", shape=(0, 24), dtype="f4", chunks=(64, 24), maxshape=(None, 24)
+        )
+        names = f.create_dataset("names", shape=(0,), dtype="S7", chunks=(50,), maxshape=(None,))
+        for start in range(0, 1000, 100):
+            grown.resize((start + 100, 24))
+            grown[start : start + 100] = x[start : start + 100]
+            names.resize((start + 100,))
+            names[start : start + 100] = [b"galaxy7"] * 100
+            f.flush()
         f.create_dataset("contiguous", data=x)
         f.create_dataset("big_endian", data=x.astype(">f8"))
         f.create_dataset("gzip", data=x, chunks=(64, 24), compression="gzip")
@@ -201,7 +213,9 @@ def test_mapped_rows_read_what_h5py_reads_for_every_mappable_layout(tmp_path):
         )
     rows = np.r_[rng.integers(0, 1000, 300), 0, 999, 999, 63, 64]
     with h5py.File(path, "r") as f:
-        for name in ("chunked", "contiguous", "big_endian"):
+        chunk_starts = MappedRows.of(path, f["interleaved"], 1000).block_offsets
+        assert len(np.unique(chunk_starts % (24 * 4))) > 1
+        for name in ("chunked", "interleaved", "contiguous", "big_endian"):
             mapped = MappedRows.of(path, f[name], 1000)
             assert mapped is not None, name
             got = mapped.read(rows)
