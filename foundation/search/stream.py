@@ -378,17 +378,21 @@ def _tune_with_rerank(
     limit: int,
 ) -> tuple[int, dict[str, Any]]:
     """Tune nprobe with re-ranking of factor x k candidates. First the factor: doubled up to
-    `limit` until the recall with every list probed (the codes' ceiling) reaches the target;
-    then nprobe at that factor."""
+    `limit` until the recall with every list probed (the codes' ceiling) is halfway from the
+    target to 1 (0.975 for 0.95); then nprobe at that factor. The recall approaches its ceiling
+    slowly as nprobe grows, so a ceiling just above the target costs most of the lists: on
+    realistic 1024-d rows (10^6, ivf-pqfs) target 0.96 took nprobe 160 of 2048 at rerank 32
+    (6.3 ms p50) and nprobe 60 at rerank 64 (4.4 ms), re-ranking 320 more rows (~0.6 ms)."""
 
     def search_with(f: int) -> Callable[[np.ndarray, int], np.ndarray]:
         return lambda q, kk: reranked(index.search, stored, q, kk, f, n_indexed)[1]
 
     if tune["fixed"] is None:
         set_knob(index, tune["knob"], tune["nlist"])
+        wanted = (1 + tune["target"]) / 2
         while 2 * factor <= limit:
             ceiling = min(recall_at_k(t, search_with(factor)(q, tune["k"])) for q, t in sets.values())
-            if ceiling >= tune["target"]:
+            if ceiling >= wanted:
                 break
             factor *= 2
     tuning = tune_on_sets(index, sets, search_rows=search_with(factor), **tune)
