@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -218,6 +219,15 @@ class AstroCLIPConfig(StageInputs):
     image_init: str | None = option(None, "Start the image tower from this run dir / checkpoint / model.pt.")
     freeze_spectrum: bool = option(False, "Keep the spectrum tower fixed during alignment.")
     freeze_image: bool = option(False, "Keep the image tower fixed during alignment.")
+    frozen_spectrum_cache_mb: int = option(
+        0,
+        "Alignment with freeze_spectrum: keep the frozen tower's output tokens of each object (by sample "
+        "key) in memory, up to this many MiB, so that the tower runs once per object rather than once "
+        "per epoch (it is a third of a tiny alignment step). Costs tokens x width x 4 bytes an object; "
+        "objects beyond the budget are recomputed. 0: off. Not with train.parallel fsdp.",
+        ge=0,
+        le=1 << 20,
+    )
     variant: Variant = option(
         "foundation",
         "Architecture: foundation (ours) or reference (the released AstroCLIP: DINOv2 image tower on "
@@ -227,6 +237,11 @@ class AstroCLIPConfig(StageInputs):
     )
 
     def __post_init__(self) -> None:
+        if self.frozen_spectrum_cache_mb and not (self.stage == "align" and self.freeze_spectrum):
+            raise ValueError(
+                "frozen_spectrum_cache_mb needs stage align with freeze_spectrum true (a trained "
+                "tower's tokens change every step); set it to 0"
+            )
         if self.embed_dim % self.head_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by head_heads {self.head_heads}")
         if not 0 < self.min_temperature <= self.temperature:
@@ -269,6 +284,51 @@ def build_image_tower(cfg: ImageTowerConfig, variant: Variant = "foundation", cl
     )
 
 
+class FrozenTokenCache:
+    """A frozen tower's output tokens by sample key, up to a byte budget (not part of the state dict).
+
+    A frozen tower in eval mode maps an unaugmented input (spectra are never augmented) to the same
+    tokens every epoch, so alignment need only run it on objects it has not seen yet. Tokens are
+    kept in float32 on the tower's device; objects beyond the budget are recomputed each time."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._tokens: dict[str, torch.Tensor] = {}
+        self._checked = False
+
+    def tokens(
+        self, keys: list[str], run: Callable[[torch.Tensor], torch.Tensor], tower: nn.Module
+    ) -> torch.Tensor:
+        """(B, T, width) tokens of the batch's objects; `run(rows)` computes those of the given
+        batch rows (the ones not kept yet)."""
+        if not self._checked:
+            _refuse_sharded(tower)
+            self._checked = True
+        missing = [i for i, key in enumerate(keys) if key not in self._tokens]
+        rows: list[torch.Tensor | None] = [self._tokens.get(key) for key in keys]
+        if missing:
+            fresh = run(torch.tensor(missing, dtype=torch.long)).float()
+            for i, tokens in zip(missing, fresh, strict=True):
+                rows[i] = tokens
+                if self.bytes + tokens.nbytes <= self.max_bytes:
+                    self._tokens[keys[i]] = tokens.clone()  # not a view pinning the whole batch
+                    self.bytes += tokens.nbytes
+        return torch.stack(rows)
+
+
+def _refuse_sharded(tower: nn.Module) -> None:
+    """FSDP2 all-gathers a sharded tower's weights in its forward, on every rank at once: a rank
+    that skips the forward for cached objects would leave the others waiting forever."""
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in tower.parameters()):
+        raise ConfigError(
+            "model.frozen_spectrum_cache_mb does not work with train.parallel fsdp (the sharded "
+            "tower must run on every rank together); set it to 0 or use DDP"
+        )
+
+
 class AstroCLIP(nn.Module):
     """Towers (+ pooling heads and temperature for alignment, + decoders for masked stages)."""
 
@@ -277,6 +337,10 @@ class AstroCLIP(nn.Module):
         self.cfg = cfg
         self.stage = cfg.stage
         reference = cfg.variant == "reference"
+        # Set only for alignment with a frozen spectrum tower (the config refuses it elsewhere).
+        self.spectrum_cache = (
+            FrozenTokenCache(cfg.frozen_spectrum_cache_mb << 20) if cfg.frozen_spectrum_cache_mb else None
+        )
         self.spectrum = build_spectrum_tower(cfg.spectrum, cfg.variant) if cfg.uses_spectra else None
         self.image = (
             build_image_tower(cfg.image, cfg.variant, class_token=cfg.stage != "align")
@@ -358,6 +422,16 @@ class AstroCLIP(nn.Module):
         self, batch: dict, token_mask: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         frozen = self.stage == "align" and self.cfg.freeze_spectrum
+        cache = self.spectrum_cache
+        if cache is not None and token_mask is None and "__key__" in batch:
+            bad = batch.get("spectrum_bad")
+
+            def run(rows: torch.Tensor) -> torch.Tensor:
+                with torch.no_grad():
+                    out = self.spectrum(batch["spectrum"][rows], None if bad is None else bad[rows])
+                return out["tokens"]
+
+            return {"tokens": cache.tokens(batch["__key__"], run, self.spectrum)}
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             return self.spectrum(batch["spectrum"], batch.get("spectrum_bad"), token_mask)
 

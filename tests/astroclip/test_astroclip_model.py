@@ -147,6 +147,49 @@ def test_frozen_towers_get_no_gradient_and_stay_in_eval_mode():
     assert all(p.requires_grad for p in stage1.spectrum.parameters())
 
 
+def test_frozen_spectrum_cache_runs_the_tower_once_per_object_and_changes_nothing():
+    cfg = tiny(freeze_spectrum=True, frozen_spectrum_cache_mb=1)
+    cached = FAMILY.build_model(cfg, None).train()
+    plain = FAMILY.build_model(tiny(freeze_spectrum=True), None).train()
+    plain.load_state_dict(cached.state_dict())  # the cache is no part of the state
+    seen = []
+    cached.spectrum.register_forward_hook(lambda module, args, out: seen.append(len(args[0])))
+    first, second = batch(cfg, n=4, seed=0), batch(cfg, n=6, seed=0)  # keys k0..k3, then k0..k5
+    for b in (first, second, second):
+        got, want = cached(b)["spectrum"], plain(b)["spectrum"]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert seen == [4, 2]  # new objects only; the third batch ran no tower at all
+    tokens = cfg.spectrum.tokens + 1
+    assert cached.spectrum_cache.bytes == 6 * tokens * cfg.spectrum.width * 4
+    loss, _ = FAMILY.loss(cached, second)
+    loss.backward()
+    assert all(p.grad is None for p in cached.spectrum.parameters())
+    assert any(p.grad is not None for p in cached.spectrum_head.parameters())
+
+
+def test_frozen_spectrum_cache_keeps_to_its_budget():
+    cfg = tiny(freeze_spectrum=True, frozen_spectrum_cache_mb=1)
+    model = FAMILY.build_model(cfg, None).train()
+    per_object = (cfg.spectrum.tokens + 1) * cfg.spectrum.width * 4
+    model.spectrum_cache.max_bytes = 3 * per_object
+    seen = []
+    model.spectrum.register_forward_hook(lambda module, args, out: seen.append(len(args[0])))
+    b = batch(cfg, n=5)
+    model(b)
+    model(b)
+    assert model.spectrum_cache.bytes == 3 * per_object and seen == [5, 2]
+
+
+def test_frozen_spectrum_cache_needs_a_frozen_spectrum_tower():
+    with pytest.raises(ConfigError, match="frozen_spectrum_cache_mb needs stage align with freeze_spectrum"):
+        config.from_dict(AstroCLIPConfig, {"frozen_spectrum_cache_mb": 64})
+    with pytest.raises(ConfigError, match="frozen_spectrum_cache_mb needs stage align"):
+        config.from_dict(
+            AstroCLIPConfig,
+            {"stage": "spectrum_masked", "freeze_spectrum": True, "frozen_spectrum_cache_mb": 64},
+        )
+
+
 def test_embed_gives_unit_vectors_per_modality():
     cfg = tiny()
     model = FAMILY.build_model(cfg, None).eval()
@@ -314,3 +357,21 @@ def test_mae_pretrained_image_encoder_initialises_alignment(tmp_path):
     init_towers(aligned)
     for name, tensor in pretrained.image.state_dict().items():
         assert torch.equal(aligned.image.state_dict()[name], tensor), name
+
+
+def test_frozen_spectrum_cache_refuses_a_sharded_tower():
+    """FSDP2 gathers a sharded tower's weights on every rank together: a cache that skips the
+    tower on one rank would hang the others, so it is refused (one rank here, the same check)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    cfg = tiny(freeze_spectrum=True, frozen_spectrum_cache_mb=1)
+    model = FAMILY.build_model(cfg, None).train()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        fully_shard(model.spectrum, mesh=init_device_mesh("cpu", (1,)))
+        with pytest.raises(ConfigError, match="does not work with train.parallel fsdp"):
+            model(batch(cfg))
+    finally:
+        dist.destroy_process_group()
