@@ -311,7 +311,7 @@ class FrozenTokenCache:
             fresh = run(torch.tensor(missing, dtype=torch.long)).float()
             for i, tokens in zip(missing, fresh, strict=True):
                 rows[i] = tokens
-                if self.bytes + tokens.nbytes <= self.max_bytes:
+                if keys[i] not in self._tokens and self.bytes + tokens.nbytes <= self.max_bytes:
                     self._tokens[keys[i]] = tokens.clone()  # not a view pinning the whole batch
                     self.bytes += tokens.nbytes
         return torch.stack(rows)

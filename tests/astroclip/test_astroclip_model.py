@@ -178,6 +178,11 @@ def test_frozen_spectrum_cache_keeps_to_its_budget():
     model(b)
     model(b)
     assert model.spectrum_cache.bytes == 3 * per_object and seen == [5, 2]
+    model.spectrum_cache = type(model.spectrum_cache)(1 << 20)
+    twice = batch(cfg, n=2)
+    twice["__key__"] = ["same", "same"]  # a key met twice in one batch is kept once
+    model(twice)
+    assert model.spectrum_cache.bytes == per_object
 
 
 def test_frozen_spectrum_cache_needs_a_frozen_spectrum_tower():
