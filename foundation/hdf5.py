@@ -274,7 +274,8 @@ class MappedRows:
     def read(self, rows: Any) -> Any:
         """The rows (int array, each checked by the caller to be in range) in the dataset's dtype:
         one gather in C over a sliding-window view of the file's bytes (row i of the view = the
-        row that starts at byte i), not a Python loop over rows (1.2-1.5x slower for 320 rows)."""
+        row that starts at byte i). It replaced a Python loop over the rows, which with an h5py
+        lookup per read cost ~1 ms of a 1024-d search query re-ranking 320 rows."""
         import numpy as np
 
         rows = np.asarray(rows, dtype=np.int64)

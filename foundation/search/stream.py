@@ -382,7 +382,7 @@ def _tune_with_rerank(
     target to 1 (0.975 for 0.95); then nprobe at that factor. The recall approaches its ceiling
     slowly as nprobe grows, so a ceiling just above the target costs most of the lists: on
     realistic 1024-d rows (10^6, ivf-pqfs) target 0.96 took nprobe 160 of 2048 at rerank 32
-    (6.3 ms p50) and nprobe 60 at rerank 64 (4.4 ms), re-ranking 320 more rows (~0.6 ms)."""
+    (6.3 ms p50) and nprobe 60 at rerank 64 (4.4-4.6 ms), re-ranking 320 more rows (~0.6 ms)."""
 
     def search_with(f: int) -> Callable[[np.ndarray, int], np.ndarray]:
         return lambda q, kk: reranked(index.search, stored, q, kk, f, n_indexed)[1]
