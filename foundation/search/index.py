@@ -98,6 +98,17 @@ def rerank_factor(meta: IndexParams) -> int:
     return int(meta.params.get("rerank", 0) or 0)
 
 
+#: Queries whose candidates one faiss call finds: faiss's fast-scan search of a batch costs far less
+#: per query than of a few (1000 1024-d queries: 0.46 s in one call, 1.26 s in ten).
+RERANK_SEARCH_QUERIES = 4096
+#: Bytes of candidate vectors held at once. A query re-ranking rerank x k candidates of dimension D
+#: may hold rerank x k x D x 4 bytes (2.6 MB at 1024-d, rerank 64, k 10), so 10^4 queries at once
+#: could hold 26 GB: where a batch's distinct candidates exceed this, they are read and re-scored
+#: ~400 queries at a time. (Queries share candidates: 1000 realistic 1024-d queries had 184,000
+#: distinct ones, 0.7 GB, read at once in 0.2 s; read 100 queries at a time, 0.6 s.)
+RERANK_BLOCK_BYTES = 1 << 30
+
+
 def reranked(
     raw_search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
     stored: Callable[[np.ndarray], np.ndarray],
@@ -108,9 +119,40 @@ def reranked(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The top k of `factor` x k approximate candidates, re-scored by exact inner products with
     their stored vectors (`stored(sorted rows)`): PQ codes keep 64 bytes of a vector, enough to
-    find candidates, not to order them finely."""
-    _, cand = raw_search(queries, min(n, k * factor))
-    uniq = np.unique(cand[cand >= 0])
+    find candidates, not to order them finely. Equal scores keep the codes' order."""
+    wanted = min(n, k * factor)
+    row_bytes = queries.shape[1] * 4
+    sims = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    rows = np.full((len(queries), k), -1, dtype=np.int64)
+    for first in range(0, len(queries), RERANK_SEARCH_QUERIES):
+        searched = queries[first : first + RERANK_SEARCH_QUERIES]
+        _, cand = raw_search(searched, wanted)
+        uniq = np.unique(cand[cand >= 0])
+        block = (
+            len(searched)
+            if len(uniq) * row_bytes <= RERANK_BLOCK_BYTES
+            else max(1, RERANK_BLOCK_BYTES // (wanted * row_bytes))
+        )
+        for start in range(0, len(searched), block):
+            stop = min(start + block, len(searched))
+            sims[first + start : first + stop], rows[first + start : first + stop] = _rescored(
+                stored, searched[start:stop], cand[start:stop], k, uniq if block == len(searched) else None
+            )
+    return sims, rows
+
+
+def _rescored(
+    stored: Callable[[np.ndarray], np.ndarray],
+    queries: np.ndarray,
+    cand: np.ndarray,
+    k: int,
+    uniq: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's top k of its candidate rows (-1: none; `uniq`: their distinct rows, sorted),
+    by exact inner product; one product per query (a (queries, candidates, D) gather and one
+    batched product took 2.4x as long)."""
+    if uniq is None:
+        uniq = np.unique(cand[cand >= 0])
     vectors = stored(uniq) if len(uniq) else np.zeros((0, queries.shape[1]), np.float32)
     sims = np.full((len(queries), k), -np.inf, dtype=np.float32)
     rows = np.full((len(queries), k), -1, dtype=np.int64)

@@ -364,19 +364,36 @@ def test_mae_pretrained_image_encoder_initialises_alignment(tmp_path):
         assert torch.equal(aligned.image.state_dict()[name], tensor), name
 
 
+@pytest.mark.slow
 def test_frozen_spectrum_cache_refuses_a_sharded_tower():
     """FSDP2 gathers a sharded tower's weights on every rank together: a cache that skips the
-    tower on one rank would hang the others, so it is refused (one rank here, the same check)."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    tower on one rank would hang the others, so it is refused (one rank here, the same check).
+    In a child process: a gloo group left behind in this one made later forks crash."""
+    import subprocess
+    import sys
 
-    cfg = tiny(freeze_spectrum=True, frozen_spectrum_cache_mb=1)
-    model = FAMILY.build_model(cfg, None).train()
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        fully_shard(model.spectrum, mesh=init_device_mesh("cpu", (1,)))
-        with pytest.raises(ConfigError, match="does not work with train.parallel fsdp"):
-            model(batch(cfg))
-    finally:
-        dist.destroy_process_group()
+    from tests.testkit import child_env
+
+    code = """
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from encoders.astroclip.family import FAMILY
+from foundation.errors import ConfigError
+from tests.astroclip.test_astroclip_model import batch, tiny
+
+cfg = tiny(freeze_spectrum=True, frozen_spectrum_cache_mb=1)
+model = FAMILY.build_model(cfg, None).train()
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+fully_shard(model.spectrum, mesh=init_device_mesh("cpu", (1,)))
+try:
+    model(batch(cfg))
+except ConfigError as exc:
+    print("refused:", exc)
+dist.destroy_process_group()
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "refused: model.frozen_spectrum_cache_mb does not work with train.parallel fsdp" in result.stdout

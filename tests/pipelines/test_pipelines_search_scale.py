@@ -93,6 +93,49 @@ def test_pq_reranking_reads_the_stored_vectors():
     assert hits(rows) > hits(plain)
 
 
+def test_reranking_rescores_exactly_in_blocks_and_keeps_the_codes_order_for_ties(monkeypatch):
+    from foundation.search import index as index_module
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 8)).astype(np.float32)
+    q = rng.standard_normal((30, 8)).astype(np.float32)
+    x[10] = x[20] = 10 * q[0]  # two rows of one score, query 0's best
+    cand = np.stack([rng.permutation(200)[:12] for _ in q])
+    cand[0, :3] = [20, 10, 5]
+    cand[3, 2:] = -1  # the codes found only 2 candidates, fewer than k
+
+    searches = []
+
+    def raw_search(queries, wanted):
+        assert wanted == 12
+        searches.append(len(queries))
+        at = [int(np.flatnonzero((q == v).all(axis=1))[0]) for v in queries]
+        return None, cand[at]
+
+    reads = []
+
+    def stored(rows):
+        assert np.all(np.diff(rows) > 0)  # sorted, each once
+        reads.append(len(rows))
+        return x[rows]
+
+    whole = index_module.reranked(raw_search, stored, q, 3, 4, n=200)
+    # Candidates of more bytes than the budget: read 7 queries at a time; faiss asked 16 at a time.
+    monkeypatch.setattr(index_module, "RERANK_BLOCK_BYTES", 7 * 12 * 8 * 4)
+    monkeypatch.setattr(index_module, "RERANK_SEARCH_QUERIES", 16)
+    blocks = index_module.reranked(raw_search, stored, q, 3, 4, n=200)
+    assert searches == [30, 16, 14] and len(reads) == 1 + 3 + 2
+    for got in (whole, blocks):
+        for i in range(len(q)):
+            c = cand[i][cand[i] >= 0]
+            scores = x[c] @ q[i]
+            order = np.argsort(-scores, kind="stable")[:3]
+            np.testing.assert_array_equal(got[1][i, : len(order)], c[order])
+            np.testing.assert_allclose(got[0][i, : len(order)], scores[order], rtol=1e-5, atol=1e-6)
+            assert np.all(got[1][i, len(order) :] == -1) and np.all(got[0][i, len(order) :] == -np.inf)
+    assert list(whole[1][0, :2]) == [20, 10]  # the tie in the codes' order
+
+
 @pytest.mark.slow
 def test_cli_builds_from_export_parts_in_steps_and_queries(tmp_path, capsys):
     (a, b), merged = export_parts(tmp_path)
