@@ -65,7 +65,25 @@ def build_loader(
             else None,
             persistent_workers=workers > 0 and not train,
             prefetch_factor=cfg.data.prefetch if workers > 0 else None,
+            multiprocessing_context=worker_context(collate) if workers > 0 else None,
         )
+
+
+def worker_context(collate: Any) -> Any:
+    """forkserver where there is one, else spawn: never fork. A rank has other threads (gloo's,
+    torch's), and under Python 3.11 a fork while one of them is being created or torn down leaves
+    the child waiting forever on the interpreter's thread-list lock, in `PyOS_AfterFork_Child`
+    (seen in a 2-rank test run: a validation loader's worker forked at step 6 waited there; its
+    rank waited for the batch, the other rank in the all-reduce, until the test's timeout).
+    The server imports torch and the family's collate module once; workers fork from it."""
+    import multiprocessing
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    modules = ["torch", __name__] + ([type(collate).__module__] if collate is not None else [])
+    context.set_forkserver_preload(modules)
+    return context
 
 
 class _Loader(StatefulDataLoader):
