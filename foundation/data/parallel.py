@@ -57,7 +57,10 @@ def ordered_map(
     if limit < 1:
         raise ValueError(f"max_in_flight must be >= 1, got {limit}")
     pool = ProcessPoolExecutor(
-        workers, mp_context=_start_context(fn), initializer=_start_worker, initargs=(context,)
+        workers,
+        mp_context=start_context(__name__, fn.__module__),
+        initializer=_start_worker,
+        initargs=(context,),
     )
     pending: deque[Future] = deque()
     try:
@@ -74,13 +77,14 @@ def ordered_map(
     pool.shutdown(wait=True)
 
 
-def _start_context(fn: Callable) -> multiprocessing.context.BaseContext:
-    """forkserver where there is one (its server imports `fn`'s module once, and every worker of
-    this process forks from it, ready), spawn elsewhere."""
+def start_context(*preload: str) -> multiprocessing.context.BaseContext:
+    """forkserver where there is one (its server imports the `preload` modules once, and every
+    worker of this process forks from it, ready), spawn elsewhere: never a fork of this process,
+    whose other threads may hold a lock the child then waits for forever."""
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__, fn.__module__])  # used when the server first starts
+    context.set_forkserver_preload(list(preload))  # used when the server first starts
     return context
 
 

@@ -70,20 +70,15 @@ def build_loader(
 
 
 def worker_context(collate: Any) -> Any:
-    """forkserver where there is one, else spawn: never fork. A rank has other threads (gloo's,
-    torch's), and under Python 3.11 a fork while one of them is being created or torn down leaves
-    the child waiting forever on the interpreter's thread-list lock, in `PyOS_AfterFork_Child`
-    (seen in a 2-rank test run: a validation loader's worker forked at step 6 waited there; its
-    rank waited for the batch, the other rank in the all-reduce, until the test's timeout).
-    The server imports torch and the family's collate module once; workers fork from it."""
-    import multiprocessing
+    """The loader workers' start method: `start_context`, never fork. A rank has other threads
+    (gloo's, torch's), and under Python 3.11 a fork while one of them is being created or torn
+    down leaves the child waiting forever on the interpreter's thread-list lock, in
+    `PyOS_AfterFork_Child` (seen in a 2-rank test run: a validation loader's worker forked at step
+    6 waited there; its rank waited for the batch, the other rank in the all-reduce, until the
+    test's timeout). The server imports torch and the collate's module once."""
+    from foundation.data.parallel import start_context
 
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    context = multiprocessing.get_context("forkserver")
-    modules = ["torch", __name__] + ([type(collate).__module__] if collate is not None else [])
-    context.set_forkserver_preload(modules)
-    return context
+    return start_context("torch", __name__, *([type(collate).__module__] if collate is not None else []))
 
 
 class _Loader(StatefulDataLoader):
