@@ -78,7 +78,8 @@ def worker_context(collate: Any) -> Any:
     test's timeout). The server imports torch and the collate's module once."""
     from foundation.data.parallel import start_context
 
-    return start_context("torch", __name__, *([type(collate).__module__] if collate is not None else []))
+    collate_module = getattr(collate, "__module__", None) if collate is not None else None
+    return start_context("torch", __name__, *([collate_module] if collate_module else []))
 
 
 class _Loader(StatefulDataLoader):
