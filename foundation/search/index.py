@@ -128,15 +128,12 @@ def reranked(
         searched = queries[first : first + RERANK_SEARCH_QUERIES]
         _, cand = raw_search(searched, wanted)
         uniq = np.unique(cand[cand >= 0])
-        block = (
-            len(searched)
-            if len(uniq) * row_bytes <= RERANK_BLOCK_BYTES
-            else max(1, RERANK_BLOCK_BYTES // (wanted * row_bytes))
-        )
+        fits = len(uniq) * row_bytes <= RERANK_BLOCK_BYTES
+        block = len(searched) if fits else max(1, RERANK_BLOCK_BYTES // (wanted * row_bytes))
         for start in range(0, len(searched), block):
             stop = min(start + block, len(searched))
             sims[first + start : first + stop], rows[first + start : first + stop] = _rescored(
-                stored, searched[start:stop], cand[start:stop], k, uniq if block == len(searched) else None
+                stored, searched[start:stop], cand[start:stop], k, uniq if fits else None
             )
     return sims, rows
 
