@@ -128,16 +128,16 @@ def batched_search(
             ids, vectors = list_vectors(ivf, list_no, buffer)
             if len(ids) == 0:
                 continue
-            scores = torch.mm(torch.from_numpy(queries[pairs // nprobe]), vectors.T).numpy()
-            if ivf.by_residual:
-                scores += coarse[pairs, None]
+            scores = torch.mm(torch.from_numpy(queries[pairs // nprobe]), vectors.T)
             if len(ids) > k:
-                top = np.argpartition(scores, len(ids) - k, axis=1)[:, len(ids) - k :]
-                cand_scores[pairs] = np.take_along_axis(scores, top, axis=1)
-                cand_ids[pairs] = ids[top]
+                best, top = torch.topk(scores, k, dim=1, sorted=False)
+                best, top = best.numpy(), top.numpy()
             else:
-                cand_scores[pairs, : len(ids)] = scores
-                cand_ids[pairs, : len(ids)] = ids
+                best, top = scores.numpy(), np.arange(len(ids))
+            if ivf.by_residual:  # a pair's coarse score is the same for all its list: added to its k only
+                best += coarse[pairs, None]
+            cand_scores[pairs, : best.shape[1]] = best
+            cand_ids[pairs, : best.shape[1]] = ids[top]
 
     workers = max(1, min(int(workers), len(groups)))
     torch_threads = torch.get_num_threads()
