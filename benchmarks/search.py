@@ -26,9 +26,10 @@ Columns, at the tuned knob:
 - `tuned recall`: what the build measured on its held-out rows; `recall@10`: fresh queries from
   the same distribution against exact search (blockwise, over the memmap);
 - p50/p99 of single queries (one per call, one thread, as `search query` does) and the
-  throughput of --batch queries in one call on --threads threads, as a multiple of the single-query
-  throughput (`batch x`), after one warm-up batch. IVF-Flat and scalar-code kinds answer the
-  batch list-major (foundation/search/batched.py), PQ kinds with faiss's search.
+  throughput of --batch further fresh queries (all distinct) in one call on --threads threads, as a
+  multiple of the single-query throughput (`batch x`), after one warm-up batch. IVF-Flat and
+  scalar-code kinds answer the batch list-major (foundation/search/batched.py), PQ kinds with
+  faiss's search.
 PQ kinds re-rank from the vectors in memory (the memmap) by default; `--rerank-from embeddings`
 writes the rows to an embeddings file with `foundation export`'s writer and re-ranks from it, as
 `foundation search query` does (the index column then reads `<kind> (h5)`).
@@ -157,6 +158,7 @@ def measure_row(
     base: np.ndarray,
     queries: np.ndarray,
     truth: np.ndarray,
+    batch: np.ndarray,
     args: argparse.Namespace,
     label: str,
     emb: Embeddings | None = None,
@@ -175,7 +177,6 @@ def measure_row(
     lat = latencies_ms(index, queries[: args.latency_queries], args.k)
     faiss.omp_set_num_threads(args.threads)
     rec = recall_at_k(truth, index.search(queries, args.k)[1])
-    batch = queries[np.arange(args.batch) % len(queries)]
     index.search(batch, args.k)  # warm-up: lazy imports (torch for fp16 codes), first-touch of memory
     start = time.perf_counter()
     index.search(batch, args.k)
@@ -234,6 +235,9 @@ def run(args: argparse.Namespace) -> None:
                     list(chunks(data, model, args.queries, dim, args.seed, 1, args.effective_dimension))
                 )
                 truth = exact_knn(base, queries, args.k)
+                batch = np.concatenate(
+                    list(chunks(data, model, args.batch, dim, args.seed, 2, args.effective_dimension))
+                )
                 label = f"{data[:4]} {effective_dimension(base[: min(n, 20_000)]):.1f}"
                 emb = None
                 if args.rerank_from == "embeddings" and any(k in PQ_KINDS for k in kinds):
@@ -241,7 +245,7 @@ def run(args: argparse.Namespace) -> None:
                 for kind in kinds:
                     if not is_ivf(kind) and n > args.inmemory_max_n:
                         continue
-                    print(measure_row(kind, base, queries, truth, args, label, emb), flush=True)
+                    print(measure_row(kind, base, queries, truth, batch, args, label, emb), flush=True)
                 if emb is not None:
                     emb.close()
                     emb.path.unlink()
