@@ -549,6 +549,7 @@ def summary(out: Path, markers: list[dict[str, Any]]) -> str:
         ("zero-shot report", out / "reports" / "zero-shot" / "report.md"),
         ("retrieval report", out / "reports" / "retrieval" / "report.md"),
         ("property table", out / "reports" / "zero-shot" / "astroclip-properties.table.json"),
+        ("differences", out / "reports" / "zero-shot" / "astroclip-property-differences.table.json"),
         ("retrieval table", out / "reports" / "retrieval" / "astroclip-retrieval.table.json"),
         ("result tables", out / "report" / "index.html"),
         ("logs", out / "logs"),

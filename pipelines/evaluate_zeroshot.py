@@ -24,19 +24,24 @@ from typing import Any
 import numpy as np
 
 from encoders.astroclip.evaluate import (
+    BOOTSTRAP_DRAWS,
     FEW_SHOT_BATCH,
     FEW_SHOT_DROPOUT,
     FEW_SHOT_EPOCHS,
     FEW_SHOT_HIDDEN,
     FEW_SHOT_LR,
+    FEW_SHOT_REFERENCE,
+    IMAGE_SUPERVISED,
     MEAN_COLUMN,
     PAPER_K,
     PAPER_PROPERTIES,
     PHOTOMETRY_KNN,
+    PHOTOMETRY_SUPERVISED,
     PROVABGS_PROPERTIES,
     RAW_PCA_COMPONENTS,
     REFERENCE_K,
     REFERENCE_WEIGHTS,
+    SPECTRUM_SUPERVISED,
     SUPERVISED_PCA_COMPONENTS,
     ZERO_SHOT_REFERENCE,
     Settings,
@@ -46,6 +51,7 @@ from encoders.astroclip.evaluate import (
     is_redshift,
     labelled_rows,
     mean_provabgs_r2,
+    paired_bootstrap_r2,
     paper_property_names,
     read_baselines,
     read_features,
@@ -360,11 +366,24 @@ PAPER_ROWS = {
 #: Rows drawn in the table's predicted-vs-true figure (modality, method).
 SCATTER_ROWS = (
     ("spectrum", ZERO_SHOT_REFERENCE),
-    ("spectrum", "supervised conv+attention"),
+    ("spectrum", SPECTRUM_SUPERVISED),
     ("image", ZERO_SHOT_REFERENCE),
-    ("image", "supervised ResNet-18-like CNN"),
-    ("photometry", "supervised photometry MLP (aperture g, r, z)"),
+    ("image", IMAGE_SUPERVISED),
+    ("photometry", PHOTOMETRY_SUPERVISED),
 )
+DIFFERENCE_TABLE = "astroclip-property-differences"
+#: The paper's comparisons, a - b, ((modality, method) of each): the embeddings' protocols against
+#: the supervised models of the same input, and the image's against the photometry it contains.
+COMPARISONS = (
+    (("spectrum", ZERO_SHOT_REFERENCE), ("spectrum", SPECTRUM_SUPERVISED)),
+    (("spectrum", FEW_SHOT_REFERENCE), ("spectrum", SPECTRUM_SUPERVISED)),
+    (("image", ZERO_SHOT_REFERENCE), ("image", IMAGE_SUPERVISED)),
+    (("image", FEW_SHOT_REFERENCE), ("image", IMAGE_SUPERVISED)),
+    (("image", ZERO_SHOT_REFERENCE), ("photometry", PHOTOMETRY_SUPERVISED)),
+    (("image", FEW_SHOT_REFERENCE), ("photometry", PHOTOMETRY_SUPERVISED)),
+)
+#: Coverage of a difference's interval.
+INTERVAL_LEVEL = 0.95
 
 
 @dataclass
@@ -433,7 +452,62 @@ def property_table(
         )
     figure = _property_scatter(results, y[test_rows], names, out, inputs[0][0])
     table = _property_result_table(inputs, results, names, options, len(train_rows), len(test_rows), figure)
+    differences = _difference_table(inputs, results, y[test_rows], names, options)
+    if differences is not None:
+        write_table(out, differences)
     return write_table(out, table)
+
+
+def _difference_table(
+    inputs: list[tuple[str, Path]],
+    results: list[dict[str, Any]],
+    y_test: np.ndarray,
+    names: list[str],
+    options: TableOptions,
+) -> ResultTable | None:
+    """The paper's comparisons as differences in R² with paired-bootstrap intervals: whether a
+    test set of this size can tell the two rows apart. None when no compared pair was scored."""
+    primary = inputs[0][0]
+    found = {(r["modality"], r["method"]): r for r in results if r["label"] in (primary, None)}
+    provabgs = [i for i, n in enumerate(names) if n in PROVABGS_PROPERTIES]
+    with_mean = len(provabgs) == len(PROVABGS_PROPERTIES)
+    tail = (1.0 - INTERVAL_LEVEL) / 2 * 100
+    rows = []
+    for a, b in COMPARISONS:
+        if a not in found or b not in found:
+            continue
+        point, draws = paired_bootstrap_r2(
+            y_test, found[a]["predictions"], found[b]["predictions"], seed=options.seed
+        )
+        if with_mean:
+            point = np.append(point, point[provabgs].mean())
+            draws = np.column_stack([draws, draws[:, provabgs].mean(axis=1)])
+        low, high = np.percentile(draws, [tail, 100 - tail], axis=0)
+        cells: list[Any] = [
+            f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, lo, hi in zip(point, low, high, strict=True)
+        ]
+        rows.append(ResultRow(f"{a[0]} {a[1]} − {b[0]} {b[1]}", cells))
+    if not rows:
+        return None
+    return ResultTable(
+        family="astroclip",
+        name=DIFFERENCE_TABLE,
+        title=f"The paper's comparisons on our data: difference in R², with {INTERVAL_LEVEL:.0%} intervals",
+        columns=[PAPER_PROPERTIES[n] for n in names] + ([MEAN_COLUMN] if with_mean else []),
+        rows=rows,
+        metric="ΔR²",
+        higher_is_better=None,
+        notes=[
+            f"Each cell: R² of the first row minus R² of the second on the same {len(y_test)} test "
+            f"objects (as in {PROPERTY_TABLE}), then a {INTERVAL_LEVEL:.0%} percentile interval from "
+            f"{BOOTSTRAP_DRAWS} paired bootstrap resamples of those objects (one resample scores both "
+            "rows, so the objects both find hard cancel out).",
+            "An interval that contains 0 means this test set cannot tell the two rows apart: a sign "
+            "alone is not a result. The intervals cover the test objects' sampling only, not the "
+            "training's randomness (seeds), which adds to it.",
+        ],
+        provenance=table_provenance(options.command, inputs, options.raw_data),
+    )
 
 
 def _row_label(result: dict[str, Any]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -195,6 +196,7 @@ def test_zero_shot_paper_table(tmp_path, embeddings_writer):
     assert paper["AstroCLIP spectrum · zero-shot k-NN (paper, DESI)"] == [0.99, None, None, None, None, 0.63]
     assert table.figures == ["astroclip-properties.png"] and (out / table.figures[0]).stat().st_size > 5_000
     assert table.provenance["command"].startswith("foundation evaluate zero-shot")
+    assert not (out / "astroclip-property-differences.table.json").exists()  # no supervised rows to compare
     # --baselines without raw inputs is refused before any work.
     assert main([*argv, "--paper-table", "--baselines"]) == 2
 
@@ -221,6 +223,21 @@ def test_paper_tables_with_baselines_and_figure(tmp_path, tiny_shards, embedding
     assert "astroclip image · zero-shot k-NN, ours (k by 5-fold CV)" in labels
     assert not any("few-shot" in label for label in labels)
     assert any("training cost" in note for note in table.notes)
+    # The paper's comparisons: each cell the two rows' difference in R², then its interval.
+    r2 = {row.label: row.values for row in table.rows if row.source == "ours"}
+    differences = read_table(out / "astroclip-property-differences.table.json")
+    assert differences.columns == table.columns and differences.higher_is_better is None
+    cells = {row.label: row.values for row in differences.rows}
+    assert list(cells) == [
+        "spectrum zero-shot k-NN, reference (k=64) − spectrum supervised conv+attention",
+        "image zero-shot k-NN, reference (k=64) − image supervised ResNet-18-like CNN",
+        "image zero-shot k-NN, reference (k=64) − photometry supervised photometry MLP (aperture g, r, z)",
+    ]
+    image = r2["astroclip image · zero-shot k-NN, reference (k=64)"]
+    photometry = r2["photometry · supervised photometry MLP (aperture g, r, z)"]
+    for j, cell in enumerate(cells[list(cells)[2]]):
+        point, low, high = (float(v) for v in re.fullmatch(r"(\S+) \[(\S+), (\S+)\]", cell).groups())
+        assert point == pytest.approx(image[j] - photometry[j], abs=6e-4) and low <= high
     assert main(["evaluate", "retrieval", *common, "--paper-table"]) == 0
     table = read_table(out / "astroclip-retrieval.table.json")
     rows = {row.label: row.values for row in table.rows}
