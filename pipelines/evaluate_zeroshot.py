@@ -61,7 +61,7 @@ from foundation.atomic import write_figure, write_json, write_text
 from foundation.cli import Command
 from foundation.data.raw_inputs import parse_field_map
 from foundation.errors import DataError
-from foundation.results import ResultRow, ResultTable, write_table
+from foundation.results import TABLE_SUFFIX, ResultRow, ResultTable, write_table
 from pipelines.evaluate_common import (
     add_embeddings_argument,
     command_line,
@@ -455,6 +455,8 @@ def property_table(
     differences = _difference_table(inputs, results, y[test_rows], names, options)
     if differences is not None:
         write_table(out, differences)
+    else:  # an earlier run's comparisons must not be reported beside this table
+        (out / f"{DIFFERENCE_TABLE}{TABLE_SUFFIX}").unlink(missing_ok=True)
     return write_table(out, table)
 
 

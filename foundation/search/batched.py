@@ -134,7 +134,7 @@ def batched_search(
                 best, top = best.numpy(), top.numpy()
             else:
                 best, top = scores.numpy(), np.arange(len(ids))
-            if ivf.by_residual:  # a pair's coarse score is the same for all its list: added to its k only
+            if ivf.by_residual:  # one coarse score for the pair's whole list: added to its k kept only
                 best += coarse[pairs, None]
             cand_scores[pairs, : best.shape[1]] = best
             cand_ids[pairs, : best.shape[1]] = ids[top]

@@ -196,7 +196,8 @@ def test_zero_shot_paper_table(tmp_path, embeddings_writer):
     assert paper["AstroCLIP spectrum · zero-shot k-NN (paper, DESI)"] == [0.99, None, None, None, None, 0.63]
     assert table.figures == ["astroclip-properties.png"] and (out / table.figures[0]).stat().st_size > 5_000
     assert table.provenance["command"].startswith("foundation evaluate zero-shot")
-    assert not (out / "astroclip-property-differences.table.json").exists()  # no supervised rows to compare
+    differences = out / "astroclip-property-differences.table.json"
+    assert not differences.exists()  # no supervised rows to compare
     # --baselines without raw inputs is refused before any work.
     assert main([*argv, "--paper-table", "--baselines"]) == 2
 
@@ -238,6 +239,9 @@ def test_paper_tables_with_baselines_and_figure(tmp_path, tiny_shards, embedding
     for j, cell in enumerate(cells[list(cells)[2]]):
         point, low, high = (float(v) for v in re.fullmatch(r"(\S+) \[(\S+), (\S+)\]", cell).groups())
         assert point == pytest.approx(image[j] - photometry[j], abs=6e-4) and low <= high
+    # Rerun into the same folder without the baselines: their comparisons go with them.
+    assert main([*zero_shot, "--paper-table", "--no-few-shot"]) == 0
+    assert not (out / "astroclip-property-differences.table.json").exists()
     assert main(["evaluate", "retrieval", *common, "--paper-table"]) == 0
     table = read_table(out / "astroclip-retrieval.table.json")
     rows = {row.label: row.values for row in table.rows}
