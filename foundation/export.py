@@ -550,6 +550,8 @@ class ExportJob:
         import torch
         from torch.utils.data import DataLoader
 
+        from foundation.train.data import worker_context
+
         for _split, ds in self.plan:
             loader = DataLoader(
                 ds,
@@ -557,6 +559,8 @@ class ExportJob:
                 num_workers=self.num_workers,
                 pin_memory=self.source.device.type == "cuda",
                 prefetch_factor=4 if self.num_workers > 0 else None,
+                # never a fork of this process (its progress bar's and torch's threads), as in training
+                multiprocessing_context=worker_context(ds.collate_fn.inner) if self.num_workers > 0 else None,
             )
             for item in loader:
                 meta, batch = item["meta"], item["batch"]
