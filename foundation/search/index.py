@@ -7,15 +7,18 @@ Loading checks the file in a memory-bounded child first: faiss trusts the sizes 
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from foundation.atomic import replacing, write_json
 from foundation.errors import DataError
@@ -116,10 +119,12 @@ def reranked(
     k: int,
     factor: int,
     n: int,
+    workers: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The top k of `factor` x k approximate candidates, re-scored by exact inner products with
     their stored vectors (`stored(sorted rows)`): PQ codes keep 64 bytes of a vector, enough to
-    find candidates, not to order them finely. Equal scores keep the codes' order."""
+    find candidates, not to order them finely. Equal scores keep the codes' order. `workers`
+    threads re-score disjoint queries of a batch."""
     wanted = min(n, k * factor)
     row_bytes = queries.shape[1] * 4
     sims = np.full((len(queries), k), -np.inf, dtype=np.float32)
@@ -133,7 +138,7 @@ def reranked(
         for start in range(0, len(searched), block):
             stop = min(start + block, len(searched))
             sims[first + start : first + stop], rows[first + start : first + stop] = _rescored(
-                stored, searched[start:stop], cand[start:stop], k, uniq if fits else None
+                stored, searched[start:stop], cand[start:stop], k, uniq if fits else None, workers
             )
     return sims, rows
 
@@ -144,20 +149,33 @@ def _rescored(
     cand: np.ndarray,
     k: int,
     uniq: np.ndarray | None = None,
+    workers: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each query's top k of its candidate rows (-1: none; `uniq`: their distinct rows, sorted),
     by exact inner product; one product per query (a (queries, candidates, D) gather and one
-    batched product took 2.4x as long)."""
+    batched product took 2.4x as long). The gathers and products release the GIL, so `workers`
+    threads take a share of the queries each (1000 1024-d queries of 640 candidates: 0.33 s on two
+    threads, 0.69 s on one)."""
     if uniq is None:
         uniq = np.unique(cand[cand >= 0])
     vectors = stored(uniq) if len(uniq) else np.zeros((0, queries.shape[1]), np.float32)
     sims = np.full((len(queries), k), -np.inf, dtype=np.float32)
     rows = np.full((len(queries), k), -1, dtype=np.int64)
-    for i, (q, c) in enumerate(zip(queries, cand, strict=True)):
-        c = c[c >= 0]
-        scores = vectors[np.searchsorted(uniq, c)] @ q
-        top = np.argsort(-scores, kind="stable")[:k]
-        sims[i, : len(top)], rows[i, : len(top)] = scores[top], c[top]
+
+    def rescore(part: range) -> None:
+        for i in part:
+            c = cand[i][cand[i] >= 0]
+            scores = vectors[np.searchsorted(uniq, c)] @ queries[i]
+            top = np.argsort(-scores, kind="stable")[:k]
+            sims[i, : len(top)], rows[i, : len(top)] = scores[top], c[top]
+
+    workers = max(1, min(int(workers), len(queries)))
+    if workers == 1:
+        rescore(range(len(queries)))
+    else:
+        bounds = np.linspace(0, len(queries), workers + 1).astype(int)
+        with threadpool_limits(1), ThreadPoolExecutor(workers) as pool:
+            list(pool.map(rescore, [range(a, b) for a, b in itertools.pairwise(bounds)]))
     return sims, rows
 
 
@@ -284,7 +302,13 @@ class VectorIndex:
         k = min(int(k), self.meta.n)
         if rerank_factor(self.meta) and self.stored_vectors is not None:
             sims, rows = reranked(
-                self.index.search, self.stored_vectors, queries, k, rerank_factor(self.meta), self.meta.n
+                self.index.search,
+                self.stored_vectors,
+                queries,
+                k,
+                rerank_factor(self.meta),
+                self.meta.n,
+                workers=import_faiss().omp_get_max_threads(),
             )
         else:
             sims, rows = self._search_vectors(queries, k)

@@ -125,7 +125,8 @@ def test_reranking_rescores_exactly_in_blocks_and_keeps_the_codes_order_for_ties
     monkeypatch.setattr(index_module, "RERANK_SEARCH_QUERIES", 16)
     blocks = index_module.reranked(raw_search, stored, q, 3, 4, n=200)
     assert searches == [30, 16, 14] and len(reads) == 1 + 3 + 2
-    for got in (whole, blocks):
+    threads = index_module.reranked(raw_search, stored, q, 3, 4, n=200, workers=4)  # blocks of 7 in 4 shares
+    for got in (whole, blocks, threads):
         for i in range(len(q)):
             c = cand[i][cand[i] >= 0]
             scores = x[c] @ q[i]
