@@ -3,7 +3,8 @@
     synth astroclip → prepare astroclip → pretrain (SpecFormer masked modelling) → pretrain
     (contrastive alignment) → export (+ random-init control [+ shuffled-pair control]) → search
     index + an example query → zero-shot regression report → retrieval report → summary,
-    and the property table's supervised baselines (after prepare, beside the alignment)
+    and the property table's supervised baselines (after prepare, beside the alignment) and the
+    spectrum tower's own embeddings (after its pretraining; regression only)
 
 Each stage is one `foundation ...` command run by the stage engine `foundation.stages` (a child
 process each, output in `DIR/logs/<stage>.log`, a marker in `DIR/.stages/<stage>.json` when it
@@ -295,8 +296,9 @@ def _baselines_stage(at: _Layout, s: DemoSettings) -> Stage:
 
 
 def _export_stages(at: _Layout) -> list[Stage]:
-    """Embeddings of the aligned model and of its randomly initialised control."""
-    aligned, random_init = at.emb / "astroclip.h5", at.emb / "random-init.h5"
+    """Embeddings of the aligned model, of its randomly initialised control and of the spectrum
+    tower before the alignment (the paper's SpecFormer row)."""
+    aligned, random_init, tower = at.emb / "astroclip.h5", at.emb / "random-init.h5", at.emb / "specformer.h5"
     no_towers = ("--override", "model.spectrum_init=null", "--override", "model.image_init=null")
     return [
         Stage(
@@ -314,6 +316,14 @@ def _export_stages(at: _Layout) -> list[Stage]:
             argv=_export_argv(at.runs / "astroclip", at.shards, random_init, "--random-init", *no_towers),
             after=["prepare", "pretrain-align"],
             clean=_export_files(random_init),
+        ),
+        Stage(
+            "export-spectrum-tower",
+            "embed every spectrum with the masked-modelling tower alone, before the alignment",
+            [tower],
+            argv=_export_argv(at.runs / "spectrum", at.shards, tower),
+            after=["prepare", "pretrain-spectrum"],
+            clean=_export_files(tower),
         ),
     ]
 
@@ -400,11 +410,13 @@ def _search_stages(at: _Layout) -> list[Stage]:
 
 
 def _evaluation_stages(
-    at: _Layout, s: DemoSettings, labelled: list[str], evaluated: list[str]
+    at: _Layout, s: DemoSettings, labelled: list[str], evaluated: list[str], single: dict[str, str]
 ) -> list[Stage]:
-    """Zero-shot regression and retrieval reports over every export (`labelled`, made by `evaluated`)."""
+    """Zero-shot regression and retrieval reports over every export (`labelled`, made by `evaluated`);
+    exports of one modality (`single`: label=file by the stage making it) get the regression only."""
     reports = at.out / "reports"
     embeddings = [a for item in labelled for a in ("--embeddings", item)]
+    regressed = [*embeddings, *(a for item in single.values() for a in ("--embeddings", item))]
     return [
         Stage(
             "zero-shot",
@@ -413,7 +425,7 @@ def _evaluation_stages(
             argv=[
                 "evaluate",
                 "zero-shot",
-                *embeddings,
+                *regressed,
                 "--targets",
                 ",".join(s.targets),
                 "--raw-data",
@@ -429,7 +441,7 @@ def _evaluation_stages(
                 "--baselines-from",
                 str(at.baselines),
             ],
-            after=[*evaluated, "baselines"],
+            after=[*evaluated, *single, "baselines"],
         ),
         Stage(
             "retrieval",
@@ -469,7 +481,8 @@ def plan(out: Path, s: DemoSettings) -> list[Stage]:
         stages += _shuffled_pair_stages(at, s, common, align_steps)
         labelled.append(f"shuffled-pairs={at.emb / 'shuffled.h5'}")
         evaluated.append("export-shuffled")
-    evaluations = _evaluation_stages(at, s, labelled, evaluated)
+    single = {"export-spectrum-tower": f"specformer={at.emb / 'specformer.h5'}"}
+    evaluations = _evaluation_stages(at, s, labelled, evaluated, single)
     return stages + _search_stages(at) + evaluations + [_report_stage(at, evaluations)]
 
 

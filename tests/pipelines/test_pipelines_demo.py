@@ -101,6 +101,14 @@ def test_plan_wires_controls_into_the_reports(tmp_path):
         "export-random-init",
     ]
     assert "pretrain-align-shuffled" not in names
+    # The spectrum tower alone (the paper's SpecFormer row): exported after its own pretraining,
+    # regressed, not searched across modalities (it has no image).
+    stages = {s.name: s for s in plan(tmp_path, settings)}
+    tower = f"specformer={tmp_path / 'embeddings' / 'specformer.h5'}"
+    assert stages["export-spectrum-tower"].after == ["prepare", "pretrain-spectrum"]
+    assert stages["export-spectrum-tower"].argv[2] == str(tmp_path / "runs" / "spectrum")
+    assert tower in stages["zero-shot"].argv and "export-spectrum-tower" in stages["zero-shot"].after
+    assert tower not in stages["retrieval"].argv
     stages = {s.name: s for s in plan(tmp_path, DemoSettings(n=100, controls=True))}
     assert {"shuffle-pairs", "pretrain-align-shuffled", "export-shuffled"} <= set(stages)
     zero_shot = stages["zero-shot"].argv
@@ -163,7 +171,7 @@ def test_tiny_demo_end_to_end_then_everything_is_skipped(tmp_path):
     assert len(markers) == len(plan(out, settings))
     zero_shot = json.loads((out / "reports" / "zero-shot" / "report.json").read_text())
     sources = {r["source"] for r in zero_shot["results"]}
-    assert sources == {"astroclip", "random-init", "shuffled-pairs", "raw input"}
+    assert sources == {"astroclip", "random-init", "shuffled-pairs", "specformer", "raw input"}
     assert {r["target"] for r in zero_shot["results"]} == {"redshift", "stellar_mass"}
     retrieval = json.loads((out / "reports" / "retrieval" / "report.json").read_text())
     assert {r["label"] for r in retrieval["results"]} == {"astroclip", "random-init", "shuffled-pairs"}
@@ -172,6 +180,8 @@ def test_tiny_demo_end_to_end_then_everything_is_skipped(tmp_path):
     assert (out / "search" / "query.png").stat().st_size > 10_000
     for table in ("zero-shot/astroclip-properties", "retrieval/astroclip-retrieval"):
         assert read_table(out / "reports" / f"{table}.table.json").figures
+    properties = read_table(out / "reports" / "zero-shot" / "astroclip-properties.table.json")
+    assert "specformer spectrum · zero-shot k-NN, reference (k=64)" in [row.label for row in properties.rows]
     text = summary(out, markers)
     assert "| astroclip | image | k-NN |" in text and "image → spectrum" in text
     assert (out / "report" / "index.html").is_file() and "result tables" in text
