@@ -148,12 +148,6 @@ def prepare_argv(survey: Path, shards: Path, recipe: dict[str, str]) -> list[str
     ]
 
 
-def _export_files(path: Path) -> list[Path]:
-    from foundation.embeddings import partial_path
-
-    return [path, partial_path(path)]
-
-
 def _config_steps(path: str) -> int:
     from foundation.config import read_yaml
 
@@ -206,20 +200,23 @@ def _pretrain_argv(
     ]
 
 
-def _export_argv(checkpoint: Path, data: Path, out: Path, *options: str) -> list[str]:
-    """`foundation export` arguments (`options` follow the checkpoint: --random-init and its overrides)."""
-    return [
-        "export",
-        "--checkpoint",
-        str(checkpoint),
-        *options,
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--progress",
-        "off",
-    ]
+def _export_stage(
+    name: str, description: str, checkpoint: Path, data: Path, out: Path, trained_by: str, *options: str
+) -> Stage:
+    """A `foundation export` of `checkpoint` (written by stage `trained_by`) over `data` into `out`;
+    `options` follow the checkpoint (--random-init and its overrides). A redone stage starts afresh:
+    its output and partial file are removed."""
+    from foundation.embeddings import partial_path
+
+    return Stage(
+        name,
+        description,
+        [out],
+        argv=["export", "--checkpoint", str(checkpoint), *options]
+        + ["--data", str(data), "--out", str(out), "--progress", "off"],
+        after=["prepare", trained_by],
+        clean=[out, partial_path(out)],
+    )
 
 
 def _data_stages(at: _Layout, s: DemoSettings, recipe: dict[str, str]) -> list[Stage]:
@@ -300,30 +297,33 @@ def _export_stages(at: _Layout) -> list[Stage]:
     tower before the alignment (the paper's SpecFormer row)."""
     aligned, random_init, tower = at.emb / "astroclip.h5", at.emb / "random-init.h5", at.emb / "specformer.h5"
     no_towers = ("--override", "model.spectrum_init=null", "--override", "model.image_init=null")
+    aligned_run, tower_run = at.runs / "astroclip", at.runs / "spectrum"
     return [
-        Stage(
+        _export_stage(
             "export",
             "embed every object with the aligned model",
-            [aligned],
-            argv=_export_argv(at.runs / "astroclip", at.shards, aligned),
-            after=["prepare", "pretrain-align"],
-            clean=_export_files(aligned),
+            aligned_run,
+            at.shards,
+            aligned,
+            "pretrain-align",
         ),
-        Stage(
+        _export_stage(
             "export-random-init",
             "control: embed with the same architecture, randomly initialised (no pretrained tower)",
-            [random_init],
-            argv=_export_argv(at.runs / "astroclip", at.shards, random_init, "--random-init", *no_towers),
-            after=["prepare", "pretrain-align"],
-            clean=_export_files(random_init),
+            aligned_run,
+            at.shards,
+            random_init,
+            "pretrain-align",
+            "--random-init",
+            *no_towers,
         ),
-        Stage(
+        _export_stage(
             "export-spectrum-tower",
             "embed every spectrum with the masked-modelling tower alone, before the alignment",
-            [tower],
-            argv=_export_argv(at.runs / "spectrum", at.shards, tower),
-            after=["prepare", "pretrain-spectrum"],
-            clean=_export_files(tower),
+            tower_run,
+            at.shards,
+            tower,
+            "pretrain-spectrum",
         ),
     ]
 
@@ -352,13 +352,13 @@ def _shuffled_pair_stages(at: _Layout, s: DemoSettings, common: list[str], align
             inputs=[Path(align_config)],
             clean=[at.runs / "shuffled"],
         ),
-        Stage(
+        _export_stage(
             "export-shuffled",
             "control: embed the true pairs with the shuffled-pair model",
-            [shuffled_emb],
-            argv=_export_argv(at.runs / "shuffled", shards, shuffled_emb),
-            after=["prepare", "pretrain-align-shuffled"],
-            clean=_export_files(shuffled_emb),
+            at.runs / "shuffled",
+            shards,
+            shuffled_emb,
+            "pretrain-align-shuffled",
         ),
     ]
 
