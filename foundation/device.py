@@ -9,6 +9,7 @@ autocast, which is fast only where the CPU multiplies bf16 matrices in hardware 
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any
 
 import torch
@@ -50,12 +51,23 @@ def resolve_device(name: str, local_rank: int = 0, *, option: str = "--device") 
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
+#: oneDNN's cap on the instructions it uses (and its older name): it runs the bf16 matrix products.
+ONEDNN_ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+
+
 def cpu_bf16_is_fast() -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX tiles): there bf16 autocast
-    beats fp32 (GEMMs ~4x the fp32 FLOP/s); elsewhere it is emulated and slower. `auto` precision
-    stays fp32 on CPU regardless; commands that only want speed (the demo) ask this."""
+    """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX tiles) and oneDNN may use
+    them: there bf16 autocast beats fp32 (GEMMs ~4x the fp32 FLOP/s); elsewhere it is emulated or
+    runs on vector units, slower than fp32 (an AMX CPU capped at AVX512_CORE_BF16: 0.78x). `auto`
+    precision stays fp32 on CPU regardless; commands that only want speed (the demo) ask this."""
     is_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(is_amx is not None and is_amx())
+    if not (is_amx is not None and is_amx()):
+        return False
+    for variable in ONEDNN_ISA_VARIABLES:
+        cap = os.environ.get(variable, "").strip().upper()
+        if cap and cap not in ("ALL", "DEFAULT") and "AMX" not in cap:
+            return False
+    return True
 
 
 def resolve_precision(requested: str, device: torch.device, *, option: str = "precision") -> str:

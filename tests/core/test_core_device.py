@@ -52,3 +52,24 @@ def test_the_trainer_picks_its_device_by_the_same_rule_and_names_train_device():
     with pytest.raises(ConfigError, match=r"^train\.device: expected auto, cpu, cuda or cuda:N, got 'gpu'"):
         init_distributed("gpu")
     assert not dist.is_initialized()  # refused before any process group was made
+
+
+@pytest.mark.parametrize(
+    ("amx", "caps", "fast"),
+    [
+        (False, {}, False),
+        (True, {}, True),
+        (True, {"ONEDNN_MAX_CPU_ISA": "ALL"}, True),
+        (True, {"ONEDNN_MAX_CPU_ISA": "avx512_core_amx"}, True),
+        (True, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, False),  # measured 0.78x of fp32 there
+        (True, {"ONEDNN_MAX_CPU_ISA": "AVX2"}, False),
+        (True, {"DNNL_MAX_CPU_ISA": "AVX2"}, False),
+    ],
+)
+def test_bf16_is_fast_only_with_amx_tiles_that_onednn_may_use(monkeypatch, amx, caps, fast):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    for variable in device.ONEDNN_ISA_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    for variable, value in caps.items():
+        monkeypatch.setenv(variable, value)
+    assert device.cpu_bf16_is_fast() is fast
