@@ -239,6 +239,7 @@ def train_regressor(
             optimiser.step()
             if schedule is not None:
                 schedule.step()
+    exact_batch_norm_statistics(model, xt)
     model.eval()
     with torch.no_grad():
         x_eval = torch.as_tensor(np.asarray(x_test, dtype=np.float32))
@@ -249,6 +250,24 @@ def train_regressor(
         seconds=time.perf_counter() - start,
         parameters=sum(p.numel() for p in model.parameters()),
     )
+
+
+def exact_batch_norm_statistics(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> None:
+    """Recompute every batch norm's running mean and variance over the training inputs `x` with the
+    final weights (the average of their batches' statistics: "precise BN"). Training leaves them as
+    an exponential average of the last batches, taken while the weights still moved: on the image
+    CNN that noise alone moved the redshift R² from 0.871 to 0.842, and to 0.748 with other CPU
+    kernels (same seed); recomputed, 0.871 and 0.855. A model without batch norm is left as it is."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over the batches below
+    model.train()
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            model(x[start : start + batch_size])
 
 
 # ----------------------------------------------------------------------------- the three baselines

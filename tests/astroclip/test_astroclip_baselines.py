@@ -105,3 +105,21 @@ def test_photometry_knn_is_the_reference_knn_on_aperture_magnitudes():
     assert r2_score(y[150:, 1], fitted.predictions[:, 1]) > 0.5  # the colour target is read
     one = baselines.photometry_knn(images[:150], y[:150, 0], images[150:])
     np.testing.assert_allclose(one.predictions, fitted.predictions[:, 0], rtol=1e-6)
+
+
+def test_batch_norm_statistics_are_recomputed_over_the_training_inputs():
+    """After training, a batch norm's running statistics are the average of its inputs' statistics
+    over the training set in batches of 256 (not the exponential average of the last batches)."""
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(512, 3)) * [1.0, 5.0, 0.1] + [2.0, -1.0, 0.0]).astype(np.float32)
+    made = []
+
+    def make(n_out):
+        made.append(nn.Sequential(nn.BatchNorm1d(3), nn.Linear(3, n_out)))
+        return made[-1]
+
+    baselines.train_regressor(make, x, x.sum(axis=1), x[:8], baselines.TrainSettings(epochs=2, seed=0))
+    norm = made[0][0]
+    halves = x.reshape(2, 256, 3)
+    np.testing.assert_allclose(norm.running_mean.numpy(), x.mean(axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(norm.running_var.numpy(), halves.var(axis=1, ddof=1).mean(axis=0), rtol=1e-5)
