@@ -261,10 +261,11 @@ def exact_batch_norm_statistics(model: nn.Module, x: torch.Tensor, batch_size: i
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return
+    model.eval()  # every other layer as at prediction (dropout off); the norms average batches
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None  # a cumulative average over the batches below
-    model.train()
+        norm.train()
     with torch.no_grad():
         for start in range(0, len(x), batch_size):
             model(x[start : start + batch_size])

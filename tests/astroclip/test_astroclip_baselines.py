@@ -109,17 +109,18 @@ def test_photometry_knn_is_the_reference_knn_on_aperture_magnitudes():
 
 def test_batch_norm_statistics_are_recomputed_over_the_training_inputs():
     """After training, a batch norm's running statistics are the average of its inputs' statistics
-    over the training set in batches of 256 (not the exponential average of the last batches)."""
+    over the training set in batches of 256 (not the exponential average of the last batches), with
+    the other layers as at prediction (the dropout before it off)."""
     rng = np.random.default_rng(0)
     x = (rng.normal(size=(512, 3)) * [1.0, 5.0, 0.1] + [2.0, -1.0, 0.0]).astype(np.float32)
     made = []
 
     def make(n_out):
-        made.append(nn.Sequential(nn.BatchNorm1d(3), nn.Linear(3, n_out)))
+        made.append(nn.Sequential(nn.Dropout(0.5), nn.BatchNorm1d(3), nn.Linear(3, n_out)))
         return made[-1]
 
     baselines.train_regressor(make, x, x.sum(axis=1), x[:8], baselines.TrainSettings(epochs=2, seed=0))
-    norm = made[0][0]
+    norm = made[0][1]
     halves = x.reshape(2, 256, 3)
     np.testing.assert_allclose(norm.running_mean.numpy(), x.mean(axis=0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(norm.running_var.numpy(), halves.var(axis=1, ddof=1).mean(axis=0), rtol=1e-5)
