@@ -105,11 +105,9 @@ def r2_score(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     y_pred = np.asarray(y_pred, dtype=np.float64)
     if y_true.shape != y_pred.shape or y_true.ndim != 1 or len(y_true) < 2:
         raise ValueError("r2_score needs two 1-D arrays of the same length >= 2")
-    ss_res = float(np.sum((y_true - y_pred) ** 2))
-    ss_tot = float(np.sum((y_true - y_true.mean()) ** 2))
-    if ss_tot == 0.0:
-        return 1.0 if ss_res == 0.0 else 0.0
-    return 1.0 - ss_res / ss_tot
+    ss_res = np.sum((y_true - y_pred) ** 2)
+    ss_tot = np.sum((y_true - y_true.mean()) ** 2)
+    return float(_r2_from_sums(ss_res, ss_tot))
 
 
 #: Resamples of the test objects behind an interval of a difference in R² (paired bootstrap).
@@ -148,7 +146,8 @@ def paired_bootstrap_r2(
 
 
 def _r2_from_sums(ss_res: np.ndarray, ss_tot: np.ndarray) -> np.ndarray:
-    """1 - SS_res / SS_tot elementwise, with `r2_score`'s convention for a constant truth."""
+    """1 - SS_res / SS_tot elementwise; 0 for a constant truth (1 if it is also predicted exactly),
+    as scikit-learn."""
     constant = ss_tot == 0.0
     r2 = 1.0 - ss_res / np.where(constant, 1.0, ss_tot)
     return np.where(constant, np.where(ss_res == 0.0, 1.0, 0.0), r2)
