@@ -471,8 +471,8 @@ def _difference_table(
     test set of this size can tell the two rows apart. None when no compared pair was scored."""
     primary = inputs[0][0]
     found = {(r["modality"], r["method"]): r for r in results if r["label"] in (primary, None)}
+    columns, with_mean = _property_columns(names)
     provabgs = [i for i, n in enumerate(names) if n in PROVABGS_PROPERTIES]
-    with_mean = len(provabgs) == len(PROVABGS_PROPERTIES)
     tail = (1.0 - INTERVAL_LEVEL) / 2 * 100
     rows = []
     for a, b in COMPARISONS:
@@ -495,7 +495,7 @@ def _difference_table(
         family="astroclip",
         name=DIFFERENCE_TABLE,
         title=f"The paper's comparisons on our data: difference in R², with {INTERVAL_LEVEL:.0%} intervals",
-        columns=[PAPER_PROPERTIES[n] for n in names] + ([MEAN_COLUMN] if with_mean else []),
+        columns=columns,
         rows=rows,
         metric="ΔR²",
         higher_is_better=None,
@@ -512,6 +512,13 @@ def _difference_table(
     )
 
 
+def _property_columns(names: list[str]) -> tuple[list[str], bool]:
+    """The property tables' columns: the paper's name of each property, then the mean of the four
+    PROVABGS ones where all four are there (and whether it is)."""
+    with_mean = all(n in names for n in PROVABGS_PROPERTIES)
+    return [PAPER_PROPERTIES[n] for n in names] + ([MEAN_COLUMN] if with_mean else []), with_mean
+
+
 def _row_label(result: dict[str, Any]) -> str:
     prefix = f"{result['label']} " if result["label"] else ""
     return f"{prefix}{result['modality']} · {result['method']}"
@@ -526,8 +533,7 @@ def _property_result_table(
     n_test: int,
     figure: str | None,
 ) -> ResultTable:
-    with_mean = all(n in names for n in PROVABGS_PROPERTIES)
-    columns = [PAPER_PROPERTIES[n] for n in names] + ([MEAN_COLUMN] if with_mean else [])
+    columns, with_mean = _property_columns(names)
     rows = []
     for r in results:
         values: list[Any] = [r["r2"][n] for n in names] + ([mean_provabgs_r2(r["r2"])] if with_mean else [])
