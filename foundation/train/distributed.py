@@ -14,6 +14,8 @@ DDP/FSDP2 and distributed checkpointing take the same code path as a multi-proce
 from __future__ import annotations
 
 import datetime
+import functools
+import gc
 import logging
 import os
 import re
@@ -125,10 +127,40 @@ class Distributed:
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
+            release_process_group_holders()
             dist.destroy_process_group()
         if self.previous_excepthook is not None:
             # init_process_group wraps sys.excepthook with a "[rankN]:" prefix; don't stack them.
             sys.excepthook = self.previous_excepthook
+
+
+def release_process_group_holders() -> None:
+    """Drop what still holds the process group once training is over, so that
+    `destroy_process_group` frees it and joins gloo's threads: a rank that takes them into
+    interpreter exit can abort there ("terminate called without an active exception") after a
+    successful run. The holders: DTensor's memoised plans (FSDP2 fills them; they hold the
+    DeviceMesh, which holds the group; rebuilt on demand) and garbage cycles (a DDP model's)."""
+    if "torch.distributed.tensor" in sys.modules:
+        _clear_dtensor_plans()
+    gc.collect()
+
+
+def _clear_dtensor_plans() -> None:
+    try:  # private helpers of torch; one it lacks is skipped
+        from torch.distributed.tensor import _redistribute, debug
+    except ImportError:
+        _redistribute = debug = None
+    for clear in (
+        getattr(debug, "_clear_sharding_prop_cache", None),  # the Python and the C++ fast-path caches
+        getattr(_redistribute, "clear_redistribute_planner_cache", None),
+    ):
+        if clear is not None:
+            clear()
+    # memoised functions and methods, by torch version (`type(...) is`: an isinstance would run
+    # every object's __instancecheck__, one of which warns of its deprecation)
+    for obj in gc.get_objects():
+        if type(obj) is functools._lru_cache_wrapper and str(obj.__module__).startswith("torch.distributed"):
+            obj.cache_clear()
 
 
 def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> Distributed:

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,6 +118,28 @@ def test_ddp_and_fsdp_match_one_process_with_the_same_global_batch(ddp_run, shar
     }
     assert losses["ddp"] == pytest.approx(losses["one"], rel=1e-5)
     assert losses["fsdp"] == pytest.approx(losses["one"], rel=1e-5)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from Linux's /proc")
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_a_finished_rank_takes_no_process_group_threads_into_exit(parallel, shards, tmp_path):
+    """destroy_process_group frees the gloo group only once nothing else holds it (FSDP2's DTensor
+    plans did, and a DDP model's reference cycles): a rank that exits with gloo's threads alive
+    can abort at exit ("terminate called without an active exception") after a successful run."""
+    data = config_dict(shards, tmp_path / "run", **section_merge(DDP, train={"parallel": parallel}))
+    path = write_config(tmp_path / "cfg.yaml", data)
+    command = torchrun_command([str(path)])
+    command[command.index("foundation.cli")] = "tests.testkit.train_threads"
+    result = subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    reports = [
+        json.loads(line.split(" ", 1)[1])
+        for line in result.stdout.splitlines()
+        if line.startswith("threads ")
+    ]
+    assert sorted(r["rank"] for r in reports) == [0, 1], result.stdout[-3000:]
+    for report in reports:
+        assert not [name for name in report["names"] if "gloo" in name], report
 
 
 def test_two_ranks_stop_together_and_resume_bitwise(ddp_run, shards, tmp_path):
