@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 
 from foundation import __version__
+from foundation.allocator import tune_allocator
 from foundation.errors import FoundationError
 
 #: One-line descriptions of verbs that only group sub-verbs.
@@ -326,6 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # No verb, or a group verb without its sub-verb: show the relevant help.
         getattr(args, "_help_parser", parser).print_help(sys.stderr)
         return 2
+    tune_allocator()
     try:
         code = run(args)
     except FoundationError as exc:
