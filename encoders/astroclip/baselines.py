@@ -57,7 +57,10 @@ class BasicBlock(nn.Module):
 
 
 class ResNetLike(nn.Module):
-    """ResNet-18's layout (4 stages x 2 basic blocks) at `widths`; a 3x3 stem for small cutouts."""
+    """ResNet-18's layout (4 stages x 2 basic blocks) at `widths`; a 3x3 stem for small cutouts.
+    Weights and inputs are channels-last, the layout oneDNN's CPU convolutions are fastest in
+    (a training step of the demo's CNN on one thread: 126-133 ms against 158-164 ms with AVX-512,
+    139 against 158 ms with AVX2)."""
 
     def __init__(self, in_channels: int, n_out: int, widths: tuple[int, ...] = (8, 16, 32, 64)) -> None:
         super().__init__()
@@ -72,9 +75,10 @@ class ResNetLike(nn.Module):
             c_in = width
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.fc = nn.Linear(c_in, n_out)
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x))
+        return self.fc(self.features(x.contiguous(memory_format=torch.channels_last)))
 
 
 def mlp(n_in: int, n_out: int, hidden: tuple[int, ...], dropout: float = 0.0) -> nn.Sequential:

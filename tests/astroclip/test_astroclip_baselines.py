@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -25,6 +27,13 @@ def test_resnet_like_has_resnet18_topology():
     model = baselines.ResNetLike(3, 5)
     assert sum(isinstance(m, baselines.BasicBlock) for m in model.modules()) == 8
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 5)
+    # channels-last (oneDNN's fast layout), computing what the default layout computes
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    reference = copy.deepcopy(model).to(memory_format=torch.contiguous_format).eval()
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), reference.fc(reference.features(x)))
 
 
 def test_spectrum_model_attends_over_wavelength():
