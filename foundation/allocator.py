@@ -2,7 +2,7 @@
 next step instead of going back to the kernel, which would fault fresh zeroed pages in at the next
 allocation. Measured on the AstroCLIP stage-1 config (400 steps, 2 threads): 3.5 million page
 faults and 7.3 s of system time against 0.13 million and 0.9 s, 7 % less wall time; the whole
-demo 12 % fewer CPU-seconds, with the same numbers to the last digit (benchmarks/RESULTS.md).
+demo 11 % fewer CPU-seconds, with the same numbers to the last digit (benchmarks/RESULTS.md).
 
 Applied by `foundation` at start-up to its own process (`mallopt`) and, through the environment
 glibc reads when a process starts, to its children: the demo's stages, torchrun's ranks, loader

@@ -12,6 +12,8 @@
   function in a gloo group (`spawn_ranks`).
 - `bounded`: a `foundation` command in a child under a wall-clock and a memory bound.
 - `embeddings`: synthetic embeddings files for the search/evaluation tests.
+- `train_threads`: `python -m tests.testkit.train_threads CONFIG` trains, then lists the
+  threads left alive (the process-group teardown test).
 
 Import them as `tests.testkit.<module>`: pytest puts the repository root on sys.path (pyproject's
 `pythonpath`), and child processes get it through `child_env()`, so the module:ATTRIBUTE family
