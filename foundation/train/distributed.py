@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import sys
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -127,22 +128,25 @@ class Distributed:
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
-            release_process_group_holders()
-            dist.destroy_process_group()
+            free_process_group()
         if self.previous_excepthook is not None:
             # init_process_group wraps sys.excepthook with a "[rankN]:" prefix; don't stack them.
             sys.excepthook = self.previous_excepthook
 
 
-def release_process_group_holders() -> None:
-    """Drop what still holds the process group once training is over, so that
-    `destroy_process_group` frees it and joins gloo's threads: a rank that takes them into
-    interpreter exit can abort there ("terminate called without an active exception") after a
-    successful run. The holders: DTensor's memoised plans (FSDP2 fills them; they hold the
-    DeviceMesh, which holds the group; rebuilt on demand) and garbage cycles (a DDP model's)."""
+def free_process_group() -> None:
+    """Destroy the default process group and see that it is freed, not only deregistered: a rank
+    that takes gloo's threads into interpreter exit can abort there ("terminate called without
+    an active exception") after a successful run. What else holds the group: DTensor's memoised
+    plans (FSDP2 fills them; they hold the DeviceMesh, which holds the group; rebuilt on demand),
+    emptied first, and garbage cycles (an FSDP2 model's), collected only if the group outlived
+    `destroy_process_group` (a full collection takes ~0.3 s in a large process)."""
+    group = weakref.ref(dist.group.WORLD)
     if "torch.distributed.tensor" in sys.modules:
         _clear_dtensor_plans()
-    gc.collect()
+    dist.destroy_process_group()
+    if group() is not None:
+        gc.collect()
 
 
 def _clear_dtensor_plans() -> None:
@@ -156,11 +160,18 @@ def _clear_dtensor_plans() -> None:
     ):
         if clear is not None:
             clear()
-    # memoised functions and methods, by torch version (`type(...) is`: an isinstance would run
-    # every object's __instancecheck__, one of which warns of its deprecation)
-    for obj in gc.get_objects():
-        if type(obj) is functools._lru_cache_wrapper and str(obj.__module__).startswith("torch.distributed"):
-            obj.cache_clear()
+    # The memoised functions and methods of torch.distributed's modules, whatever torch names them.
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("torch.distributed") or module is None:
+            continue
+        # Tested by `type(...)`, not isinstance or getattr: some objects warn of their deprecation
+        # when an attribute of theirs (`__class__` too) is read.
+        for value in list(vars(module).values()):
+            members = list(vars(value).values()) if issubclass(type(value), type) else []
+            for candidate in (value, *members):
+                function = candidate.__func__ if type(candidate) in (staticmethod, classmethod) else candidate
+                if type(function) is functools._lru_cache_wrapper:
+                    function.cache_clear()
 
 
 def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> Distributed:

@@ -12,7 +12,7 @@
   function in a gloo group (`spawn_ranks`).
 - `bounded`: a `foundation` command in a child under a wall-clock and a memory bound.
 - `embeddings`: synthetic embeddings files for the search/evaluation tests.
-- `train_threads`: `python -m tests.testkit.train_threads CONFIG` trains, then lists the
+- `train_threads`: `python -m tests.testkit.train_threads CONFIG OUT` trains, then lists the
   threads left alive (the process-group teardown test).
 
 Import them as `tests.testkit.<module>`: pytest puts the repository root on sys.path (pyproject's

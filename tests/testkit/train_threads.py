@@ -1,6 +1,6 @@
-"""`python -m tests.testkit.train_threads CONFIG`: train from CONFIG in this process, then print
-`threads {"rank": R, "names": [...]}` — the threads a finished rank would take into interpreter
-exit (Linux: read from /proc)."""
+"""`python -m tests.testkit.train_threads CONFIG OUT`: train from CONFIG in this process, then
+write the names of the threads still alive to OUT/rank-R.json — the threads a finished rank
+would take into interpreter exit (Linux: read from /proc)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ from foundation.train import train
 
 
 def main() -> None:
-    train(load_pretrain_config(sys.argv[1]))
+    config, out = sys.argv[1], Path(sys.argv[2])
+    train(load_pretrain_config(config))
     tasks = Path("/proc/self/task")
     names = sorted((task / "comm").read_text().strip() for task in tasks.iterdir())
-    print("threads " + json.dumps({"rank": int(os.environ["RANK"]), "names": names}), flush=True)
+    (out / f"rank-{os.environ['RANK']}.json").write_text(json.dumps(names))
 
 
 if __name__ == "__main__":
