@@ -261,7 +261,9 @@ def exact_batch_norm_statistics(model: nn.Module, x: torch.Tensor, batch_size: i
     final weights (the average of their batches' statistics: "precise BN"). Training leaves them as
     an exponential average of the last batches, taken while the weights still moved: on the image
     CNN that noise alone moved the redshift R² from 0.871 to 0.842, and to 0.748 with other CPU
-    kernels (same seed); recomputed, 0.871 and 0.855. A model without batch norm is left as it is."""
+    kernels (same seed); recomputed, 0.871 and 0.855. A model without batch norm is left as it is.
+    Not torch's `swa_utils.update_bn`: it puts every layer in training mode, so a dropout before a
+    norm would stay on while the statistics are taken."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return
