@@ -214,17 +214,54 @@ def mlp_model(seed: int, pca_components: int | None = None) -> Any:
     return TransformedTargetRegressor(regressor=make_pipeline(*steps), transformer=StandardScaler())
 
 
-def cross_validated_r2(
-    make: Any, x: np.ndarray, y: np.ndarray, seed: int, folds: int = CV_FOLDS
-) -> list[float]:
-    """R² of each of `folds` shuffled folds of the training rows."""
-    from sklearn.model_selection import KFold
+class FoldNeighbours:
+    """The held-out rows of each of `folds` shuffled folds with their `k_max` nearest fitting rows,
+    for a model `make(k)` that is a pipeline of transformers ending in a distance-weighted k-NN.
 
-    scores = []
-    for fit_rows, val_rows in KFold(n_splits=folds, shuffle=True, random_state=seed).split(x):
-        model = make().fit(x[fit_rows], y[fit_rows])
-        scores.append(r2_score(y[val_rows], model.predict(x[val_rows])))
-    return scores
+    The transformers (scaler, PCA) and the neighbour search depend on the features and the folds,
+    not on the target or on k, so they are fitted once here and serve every target and every
+    k <= k_max (refitting them per target and per k made cross-validation most of the zero-shot
+    evaluation's time). `r2` scores what `make(k)` fitted on each fold predicts: the same
+    transformers, the first k of the same search's neighbours, scikit-learn's weighting; only a
+    tie at the k-th distance could keep another of the tied rows.
+    """
+
+    def __init__(self, make: Any, x: np.ndarray, seed: int, folds: int, k_max: int) -> None:
+        from sklearn.model_selection import KFold
+        from sklearn.neighbors import KNeighborsRegressor
+
+        self.n_rows, self.n_folds = len(x), folds
+        self.folds: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        splits = list(KFold(n_splits=folds, shuffle=True, random_state=seed).split(x))
+        self.k_max = min([k_max] + [len(fit_rows) for fit_rows, _ in splits])
+        for fit_rows, val_rows in splits:
+            model = make(self.k_max)
+            transform, knn = model[:-1], model[-1]
+            if not (isinstance(knn, KNeighborsRegressor) and knn.weights == "distance"):
+                raise TypeError(f"not a pipeline ending in a distance-weighted k-NN: {model}")
+            knn.fit(transform.fit_transform(x[fit_rows]), np.zeros(len(fit_rows)))
+            distances, neighbours = knn.kneighbors(transform.transform(x[val_rows]))
+            self.folds.append((fit_rows, val_rows, distances, neighbours))
+
+    def r2(self, y: np.ndarray, k: int) -> list[float]:
+        """R² of each fold's held-out rows, predicted from their k nearest fitting rows."""
+        if not 1 <= k <= self.k_max:
+            raise ValueError(f"k={k} is outside 1..{self.k_max}, the neighbours found per fold")
+        return [
+            r2_score(y[val_rows], distance_weighted_mean(distances[:, :k], y[fit_rows][neighbours[:, :k]]))
+            for fit_rows, val_rows, distances, neighbours in self.folds
+        ]
+
+
+def distance_weighted_mean(distances: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Each row's mean of `values` weighted by 1 / distance, as scikit-learn's k-NN regressor
+    weights them (`weights="distance"`): a row with neighbours at distance 0 averages those only."""
+    with np.errstate(divide="ignore"):
+        weights = 1.0 / distances
+    at_zero = np.isinf(weights)
+    rows = at_zero.any(axis=1)
+    weights[rows] = at_zero[rows]
+    return np.sum(values * weights, axis=1) / np.sum(weights, axis=1)
 
 
 # ----------------------------------------------------------------------------- zero-shot protocol
@@ -361,10 +398,26 @@ def evaluate(
     """
     results: list[dict[str, Any]] = []
     predictions: dict[tuple[str, ...], dict[str, np.ndarray]] = {}
+    k_max = K_GRID[-1] if settings.k == "auto" else int(settings.k)
+    # One search per feature set and model, shared by the targets known on the same training rows
+    # (and, for k by cross-validation, by the cross-modal k-NN fitted on the same features); kept
+    # only while the rows stay the same, so that memory holds one row set's neighbours.
+    shared: dict[tuple[int, str], FoldNeighbours] = {}
+    shared_rows = np.zeros(0, dtype=np.int64)
+
+    def fold_neighbours(fs: FeatureSet, make: Any, rows: np.ndarray) -> FoldNeighbours:
+        key = (id(fs), repr(make(k_max)))
+        if key not in shared:
+            shared[key] = FoldNeighbours(make, fs.x[rows], settings.seed, settings.folds, k_max)
+        return shared[key]
+
     for name, y_all in targets.items():
         known = np.isfinite(y_all)
         tr = train_rows[known[train_rows]]
         te = test_rows[known[test_rows]]
+        if not np.array_equal(tr, shared_rows):
+            shared.clear()
+            shared_rows = tr
         if len(tr) < 2 * settings.folds or len(te) < 2:
             progress(f"  skipping target {name}: only {len(tr)} train / {len(te)} test rows have a value")
             continue
@@ -379,20 +432,17 @@ def evaluate(
                 )
         for source, modality, method, fit, query, make, is_knn in jobs:
             start = time.process_time()
-            k = _choose_k(settings, fit, tr, y_all, make) if is_knn else None
-            k_used = min(k, len(tr)) if k is not None else None
+            k_used = cv = None
+            if is_knn:
+                if settings.k == "auto":
+                    k_used = min(choose_k_by_cv(fold_neighbours(fit, make, tr), y_all[tr]), len(tr))
+                else:
+                    k_used = min(int(settings.k), len(tr))
+                if fit is query:
+                    neighbours = fold_neighbours(fit, make, tr)
+                    cv = neighbours.r2(y_all[tr], min(k_used, neighbours.k_max))  # a fold fits on fewer rows
             model = make(k_used).fit(fit.x[tr], y_all[tr])
             pred = model.predict(query.x[te])
-            cv = None
-            if is_knn and fit is query:
-                k_cv = min(k_used, len(tr) - -(-len(tr) // settings.folds))  # a fold fits on fewer rows
-                cv = cross_validated_r2(
-                    lambda make=make, k_cv=k_cv: make(k_cv),
-                    fit.x[tr],
-                    y_all[tr],
-                    settings.seed,
-                    settings.folds,
-                )
             entry = {
                 "source": source,
                 "modality": modality,
@@ -412,12 +462,6 @@ def evaluate(
                 + (f" (CV {entry['cv_r2_mean']:.3f}±{entry['cv_r2_std']:.3f}, k={k_used})" if cv else "")
             )
     return results, predictions
-
-
-def _choose_k(settings: Settings, fs: FeatureSet, tr: np.ndarray, y: np.ndarray, make: Any) -> int:
-    if settings.k != "auto":
-        return int(settings.k)
-    return choose_k_by_cv(fs.x[tr], y[tr], settings.seed, settings.folds, make)
 
 
 # ----------------------------------------------------------------------------- retrieval
@@ -572,16 +616,13 @@ def reference_zero_shot(
     return model.predict(x_test).reshape(len(x_test), -1) * std + mean
 
 
-def choose_k_by_cv(
-    x: np.ndarray, y: np.ndarray, seed: int, folds: int = CV_FOLDS, make: Any = knn_model
-) -> int:
-    """The k of K_GRID with the best mean `folds`-fold cross-validated R² of `make(k)` (by default
-    the scaler + distance-weighted k-NN)."""
+def choose_k_by_cv(neighbours: FoldNeighbours, y: np.ndarray) -> int:
+    """The k of K_GRID with the best mean cross-validated R² of the folds of `neighbours`."""
     best, best_score = PAPER_K, -np.inf
     for k in K_GRID:
-        if k >= len(x) * (folds - 1) / folds:
+        if k >= neighbours.n_rows * (neighbours.n_folds - 1) / neighbours.n_folds:
             break
-        score = float(np.mean(cross_validated_r2(lambda k=k: make(k), x, y, seed, folds)))
+        score = float(np.mean(neighbours.r2(y, k)))
         if score > best_score:
             best, best_score = k, score
     return best
@@ -592,9 +633,10 @@ def cv_zero_shot(
 ) -> tuple[np.ndarray, list[int]]:
     """Our zero-shot protocol: the same scaler + distance-weighted k-NN, k chosen per target by
     cross-validation on the training rows; returns predictions and the k of each target."""
+    neighbours = FoldNeighbours(knn_model, x_train, seed, CV_FOLDS, K_GRID[-1])
     preds, ks = [], []
     for column in y_train.T:
-        k = choose_k_by_cv(x_train, column, seed)
+        k = choose_k_by_cv(neighbours, column)
         preds.append(knn_model(k).fit(x_train, column).predict(x_test))
         ks.append(k)
     return np.stack(preds, axis=1), ks

@@ -164,6 +164,63 @@ def test_knn_model_settings():
     assert knn.n_neighbors == 64 and knn.weights == "distance"
 
 
+@pytest.mark.parametrize("model", ["knn", "pca-knn"])
+def test_fold_neighbours_score_what_refitting_the_pipeline_per_fold_and_k_scores(model):
+    """One neighbour search per fold serves every k and target: the R² must be the one of the
+    whole scikit-learn pipeline refitted on each fold for that k (duplicated rows included, whose
+    zero distances scikit-learn weights specially)."""
+    from sklearn.model_selection import KFold
+
+    from encoders.astroclip.evaluate import K_GRID, FoldNeighbours, knn_model, pca_knn_model
+
+    x, y = _embedded_properties(n=160)
+    # Exact duplicates (same values too, so that a tie between two copies is no choice): some
+    # held-out rows sit at distance 0 from fitting rows.
+    x[100:110], y[100:110] = x[:10], y[:10]
+    make = knn_model if model == "knn" else (lambda k: pca_knn_model(k, 5, seed=2))
+    neighbours = FoldNeighbours(make, x, seed=4, folds=5, k_max=K_GRID[-1])
+    assert neighbours.k_max == K_GRID[-1]
+    for k in K_GRID:
+        for column in y.T:
+            expected = [
+                sklearn.metrics.r2_score(column[val], make(k).fit(x[fit], column[fit]).predict(x[val]))
+                for fit, val in KFold(5, shuffle=True, random_state=4).split(x)
+            ]
+            assert np.allclose(neighbours.r2(column, k), expected, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="outside"):
+        neighbours.r2(y[:, 0], K_GRID[-1] + 1)
+
+
+def test_targets_known_on_other_rows_get_their_own_neighbours():
+    """The evaluation shares one neighbour search between the targets known on the same training
+    rows; a target with missing values must be scored on its own rows, as if evaluated alone."""
+    from encoders.astroclip.evaluate import FeatureSet, Settings, evaluate
+
+    x, y = _embedded_properties(n=200)
+    features = [FeatureSet("emb", "image", x.astype(np.float32))]
+    gappy = y[:, 1].copy()
+    gappy[::7] = np.nan
+    targets = {"a": y[:, 0], "b": gappy, "c": y[:, 2]}
+    settings = Settings(k="auto", mlp=False, supervised=False, cross_modal=False)
+    train, test = np.arange(150), np.arange(150, 200)
+    together, _ = evaluate(features, targets, train, test, settings, progress=lambda _: None)
+    for result in together:
+        name = result["target"]
+        alone, _ = evaluate(features, {name: targets[name]}, train, test, settings, progress=lambda _: None)
+        assert {k: v for k, v in result.items() if k != "cpu_seconds"} == {
+            k: v for k, v in alone[0].items() if k != "cpu_seconds"
+        }
+    assert [r["n_train"] for r in together] == [150, 128, 150]
+
+
+def test_distance_weighted_mean_averages_only_the_neighbours_at_distance_zero():
+    from encoders.astroclip.evaluate import distance_weighted_mean
+
+    distances = np.array([[0.0, 0.0, 2.0], [1.0, 2.0, 4.0]])
+    values = np.array([[1.0, 3.0, 100.0], [4.0, 2.0, 8.0]])
+    assert np.allclose(distance_weighted_mean(distances, values), [2.0, (4 + 1 + 2) / (1 + 0.5 + 0.25)])
+
+
 @pytest.mark.slow
 def test_cv_zero_shot_picks_scikit_learns_grid_search_k():
     from sklearn.model_selection import GridSearchCV, KFold
