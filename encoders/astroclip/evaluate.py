@@ -222,8 +222,10 @@ class FoldNeighbours:
     not on the target or on k, so they are fitted once here and serve every target and every
     k <= k_max (refitting them per target and per k made cross-validation most of the zero-shot
     evaluation's time). `r2` scores what `make(k)` fitted on each fold predicts: the same
-    transformers, the first k of the same search's neighbours, scikit-learn's weighting; only a
-    tie at the k-th distance could keep another of the tied rows.
+    transformers, the first k of the same search's neighbours, scikit-learn's weighting. Two
+    caveats, both below what the scores show: a tie at the k-th distance could keep another of
+    the tied rows, and with at most 15 features scikit-learn's `auto` search may be a k-d tree for
+    a small k and brute force for k_max, whose float32 distances differ in the last bits.
     """
 
     def __init__(self, make: Any, x: np.ndarray, seed: int, folds: int, k_max: int) -> None:
